@@ -32,7 +32,9 @@ test: $(STAMP)
 data: $(STAMP)
 	$(PY) -m gbla.data.build --all
 
+# the smoke profile runs on a synthetic dataset; every other profile needs the processed data
 ablations: $(STAMP)
+	$(if $(filter smoke,$(PROFILE)),,$(PY) -m gbla.data.build --all)
 	$(PY) -m gbla.grid --profile $(PROFILE)
 
 lab: $(STAMP)
