@@ -1,7 +1,8 @@
 """Plain-PyTorch reference of the GBLA attention core.
 
 This file is the readable statement of the formulas (the contract every fused kernel is tested
-against). Everything is computed in float32 whatever the input dtype; the result is cast back to
+against). Everything is computed in float32 (float64 stays float64, so gradcheck works) whatever the
+input dtype; the result is cast back to
 q's dtype.
 
     phi(t)   = elu(t) + 1
@@ -74,13 +75,14 @@ def gbla_attention_reference(
         real = mask
     real4 = real[:, :, None, None]
 
-    phi_q = feature_map(q.float())
-    k_prime = feature_map(k.float())
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for bf16/fp16/fp32 inputs, fp64 for fp64
+    phi_q = feature_map(q.to(acc))
+    k_prime = feature_map(k.to(acc))
     if key_log_weight is not None:
-        k_prime = k_prime * torch.exp(key_log_weight.float())[..., None]
+        k_prime = k_prime * torch.exp(key_log_weight.to(acc))[..., None]
     # where(), not a multiply: a padded key weight of +inf must not turn into inf * 0 = nan
     k_prime = torch.where(real4, k_prime, torch.zeros((), device=q.device))
-    v_prime = torch.where(real4, v.float(), torch.zeros((), device=q.device))
+    v_prime = torch.where(real4, v.to(acc), torch.zeros((), device=q.device))
 
     state = torch.einsum("blhe,blhf->bhef", k_prime, v_prime)  # (B, H, E, E), fp32
     numerator = torch.einsum("blhe,bhef->blhf", phi_q, state)  # (B, L, H, E)
@@ -90,13 +92,13 @@ def gbla_attention_reference(
         denominator = torch.einsum("blhe,bhe->blh", phi_q, key_sum) + eps
         out = numerator / denominator[..., None]
     else:
-        n_real = real.sum(dim=1).clamp(min=1).to(torch.float32)  # (B,)
+        n_real = real.sum(dim=1).clamp(min=1).to(acc)  # (B,)
         x = numerator / n_real[:, None, None, None]
         out = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
         if norm_weight is not None:
-            out = out * norm_weight.float()
+            out = out * norm_weight.to(acc)
         if normalization == "rmsnorm_gated":
-            out = out * F.silu(z.float())
+            out = out * F.silu(z.to(acc))
 
     out = torch.where(real4, out, torch.zeros((), device=q.device))
     return out.to(q.dtype)
