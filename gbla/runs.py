@@ -1,0 +1,357 @@
+"""Run directories: how one training run is written to disk, and how runs are read back.
+
+    outputs/runs/<dataset>/<variant>/seed<k>/
+        train.ipynb            the executed papermill notebook (kept also when the run fails)
+        run.log                papermill's log of the run (cell outputs as they came)
+        metrics.json           config, its hash, provenance, valid/test metrics, history (written LAST)
+        per_user_test.parquet  user, target, rank (int8; 1..10, 0 = miss)
+        error.json             only for failed runs: status, config_hash, error, traceback
+
+A run is done iff metrics.json exists with status "ok" and the config hash the grid expects.
+Every file is written to a temporary name and renamed, metrics.json last, so an interrupted run
+never looks complete and a failed rerun never damages a finished result of the same config.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import traceback as traceback_module
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RUNS_ROOT = REPO_ROOT / "outputs" / "runs"
+
+METRICS_FILE = "metrics.json"
+PER_USER_FILE = "per_user_test.parquet"
+ERROR_FILE = "error.json"
+NOTEBOOK_FILE = "train.ipynb"
+LOG_FILE = "run.log"
+
+METRIC_NAMES = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+# status of a run in the expected grid (collect_runs): ok | failed | stale (a result of an older
+# config) | missing (never ran, or interrupted)
+STATUSES = ("ok", "failed", "stale", "missing")
+SYNTHETIC = "synthetic"
+
+
+# ---------------------------------------------------------------------------------------------
+# paths and atomic writes
+
+def run_dir_for(root: str | os.PathLike, dataset: str, variant: str, seed: int) -> Path:
+    return Path(root) / dataset / variant / f"seed{int(seed)}"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write to a temporary file in the same folder, then rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _json_default(x: Any):
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance
+
+def git_commit(repo: str | os.PathLike = REPO_ROOT) -> str:
+    """The checked-out commit, with "-dirty" appended when tracked files have uncommitted changes.
+
+    "unknown" outside a git checkout (e.g. a copy of the tree on a GPU machine).
+    """
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing a run
+
+def _metric_dict(metrics: dict, where: str) -> dict[str, float]:
+    missing = [m for m in METRIC_NAMES if m not in metrics]
+    if missing:
+        raise ValueError(f"{where} lacks metrics {missing}; got {sorted(metrics)}")
+    return {m: float(metrics[m]) for m in METRIC_NAMES}
+
+
+def save_run_result(result, run_dir: str | os.PathLike, *, data_fingerprint: str, commit: str,
+                    extra: dict | None = None) -> Path:
+    """Write per_user_test.parquet, then metrics.json (last, atomically); remove a stale error.json.
+
+    `result` is a gbla.train.RunResult. `extra` adds keys to metrics.json (e.g. the notebook's
+    parameters); it cannot overwrite the contract's keys. Returns the path of metrics.json.
+    """
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = result.config
+    if result.config_hash != config.config_hash():
+        raise ValueError(f"result.config_hash {result.config_hash} does not match its config "
+                         f"({config.config_hash()})")
+
+    per_user = result.test_per_user
+    for col in ("user", "target", "rank"):
+        if col not in per_user:
+            raise ValueError(f"result.test_per_user lacks {col!r}; got {sorted(per_user)}")
+    rank = np.asarray(per_user["rank"])
+    if rank.size and (rank.min() < 0 or rank.max() > 10):
+        raise ValueError(f"test ranks must be in 0..10 (0 = miss), got {rank.min()}..{rank.max()}")
+    frame = pd.DataFrame({"user": np.asarray(per_user["user"], dtype=np.int64),
+                          "target": np.asarray(per_user["target"], dtype=np.int64),
+                          "rank": rank.astype(np.int8)})
+    tmp = _tmp_name(run_dir / PER_USER_FILE)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, run_dir / PER_USER_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    metrics = {
+        "status": "ok",
+        "dataset": config.dataset,
+        "variant": config.variant,
+        "seed": int(config.seed),
+        "config": config.to_dict(),
+        "config_hash": result.config_hash,
+        "data_fingerprint": data_fingerprint,
+        "commit": commit,
+        "device": result.device,
+        "created_at": _now(),
+        "wall_time_s": float(result.wall_time_s),
+        "epochs_trained": int(result.epochs_trained),
+        "best_epoch": int(result.best_epoch),
+        "valid": _metric_dict(result.valid_metrics, "result.valid_metrics"),
+        "test": _metric_dict(result.test_metrics, "result.test_metrics"),
+        "timings": dict(result.timings),
+        "history": list(result.history),
+        "num_test_users": int(len(frame)),
+    }
+    for key, value in (extra or {}).items():
+        if key in metrics:
+            raise ValueError(f"extra key {key!r} would overwrite a metrics.json field")
+        metrics[key] = value
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    return atomic_write_json(run_dir / METRICS_FILE, metrics)
+
+
+def record_failure(run_dir: str | os.PathLike, config_hash: str, error: str | BaseException,
+                   traceback: str | None = None, **extra) -> Path:
+    """Write error.json for a failed run (the run's notebook and log stay next to it)."""
+    if isinstance(error, BaseException):
+        if traceback is None:
+            traceback = "".join(traceback_module.format_exception(error))
+        error = f"{type(error).__name__}: {error}"
+    payload = {"status": "failed", "config_hash": config_hash, "error": str(error),
+               "traceback": traceback or "", "created_at": _now(), **extra}
+    return atomic_write_json(Path(run_dir) / ERROR_FILE, payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading runs
+
+def load_run_metrics(run_dir: str | os.PathLike) -> dict | None:
+    """metrics.json of a run, or None when the run has not finished."""
+    path = Path(run_dir) / METRICS_FILE
+    return _read_json(path) if path.is_file() else None
+
+
+def load_failure(run_dir: str | os.PathLike) -> dict | None:
+    path = Path(run_dir) / ERROR_FILE
+    return _read_json(path) if path.is_file() else None
+
+
+def is_done(run_dir: str | os.PathLike, config_hash: str) -> bool:
+    metrics = load_run_metrics(run_dir)
+    return bool(metrics) and metrics.get("status") == "ok" and metrics.get("config_hash") == config_hash
+
+
+def run_status(run_dir: str | os.PathLike, config_hash: str | None = None) -> str:
+    """ok | failed | stale | missing for the run expected to have `config_hash` (None: any config)."""
+    metrics = load_run_metrics(run_dir)
+    if metrics and metrics.get("status") == "ok" and config_hash in (None, metrics.get("config_hash")):
+        return "ok"
+    failure = load_failure(run_dir)
+    if failure and config_hash in (None, failure.get("config_hash")):
+        return "failed"
+    if metrics:
+        return "stale"
+    return "missing"
+
+
+def load_per_user(run_dir: str | os.PathLike) -> "pd.DataFrame":
+    """The per-user test results of a run: columns user, target, rank (1..10, 0 = miss)."""
+    import pandas as pd
+
+    path = Path(run_dir) / PER_USER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no per-user results (the run is missing or failed)")
+    return pd.read_parquet(path)
+
+
+def load_history(run_dir: str | os.PathLike) -> "pd.DataFrame":
+    """Per-epoch training history of a finished run (one row per epoch)."""
+    import pandas as pd
+
+    metrics = load_run_metrics(run_dir)
+    if metrics is None:
+        raise FileNotFoundError(f"{Path(run_dir) / METRICS_FILE}: the run has not finished")
+    return pd.DataFrame(metrics.get("history", []))
+
+
+def _row(dataset: str, variant: str, seed: int, run_dir: Path, expected_hash: str | None) -> dict:
+    row: dict[str, Any] = {"dataset": dataset, "variant": variant, "seed": int(seed),
+                           "status": run_status(run_dir, expected_hash),
+                           "config_hash": expected_hash, "run_dir": str(run_dir)}
+    metrics = load_run_metrics(run_dir)
+    if row["status"] == "ok":
+        row["config_hash"] = metrics["config_hash"]
+        for split in ("valid", "test"):
+            for name in METRIC_NAMES:
+                row[f"{split}_{name}"] = metrics[split][name]
+        for key in ("wall_time_s", "epochs_trained", "best_epoch", "device", "commit",
+                    "data_fingerprint", "created_at"):
+            row[key] = metrics.get(key)
+    else:
+        for split in ("valid", "test"):
+            for name in METRIC_NAMES:
+                row[f"{split}_{name}"] = math.nan
+        if row["status"] == "failed":
+            row["error"] = load_failure(run_dir).get("error")
+        if row["status"] == "stale":
+            row["stale_config_hash"] = metrics.get("config_hash")
+    return row
+
+
+def collect_runs(runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, expected: Iterable | None = None, *,
+                 params_file: str | os.PathLike | None = None, profile: str | None = None) -> "pd.DataFrame":
+    """One row per run: dataset, variant, seed, status, config_hash, valid_*/test_* metrics, ...
+
+    With `expected` (RunConfigs) or `params_file` + `profile` (the grid they expand to), there is one
+    row per expected run, and runs that did not finish show up with status "missing" (or "failed",
+    "stale") and NaN metrics: nothing is silently dropped. Without them, every run directory found
+    under runs_root is listed (status ok or failed).
+    """
+    import pandas as pd
+
+    runs_root = Path(runs_root)
+    if expected is None and params_file is not None:
+        from gbla.grid import load_grid  # grid imports runs; import late to avoid a cycle
+        expected = load_grid(params_file, profile or "full").expand()
+    rows = []
+    if expected is not None:
+        for cfg in expected:
+            run_dir = run_dir_for(runs_root, cfg.dataset, cfg.variant, cfg.seed)
+            rows.append(_row(cfg.dataset, cfg.variant, cfg.seed, run_dir, cfg.config_hash()))
+    else:
+        found = sorted({p.parent for name in (METRICS_FILE, ERROR_FILE)
+                        for p in runs_root.glob(f"*/*/seed*/{name}")})
+        for run_dir in found:
+            seed_text = run_dir.name.removeprefix("seed")
+            if not seed_text.isdigit():
+                continue
+            rows.append(_row(run_dir.parent.parent.name, run_dir.parent.name, int(seed_text), run_dir, None))
+    columns = ["dataset", "variant", "seed", "status", "config_hash"]
+    columns += [f"{s}_{m}" for s in ("valid", "test") for m in METRIC_NAMES]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=columns + ["run_dir"])
+    return frame[columns + [c for c in frame.columns if c not in columns]]
+
+
+def load_histories(runs: "pd.DataFrame") -> "pd.DataFrame":
+    """Long table of per-epoch histories for the ok rows of collect_runs(): dataset, variant, seed, epoch, ..."""
+    import pandas as pd
+
+    parts = []
+    for row in runs[runs["status"] == "ok"].itertuples():
+        history = load_history(row.run_dir)
+        if not history.empty:
+            parts.append(history.assign(dataset=row.dataset, variant=row.variant, seed=row.seed))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["dataset", "variant", "seed", "epoch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets by name
+
+def load_dataset(name: str, processed_root: str | os.PathLike | None = None, *,
+                 synthetic: dict | None = None):
+    """The ProcessedDataset called `name`.
+
+    "synthetic" is generated by gbla.data.synthetic.make_synthetic_dataset(**synthetic) (no files);
+    any other name is read from <processed_root>/<name> (default outputs/processed/<name>, or
+    $GBLA_PROCESSED_DIR/<name>).
+    """
+    if name == SYNTHETIC:
+        from gbla.data.synthetic import make_synthetic_dataset
+
+        return make_synthetic_dataset(**(synthetic or {}))
+    from gbla.data.processed import load_processed
+
+    path = dataset_path(name, processed_root)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"processed dataset {name!r} not found at {path} (no meta.json). Build it with `make data` "
+            f"(or `python -m gbla.data.build --dataset {name}`), or point processed_root / "
+            f"$GBLA_PROCESSED_DIR at the folder that holds it.")
+    return load_processed(path)
+
+
+def dataset_path(name: str, processed_root: str | os.PathLike | None = None) -> Path:
+    from gbla.data.processed import default_processed_dir
+
+    return Path(processed_root) / name if processed_root is not None else default_processed_dir(name)
+
+
+def dataset_available(name: str, processed_root: str | os.PathLike | None = None) -> bool:
+    return name == SYNTHETIC or (dataset_path(name, processed_root) / "meta.json").is_file()
