@@ -1,0 +1,271 @@
+"""Statistics for the ablation reports: CIs over seeds, paired tests, Holm, TOST, per-user metrics.
+
+Two kinds of evidence are computed for every comparison of a variant against a reference:
+
+* over seeds (n = number of seeds both variants finished, usually 5): a paired t-test and a t-CI of
+  the mean difference. It asks "is the difference larger than what retraining with another seed does?"
+* over test users (n = number of users, ~10^4): a paired bootstrap CI and a sign-flip permutation test
+  on the per-user metric difference, averaged over the paired seeds. It asks "given these trained
+  models, is the difference larger than what drawing another set of test users does?"
+
+scipy.stats does the t-based work (t intervals, ttest_rel, ttest_1samp with one-sided alternatives).
+The per-user bootstrap and sign-flip test are vectorised by hand because their samples are large
+(~10^4-10^5 values, a few hundred comparisons per report): scipy.stats.bootstrap's default BCa needs a
+jackknife that is quadratic in n, and both scipy routines draw one index per value per resample.
+Here resampling works on the *distinct* values (a per-user metric takes few distinct values), which
+is the same distribution at a fraction of the cost; tests compare both against scipy. Holm is
+written out because scipy only has Benjamini-Hochberg (false_discovery_control).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+from scipy import stats as sps
+
+METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+_METRIC_RE = re.compile(r"^(recall|ndcg)@(\d+)$")
+
+
+# --------------------------------------------------------------------------- per-user metrics
+
+def _no_spread(x: np.ndarray) -> bool:
+    """All values equal up to float rounding (e.g. 0.3 - 0.2 vs 0.2 - 0.1): no t statistic exists."""
+    return bool(np.ptp(x) <= 1e-9 * max(float(np.abs(x).max()), 1e-300))
+
+
+def parse_metric(name: str) -> tuple[str, int]:
+    """'ndcg@10' -> ('ndcg', 10). Raises ValueError naming the bad metric."""
+    m = _METRIC_RE.match(name)
+    if not m:
+        raise ValueError(f"unknown metric {name!r}; expected 'recall@K' or 'ndcg@K' (e.g. {METRICS})")
+    return m.group(1), int(m.group(2))
+
+
+def per_user_metric(rank, metric: str) -> np.ndarray:
+    """Per-user metric from the rank of the target in the top-10 list (1..10; 0 = not retrieved).
+
+    recall@K = 1 if 0 < rank <= K;  ndcg@K = 1 / log2(rank + 1) if 0 < rank <= K; else 0.
+    The mean over users is the reported Recall@K / NDCG@K.
+    """
+    kind, k = parse_metric(metric)
+    rank = np.asarray(rank)
+    if rank.ndim != 1:
+        raise ValueError(f"rank must be 1-D, got shape {rank.shape}")
+    if rank.size and (rank.min() < 0):
+        raise ValueError(f"rank must be >= 0 (0 = miss), got min {rank.min()}")
+    hit = (rank > 0) & (rank <= k)
+    if kind == "recall":
+        return hit.astype(np.float64)
+    safe = np.where(hit, rank, 1).astype(np.float64)
+    return np.where(hit, 1.0 / np.log2(safe + 1.0), 0.0)
+
+
+# --------------------------------------------------------------------------- over seeds
+
+def mean_ci(values, confidence: float = 0.95) -> dict:
+    """Mean with a two-sided Student-t CI. NaNs (missing runs) are left out and n says how many remain.
+
+    n = 0 gives NaN everywhere; n = 1 gives the value with a NaN CI (one seed has no spread).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    n = int(x.size)
+    out = {"n": n, "mean": math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    if n == 0:
+        return out
+    out["mean"] = float(x.mean())
+    if n == 1:
+        return out
+    out["std"] = float(x.std(ddof=1))
+    if _no_spread(x):  # identical values: scipy returns NaN for scale 0, the interval is the point
+        out["ci_low"] = out["ci_high"] = out["mean"]
+    else:
+        lo, hi = sps.t.interval(confidence, df=n - 1, loc=out["mean"], scale=float(sps.sem(x)))
+        out["ci_low"], out["ci_high"] = float(lo), float(hi)
+    return out
+
+
+def paired_ttest(variant, reference, confidence: float = 0.95) -> dict:
+    """Paired t-test (scipy.stats.ttest_rel) of variant - reference over matched seeds.
+
+    Pairs where either side is NaN are dropped; fewer than 2 pairs gives NaN and a reason.
+    """
+    a = np.asarray(variant, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples need the same shape, got {a.shape} and {b.shape}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    n = int(a.size)
+    out = {"n": n, "diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "t": math.nan, "p": math.nan, "reason": ""}
+    if n:
+        out["diff"] = float((a - b).mean())
+    if n < 2:
+        out["reason"] = f"{n} paired seed(s); a paired t-test needs at least 2"
+        return out
+    d = a - b
+    if _no_spread(d):  # no spread: t is 0/0 or +-inf, p meaningless
+        out["ci_low"] = out["ci_high"] = out["diff"]
+        out["reason"] = "the paired differences are all equal; the t-test is undefined"
+        return out
+    res = sps.ttest_rel(a, b)
+    ci = res.confidence_interval(confidence)
+    out.update(t=float(res.statistic), p=float(res.pvalue), ci_low=float(ci.low), ci_high=float(ci.high))
+    return out
+
+
+# --------------------------------------------------------------------------- over users
+
+def _as_pairs(variant, reference) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(variant, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"paired samples must be 1-D of equal length, got {a.shape} and {b.shape}")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("paired per-user samples contain NaN; match users before testing")
+    return a, b
+
+
+def paired_bootstrap(variant, reference, *, n_resamples: int = 10_000, confidence: float = 0.95,
+                     seed: int = 0, batch: int = 2_000) -> dict:
+    """Percentile bootstrap CI of mean(variant - reference) over matched units (users), and of the
+    difference in % of mean(reference) (a ratio estimate: both means come from the same resample).
+
+    Resampling n units with replacement is done as a multinomial draw of how often each *distinct*
+    (variant, reference) pair is picked: the same distribution as drawing indices, but the cost is
+    n_resamples x (number of distinct pairs) instead of n_resamples x n.
+    """
+    a, b = _as_pairs(variant, reference)
+    n = int(a.size)
+    out = {"n": n, "diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "pct": math.nan, "pct_ci_low": math.nan, "pct_ci_high": math.nan, "reason": ""}
+    if n < 2:
+        out["reason"] = f"{n} paired user(s); a bootstrap needs at least 2"
+        return out
+    ref_mean = float(b.mean())
+    out["diff"] = float(a.mean() - ref_mean)
+    out["pct"] = 100.0 * out["diff"] / ref_mean if ref_mean != 0 else math.nan
+    pairs, counts = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
+    probs = counts / n
+    rng = np.random.default_rng(seed)
+    diffs, ratios = [], []
+    for start in range(0, n_resamples, batch):
+        size = min(batch, n_resamples - start)
+        picks = rng.multinomial(n, probs, size=size).astype(np.float64)  # (size, distinct pairs)
+        sums = picks @ pairs                                               # (size, 2)
+        diffs.append((sums[:, 0] - sums[:, 1]) / n)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios.append(100.0 * (sums[:, 0] - sums[:, 1]) / sums[:, 1])
+    diffs, ratios = np.concatenate(diffs), np.concatenate(ratios)
+    alpha = 1.0 - confidence
+    q = [alpha / 2, 1 - alpha / 2]
+    out["ci_low"], out["ci_high"] = (float(v) for v in np.quantile(diffs, q))
+    if ref_mean != 0 and np.isfinite(ratios).all():
+        out["pct_ci_low"], out["pct_ci_high"] = (float(v) for v in np.quantile(ratios, q))
+    elif ref_mean != 0:
+        out["reason"] = "some resamples have a zero reference mean; no % CI"
+    return out
+
+
+def sign_flip_test(differences, *, n_resamples: int = 10_000, seed: int = 0,
+                   batch: int = 2_000) -> dict:
+    """Two-sided sign-flip permutation test of mean(differences) = 0 for paired differences.
+
+    Under H0 (variant and reference exchangeable within a user) each difference's sign is a fair
+    coin. The flipped sum is drawn per distinct |difference| as a binomial count of positive signs,
+    the same distribution as flipping every value. p = (1 + #{|T*| >= |T|}) / (n_resamples + 1)
+    (the +1 counts the observed labelling, so p is never 0).
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or np.isnan(d).any():
+        raise ValueError("differences must be a 1-D array without NaN")
+    n = int(d.size)
+    out = {"n": n, "diff": math.nan, "p": math.nan, "n_resamples": int(n_resamples), "reason": ""}
+    if n < 1:
+        out["reason"] = "no paired users"
+        return out
+    observed = float(d.mean())
+    out["diff"] = observed
+    mags, counts = np.unique(np.abs(d[d != 0]), return_counts=True)
+    if mags.size == 0:
+        out["p"] = 1.0
+        out["reason"] = "all differences are zero"
+        return out
+    rng = np.random.default_rng(seed)
+    # relative tolerance so that a resample equal to the observed statistic up to rounding counts
+    threshold = abs(observed) * (1 - 1e-12)
+    extreme = 0
+    for start in range(0, n_resamples, batch):
+        size = min(batch, n_resamples - start)
+        positives = rng.binomial(counts, 0.5, size=(size, counts.size)).astype(np.float64)
+        flipped_mean = ((2 * positives - counts) @ mags) / n
+        extreme += int(np.count_nonzero(np.abs(flipped_mean) >= threshold))
+    out["p"] = (1 + extreme) / (n_resamples + 1)
+    return out
+
+
+# --------------------------------------------------------------------------- multiplicity
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (step-down; controls the family-wise error rate).
+
+    NaN p-values (comparisons that could not be made) stay NaN and do not count in the family size.
+    Reject H_i at level alpha iff adjusted p_i <= alpha.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    adjusted = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    m = valid.size
+    if m == 0:
+        return adjusted
+    if ((p[valid] < 0) | (p[valid] > 1)).any():
+        raise ValueError(f"p-values must lie in [0, 1], got {p[valid]}")
+    order = valid[np.argsort(p[valid], kind="stable")]
+    scaled = (m - np.arange(m)) * p[order]           # (m - i) * p_(i), i = 0..m-1
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return adjusted
+
+
+# --------------------------------------------------------------------------- equivalence
+
+def tost(differences, margin: float, *, alpha: float = 0.05) -> dict:
+    """Two one-sided t-tests (TOST) for equivalence of paired differences within (-margin, +margin).
+
+    H0: mean <= -margin or mean >= +margin; H1: -margin < mean < +margin.
+    p_lower from ttest_1samp(d, -margin, alternative="greater"), p_upper from
+    ttest_1samp(d, +margin, alternative="less"); p = max of the two; equivalent iff p < alpha, which is
+    the same as the (1 - 2 alpha) CI of the mean lying inside the margins.
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    n = int(d.size)
+    out = {"n": n, "diff": math.nan, "margin": float(margin), "ci_low": math.nan, "ci_high": math.nan,
+           "p_lower": math.nan, "p_upper": math.nan, "p": math.nan, "equivalent": None, "reason": ""}
+    if not (margin > 0):
+        out["reason"] = f"equivalence margin must be > 0, got {margin}"
+        return out
+    if n:
+        out["diff"] = float(d.mean())
+    if n < 2:
+        out["reason"] = f"{n} paired value(s); TOST needs at least 2"
+        return out
+    if _no_spread(d):
+        out["reason"] = "the paired differences are all equal; the t-tests are undefined"
+        return out
+    lower = sps.ttest_1samp(d, -margin, alternative="greater")
+    upper = sps.ttest_1samp(d, margin, alternative="less")
+    ci = sps.ttest_1samp(d, 0.0).confidence_interval(1 - 2 * alpha)
+    p = max(float(lower.pvalue), float(upper.pvalue))
+    out.update(p_lower=float(lower.pvalue), p_upper=float(upper.pvalue), p=p, equivalent=bool(p < alpha),
+               ci_low=float(ci.low), ci_high=float(ci.high))
+    return out
+
+
+def percent_of(value: float, reference_mean: float) -> float:
+    """100 * value / reference_mean (NaN when the reference mean is 0 or NaN)."""
+    if reference_mean is None or not np.isfinite(reference_mean) or reference_mean == 0:
+        return math.nan
+    return 100.0 * value / reference_mean

@@ -1,0 +1,194 @@
+"""gbla.stats against scipy, textbook values and hand computations."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from gbla import stats
+
+
+def test_per_user_metric_from_ranks():
+    rank = np.array([0, 1, 2, 5, 6, 10], dtype=np.int8)
+    np.testing.assert_array_equal(stats.per_user_metric(rank, "recall@5"), [0, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(stats.per_user_metric(rank, "recall@10"), [0, 1, 1, 1, 1, 1])
+    expected = [0, 1.0, 1 / math.log2(3), 1 / math.log2(6), 1 / math.log2(7), 1 / math.log2(11)]
+    np.testing.assert_allclose(stats.per_user_metric(rank, "ndcg@10"), expected)
+    np.testing.assert_allclose(stats.per_user_metric(rank, "ndcg@5"), expected[:4] + [0, 0])
+    with pytest.raises(ValueError, match="unknown metric 'hits@3'"):
+        stats.per_user_metric(rank, "hits@3")
+    with pytest.raises(ValueError, match=">= 0"):
+        stats.per_user_metric(np.array([-1, 2]), "recall@5")
+
+
+def test_mean_ci_matches_textbook_t_interval():
+    x = np.array([0.050, 0.052, 0.049, 0.051, 0.055])
+    out = stats.mean_ci(x)
+    half = 2.7764451051977987 * x.std(ddof=1) / math.sqrt(5)   # t_{0.975, 4} from a t table
+    assert out["n"] == 5
+    assert out["mean"] == pytest.approx(0.0514)
+    assert out["ci_low"] == pytest.approx(0.0514 - half, rel=1e-12)
+    assert out["ci_high"] == pytest.approx(0.0514 + half, rel=1e-12)
+
+
+def test_mean_ci_leaves_out_missing_and_degenerate_cases():
+    out = stats.mean_ci([0.1, np.nan, 0.3])
+    assert out["n"] == 2 and out["mean"] == pytest.approx(0.2)
+    assert out["ci_low"] < 0.2 < out["ci_high"]
+    one = stats.mean_ci([0.1, np.nan])
+    assert one["n"] == 1 and one["mean"] == 0.1 and math.isnan(one["ci_low"])
+    none = stats.mean_ci([])
+    assert none["n"] == 0 and math.isnan(none["mean"])
+    same = stats.mean_ci([0.2, 0.2, 0.2])
+    assert same["ci_low"] == same["ci_high"] == pytest.approx(0.2)
+
+
+def test_paired_ttest_matches_scipy_and_hand_formula():
+    a = np.array([0.061, 0.064, 0.059, 0.066, 0.062])
+    b = np.array([0.060, 0.061, 0.060, 0.062, 0.060])
+    out = stats.paired_ttest(a, b)
+    d = a - b
+    t_hand = d.mean() / (d.std(ddof=1) / math.sqrt(5))
+    assert out["t"] == pytest.approx(t_hand, rel=1e-12)
+    assert out["p"] == pytest.approx(2 * sps.t.sf(abs(t_hand), 4), rel=1e-12)
+    assert out["p"] == pytest.approx(sps.ttest_rel(a, b).pvalue, rel=1e-12)
+    assert out["ci_low"] < d.mean() < out["ci_high"]
+    # a missing seed on one side drops that pair
+    a2 = a.copy(); a2[2] = np.nan
+    assert stats.paired_ttest(a2, b)["n"] == 4
+    assert stats.paired_ttest(a2, b)["p"] == pytest.approx(sps.ttest_rel(np.delete(a, 2), np.delete(b, 2)).pvalue)
+
+
+def test_paired_ttest_with_too_few_pairs_gives_nan_and_reason():
+    out = stats.paired_ttest([0.1, np.nan], [0.2, 0.3])
+    assert out["n"] == 1 and math.isnan(out["p"]) and "at least 2" in out["reason"]
+    out = stats.paired_ttest([0.2, 0.3, 0.4], [0.1, 0.2, 0.3])
+    assert math.isnan(out["p"]) and "all equal" in out["reason"]
+    assert out["diff"] == pytest.approx(0.1)
+
+
+def test_holm_textbook_example():
+    # p sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> running max 0.06
+    adjusted = stats.holm([0.01, 0.04, 0.03, 0.005])
+    np.testing.assert_allclose(adjusted, [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(stats.holm([0.5, 0.9]), [1.0, 1.0])
+
+
+def test_holm_equals_closed_testing_with_bonferroni():
+    """Holm = closed testing of all intersection hypotheses with Bonferroni local tests."""
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        p = rng.uniform(0, 0.2, size=5)
+        closed = [max(min(1.0, len(J) * min(p[list(J)]))
+                      for r in range(1, 6) for J in itertools.combinations(range(5), r) if i in J)
+                  for i in range(5)]
+        np.testing.assert_allclose(stats.holm(p), closed, rtol=1e-12)
+
+
+def test_holm_keeps_nan_out_of_the_family():
+    adjusted = stats.holm([0.01, np.nan, 0.04])
+    assert math.isnan(adjusted[1])
+    np.testing.assert_allclose(adjusted[[0, 2]], [0.02, 0.04])
+    assert np.isnan(stats.holm([np.nan, np.nan])).all()
+
+
+def test_tost_against_hand_computation():
+    d = np.array([0.0010, -0.0020, 0.0005, 0.0015, -0.0005])
+    margin = 0.003
+    out = stats.tost(d, margin)
+    se = d.std(ddof=1) / math.sqrt(5)
+    p_lower = sps.t.sf((d.mean() + margin) / se, 4)     # H0: mean <= -margin
+    p_upper = sps.t.cdf((d.mean() - margin) / se, 4)    # H0: mean >= +margin
+    assert out["p_lower"] == pytest.approx(p_lower, rel=1e-10)
+    assert out["p_upper"] == pytest.approx(p_upper, rel=1e-10)
+    assert out["p"] == pytest.approx(max(p_lower, p_upper), rel=1e-10)
+    assert out["equivalent"] is True
+    # the decision is the same as "the 90% CI lies inside the margins"
+    half = sps.t.ppf(0.95, 4) * se
+    assert out["ci_low"] == pytest.approx(d.mean() - half) and out["ci_high"] == pytest.approx(d.mean() + half)
+    narrow = stats.tost(d, 0.001)
+    assert narrow["equivalent"] is False and narrow["p"] > 0.05
+    assert (narrow["ci_low"] < -0.001) or (narrow["ci_high"] > 0.001)
+
+
+def test_tost_degenerate_inputs():
+    assert "at least 2" in stats.tost([0.1], 0.5)["reason"]
+    assert stats.tost([0.1, 0.2], 0.0)["equivalent"] is None
+    assert "all equal" in stats.tost([0.1, 0.1, 0.1], 0.5)["reason"]
+
+
+def test_sign_flip_matches_scipy_exact_permutation_test():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.3, 1.0, 12)
+    y = rng.normal(0.0, 1.0, 12)
+    exact = sps.permutation_test((x, y), lambda a, b, axis: np.mean(a - b, axis=axis),
+                                 permutation_type="samples", n_resamples=np.inf, vectorized=True)
+    ours = stats.sign_flip_test(x - y, n_resamples=20_000, seed=0)
+    assert ours["p"] == pytest.approx(exact.pvalue, abs=0.01)
+    assert ours["diff"] == pytest.approx(np.mean(x - y))
+
+
+def test_sign_flip_close_to_t_test_on_large_normal_sample():
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.03, 1.0, 4000)
+    ours = stats.sign_flip_test(d, n_resamples=20_000, seed=0)
+    t_p = sps.ttest_1samp(d, 0.0).pvalue
+    assert 0.001 < t_p < 0.2
+    assert ours["p"] == pytest.approx(t_p, rel=0.15, abs=0.003)
+
+
+def test_sign_flip_on_discrete_differences_and_edge_cases():
+    rng = np.random.default_rng(4)
+    # recall-like differences in {-1, 0, 1}: the binomial draw per distinct magnitude must behave
+    d = rng.choice([-1.0, 0.0, 1.0], p=[0.05, 0.88, 0.07], size=6000)
+    ours = stats.sign_flip_test(d, n_resamples=20_000, seed=0)
+    # exact null: #(+1) among nonzero ~ Binomial(m, 1/2); two-sided p from that distribution
+    m, k = int((d != 0).sum()), int((d > 0).sum())
+    exact = sps.binomtest(k, m, 0.5).pvalue
+    assert ours["p"] == pytest.approx(exact, rel=0.1, abs=0.003)
+    assert stats.sign_flip_test(np.zeros(5))["p"] == 1.0
+    tiny = stats.sign_flip_test(np.full(50, 1.0), n_resamples=999)
+    assert tiny["p"] == pytest.approx(1 / 1000)  # +1 correction: never 0
+
+
+def test_bootstrap_matches_scipy_percentile_bootstrap():
+    rng = np.random.default_rng(5)
+    b = rng.gamma(2.0, 0.05, 60)
+    a = b + rng.normal(0.01, 0.03, 60)
+    ours = stats.paired_bootstrap(a, b, n_resamples=20_000, seed=0)
+    ref = sps.bootstrap((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True,
+                        vectorized=True, method="percentile", n_resamples=20_000, rng=1)
+    width = ref.confidence_interval.high - ref.confidence_interval.low
+    assert ours["ci_low"] == pytest.approx(ref.confidence_interval.low, abs=0.03 * width)
+    assert ours["ci_high"] == pytest.approx(ref.confidence_interval.high, abs=0.03 * width)
+    ref_pct = sps.bootstrap((a, b), lambda x, y, axis: 100 * (np.mean(x, axis=axis) / np.mean(y, axis=axis) - 1),
+                            paired=True, vectorized=True, method="percentile", n_resamples=20_000, rng=1)
+    pwidth = ref_pct.confidence_interval.high - ref_pct.confidence_interval.low
+    assert ours["pct"] == pytest.approx(100 * (a.mean() / b.mean() - 1))
+    assert ours["pct_ci_low"] == pytest.approx(ref_pct.confidence_interval.low, abs=0.03 * pwidth)
+    assert ours["pct_ci_high"] == pytest.approx(ref_pct.confidence_interval.high, abs=0.03 * pwidth)
+
+
+def test_bootstrap_ci_covers_the_true_difference():
+    """95% CIs from repeated samples of correlated Bernoulli 'hits' cover the true difference ~95%."""
+    rng = np.random.default_rng(6)
+    true_diff = 0.12 - 0.10
+    covered = 0
+    reps = 200
+    for r in range(reps):
+        base = rng.random(800)
+        ref = (base < 0.10).astype(float)
+        var = (base < 0.10) & (rng.random(800) > 0.05)           # keeps most reference hits ...
+        var = var | ((base >= 0.10) & (rng.random(800) < (0.12 - 0.095) / 0.90))  # ... and adds new ones
+        out = stats.paired_bootstrap(var.astype(float), ref, n_resamples=1000, seed=r)
+        covered += out["ci_low"] <= true_diff <= out["ci_high"]
+    assert 0.89 <= covered / reps <= 0.99
+
+
+def test_bootstrap_rejects_unmatched_input():
+    with pytest.raises(ValueError, match="equal length"):
+        stats.paired_bootstrap([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="NaN"):
+        stats.paired_bootstrap([1.0, np.nan], [1.0, 2.0])
+    assert "at least 2" in stats.paired_bootstrap([1.0], [0.5])["reason"]
