@@ -1,0 +1,190 @@
+"""TIGER: an encoder-decoder over semantic-ID tokens (Rajput et al., 2023), sized like GRID's TIGER.
+
+Encoder input:  [user bucket] [SID digits of history item 1 (4 tokens)] ... [item n], right-padded
+                to 1 + 4 * max_history tokens (static shape; a mask marks the real tokens).
+Decoder input:  [BOS] d0 d1 d2  ->  predicts d0 d1 d2 d3 of the next item, each digit from its own
+                codebook's slice of the output vocabulary.
+Encoder blocks follow ModelConfig.encoder_layout: "sa" (bidirectional softmax attention), "sa_causal"
+(causal softmax attention) or "gbla" (gbla/layers.py). The decoder uses causal self-attention and
+cross-attention. Pre-norm residual blocks with RMSNorm, ReLU FFN, no absolute positions (T5): SA
+layers carry relative position biases, GBLA layers see order only through their causal conv.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gbla.config import ModelConfig
+from gbla.layers import GBLALayer, SelfAttentionLayer
+
+PAD, BOS = 0, 1
+
+
+class SIDVocab:
+    """One token vocabulary for both sides: PAD, BOS, user buckets, then each SID level's digits."""
+
+    def __init__(self, codebook_sizes, num_user_buckets: int):
+        self.codebook_sizes = tuple(int(c) for c in codebook_sizes)
+        self.num_user_buckets = num_user_buckets
+        self.user_offset = 2
+        self.digit_offset = 2 + num_user_buckets  # first digit token
+        starts = [0]
+        for c in self.codebook_sizes[:-1]:
+            starts.append(starts[-1] + c)
+        self.level_starts = tuple(starts)          # start of each level inside the digit vocabulary
+        self.num_digit_tokens = sum(self.codebook_sizes)
+        self.size = self.digit_offset + self.num_digit_tokens
+
+    def user_bucket(self, user: torch.Tensor) -> torch.Tensor:
+        """Hash user indices into buckets (Knuth's multiplicative hash; TIGER's hashing trick)."""
+        return (user.long() * 2654435761) % (2 ** 32) % self.num_user_buckets
+
+    def digit_tokens(self, sids: torch.Tensor) -> torch.Tensor:
+        """(..., 4) digits -> (..., 4) token ids."""
+        starts = torch.tensor(self.level_starts, device=sids.device)
+        return sids + starts + self.digit_offset
+
+    def encoder_tokens(self, user: torch.Tensor, history: torch.Tensor, item_sids: torch.Tensor) -> torch.Tensor:
+        """user (n,), history (n, Hmax) item indices (-1 = pad), item_sids (num_items, 4) ->
+        (n, 1 + 4 * Hmax) token ids, PAD where there is no item."""
+        n, hmax = history.shape
+        real = history >= 0
+        tokens = self.digit_tokens(item_sids[history.clamp(min=0)])          # (n, Hmax, 4)
+        tokens = torch.where(real[..., None], tokens, torch.full_like(tokens, PAD)).reshape(n, hmax * 4)
+        return torch.cat([self.user_bucket(user)[:, None] + self.user_offset, tokens], dim=1)
+
+    def level_mask(self, device) -> torch.Tensor:
+        """(4, num_digit_tokens) additive mask: 0 inside each level's slice, -inf elsewhere."""
+        mask = torch.full((len(self.codebook_sizes), self.num_digit_tokens), float("-inf"), device=device)
+        for level, (start, size) in enumerate(zip(self.level_starts, self.codebook_sizes)):
+            mask[level, start:start + size] = 0.0
+        return mask
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.up, self.down, self.dropout = nn.Linear(d_model, d_ff, bias=False), nn.Linear(d_ff, d_model, bias=False), nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.down(self.dropout(F.relu(self.up(x))))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm residual block around one mixing layer (SA or GBLA) and an FFN."""
+
+    def __init__(self, layer_type: str, cfg: ModelConfig, backend: str):
+        super().__init__()
+        if layer_type == "gbla":
+            self.mix = GBLALayer(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.gbla, dropout=cfg.dropout,
+                                 backend=backend)
+        else:
+            self.mix = SelfAttentionLayer(cfg.d_model, cfg.num_heads, cfg.head_dim, causal=layer_type == "sa_causal",
+                                          dropout=cfg.dropout,
+                                          relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+                                          relative_attention_max_distance=cfg.relative_attention_max_distance)
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        x = x + self.dropout(self.mix(self.norm1(x), mask))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention. The memory's keys/values are computed once per encoder row; the
+    queries of all `beam` decoder rows that share an encoder row attend to it together (queries are
+    independent in cross-attention), so beam search never copies the memory."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.H, self.E, self.dropout = cfg.num_heads, cfg.head_dim, cfg.dropout
+        self.q = nn.Linear(cfg.d_model, self.H * self.E, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * self.H * self.E, bias=False)
+        self.out = nn.Linear(self.H * self.E, cfg.d_model, bias=False)
+
+    def memory_kv(self, memory):
+        B, L, _ = memory.shape
+        k, v = self.kv(memory).view(B, L, 2, self.H, self.E).permute(2, 0, 3, 1, 4)
+        return k, v  # (B, H, L, E) each
+
+    def forward(self, x, kv, memory_mask):
+        k, v = kv
+        B = k.shape[0]
+        Bb, t, _ = x.shape                                   # Bb = B * beam
+        q = self.q(x).reshape(B, (Bb // B) * t, self.H, self.E).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=memory_mask[:, None, None, :],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(Bb, t, self.H * self.E))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = SelfAttentionLayer(cfg.d_model, cfg.num_heads, cfg.head_dim, causal=True, dropout=cfg.dropout,
+                                            relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+                                            relative_attention_max_distance=cfg.relative_attention_max_distance)
+        self.cross_attn = CrossAttention(cfg)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.norm1, self.norm2, self.norm3 = (nn.RMSNorm(cfg.d_model) for _ in range(3))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, kv, memory_mask):
+        x = x + self.dropout(self.self_attn(self.norm1(x)))
+        x = x + self.dropout(self.cross_attn(self.norm2(x), kv, memory_mask))
+        return x + self.dropout(self.ffn(self.norm3(x)))
+
+
+class TIGER(nn.Module):
+    def __init__(self, cfg: ModelConfig, codebook_sizes, *, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab = SIDVocab(codebook_sizes, cfg.num_user_buckets)
+        self.embed = nn.Embedding(self.vocab.size, cfg.d_model)
+        self.encoder = nn.ModuleList(EncoderBlock(t, cfg, backend) for t in cfg.encoder_layout)
+        self.encoder_norm = nn.RMSNorm(cfg.d_model)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_decoder_layers))
+        self.decoder_norm = nn.RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, self.vocab.num_digit_tokens, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        for module in self.modules():  # weights only: layers keep their own bias inits (GBLA gate)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+        self.register_buffer("level_mask", self.vocab.level_mask("cpu"), persistent=False)
+
+    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, L) -> memory (B, L, D) and its mask (B, L)."""
+        mask = tokens != PAD
+        x = self.dropout(self.embed(tokens))
+        for block in self.encoder:
+            x = block(x, mask)
+        return self.encoder_norm(x) * mask[..., None].to(x.dtype), mask
+
+    def memory_kv(self, memory):
+        return [block.cross_attn.memory_kv(memory) for block in self.decoder]
+
+    def decode(self, dec_tokens: torch.Tensor, kvs, memory_mask) -> torch.Tensor:
+        """dec_tokens (B * beam, t) -> logits over the digit vocabulary (B * beam, t, V), each position
+        restricted to its SID level's slice (-inf elsewhere)."""
+        x = self.dropout(self.embed(dec_tokens))
+        for block, kv in zip(self.decoder, kvs):
+            x = block(x, kv, memory_mask)
+        logits = self.head(self.decoder_norm(x)).float()
+        return logits + self.level_mask[: dec_tokens.shape[1]]
+
+    def forward(self, enc_tokens: torch.Tensor, target_sids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, 4, V) for the target SIDs (B, 4)."""
+        memory, mask = self.encode(enc_tokens)
+        target_tokens = self.vocab.digit_tokens(target_sids)
+        bos = torch.full_like(target_tokens[:, :1], BOS)
+        return self.decode(torch.cat([bos, target_tokens[:, :-1]], dim=1), self.memory_kv(memory), mask)
+
+    def loss(self, enc_tokens, target_sids, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean cross-entropy over the 4 target digits, each over its own level's codebook."""
+        logits = self(enc_tokens, target_sids)
+        losses = [F.cross_entropy(logits[:, level, start:start + size], target_sids[:, level],
+                                  label_smoothing=label_smoothing)
+                  for level, (start, size) in enumerate(zip(self.vocab.level_starts, self.vocab.codebook_sizes))]
+        return torch.stack(losses).mean()
