@@ -1,0 +1,201 @@
+"""Fused causal depthwise Conv1D + SiLU (forward and backward) in Triton; reference in conv.py.
+
+    xm[t]  = x[t] * m[t]                                   (padding zeroed before the conv)
+    pre[t] = bias + sum_{i<K} w[:, i] * xm[t - K + 1 + i]  (zero outside 0..L-1)
+    y[t]   = silu(pre[t]) * m[t]
+
+Backward, with dpre[t] = dy[t] * m[t] * silu'(pre[t]),  silu'(a) = sig(a) (1 + a (1 - sig(a))):
+    dx[t]   = m[t] * sum_i w[:, i] * dpre[t + K - 1 - i]
+    dw[:,i] = sum_t dpre[t] * xm[t - K + 1 + i] ,   dbias = sum_t dpre[t]
+The backward kernel recomputes pre at rows t..t+K-1 from x (K*K shifted loads of one tile, served
+by the cache) instead of storing pre or dpre: one read of x and dy, one write of dx.
+The torch reference does mask-multiply, transpose, pad, conv, silu, transpose, mask as separate
+passes over the tensor; this is one pass each way.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _masked_x(x_ptr, mask_ptr, b, src, cols, L, C, sxb, sxl, smb, sml, HAS_MASK: tl.constexpr):
+    ok = (src >= 0) & (src < L)
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * smb + src * sml, mask=ok, other=0)
+        ok = ok & (m != 0)
+    ptrs = x_ptr + b * sxb + src[:, None] * sxl + cols[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & (cols < C)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, mask_ptr, y_ptr,
+    sxb, sxl, smb, sml, syb, syl, L, C,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    for i in tl.static_range(K):
+        wi = tl.load(w_ptr + cols * K + i, mask=col_ok, other=0.0).to(tl.float32)
+        acc += wi[None, :] * _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+    y = acc * tl.sigmoid(acc)
+    row_ok = rows < L
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
+        y = tl.where((m != 0)[:, None], y, 0.0)
+    tl.store(y_ptr + b * syb + rows[:, None] * syl + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, b_ptr, mask_ptr, dy_ptr, dx_ptr, dwpart_ptr, dbpart_ptr,
+    sxb, sxl, smb, sml, sdyb, sdyl, sdxb, sdxl, L, C, TILES,
+    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # dw as K separate vectors would need a list; a (BLOCK_C, K_PAD) tile written through a
+    # one-hot column keeps it in registers instead.
+    taps = tl.arange(0, K_PAD)
+    dw = tl.zeros((BLOCK_C, K_PAD), dtype=tl.float32)
+    for t in range(0, TILES):
+        rows = (pid_t * TILES + t) * BLOCK_T + tl.arange(0, BLOCK_T)
+        dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = rows + j
+            pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
+            for i in tl.static_range(K):
+                wi = tl.load(w_ptr + cols * K + i, mask=col_ok, other=0.0).to(tl.float32)
+                pre += wi[None, :] * _masked_x(x_ptr, mask_ptr, b, r - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+            r_ok = r < L
+            if HAS_MASK:
+                m = tl.load(mask_ptr + b * smb + r * sml, mask=r_ok, other=0)
+                r_ok = r_ok & (m != 0)
+            dy = tl.load(dy_ptr + b * sdyb + r[:, None] * sdyl + cols[None, :],
+                         mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            sig = tl.sigmoid(pre)
+            dpre = dy * sig * (1.0 + pre * (1.0 - sig))
+            w_tap = tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
+            dx += w_tap[None, :] * dpre
+            if j == 0:  # rows t of this tile: each output row counted once for dw and dbias
+                db += tl.sum(dpre, axis=0)
+                for i in tl.static_range(K):
+                    xs = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+                    dw += tl.where(taps[None, :] == i, tl.sum(dpre * xs, axis=0)[:, None], 0.0)
+        row_ok = rows < L
+        if HAS_MASK:
+            m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
+            dx = tl.where((m != 0)[:, None], dx, 0.0)
+        tl.store(dx_ptr + b * sdxb + rows[:, None] * sdxl + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+    part = b * tl.num_programs(0) + pid_t
+    tl.store(dwpart_ptr + part * C * K + cols[:, None] * K + taps[None, :], dw,
+             mask=col_ok[:, None] & (taps < K)[None, :])
+    tl.store(dbpart_ptr + part * C + cols, db, mask=col_ok)
+
+
+def _conv_config(B: int, L: int, C: int, device: torch.device):
+    if _interpreting() or device.type != "cuda":
+        return 16, 32, 4
+    return 32, 128, 4
+
+
+class _CausalConv1dSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask_u8):
+        B, L, C = x.shape
+        K = weight.shape[1]
+        bt, bc, nw = _conv_config(B, L, C, x.device)
+        y = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
+        m = mask_u8 if mask_u8 is not None else x
+        ms = mask_u8.stride() if mask_u8 is not None else (0, 0)
+        grid = (triton.cdiv(L, bt), triton.cdiv(C, bc), B)
+        _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, m, y,
+                               x.stride(0), x.stride(1), *ms, y.stride(0), y.stride(1), L, C,
+                               K=K, BLOCK_T=bt, BLOCK_C=bc, HAS_BIAS=bias is not None,
+                               HAS_MASK=mask_u8 is not None, num_warps=nw)
+        ctx.save_for_backward(x, weight, bias, mask_u8)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mask_u8 = ctx.saved_tensors
+        B, L, C = x.shape
+        K = weight.shape[1]
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        bt, bc, nw = _conv_config(B, L, C, x.device)
+        n_tiles = triton.cdiv(L, bt)
+        n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+        chunks_wanted = max(1, (4 * n_sms) // (B * triton.cdiv(C, bc)))
+        tiles = triton.cdiv(n_tiles, chunks_wanted)
+        n_chunks = triton.cdiv(n_tiles, tiles)
+        dx = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
+        dw_part = torch.empty((B * n_chunks, C, K), device=x.device, dtype=torch.float32)
+        db_part = torch.empty((B * n_chunks, C), device=x.device, dtype=torch.float32)
+        m = mask_u8 if mask_u8 is not None else x
+        ms = mask_u8.stride() if mask_u8 is not None else (0, 0)
+        grid = (n_chunks, triton.cdiv(C, bc), B)
+        _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, m, dy, dx, dw_part, db_part,
+                               x.stride(0), x.stride(1), *ms, dy.stride(0), dy.stride(1),
+                               dx.stride(0), dx.stride(1), L, C, tiles,
+                               K=K, K_PAD=triton.next_power_of_2(K), BLOCK_T=bt, BLOCK_C=bc,
+                               HAS_BIAS=bias is not None, HAS_MASK=mask_u8 is not None, num_warps=nw)
+        dw = dw_part.sum(0).to(weight.dtype)
+        db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+        return dx, dw, db, None
+
+
+def causal_conv1d_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as gbla.ops.conv.causal_conv1d_silu_reference; x (B, L, C) may be a strided view
+    (channel stride 1), e.g. one of q/k/v sliced out of a fused projection."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, L, C), got shape {tuple(x.shape)}")
+    B, L, C = x.shape
+    if weight.dim() != 2 or weight.shape[0] != C:
+        raise ValueError(f"weight must be (C, K) with C={C}, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (C,):
+        raise ValueError(f"bias must be (C,) = ({C},), got {tuple(bias.shape)}")
+    if mask is not None:
+        if mask.shape != (B, L):
+            raise ValueError(f"mask must be (B, L) = {(B, L)}, got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+    if x.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("causal_conv1d_silu_triton needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if B == 0 or L == 0:
+        return torch.zeros_like(x)
+    weight = weight.contiguous()
+    mask_u8 = mask.view(torch.uint8) if mask is not None else None
+    return _CausalConv1dSiLU.apply(x, weight, bias, mask_u8)
+
+
+__all__ = ["causal_conv1d_silu_triton"]

@@ -1,0 +1,456 @@
+"""Fused Triton forward and backward of the GBLA attention core (same formulas as reference.py).
+
+Per batch row b and head h (E = head dim, phi(t) = elu(t) + 1, a_j = exp(key_log_weight_j), m_j = mask):
+
+    k'_j = phi(k_j) a_j m_j ,  v'_j = v_j m_j ,  S = sum_j k'_j v'_j^T  (E x E, fp32) ,  s = sum_j k'_j
+    p_i = phi(q_i) ,  num_i = S^T p_i                               (row form: num_i = p_i S)
+    "none":      o_i = num_i / d_i ,  d_i = p_i . s + eps
+    "rmsnorm":   x_i = num_i / N ,  r_i = (mean_f x_if^2 + eps)^-1/2 ,  y_i = x_i r_i ,  o_i = y_i * w
+    "gated":     o_i = y_i * w * silu(z_i)
+    o_i = 0 where m_i = 0.
+
+Forward = two passes over the sequence, both split into chunks of tokens so that one long row
+still gives B*H*chunks programs (enough to fill the GPU at B=1, L=65536):
+  1. `_state_kernel`: each program reduces its chunk to a partial (S, s) in fp32; the partials are
+     summed by torch over the chunk axis (deterministic, unlike atomics; it is a few MB at most).
+  2. `_output_kernel`: each program loads the reduced S once, then streams its chunk of queries.
+
+Backward (g_i = dL/do_i, zero at padded i because those outputs are the constant 0):
+  "rmsnorm(_gated)": gate_i = silu(z_i) (1 if not gated), w = norm_weight (1 if None)
+      dL/dw      = sum_i g_i * y_i * gate_i
+      dL/dz_i    = g_i * y_i * w * silu'(z_i) ,   silu'(z) = sig(z) (1 + z (1 - sig(z)))
+      gy_i       = g_i * w * gate_i                      (gradient at y_i)
+      dx_i       = r_i (gy_i - y_i mean_f(gy_i * y_i))   (RMS-norm backward: dr/dx = -r^3 x / E)
+      dnum_i     = dx_i / N
+  "none":
+      dnum_i     = g_i / d_i ,  dd_i = -(g_i . o_i) / d_i       (gradient at the denominator d_i)
+  then, with dp_i the gradient at p_i:
+      dp_i  = S dnum_i (+ dd_i s for "none") ;  dq_i = dp_i * phi'(q_i), phi'(t) = 1 (t > 0) else e^t
+      dS    = sum_i p_i dnum_i^T             (E x E, reduced over the sequence like S)
+      ds    = sum_i dd_i p_i                 ("none" only)
+      dk'_j = dS v'_j + ds ,  dv'_j = dS^T k'_j
+      dv_j  = m_j dv'_j ,  dk_j = m_j a_j phi'(k_j) dk'_j ,  dL/dlog a_j = m_j (dk'_j . k'_j)
+This gives two backward passes: `_bwd_query_kernel` (recomputes p, num from q and the saved S;
+writes dq, dz; reduces dS, ds, dw in per-chunk partials) and `_bwd_key_kernel` (dk, dv, dlw).
+
+Matrix products use tf32 for 16-bit inputs (fp32 accumulate; ~3e-4 relative, far below bf16
+output rounding) and full fp32 ("ieee") for fp32 inputs, so fp32 results match the reference tightly.
+Written against the Triton 3.6 API (no newer features) and runnable under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from gbla.ops.reference import check_gbla_inputs
+
+_NORM_CODE = {"none": 0, "rmsnorm": 1, "rmsnorm_gated": 2}
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _phi(t):
+    """elu(t) + 1 (exp only of the non-positive part, so no overflow in the unused branch)."""
+    return tl.where(t > 0, t + 1.0, tl.exp(tl.minimum(t, 0.0)))
+
+
+@triton.jit
+def _dphi(t):
+    return tl.where(t > 0, 1.0, tl.exp(tl.minimum(t, 0.0)))
+
+
+@triton.jit
+def _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK: tl.constexpr):
+    valid = rows < L
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * smb + rows * sml, mask=valid, other=0)
+        valid = valid & (m != 0)
+    return valid
+
+
+@triton.jit
+def _state_kernel(
+    k_ptr, v_ptr, lw_ptr, mask_ptr, spart_ptr, kspart_ptr,
+    skb, skl, skh, svb, svl, svh, slb, sll, slh, smb, sml,
+    L, H, TILES,
+    E: tl.constexpr, BLOCK_L: tl.constexpr, HAS_LW: tl.constexpr, HAS_MASK: tl.constexpr,
+    NEED_KSUM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Partial S = sum_j k'_j v'_j^T (and s = sum_j k'_j) over one chunk of TILES*BLOCK_L tokens."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    cols = tl.arange(0, E)
+    acc = tl.zeros((E, E), dtype=tl.float32)
+    ksum = tl.zeros((E,), dtype=tl.float32)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    for t in range(0, TILES):
+        rows = (pid_c * TILES + t) * BLOCK_L + tl.arange(0, BLOCK_L)
+        valid = _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK)
+        in_seq = (rows < L)[:, None]
+        kk = tl.load(k_base + rows[:, None] * skl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        vv = tl.load(v_base + rows[:, None] * svl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        kp = _phi(kk)
+        if HAS_LW:
+            # padded key weights are replaced before exp(): a padded +inf must not give inf * 0 = nan
+            lw = tl.load(lw_ptr + b * slb + rows * sll + h * slh, mask=valid, other=0.0).to(tl.float32)
+            kp = kp * tl.exp(lw)[:, None]
+        kp = tl.where(valid[:, None], kp, 0.0)
+        vv = tl.where(valid[:, None], vv, 0.0)
+        acc = tl.dot(tl.trans(kp), vv, acc, input_precision=DOT_PREC)
+        if NEED_KSUM:
+            ksum += tl.sum(kp, axis=0)
+    out = spart_ptr + (pid_c * tl.num_programs(1) + pid_bh) * E * E
+    tl.store(out + cols[:, None] * E + cols[None, :], acc)
+    if NEED_KSUM:
+        tl.store(kspart_ptr + (pid_c * tl.num_programs(1) + pid_bh) * E + cols, ksum)
+
+
+@triton.jit
+def _output_kernel(
+    q_ptr, z_ptr, mask_ptr, s_ptr, ks_ptr, nw_ptr, nreal_ptr, o_ptr,
+    sqb, sql, sqh, szb, szl, szh, smb, sml, sob, sol, soh,
+    L, H, TILES, eps,
+    E: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, HAS_NW: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """o_i for one chunk of queries, from the reduced state S (and s for "none")."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    cols = tl.arange(0, E)
+    S = tl.load(s_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :])
+    if NORM == 0:
+        ks = tl.load(ks_ptr + pid_bh * E + cols)
+    else:
+        inv_n = 1.0 / tl.load(nreal_ptr + b)
+        if HAS_NW:
+            nw = tl.load(nw_ptr + cols).to(tl.float32)
+    q_base = q_ptr + b * sqb + h * sqh
+    z_base = z_ptr + b * szb + h * szh
+    o_base = o_ptr + b * sob + h * soh
+    for t in range(0, TILES):
+        rows = (pid_c * TILES + t) * BLOCK_L + tl.arange(0, BLOCK_L)
+        valid = _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK)
+        in_seq = (rows < L)[:, None]
+        qq = tl.load(q_base + rows[:, None] * sql + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        p = _phi(qq)
+        num = tl.dot(p, S, input_precision=DOT_PREC)
+        if NORM == 0:
+            den = tl.sum(p * ks[None, :], axis=1) + eps
+            o = num / den[:, None]
+        else:
+            x = num * inv_n
+            r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / E + eps)
+            o = x * r[:, None]
+            if HAS_NW:
+                o = o * nw[None, :]
+            if NORM == 2:
+                zz = tl.load(z_base + rows[:, None] * szl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+                o = o * (zz * tl.sigmoid(zz))
+        o = tl.where(valid[:, None], o, 0.0)
+        tl.store(o_base + rows[:, None] * sol + cols[None, :], o.to(o_ptr.dtype.element_ty), mask=in_seq)
+
+
+@triton.jit
+def _bwd_query_kernel(
+    q_ptr, z_ptr, g_ptr, mask_ptr, s_ptr, ks_ptr, nw_ptr, nreal_ptr,
+    dq_ptr, dz_ptr, dspart_ptr, dkspart_ptr, dnwpart_ptr,
+    sqb, sql, sqh, szb, szl, szh, sgb, sgl, sgh, smb, sml, sob, sol, soh,
+    L, H, TILES, eps,
+    E: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, HAS_NW: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dq, dz per query; partial dS = sum_i p_i dnum_i^T, ds = sum_i dd_i p_i, dw over one chunk."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    cols = tl.arange(0, E)
+    S = tl.load(s_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :])
+    dS = tl.zeros((E, E), dtype=tl.float32)
+    if NORM == 0:
+        ks = tl.load(ks_ptr + pid_bh * E + cols)
+        dks = tl.zeros((E,), dtype=tl.float32)
+    else:
+        inv_n = 1.0 / tl.load(nreal_ptr + b)
+        if HAS_NW:
+            nw = tl.load(nw_ptr + cols).to(tl.float32)
+            dnw = tl.zeros((E,), dtype=tl.float32)
+    q_base = q_ptr + b * sqb + h * sqh
+    z_base = z_ptr + b * szb + h * szh
+    g_base = g_ptr + b * sgb + h * sgh
+    for t in range(0, TILES):
+        rows = (pid_c * TILES + t) * BLOCK_L + tl.arange(0, BLOCK_L)
+        valid = _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK)
+        in_seq = (rows < L)[:, None]
+        offs = rows[:, None] * sol + cols[None, :]
+        qq = tl.load(q_base + rows[:, None] * sql + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        g = tl.load(g_base + rows[:, None] * sgl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        g = tl.where(valid[:, None], g, 0.0)
+        p = _phi(qq)
+        num = tl.dot(p, S, input_precision=DOT_PREC)
+        if NORM == 0:
+            den = tl.sum(p * ks[None, :], axis=1) + eps
+            o = num / den[:, None]
+            dnum = g / den[:, None]
+            dd = -tl.sum(g * o, axis=1) / den
+            dp = tl.dot(dnum, tl.trans(S), input_precision=DOT_PREC) + dd[:, None] * ks[None, :]
+            dks += tl.sum(dd[:, None] * p, axis=0)
+        else:
+            x = num * inv_n
+            r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / E + eps)
+            y = x * r[:, None]
+            gy = g
+            if NORM == 2:
+                zz = tl.load(z_base + rows[:, None] * szl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zz)
+                gate = zz * sig
+                dgate = g * y
+                if HAS_NW:
+                    dgate = dgate * nw[None, :]
+                dz = dgate * sig * (1.0 + zz * (1.0 - sig))
+                tl.store(dz_ptr + b * sob + h * soh + offs, dz.to(dz_ptr.dtype.element_ty), mask=in_seq)
+                gy = gy * gate
+            if HAS_NW:
+                dnw += tl.sum(gy * y, axis=0)
+                gy = gy * nw[None, :]
+            dx = r[:, None] * (gy - y * (tl.sum(gy * y, axis=1) / E)[:, None])
+            dnum = dx * inv_n
+            dp = tl.dot(dnum, tl.trans(S), input_precision=DOT_PREC)
+        dq = dp * _dphi(qq)
+        tl.store(dq_ptr + b * sob + h * soh + offs, dq.to(dq_ptr.dtype.element_ty), mask=in_seq)
+        dS = tl.dot(tl.trans(p), dnum, dS, input_precision=DOT_PREC)
+    part = pid_c * tl.num_programs(1) + pid_bh
+    tl.store(dspart_ptr + part * E * E + cols[:, None] * E + cols[None, :], dS)
+    if NORM == 0:
+        tl.store(dkspart_ptr + part * E + cols, dks)
+    elif HAS_NW:
+        tl.store(dnwpart_ptr + part * E + cols, dnw)
+
+
+@triton.jit
+def _bwd_key_kernel(
+    k_ptr, v_ptr, lw_ptr, mask_ptr, ds_ptr, dks_ptr, dk_ptr, dv_ptr, dlw_ptr,
+    skb, skl, skh, svb, svl, svh, slb, sll, slh, smb, sml, sob, sol, soh, sdlb, sdll, sdlh,
+    L, H, TILES,
+    E: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, HAS_LW: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dk'_j = dS v'_j + ds, dv'_j = dS^T k'_j, then through the mask, key weight and phi."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    cols = tl.arange(0, E)
+    dS = tl.load(ds_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :])
+    if NORM == 0:
+        dks = tl.load(dks_ptr + pid_bh * E + cols)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    for t in range(0, TILES):
+        rows = (pid_c * TILES + t) * BLOCK_L + tl.arange(0, BLOCK_L)
+        valid = _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK)
+        in_seq = (rows < L)[:, None]
+        offs = rows[:, None] * sol + cols[None, :]
+        kk = tl.load(k_base + rows[:, None] * skl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        vv = tl.load(v_base + rows[:, None] * svl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        vv = tl.where(valid[:, None], vv, 0.0)
+        kp = _phi(kk)
+        if HAS_LW:
+            lw = tl.load(lw_ptr + b * slb + rows * sll + h * slh, mask=valid, other=0.0).to(tl.float32)
+            a = tl.exp(lw)
+            kp = kp * a[:, None]
+        kp = tl.where(valid[:, None], kp, 0.0)
+        dkp = tl.dot(vv, tl.trans(dS), input_precision=DOT_PREC)
+        if NORM == 0:
+            dkp = dkp + dks[None, :]
+        dv = tl.dot(kp, dS, input_precision=DOT_PREC)
+        dk = dkp * _dphi(kk)
+        if HAS_LW:
+            dk = dk * a[:, None]
+            dlw = tl.where(valid, tl.sum(dkp * kp, axis=1), 0.0)
+            tl.store(dlw_ptr + b * sdlb + rows * sdll + h * sdlh, dlw.to(dlw_ptr.dtype.element_ty), mask=rows < L)
+        dk = tl.where(valid[:, None], dk, 0.0)
+        tl.store(dk_ptr + b * sob + h * soh + offs, dk.to(dk_ptr.dtype.element_ty), mask=in_seq)
+        tl.store(dv_ptr + b * sob + h * soh + offs, dv.to(dv_ptr.dtype.element_ty), mask=in_seq)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def launch_config(B: int, L: int, H: int, E: int, device: torch.device) -> dict:
+    """Tile and chunk sizes. Chunks: about 4 programs per SM over all (row, head, chunk) triples,
+    so B=1, L=65536 is spread across the GPU; each program still loops over several tiles so the
+    E x E state is loaded/stored once per chunk, not once per tile."""
+    if _interpreting() or device.type != "cuda":
+        block_l, num_warps = 16, 4
+    else:
+        block_l = {16: 128, 32: 128, 64: 64, 128: 32}[E]
+        num_warps = 4 if E <= 64 else 8
+    n_tiles = triton.cdiv(L, block_l)
+    target_programs = 4 * _num_sms(device)
+    chunks_wanted = max(1, target_programs // (B * H))
+    tiles_per_chunk = max(1, triton.cdiv(n_tiles, chunks_wanted))
+    n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
+    return dict(BLOCK_L=block_l, TILES=tiles_per_chunk, n_chunks=n_chunks, num_warps=num_warps)
+
+
+def _strides4(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+class _GBLAAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, norm_code, eps):
+        B, L, H, E = q.shape
+        cfg = launch_config(B, L, H, E, q.device)
+        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        has_lw, has_mask = key_log_weight is not None, mask_u8 is not None
+        has_nw = norm_weight is not None and norm_code > 0
+        dummy = q  # placeholder pointer for absent optional inputs (never read: constexpr-guarded)
+        lw = key_log_weight if has_lw else dummy
+        m = mask_u8 if has_mask else dummy
+        zz = z if norm_code == 2 else dummy
+        nw = norm_weight if has_nw else dummy
+        lw_strides = key_log_weight.stride() if has_lw else (0, 0, 0)
+        m_strides = mask_u8.stride() if has_mask else (0, 0)
+        z_strides = _strides4(z) if norm_code == 2 else (0, 0, 0)
+        nc = cfg["n_chunks"]
+        grid = (nc, B * H)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        s_part = torch.empty(nc, B * H, E, E, **f32)
+        ks_part = torch.empty(nc, B * H, E, **f32) if norm_code == 0 else s_part
+        _state_kernel[grid](
+            k, v, lw, m, s_part, ks_part, *_strides4(k), *_strides4(v), *lw_strides, *m_strides,
+            L, H, cfg["TILES"], E=E, BLOCK_L=cfg["BLOCK_L"], HAS_LW=has_lw, HAS_MASK=has_mask,
+            NEED_KSUM=norm_code == 0, DOT_PREC=dot_prec, num_warps=cfg["num_warps"])
+        state = s_part.sum(0) if nc > 1 else s_part[0]
+        ksum = (ks_part.sum(0) if nc > 1 else ks_part[0]) if norm_code == 0 else state
+        out = torch.empty((B, L, H, E), device=q.device, dtype=q.dtype)
+        _output_kernel[grid](
+            q, zz, m, state, ksum, nw, n_real, out, *_strides4(q), *z_strides, *m_strides, *_strides4(out),
+            L, H, cfg["TILES"], eps, E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"])
+        ctx.save_for_backward(q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, state,
+                              ksum if norm_code == 0 else None)
+        ctx.cfg, ctx.dot_prec, ctx.norm_code, ctx.eps = cfg, dot_prec, norm_code, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, state, ksum = ctx.saved_tensors
+        cfg, dot_prec, norm_code, eps = ctx.cfg, ctx.dot_prec, ctx.norm_code, ctx.eps
+        B, L, H, E = q.shape
+        g = _last_dim_contiguous(grad_out)
+        has_lw, has_mask = key_log_weight is not None, mask_u8 is not None
+        has_nw = norm_weight is not None and norm_code > 0
+        dummy = q
+        lw = key_log_weight if has_lw else dummy
+        m = mask_u8 if has_mask else dummy
+        zz = z if norm_code == 2 else dummy
+        nw = norm_weight if has_nw else dummy
+        lw_strides = key_log_weight.stride() if has_lw else (0, 0, 0)
+        m_strides = mask_u8.stride() if has_mask else (0, 0)
+        z_strides = _strides4(z) if norm_code == 2 else (0, 0, 0)
+        nc = cfg["n_chunks"]
+        grid = (nc, B * H)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        dq = torch.empty((B, L, H, E), device=q.device, dtype=q.dtype)
+        dk = torch.empty((B, L, H, E), device=q.device, dtype=k.dtype)
+        dv = torch.empty((B, L, H, E), device=q.device, dtype=v.dtype)
+        dz = torch.empty((B, L, H, E), device=q.device, dtype=z.dtype) if norm_code == 2 else dq
+        dlw = torch.empty((B, L, H), device=q.device, dtype=key_log_weight.dtype) if has_lw else dq
+        ds_part = torch.empty(nc, B * H, E, E, **f32)
+        dks_part = torch.empty(nc, B * H, E, **f32) if norm_code == 0 else ds_part
+        dnw_part = torch.empty(nc, B * H, E, **f32) if has_nw else ds_part
+        # dq/dk/dv/dz are allocated contiguous, so they share one set of strides
+        _bwd_query_kernel[grid](
+            q, zz, g, m, state, ksum if norm_code == 0 else state, nw, n_real,
+            dq, dz, ds_part, dks_part, dnw_part,
+            *_strides4(q), *z_strides, *_strides4(g), *m_strides, *_strides4(dq),
+            L, H, cfg["TILES"], eps, E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"])
+        dstate = ds_part.sum(0) if nc > 1 else ds_part[0]
+        dksum = (dks_part.sum(0) if nc > 1 else dks_part[0]) if norm_code == 0 else dstate
+        _bwd_key_kernel[grid](
+            k, v, lw, m, dstate, dksum, dk, dv, dlw,
+            *_strides4(k), *_strides4(v), *lw_strides, *m_strides, *_strides4(dk),
+            *(dlw.stride() if has_lw else (0, 0, 0)),
+            L, H, cfg["TILES"], E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_LW=has_lw,
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"])
+        d_nw = None
+        if has_nw and ctx.needs_input_grad[6]:
+            d_nw = dnw_part.sum((0, 1)).to(norm_weight.dtype)
+        return (dq, dk, dv, dlw if has_lw else None, None, dz if norm_code == 2 else None, d_nw,
+                None, None, None)
+
+
+def gbla_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_log_weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    normalization: str = "rmsnorm_gated",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Fused GBLA attention (same signature and formulas as gbla_attention_reference)."""
+    check_gbla_inputs(q, k, v, key_log_weight, mask, z, norm_weight, normalization)
+    B, L, H, E = q.shape
+    if E not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"gbla_attention_triton: head dim E={E} is not supported; "
+                         f"use one of {SUPPORTED_HEAD_DIMS} or backend='torch'")
+    for name, t in (("q", q), ("k", k), ("v", v), ("z", z)):
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"gbla_attention_triton: {name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("gbla_attention_triton needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU "
+                           "interpreter; use backend='torch' on the CPU")
+    norm_code = _NORM_CODE[normalization]
+    q, k, v, z = (_last_dim_contiguous(t) for t in (q, k, v, z))
+    if norm_code != 2:
+        z = None  # not used by this normalization: no gradient either
+    nw = norm_weight if norm_code > 0 else None
+    if L == 0 or B == 0:
+        return torch.zeros_like(q)
+    if mask is not None:
+        mask_u8 = mask.view(torch.uint8)
+        n_real = mask.sum(dim=1).clamp(min=1).to(torch.float32)
+    else:
+        mask_u8 = None
+        n_real = torch.full((B,), float(L), device=q.device, dtype=torch.float32)
+    return _GBLAAttention.apply(q, k, v, key_log_weight, mask_u8, z, nw, n_real, norm_code, float(eps))
+
+
+__all__ = ["gbla_attention_triton", "launch_config", "SUPPORTED_HEAD_DIMS"]
