@@ -1,0 +1,705 @@
+"""Aggregation of the ablation grid into tables and figures (what notebooks/aggregate.ipynb shows).
+
+    runs = load_runs(runs_root, params_file, profile)       # one row per expected run, with status
+    report = build_report(runs, references=("sa", "hybrid"))
+    write_report(report, "outputs/reports")                   # CSV + JSON next to the notebook
+
+Missing, failed and stale runs stay in every table as rows with NaN metrics and a count of the seeds
+present / expected; a comparison that lacks paired seeds is NaN with the reason spelled out.
+Statistics come from gbla.stats; see its docstring for what the seed-level and user-level tests ask.
+The latency half (load_layer_speed, speedups_vs_sdpa, plot_latency) reads outputs/bench/layer_speed.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gbla import runs as runs_io
+from gbla import stats
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PUBLISHED = REPO_ROOT / "params" / "published.yaml"
+
+
+def resolve(path) -> Path | None:
+    """Absolute paths as given; relative paths are relative to the repository root (so a notebook
+    opened from notebooks/ and papermill started from the root read the same files)."""
+    if path is None or str(path) == "":
+        return None
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+# ============================================================================= runs table
+
+def load_runs(runs_root, params_file=None, profile: str | None = None, *, expected=None) -> pd.DataFrame:
+    """One row per run: dataset, variant, seed, status (ok | failed | stale | missing), metrics, run_dir.
+
+    With params_file, the expected grid of `profile` comes from it (gbla.runs.collect_runs), so runs
+    that never ran are rows with status "missing". Without it, the grid is inferred from the folder:
+    per dataset, every variant found x every seed found; absent combinations are "missing" too.
+    `expected` (an iterable of RunConfigs) gives the grid directly. Column `expected_by` says which
+    ("params" or "folder").
+    """
+    runs_root = resolve(runs_root)
+    params_file = resolve(params_file)
+    if expected is not None:
+        table = runs_io.collect_runs(runs_root, list(expected))
+        table["expected_by"] = "params"
+    elif params_file is not None:
+        if not params_file.is_file():
+            raise FileNotFoundError(f"params_file {params_file} does not exist")
+        try:
+            table = runs_io.collect_runs(runs_root, params_file=params_file, profile=profile)
+            table["expected_by"] = "params"
+        except ImportError as e:  # gbla.grid unavailable: still show what is on disk
+            warnings.warn(f"cannot expand {params_file} ({e}); inferring the grid from {runs_root}")
+            params_file = None
+    if params_file is None and expected is None:
+        table = runs_io.collect_runs(runs_root)
+        table["expected_by"] = "folder"
+        table = _complete_grid(table, runs_root)
+    table["seed"] = table["seed"].astype(int)
+    return table.reset_index(drop=True)
+
+
+def _complete_grid(table: pd.DataFrame, runs_root: Path) -> pd.DataFrame:
+    """Add status-"missing" rows for (dataset, variant, seed) combinations absent from the folder."""
+    if table.empty:
+        return table
+    extra = []
+    for dataset, group in table.groupby("dataset", sort=False):
+        present = set(zip(group["variant"], group["seed"]))
+        for variant in group["variant"].unique():
+            for seed in sorted(group["seed"].unique()):
+                if (variant, seed) not in present:
+                    extra.append({"dataset": dataset, "variant": variant, "seed": int(seed),
+                                  "status": "missing", "expected_by": "folder",
+                                  "run_dir": str(runs_io.run_dir_for(runs_root, dataset, variant, seed))})
+    if extra:
+        table = pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+    order = {v: i for i, v in enumerate(pd.unique(table["variant"]))}
+    return table.sort_values(["dataset", "variant", "seed"], key=lambda s: s.map(order) if s.name == "variant" else s)
+
+
+def status_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset and variant: counts of ok / failed / stale / missing seeds, and which seeds are not ok."""
+    columns = ["dataset", "variant", "expected", "ok", "failed", "stale", "missing", "seeds_not_ok"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for (dataset, variant), g in runs.groupby(["dataset", "variant"], sort=False):
+        counts = g["status"].value_counts()
+        not_ok = g[g["status"] != "ok"].sort_values("seed")
+        rows.append({"dataset": dataset, "variant": variant, "expected": len(g),
+                     **{s: int(counts.get(s, 0)) for s in ("ok", "failed", "stale", "missing")},
+                     "seeds_not_ok": ", ".join(f"{r.seed} ({r.status})" for r in not_ok.itertuples())})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def problem_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that are not ok, with the error of failed ones."""
+    cols = [c for c in ("dataset", "variant", "seed", "status", "error", "run_dir") if c in runs.columns]
+    return runs.loc[runs["status"] != "ok", cols].reset_index(drop=True) if not runs.empty else pd.DataFrame(columns=cols)
+
+
+# ============================================================================= mean +- CI over seeds
+
+def summarize(runs: pd.DataFrame, metrics=stats.METRICS, *, split: str = "test",
+              confidence: float = 0.95) -> pd.DataFrame:
+    """Per dataset, variant and metric: mean and t-CI over the ok seeds, n_ok of n_expected."""
+    columns = ["dataset", "variant", "metric", "n_ok", "n_expected", "mean", "std", "ci_low", "ci_high",
+               "seeds_not_ok"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for (dataset, variant), g in runs.groupby(["dataset", "variant"], sort=False):
+        ok = g[g["status"] == "ok"]
+        not_ok = ", ".join(f"{r.seed} ({r.status})" for r in g[g["status"] != "ok"].sort_values("seed").itertuples())
+        for metric in metrics:
+            ci = stats.mean_ci(ok[f"{split}_{metric}"].to_numpy(dtype=float), confidence)
+            rows.append({"dataset": dataset, "variant": variant, "metric": metric, "n_ok": ci["n"],
+                         "n_expected": len(g), "mean": ci["mean"], "std": ci["std"],
+                         "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "seeds_not_ok": not_ok})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def summary_wide(summary: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """One row per dataset/variant, one 'mean [low, high] (n/N)' cell per metric: the table to read."""
+    if summary.empty:
+        return pd.DataFrame()
+
+    def cell(r):
+        if r.n_ok == 0:
+            return f"missing (0/{r.n_expected})"
+        ci = "" if math.isnan(r.ci_low) else f" [{r.ci_low:.{digits}f}, {r.ci_high:.{digits}f}]"
+        return f"{r.mean:.{digits}f}{ci} ({r.n_ok}/{r.n_expected})"
+
+    s = summary.assign(cell=[cell(r) for r in summary.itertuples()])
+    wide = s.pivot(index=["dataset", "variant"], columns="metric", values="cell")
+    wide = wide.reindex(index=pd.unique(pd.MultiIndex.from_frame(s[["dataset", "variant"]])),
+                        columns=list(pd.unique(s["metric"])))
+    wide.columns.name = None
+    return wide
+
+
+# ============================================================================= paired comparisons
+
+class PerUserRanks:
+    """Per-user test ranks of finished runs, read once per run directory."""
+
+    def __init__(self, loader=runs_io.load_per_user):
+        self._loader = loader
+        self._cache: dict[str, pd.DataFrame] = {}
+
+    def __call__(self, run_dir) -> pd.DataFrame:
+        key = str(run_dir)
+        if key not in self._cache:
+            frame = self._loader(run_dir)
+            missing = {"user", "target", "rank"} - set(frame.columns)
+            if missing:
+                raise ValueError(f"{Path(run_dir) / runs_io.PER_USER_FILE}: lacks columns {sorted(missing)}")
+            if frame["user"].duplicated().any():
+                raise ValueError(f"{Path(run_dir) / runs_io.PER_USER_FILE}: a user appears twice")
+            self._cache[key] = frame[["user", "target", "rank"]]
+        return self._cache[key]
+
+
+def _paired_user_ranks(ranks: PerUserRanks, variant_dirs: dict, reference_dirs: dict, seeds) -> list:
+    """[(seed, users, rank_variant, rank_reference)] for users present in both runs of each seed."""
+    out = []
+    for seed in seeds:
+        v = ranks(variant_dirs[seed])
+        r = ranks(reference_dirs[seed])
+        both = v.merge(r, on="user", suffixes=("_v", "_r"), validate="one_to_one")
+        if (both["target_v"] != both["target_r"]).any():
+            raise ValueError(f"seed {seed}: {variant_dirs[seed]} and {reference_dirs[seed]} have different "
+                             f"test targets for the same users (different data?); they cannot be paired")
+        out.append((seed, both["user"].to_numpy(), both["rank_v"].to_numpy(), both["rank_r"].to_numpy()))
+    return out
+
+
+def _user_means(paired: list, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user metric of variant and reference, each averaged over the paired seeds (users = clusters)."""
+    users = np.concatenate([p[1] for p in paired])
+    v = np.concatenate([stats.per_user_metric(p[2], metric) for p in paired])
+    r = np.concatenate([stats.per_user_metric(p[3], metric) for p in paired])
+    _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
+    return np.bincount(inverse, v) / counts, np.bincount(inverse, r) / counts
+
+
+COMPARISON_COLUMNS = [
+    "dataset", "metric", "reference", "variant", "n_paired_seeds", "paired_seeds", "reference_mean",
+    "variant_mean", "diff", "diff_ci_low", "diff_ci_high", "pct", "pct_ci_low", "pct_ci_high", "t",
+    "p_ttest", "p_ttest_holm", "n_users", "user_diff", "user_ci_low", "user_ci_high", "user_pct",
+    "user_pct_ci_low", "user_pct_ci_high", "p_perm", "p_perm_holm", "reason"]
+
+
+def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=stats.METRICS, *, split: str = "test",
+            confidence: float = 0.95, n_bootstrap: int = 10_000, seed: int = 0,
+            ranks: PerUserRanks | None = None, progress: bool = False) -> pd.DataFrame:
+    """Every variant against every reference, per dataset and metric.
+
+    Seed level: paired t-test of the per-seed metrics over the seeds both finished, t-CI of the mean
+    difference, and that CI in % of the reference's mean over those seeds. User level (test split
+    only, from per_user_test.parquet): users matched within each seed, each user's difference
+    averaged over the paired seeds, then a paired bootstrap CI and a sign-flip permutation test.
+    Holm-Bonferroni within each (dataset, metric, reference) family, separately for the two p-values.
+    """
+    ranks = ranks or PerUserRanks()
+    rows = []
+    ok = runs[runs["status"] == "ok"] if not runs.empty else runs
+    tasks = []
+    for dataset, g in (runs.groupby("dataset", sort=False) if not runs.empty else []):
+        variants = list(pd.unique(g["variant"]))
+        for reference in references:
+            for variant in variants:
+                if variant != reference:
+                    tasks.append((dataset, reference, variant))
+    if progress:
+        from tqdm.auto import tqdm
+        tasks = tqdm(tasks, desc="comparisons")
+    for dataset, reference, variant in tasks:
+        g = ok[ok["dataset"] == dataset]
+        v_rows = g[g["variant"] == variant].set_index("seed")
+        r_rows = g[g["variant"] == reference].set_index("seed")
+        seeds = sorted(set(v_rows.index) & set(r_rows.index))
+        paired = None
+        user_reason = ""
+        if reference not in set(runs.loc[runs["dataset"] == dataset, "variant"]):
+            user_reason = f"reference {reference!r} is not in the grid for {dataset}"
+        elif split == "test" and seeds:
+            try:
+                paired = _paired_user_ranks(ranks, v_rows["run_dir"].to_dict(), r_rows["run_dir"].to_dict(), seeds)
+            except FileNotFoundError as e:
+                user_reason = f"per-user results missing: {e}"
+        elif split != "test":
+            user_reason = "per-user results exist for the test split only"
+        for metric in metrics:
+            col = f"{split}_{metric}"
+            v_vals = v_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
+            r_vals = r_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
+            tt = stats.paired_ttest(v_vals, r_vals, confidence)
+            ref_mean = float(r_vals.mean()) if seeds else math.nan
+            row = {"dataset": dataset, "metric": metric, "reference": reference, "variant": variant,
+                   "n_paired_seeds": len(seeds), "paired_seeds": ",".join(map(str, seeds)),
+                   "reference_mean": ref_mean, "variant_mean": float(v_vals.mean()) if seeds else math.nan,
+                   "diff": tt["diff"], "diff_ci_low": tt["ci_low"], "diff_ci_high": tt["ci_high"],
+                   "pct": stats.percent_of(tt["diff"], ref_mean),
+                   "pct_ci_low": stats.percent_of(tt["ci_low"], ref_mean),
+                   "pct_ci_high": stats.percent_of(tt["ci_high"], ref_mean),
+                   "t": tt["t"], "p_ttest": tt["p"]}
+            reasons = []
+            if not seeds:
+                n_v, n_r = len(v_rows), len(r_rows)
+                reasons.append(f"no paired seeds ({variant}: {n_v} ok, {reference}: {n_r} ok)")
+            elif tt["reason"]:
+                reasons.append(f"t-test: {tt['reason']}")
+            if paired is not None:
+                uv, ur = _user_means(paired, metric)
+                boot = stats.paired_bootstrap(uv, ur, n_resamples=n_bootstrap, confidence=confidence, seed=seed)
+                perm = stats.sign_flip_test(uv - ur, n_resamples=n_bootstrap, seed=seed)
+                row.update(n_users=boot["n"], user_diff=boot["diff"], user_ci_low=boot["ci_low"],
+                           user_ci_high=boot["ci_high"], user_pct=boot["pct"], user_pct_ci_low=boot["pct_ci_low"],
+                           user_pct_ci_high=boot["pct_ci_high"], p_perm=perm["p"])
+                if boot["reason"] or perm["reason"]:
+                    reasons.append(f"per-user: {boot['reason'] or perm['reason']}")
+            elif user_reason and seeds:
+                reasons.append(user_reason)
+            row["reason"] = "; ".join(reasons)
+            rows.append(row)
+    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    if table.empty:
+        return table
+    for col in ("n_users",):
+        table[col] = table[col].astype("Int64")
+    for p_col in ("p_ttest", "p_perm"):
+        table[f"{p_col}_holm"] = (table.groupby(["dataset", "metric", "reference"], sort=False)[p_col]
+                                  .transform(lambda p: pd.Series(stats.holm(p.to_numpy(dtype=float)), index=p.index)))
+    return table
+
+
+# ============================================================================= equivalence (TOST)
+
+EQUIVALENCE_COLUMNS = ["dataset", "metric", "variant", "reference", "level", "n", "reference_mean", "margin",
+                       "margin_pct", "diff", "ci90_low", "ci90_high", "p_lower", "p_upper", "p_tost",
+                       "equivalent", "reason"]
+
+
+def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=stats.METRICS, *, margin: float = 0.05,
+                split: str = "test", alpha: float = 0.05, ranks: PerUserRanks | None = None) -> pd.DataFrame:
+    """TOST of "variant matches reference" within +-margin x (reference mean over the paired seeds).
+
+    Two rows per dataset/metric/pair: level "seeds" (the per-seed differences, n = paired seeds) and
+    level "users" (per-user differences averaged over the paired seeds, n = users; test split only).
+    """
+    ranks = ranks or PerUserRanks()
+    rows = []
+    ok = runs[runs["status"] == "ok"] if not runs.empty else runs
+    for dataset in (pd.unique(runs["dataset"]) if not runs.empty else []):
+        g = ok[ok["dataset"] == dataset]
+        for variant, reference in pairs:
+            v_rows = g[g["variant"] == variant].set_index("seed")
+            r_rows = g[g["variant"] == reference].set_index("seed")
+            seeds = sorted(set(v_rows.index) & set(r_rows.index))
+            paired, user_reason = None, ""
+            if split != "test":
+                user_reason = "per-user results exist for the test split only"
+            elif seeds:
+                try:
+                    paired = _paired_user_ranks(ranks, v_rows["run_dir"].to_dict(), r_rows["run_dir"].to_dict(), seeds)
+                except FileNotFoundError as e:
+                    user_reason = f"per-user results missing: {e}"
+            for metric in metrics:
+                col = f"{split}_{metric}"
+                v_vals = v_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
+                r_vals = r_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
+                ref_mean = float(r_vals.mean()) if seeds else math.nan
+                abs_margin = margin * ref_mean if seeds else math.nan
+                base = {"dataset": dataset, "metric": metric, "variant": variant, "reference": reference,
+                        "reference_mean": ref_mean, "margin": abs_margin, "margin_pct": 100 * margin}
+                levels = {"seeds": v_vals - r_vals}
+                if paired is not None:
+                    uv, ur = _user_means(paired, metric)
+                    levels["users"] = uv - ur
+                for level in ("seeds", "users"):
+                    if level not in levels:
+                        reason = (f"no paired seeds ({variant}: {len(v_rows)} ok, {reference}: {len(r_rows)} ok)"
+                                  if not seeds else user_reason)
+                        rows.append({**base, "level": level, "n": 0, "diff": math.nan, "reason": reason})
+                        continue
+                    if not seeds:
+                        res = {"n": 0, "diff": math.nan,
+                               "reason": f"no paired seeds ({variant}: {len(v_rows)} ok, {reference}: {len(r_rows)} ok)"}
+                    elif not (abs_margin > 0):
+                        res = {"n": len(levels[level]), "reason": f"reference mean {ref_mean} gives no positive margin"}
+                    else:
+                        res = stats.tost(levels[level], abs_margin, alpha=alpha)
+                    rows.append({**base, "level": level, "n": res.get("n"), "diff": res.get("diff", math.nan),
+                                 "ci90_low": res.get("ci_low", math.nan), "ci90_high": res.get("ci_high", math.nan),
+                                 "p_lower": res.get("p_lower", math.nan), "p_upper": res.get("p_upper", math.nan),
+                                 "p_tost": res.get("p", math.nan), "equivalent": res.get("equivalent"),
+                                 "reason": res.get("reason", "")})
+    table = pd.DataFrame(rows, columns=EQUIVALENCE_COLUMNS)
+    if alpha != 0.05 and not table.empty:
+        table = table.rename(columns={"ci90_low": f"ci{100 - 200 * alpha:g}_low",
+                                      "ci90_high": f"ci{100 - 200 * alpha:g}_high"})
+    return table
+
+
+# ============================================================================= published numbers
+
+def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
+    """params/published.yaml as a long table: source, citation, compare_with, dataset, metric, value.
+
+    null entries (numbers we do not have) stay as NaN rows so the table shows they are unknown.
+    """
+    import yaml
+
+    path = resolve(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    rows = []
+    for name, source in (doc.get("sources") or {}).items():
+        for field_name in ("citation", "compare_with", "metrics"):
+            if field_name not in source:
+                raise ValueError(f"{path}: sources.{name} lacks the field {field_name!r}")
+        for dataset, values in (source["metrics"] or {}).items():
+            for metric, value in (values or {}).items():
+                stats.parse_metric(metric)
+                if value is not None and not isinstance(value, (int, float)):
+                    raise ValueError(f"{path}: sources.{name}.metrics.{dataset}.{metric} must be a number or null, "
+                                     f"got {value!r}")
+                rows.append({"source": name, "citation": source["citation"], "compare_with": source["compare_with"],
+                             "dataset": dataset, "metric": metric,
+                             "published": math.nan if value is None else float(value)})
+    return pd.DataFrame(rows, columns=["source", "citation", "compare_with", "dataset", "metric", "published"])
+
+
+def published_comparison(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
+    """Published numbers next to ours (the variant each source is compared with), with ours/published."""
+    ours = summary.rename(columns={"variant": "compare_with", "mean": "ours_mean", "ci_low": "ours_ci_low",
+                                   "ci_high": "ours_ci_high"})
+    ours = ours[["dataset", "compare_with", "metric", "ours_mean", "ours_ci_low", "ours_ci_high", "n_ok", "n_expected"]]
+    table = published.merge(ours, on=["dataset", "compare_with", "metric"], how="left")
+    table["ours_over_published"] = table["ours_mean"] / table["published"]
+    return table
+
+
+# ============================================================================= the whole report
+
+@dataclass
+class Report:
+    parameters: dict
+    runs: pd.DataFrame
+    status: pd.DataFrame
+    summary: pd.DataFrame
+    comparisons: pd.DataFrame
+    equivalence: pd.DataFrame
+    published: pd.DataFrame
+    histories: pd.DataFrame
+    notes: list = field(default_factory=list)
+
+
+def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=stats.METRICS,
+                 equivalence_pairs=(("hybrid", "sa"),), tost_margin: float = 0.05, n_bootstrap: int = 10_000,
+                 seed: int = 0, confidence: float = 0.95, published_file=DEFAULT_PUBLISHED,
+                 progress: bool = True) -> Report:
+    metrics = tuple(metrics)
+    for m in metrics:
+        stats.parse_metric(m)
+    ranks = PerUserRanks()
+    summary = summarize(runs, metrics, confidence=confidence)
+    notes = []
+    published_file = resolve(published_file)
+    if published_file is not None and published_file.is_file():
+        published = published_comparison(summary, load_published(published_file))
+    else:
+        published = pd.DataFrame()
+        notes.append(f"no published numbers: {published_file} not found")
+    histories = runs_io.load_histories(runs) if not runs.empty else pd.DataFrame()
+    parameters = {"references": list(references), "metrics": list(metrics),
+                  "equivalence_pairs": [list(p) for p in equivalence_pairs], "tost_margin": tost_margin,
+                  "n_bootstrap": n_bootstrap, "seed": seed, "confidence": confidence}
+    return Report(
+        parameters=parameters, runs=runs, status=status_table(runs), summary=summary,
+        comparisons=compare(runs, references, metrics, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed,
+                            ranks=ranks, progress=progress),
+        equivalence=equivalence(runs, equivalence_pairs, metrics, margin=tost_margin, ranks=ranks),
+        published=published, histories=histories, notes=notes)
+
+
+def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def write_report(report: Report, output_dir, *, runs_root=None, params_file=None, profile=None) -> dict:
+    """CSV tables + report.json (parameters, provenance, counts, what is missing) into output_dir.
+
+    Returns {name: path}. Each file is written to a temporary name and renamed.
+    """
+    output_dir = resolve(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in ("status", "summary", "comparisons", "equivalence", "published"):
+        path = output_dir / f"{name}.csv"
+        _atomic_csv(getattr(report, name), path)
+        paths[name] = path
+    runs_cols = [c for c in report.runs.columns if c not in ("run_dir",)]
+    _atomic_csv(report.runs[runs_cols] if not report.runs.empty else report.runs, output_dir / "runs.csv")
+    paths["runs"] = output_dir / "runs.csv"
+    counts = report.runs["status"].value_counts().to_dict() if not report.runs.empty else {}
+    not_ok = problem_runs(report.runs)
+    summary = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": runs_io.git_commit(),
+        "runs_root": str(resolve(runs_root)) if runs_root is not None else None,
+        "params_file": str(resolve(params_file)) if params_file is not None else None,
+        "profile": profile,
+        "parameters": report.parameters,
+        "runs": {"expected": int(len(report.runs)), **{k: int(v) for k, v in counts.items()}},
+        "not_ok": not_ok.drop(columns=["run_dir"], errors="ignore").to_dict(orient="records"),
+        "equivalence": report.equivalence.to_dict(orient="records"),
+        "notes": report.notes,
+        "files": {k: p.name for k, p in paths.items()},
+    }
+    paths["report"] = runs_io.atomic_write_json(output_dir / "report.json", _jsonable(summary))
+    return paths
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+        return None
+    if x is pd.NA or x is None:
+        return None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+# ============================================================================= display helpers
+
+def style_comparisons(table: pd.DataFrame, alpha: float = 0.05):
+    """Styled comparison table: differences in %, p-values, Holm-significant cells highlighted."""
+    cols = ["dataset", "metric", "reference", "variant", "n_paired_seeds", "pct", "pct_ci_low", "pct_ci_high",
+            "p_ttest", "p_ttest_holm", "n_users", "user_pct", "user_pct_ci_low", "user_pct_ci_high", "p_perm",
+            "p_perm_holm", "reason"]
+    shown = table[[c for c in cols if c in table.columns]]
+
+    def significant(v):
+        return "background-color: #c7e9c0" if isinstance(v, float) and v <= alpha else ""
+
+    return (shown.style.format({c: "{:+.2f}" for c in ("pct", "pct_ci_low", "pct_ci_high", "user_pct",
+                                                      "user_pct_ci_low", "user_pct_ci_high")}, na_rep="NaN")
+            .format({c: "{:.4f}" for c in ("p_ttest", "p_ttest_holm", "p_perm", "p_perm_holm")}, na_rep="NaN")
+            .map(significant, subset=[c for c in ("p_ttest_holm", "p_perm_holm") if c in shown.columns])
+            .hide(axis="index"))
+
+
+def style_status(table: pd.DataFrame):
+    def flag(v):
+        return "background-color: #fcbba1" if isinstance(v, (int, np.integer)) and v > 0 else ""
+    return table.style.map(flag, subset=["failed", "stale", "missing"]).hide(axis="index")
+
+
+# ============================================================================= figures (seaborn)
+
+def _theme():
+    import seaborn as sns
+    sns.set_theme(style="whitegrid", context="notebook")
+
+
+def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level: bool = False,
+                margin_pct: float | None = 5.0):
+    """Forest plot: each variant's difference vs `reference` in % of the reference mean, with its 95% CI.
+
+    Rows of panels = datasets, columns = metrics; the shaded band is the +-margin_pct equivalence
+    region. Seed-level t-CIs by default, per-user bootstrap CIs with user_level=True. Returns the
+    seaborn FacetGrid, or None when there is nothing to plot.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    prefix = "user_pct" if user_level else "pct"
+    data = comparisons[(comparisons["reference"] == reference)]
+    if data.empty or data[prefix].notna().sum() == 0:
+        return None
+    _theme()
+    data = data.assign(lo=data[prefix] - data[f"{prefix}_ci_low"], hi=data[f"{prefix}_ci_high"] - data[prefix])
+    order = list(pd.unique(data["variant"]))
+    grid = sns.FacetGrid(data, row="dataset", col="metric", sharex=False, height=0.35 * len(order) + 1.2,
+                         aspect=1.3, margin_titles=True)
+
+    def draw(data, color, **_):
+        ax = plt.gca()
+        y = [order.index(v) for v in data["variant"]]
+        ax.errorbar(data[prefix], y, xerr=[data["lo"].fillna(0), data["hi"].fillna(0)], fmt="o", color=color,
+                    capsize=3)
+        ax.axvline(0, color="black", lw=1)
+        if margin_pct:
+            ax.axvspan(-margin_pct, margin_pct, color="grey", alpha=0.15, lw=0)
+        ax.set_yticks(range(len(order)), order)
+        ax.set_ylim(len(order) - 0.5, -0.5)
+
+    grid.map_dataframe(draw)
+    grid.set_axis_labels(f"difference vs {reference} (% of {reference} mean)", "")
+    level = "per-user bootstrap" if user_level else "seed-level t"
+    grid.figure.suptitle(f"Difference vs {reference}, 95% {level} CI", y=1.02)
+    return grid
+
+
+def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall@10", "ndcg@10"), *,
+                     split: str = "test"):
+    """Bars = mean over ok seeds with the 95% t-CI; dots = the individual seeds; missing variants show
+    an empty slot labelled 'missing'."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = summary[summary["metric"].isin(metrics)]
+    if data.empty:
+        return None
+    _theme()
+    order = list(pd.unique(data["variant"]))
+    seeds = runs[runs["status"] == "ok"].melt(id_vars=["dataset", "variant", "seed"],
+                                              value_vars=[f"{split}_{m}" for m in metrics],
+                                              var_name="metric", value_name="value")
+    seeds["metric"] = seeds["metric"].str.removeprefix(f"{split}_")
+    grid = sns.FacetGrid(data, row="dataset", col="metric", sharey=False, height=3.2,
+                         aspect=max(1.2, 0.32 * len(order)), margin_titles=True)
+
+    def draw(data, color, **_):
+        ax = plt.gca()
+        x = np.array([order.index(v) for v in data["variant"]])
+        ax.bar(x, data["mean"].fillna(0), color=color, alpha=0.6)
+        err = np.array([data["mean"] - data["ci_low"], data["ci_high"] - data["mean"]])
+        ax.errorbar(x, data["mean"], yerr=np.nan_to_num(err), fmt="none", ecolor="black", capsize=3)
+        pts = seeds[(seeds["dataset"] == data["dataset"].iloc[0]) & (seeds["metric"] == data["metric"].iloc[0])]
+        ax.scatter([order.index(v) for v in pts["variant"]], pts["value"], s=10, color="black", zorder=3)
+        for xi, r in zip(x, data.itertuples()):
+            if r.n_ok < r.n_expected:
+                ax.annotate(f"{r.n_ok}/{r.n_expected}", (xi, 0), textcoords="offset points", xytext=(0, 3),
+                            ha="center", fontsize=8, color="red")
+        ax.set_xticks(range(len(order)), order, rotation=60, ha="right")
+
+    grid.map_dataframe(draw)
+    grid.set_axis_labels("", f"{split} value")
+    grid.figure.suptitle("Mean over seeds with 95% t-CI (dots: seeds; red n/N: seeds present/expected)", y=1.02)
+    return grid
+
+
+def plot_learning_curves(histories: pd.DataFrame, quantities=("train_loss", "valid_recall@10")):
+    """Per-epoch curves averaged over seeds (band: +-1 sd), one column per dataset."""
+    import seaborn as sns
+
+    if histories.empty:
+        return None
+    present = [q for q in quantities if q in histories.columns]
+    if not present:
+        return None
+    _theme()
+    long = histories.melt(id_vars=["dataset", "variant", "seed", "epoch"], value_vars=present,
+                          var_name="quantity", value_name="value").dropna(subset=["value"])
+    if long.empty:
+        return None
+    grid = sns.relplot(data=long, x="epoch", y="value", hue="variant", row="quantity", col="dataset",
+                       kind="line", errorbar="sd", facet_kws={"sharey": False, "margin_titles": True},
+                       height=3, aspect=1.4)
+    grid.figure.suptitle("Learning curves (mean over seeds, band = sd)", y=1.02)
+    return grid
+
+
+# ============================================================================= latency (layer_speed.json)
+
+LAYER_SPEED_FILE = REPO_ROOT / "outputs" / "bench" / "layer_speed.json"
+_ROW_FIELDS = ("level", "impl", "L", "B", "pass", "median_ms")
+
+
+def load_layer_speed(path=LAYER_SPEED_FILE) -> tuple[dict, pd.DataFrame]:
+    """(meta, rows) of the benchmark JSON; FileNotFoundError when absent, ValueError naming bad rows."""
+    path = resolve(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the benchmark first (`make bench` on a GPU machine)")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or "rows" not in doc:
+        raise ValueError(f"{path}: expected an object with 'meta' and 'rows'")
+    for i, row in enumerate(doc["rows"]):
+        missing = [k for k in _ROW_FIELDS if k not in row]
+        if missing:
+            raise ValueError(f"{path}: rows[{i}] lacks fields {missing}")
+    rows = pd.DataFrame(doc["rows"])
+    for col in ("peak_mem_mib", "error"):
+        if col not in rows.columns:
+            rows[col] = None
+    if not rows.empty:
+        rows["median_ms"] = pd.to_numeric(rows["median_ms"], errors="coerce")
+    return doc.get("meta", {}), rows
+
+
+def speedups_vs_sdpa(rows: pd.DataFrame) -> pd.DataFrame:
+    """Layer level: each implementation's time next to the fastest working SDPA implementation
+    ("sa-*") at the same (pass, L, B); speedup = best SDPA ms / impl ms (> 1: faster than SDPA)."""
+    ok = rows[(rows["level"] == "layer") & rows["error"].isna() & rows["median_ms"].notna()]
+    sdpa = ok[ok["impl"].str.startswith("sa-")]
+    if sdpa.empty:
+        return pd.DataFrame(columns=["pass", "L", "B", "impl", "median_ms", "best_sdpa", "best_sdpa_ms", "speedup"])
+    best = (sdpa.sort_values("median_ms").groupby(["pass", "L", "B"], as_index=False).first()
+            .rename(columns={"impl": "best_sdpa", "median_ms": "best_sdpa_ms"})[["pass", "L", "B", "best_sdpa", "best_sdpa_ms"]])
+    out = ok.merge(best, on=["pass", "L", "B"], how="left")
+    out["speedup"] = out["best_sdpa_ms"] / out["median_ms"]
+    return out[["pass", "L", "B", "impl", "median_ms", "best_sdpa", "best_sdpa_ms", "speedup"]].sort_values(
+        ["pass", "B", "impl", "L"]).reset_index(drop=True)
+
+
+def plot_latency(rows: pd.DataFrame):
+    """log-log median time vs sequence length L, one line per implementation; panels: level x pass."""
+    import seaborn as sns
+
+    ok = rows[rows["error"].isna() & rows["median_ms"].notna()]
+    if ok.empty:
+        return None
+    _theme()
+    grid = sns.relplot(data=ok, x="L", y="median_ms", hue="impl", style="impl", markers=True, dashes=False,
+                       row="level", col="pass", kind="line", errorbar=None,
+                       facet_kws={"sharey": False, "margin_titles": True}, height=3.2, aspect=1.3)
+    grid.set(xscale="log", yscale="log")
+    grid.set_axis_labels("sequence length L", "median time (ms)")
+    return grid
+
+
+def plot_speedup(speedups: pd.DataFrame):
+    """Speedup over the best SDPA per L (log x); the line at 1 is parity."""
+    import seaborn as sns
+
+    data = speedups[~speedups["impl"].str.startswith("sa-")] if not speedups.empty else speedups
+    if data.empty:
+        return None
+    _theme()
+    grid = sns.relplot(data=data, x="L", y="speedup", hue="impl", style="impl", markers=True, dashes=False,
+                       col="pass", kind="line", errorbar=None, height=3.2, aspect=1.3)
+    grid.set(xscale="log")
+    for ax in grid.axes.flat:
+        ax.axhline(1.0, color="black", lw=1)
+    grid.set_axis_labels("sequence length L", "speedup vs best SDPA (x)")
+    return grid

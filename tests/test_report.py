@@ -1,0 +1,315 @@
+"""gbla.report on run folders written in the run-directory contract (COMMON.md item 10)."""
+import json
+import math
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+matplotlib.use("Agg")
+
+from gbla import report, stats  # noqa: E402
+from gbla.config import RunConfig  # noqa: E402
+
+METRICS = stats.METRICS
+
+
+# --------------------------------------------------------------------------- fixture writer
+
+def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3):
+    """A finished run exactly as the contract lays it out; test metrics are the per-user means."""
+    run_dir = root / dataset / variant / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n = len(rank)
+    users = np.arange(n, dtype=np.int64)
+    targets = np.arange(100, 100 + n, dtype=np.int64) if targets is None else targets
+    pd.DataFrame({"user": users, "target": targets, "rank": np.asarray(rank, dtype=np.int8)}).to_parquet(
+        run_dir / "per_user_test.parquet", index=False)
+    test = {m: float(stats.per_user_metric(rank, m).mean()) for m in METRICS}
+    config = RunConfig(dataset, variant, seed)
+    history = [{"epoch": e, "train_loss": 3.0 / e, "epoch_time_s": 1.0,
+                "valid_recall@5": 0.05 * e, "valid_recall@10": 0.08 * e, "valid_ndcg@5": 0.03 * e,
+                "valid_ndcg@10": 0.04 * e} for e in range(1, epochs + 1)]
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "status": "ok", "dataset": dataset, "variant": variant, "seed": seed, "config": config.to_dict(),
+        "config_hash": config.config_hash(), "data_fingerprint": "fixture", "commit": "fixture",
+        "device": "cpu", "created_at": "2025-01-01T00:00:00+00:00", "wall_time_s": 1.0,
+        "epochs_trained": epochs, "best_epoch": epochs,
+        "valid": {m: v * 0.9 for m, v in test.items()}, "test": test, "timings": {}, "history": history}))
+    return run_dir
+
+
+def write_failed(root, dataset, variant, seed):
+    run_dir = root / dataset / variant / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.json").write_text(json.dumps({
+        "status": "failed", "config_hash": RunConfig(dataset, variant, seed).config_hash(),
+        "error": "RuntimeError: CUDA out of memory", "traceback": "..."}))
+
+
+def fixture_ranks(rng, n_users, hit_rate):
+    hit = rng.random(n_users) < hit_rate
+    return np.where(hit, rng.integers(1, 11, n_users), 0)
+
+
+def write_fixture_grid(root, n_users=300, seed=0):
+    """beauty: sa 0,1,2 ok | hybrid 0,2 ok, 1 failed | all-gbla 0,1 ok, 2 missing | ratio-1to1 0 ok only."""
+    rng = np.random.default_rng(seed)
+    plan = {"sa": ([0, 1, 2], 0.30), "hybrid": ([0, 2], 0.31), "all-gbla": ([0, 1], 0.12),
+            "ratio-1to1": ([0], 0.28)}
+    for variant, (seeds, rate) in plan.items():
+        for s in seeds:
+            write_run(root, "beauty", variant, s, fixture_ranks(rng, n_users, rate))
+    write_failed(root, "beauty", "hybrid", 1)
+    return root
+
+
+@pytest.fixture
+def grid(tmp_path):
+    root = write_fixture_grid(tmp_path / "runs")
+    return root, report.load_runs(root)
+
+
+def metric_of(runs, variant, seed, metric="recall@10"):
+    row = runs[(runs["variant"] == variant) & (runs["seed"] == seed)]
+    return float(row[f"test_{metric}"].iloc[0])
+
+
+# --------------------------------------------------------------------------- runs table
+
+def test_load_runs_shows_failed_and_missing_runs(grid):
+    _, runs = grid
+    assert len(runs) == 4 * 3  # every variant x every seed found, nothing dropped
+    status = {(r.variant, r.seed): r.status for r in runs.itertuples()}
+    assert status[("hybrid", 1)] == "failed"
+    assert status[("all-gbla", 2)] == "missing"
+    assert status[("ratio-1to1", 1)] == status[("ratio-1to1", 2)] == "missing"
+    assert sum(s == "ok" for s in status.values()) == 8
+    table = report.status_table(runs).set_index("variant")
+    assert table.loc["hybrid", ["ok", "failed", "missing"]].tolist() == [2, 1, 0]
+    assert table.loc["all-gbla", "seeds_not_ok"] == "2 (missing)"
+    problems = report.problem_runs(runs)
+    assert len(problems) == 4
+    assert "out of memory" in problems.loc[problems["variant"] == "hybrid", "error"].iloc[0]
+
+
+def test_load_runs_with_an_expected_grid_lists_variants_that_never_ran(grid):
+    root, _ = grid
+    expected = [RunConfig("beauty", v, s) for v in ("sa", "hybrid", "hybrid-no-gate") for s in (0, 1, 2)]
+    runs = report.load_runs(root, expected=expected)
+    never = runs[runs["variant"] == "hybrid-no-gate"]
+    assert len(never) == 3 and (never["status"] == "missing").all()
+    summary = report.summarize(runs)
+    row = summary[(summary["variant"] == "hybrid-no-gate") & (summary["metric"] == "recall@10")].iloc[0]
+    assert row["n_ok"] == 0 and row["n_expected"] == 3 and math.isnan(row["mean"])
+    assert "missing (0/3)" in report.summary_wide(summary).loc[("beauty", "hybrid-no-gate"), "recall@10"]
+
+
+def test_load_runs_names_a_missing_params_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        report.load_runs(tmp_path, params_file=tmp_path / "nope.yaml")
+
+
+# --------------------------------------------------------------------------- summary
+
+def test_summary_mean_and_ci_over_the_seeds_present(grid):
+    _, runs = grid
+    summary = report.summarize(runs).set_index(["variant", "metric"])
+    row = summary.loc[("all-gbla", "ndcg@10")]
+    values = [metric_of(runs, "all-gbla", s, "ndcg@10") for s in (0, 1)]
+    assert (row["n_ok"], row["n_expected"]) == (2, 3)
+    assert row["mean"] == pytest.approx(np.mean(values))
+    expected_ci = stats.mean_ci(values)
+    assert row["ci_low"] == pytest.approx(expected_ci["ci_low"])
+    assert row["seeds_not_ok"] == "2 (missing)"
+    one = summary.loc[("ratio-1to1", "recall@10")]
+    assert one["n_ok"] == 1 and math.isnan(one["ci_low"])
+    wide = report.summary_wide(report.summarize(runs))
+    assert wide.loc[("beauty", "all-gbla"), "recall@10"].endswith("(2/3)")
+
+
+# --------------------------------------------------------------------------- comparisons
+
+def test_compare_seed_level_user_level_and_holm(grid):
+    root, runs = grid
+    table = report.compare(runs, references=("sa",), n_bootstrap=2000)
+    row = table[(table["variant"] == "hybrid") & (table["metric"] == "recall@10")].iloc[0]
+    assert row["paired_seeds"] == "0,2" and row["n_paired_seeds"] == 2
+    hy = [metric_of(runs, "hybrid", s) for s in (0, 2)]
+    sa = [metric_of(runs, "sa", s) for s in (0, 2)]
+    assert row["p_ttest"] == pytest.approx(sps.ttest_rel(hy, sa).pvalue)
+    assert row["diff"] == pytest.approx(np.mean(hy) - np.mean(sa))
+    assert row["pct"] == pytest.approx(100 * row["diff"] / np.mean(sa))
+    # per-user: every user is in every seed, so the pooled user mean equals the seed mean
+    assert row["n_users"] == 300
+    assert row["user_diff"] == pytest.approx(row["diff"])
+    assert row["user_ci_low"] < row["user_diff"] < row["user_ci_high"]
+    # the per-user differences, rebuilt by hand from the parquet files
+    per_seed = []
+    for s in (0, 2):
+        rv = pd.read_parquet(root / "beauty" / "hybrid" / f"seed{s}" / "per_user_test.parquet")["rank"].to_numpy()
+        rr = pd.read_parquet(root / "beauty" / "sa" / f"seed{s}" / "per_user_test.parquet")["rank"].to_numpy()
+        per_seed.append(stats.per_user_metric(rv, "recall@10") - stats.per_user_metric(rr, "recall@10"))
+    d_user = np.mean(per_seed, axis=0)
+    assert row["p_perm"] == pytest.approx(stats.sign_flip_test(d_user, n_resamples=2000, seed=0)["p"])
+    # all-gbla hits much less often: the user-level test sees it
+    worse = table[(table["variant"] == "all-gbla") & (table["metric"] == "recall@10")].iloc[0]
+    assert worse["user_diff"] < 0 and worse["p_perm"] < 0.01 and worse["user_pct_ci_high"] < 0
+    # Holm within each (dataset, metric, reference) family
+    for _, family in table.groupby(["dataset", "metric", "reference"]):
+        np.testing.assert_allclose(family["p_perm_holm"], stats.holm(family["p_perm"].to_numpy(float)))
+        np.testing.assert_allclose(family["p_ttest_holm"], stats.holm(family["p_ttest"].to_numpy(float)))
+
+
+def test_compare_reports_too_few_seeds_with_a_reason(grid):
+    _, runs = grid
+    table = report.compare(runs, references=("sa", "hybrid"), n_bootstrap=200)
+    one = table[(table["variant"] == "ratio-1to1") & (table["reference"] == "sa")].iloc[0]
+    assert one["n_paired_seeds"] == 1 and math.isnan(one["p_ttest"]) and "at least 2" in one["reason"]
+    assert not math.isnan(one["p_perm"])  # one seed still pairs 300 users
+    vs_hybrid = table[(table["variant"] == "ratio-1to1") & (table["reference"] == "hybrid")].iloc[0]
+    assert vs_hybrid["n_paired_seeds"] == 1  # ratio-1to1 has seed 0, hybrid has 0 and 2
+    gbla_vs_hybrid = table[(table["variant"] == "all-gbla") & (table["reference"] == "hybrid")].iloc[0]
+    assert gbla_vs_hybrid["paired_seeds"] == "0"
+
+
+def test_compare_without_paired_seeds_is_nan_not_dropped(tmp_path):
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    write_run(root, "beauty", "sa", 0, fixture_ranks(rng, 50, 0.3))
+    write_run(root, "beauty", "hybrid", 1, fixture_ranks(rng, 50, 0.3))
+    runs = report.load_runs(root)
+    table = report.compare(runs, references=("sa",), n_bootstrap=100)
+    assert len(table) == len(METRICS)
+    assert table["n_paired_seeds"].eq(0).all() and table["p_ttest"].isna().all() and table["p_perm"].isna().all()
+    assert table["reason"].str.contains("no paired seeds").all()
+
+
+def test_compare_refuses_runs_with_different_test_targets(tmp_path):
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    for s in (0, 1):
+        write_run(root, "beauty", "sa", s, fixture_ranks(rng, 40, 0.3))
+        write_run(root, "beauty", "hybrid", s, fixture_ranks(rng, 40, 0.3),
+                  targets=np.arange(40) + (7 if s == 1 else 100))
+    with pytest.raises(ValueError, match="different test targets"):
+        report.compare(report.load_runs(root), references=("sa",), n_bootstrap=100)
+
+
+# --------------------------------------------------------------------------- equivalence
+
+def test_equivalence_tost_of_hybrid_vs_sa(grid):
+    _, runs = grid
+    table = report.equivalence(runs, margin=0.05)
+    assert set(table["level"]) == {"seeds", "users"}
+    seeds_row = table[(table["level"] == "seeds") & (table["metric"] == "recall@10")].iloc[0]
+    hy = np.array([metric_of(runs, "hybrid", s) for s in (0, 2)])
+    sa = np.array([metric_of(runs, "sa", s) for s in (0, 2)])
+    assert seeds_row["margin"] == pytest.approx(0.05 * sa.mean())
+    expected = stats.tost(hy - sa, 0.05 * sa.mean())
+    assert seeds_row["n"] == 2 and seeds_row["p_tost"] == pytest.approx(expected["p"])
+    users_row = table[(table["level"] == "users") & (table["metric"] == "recall@10")].iloc[0]
+    assert users_row["n"] == 300 and 0 <= users_row["p_tost"] <= 1
+    # a generous margin makes the per-user test conclude equivalence, a tiny one does not
+    wide = report.equivalence(runs, margin=2.0, metrics=("recall@10",))
+    assert bool(wide[wide["level"] == "users"]["equivalent"].iloc[0]) is True
+    tight = report.equivalence(runs, margin=1e-4, metrics=("recall@10",))
+    assert bool(tight[tight["level"] == "users"]["equivalent"].iloc[0]) is False
+
+
+# --------------------------------------------------------------------------- published, whole report
+
+def test_published_numbers_side_by_side(grid):
+    _, runs = grid
+    table = report.published_comparison(report.summarize(runs), report.load_published())
+    tiger = table[(table["source"] == "tiger") & (table["dataset"] == "beauty") & (table["metric"] == "recall@10")].iloc[0]
+    assert tiger["published"] == 0.0648
+    assert tiger["ours_mean"] == pytest.approx(np.mean([metric_of(runs, "sa", s) for s in (0, 1, 2)]))
+    assert tiger["ours_over_published"] == pytest.approx(tiger["ours_mean"] / 0.0648)
+    gbla = table[table["source"] == "gbla_paper"]
+    assert len(gbla) == 12 and gbla["published"].isna().all()   # unknown, shown as unknown
+    sports = table[(table["source"] == "tiger") & (table["dataset"] == "sports")]
+    assert sports["ours_mean"].isna().all()                      # we have no sports runs here
+
+
+def test_load_published_names_bad_fields(tmp_path):
+    bad = tmp_path / "published.yaml"
+    bad.write_text("sources:\n  x:\n    citation: c\n    compare_with: sa\n    metrics:\n      beauty: {recall@10: high}\n")
+    with pytest.raises(ValueError, match=r"sources.x.metrics.beauty.recall@10"):
+        report.load_published(bad)
+
+
+def test_build_and_write_report(grid, tmp_path):
+    root, runs = grid
+    rep = report.build_report(runs, n_bootstrap=200, progress=False)
+    paths = report.write_report(rep, tmp_path / "reports", runs_root=root)
+    for name in ("status", "summary", "comparisons", "equivalence", "published", "runs"):
+        assert paths[name].is_file()
+    assert len(pd.read_csv(paths["comparisons"])) == len(rep.comparisons) == 2 * 3 * len(METRICS) + 0 * 1
+    meta = json.loads(paths["report"].read_text())
+    assert meta["runs"] == {"expected": 12, "ok": 8, "missing": 3, "failed": 1}
+    assert {(r["variant"], r["seed"], r["status"]) for r in meta["not_ok"]} >= {("hybrid", 1, "failed"),
+                                                                                ("all-gbla", 2, "missing")}
+    assert meta["parameters"]["n_bootstrap"] == 200
+    assert not rep.histories.empty and set(rep.histories["variant"]) == {"sa", "hybrid", "all-gbla", "ratio-1to1"}
+
+
+def test_empty_runs_folder_gives_empty_tables(tmp_path):
+    runs = report.load_runs(tmp_path / "nothing-here")
+    rep = report.build_report(runs, n_bootstrap=100, progress=False)
+    assert rep.summary.empty and rep.comparisons.empty and rep.equivalence.empty
+    assert rep.published["ours_mean"].isna().all()
+    paths = report.write_report(rep, tmp_path / "reports")
+    assert json.loads(paths["report"].read_text())["runs"] == {"expected": 0}
+    assert report.plot_forest(rep.comparisons) is None and report.plot_learning_curves(rep.histories) is None
+    assert report.plot_metric_bars(rep.runs, rep.summary) is None
+
+
+def test_figures_draw_on_the_fixture(grid):
+    _, runs = grid
+    rep = report.build_report(runs, n_bootstrap=200, progress=False)
+    forest = report.plot_forest(rep.comparisons, "sa")
+    assert forest is not None and len(forest.axes.flat) == len(METRICS)
+    assert report.plot_forest(rep.comparisons, "sa", user_level=True) is not None
+    assert report.plot_metric_bars(rep.runs, rep.summary) is not None
+    assert report.plot_learning_curves(rep.histories) is not None
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+# --------------------------------------------------------------------------- latency
+
+def bench_rows():
+    rows = []
+    for L in (64, 256, 1024):
+        for impl, ms in (("sa-flash", 0.001 * L), ("sa-efficient", 0.0012 * L), ("gbla-triton", 0.05 + 0.0002 * L)):
+            rows.append({"level": "layer", "impl": impl, "L": L, "B": 8, "pass": "fwd", "median_ms": ms,
+                         "peak_mem_mib": 10.0, "error": None})
+    rows.append({"level": "layer", "impl": "sa-cudnn", "L": 1024, "B": 8, "pass": "fwd", "median_ms": None,
+                 "peak_mem_mib": None, "error": "not supported"})
+    return rows
+
+
+def test_speedups_vs_best_sdpa(tmp_path):
+    path = tmp_path / "layer_speed.json"
+    path.write_text(json.dumps({"meta": {"device": "fixture"}, "rows": bench_rows()}))
+    meta, rows = report.load_layer_speed(path)
+    assert meta["device"] == "fixture" and len(rows) == 10
+    sp = report.speedups_vs_sdpa(rows)
+    g = sp[(sp["impl"] == "gbla-triton") & (sp["L"] == 1024)].iloc[0]
+    assert g["best_sdpa"] == "sa-flash" and g["speedup"] == pytest.approx(1.024 / (0.05 + 0.2048))
+    assert "sa-cudnn" not in set(sp["impl"])   # errored rows are not timings
+    assert report.plot_latency(rows) is not None and report.plot_speedup(sp) is not None
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+def test_load_layer_speed_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="layer_speed.json"):
+        report.load_layer_speed(tmp_path / "layer_speed.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"meta": {}, "rows": [{"level": "layer", "impl": "x"}]}))
+    with pytest.raises(ValueError, match=r"bad.json: rows\[0\] lacks fields"):
+        report.load_layer_speed(bad)
