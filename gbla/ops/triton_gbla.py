@@ -299,21 +299,32 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+# Benchmarks may set keys here to sweep launch parameters (block_l, num_warps, num_stages,
+# programs_per_sm); results never depend on them beyond rounding order.
+CONFIG_OVERRIDE: dict = {}
+
+
 def launch_config(B: int, L: int, H: int, E: int, device: torch.device) -> dict:
-    """Tile and chunk sizes. Chunks: about 4 programs per SM over all (row, head, chunk) triples,
-    so B=1, L=65536 is spread across the GPU; each program still loops over several tiles so the
-    E x E state is loaded/stored once per chunk, not once per tile."""
+    """Tile and chunk sizes. Chunks: about `programs_per_sm` programs per SM over all (row, head,
+    chunk) triples, so B=1, L=65536 is spread across the GPU; each program loops over several tiles,
+    so the E x E state is loaded/stored once per chunk, not once per tile."""
     if _interpreting() or device.type != "cuda":
-        block_l, num_warps = 16, 4
+        block_l, num_warps, num_stages = 16, 4, 1
     else:
         block_l = {16: 128, 32: 128, 64: 64, 128: 32}[E]
         num_warps = 4 if E <= 64 else 8
+        num_stages = 3
+    block_l = CONFIG_OVERRIDE.get("block_l", block_l)
+    num_warps = CONFIG_OVERRIDE.get("num_warps", num_warps)
+    num_stages = CONFIG_OVERRIDE.get("num_stages", num_stages)
+    programs_per_sm = CONFIG_OVERRIDE.get("programs_per_sm", 4)
     n_tiles = triton.cdiv(L, block_l)
-    target_programs = 4 * _num_sms(device)
+    target_programs = programs_per_sm * _num_sms(device)
     chunks_wanted = max(1, target_programs // (B * H))
     tiles_per_chunk = max(1, triton.cdiv(n_tiles, chunks_wanted))
     n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
-    return dict(BLOCK_L=block_l, TILES=tiles_per_chunk, n_chunks=n_chunks, num_warps=num_warps)
+    return dict(BLOCK_L=block_l, TILES=tiles_per_chunk, n_chunks=n_chunks, num_warps=num_warps,
+                num_stages=num_stages)
 
 
 def _strides4(t):
@@ -351,14 +362,14 @@ class _GBLAAttention(torch.autograd.Function):
         _state_kernel[grid](
             k, v, lw, m, s_part, ks_part, *_strides4(k), *_strides4(v), *lw_strides, *m_strides,
             L, H, cfg["TILES"], E=E, BLOCK_L=cfg["BLOCK_L"], HAS_LW=has_lw, HAS_MASK=has_mask,
-            NEED_KSUM=norm_code == 0, DOT_PREC=dot_prec, num_warps=cfg["num_warps"])
+            NEED_KSUM=norm_code == 0, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         state = s_part.sum(0) if nc > 1 else s_part[0]
         ksum = (ks_part.sum(0) if nc > 1 else ks_part[0]) if norm_code == 0 else state
         out = torch.empty((B, L, H, E), device=q.device, dtype=q.dtype)
         _output_kernel[grid](
             q, zz, m, state, ksum, nw, n_real, out, *_strides4(q), *z_strides, *m_strides, *_strides4(out),
             L, H, cfg["TILES"], eps, E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"])
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         ctx.save_for_backward(q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, state,
                               ksum if norm_code == 0 else None)
         ctx.cfg, ctx.dot_prec, ctx.norm_code, ctx.eps = cfg, dot_prec, norm_code, eps
@@ -397,7 +408,7 @@ class _GBLAAttention(torch.autograd.Function):
             dq, dz, ds_part, dks_part, dnw_part,
             *_strides4(q), *z_strides, *_strides4(g), *m_strides, *_strides4(dq),
             L, H, cfg["TILES"], eps, E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"])
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dstate = ds_part.sum(0) if nc > 1 else ds_part[0]
         dksum = (dks_part.sum(0) if nc > 1 else dks_part[0]) if norm_code == 0 else dstate
         _bwd_key_kernel[grid](
@@ -405,7 +416,7 @@ class _GBLAAttention(torch.autograd.Function):
             *_strides4(k), *_strides4(v), *lw_strides, *m_strides, *_strides4(dk),
             *(dlw.stride() if has_lw else (0, 0, 0)),
             L, H, cfg["TILES"], E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_LW=has_lw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"])
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         d_nw = None
         if has_nw and ctx.needs_input_grad[6]:
             d_nw = dnw_part.sum((0, 1)).to(norm_weight.dtype)

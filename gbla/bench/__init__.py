@@ -1,0 +1,1 @@
+"""GPU speed benchmarks (python -m gbla.bench.layer_speed)."""
