@@ -551,9 +551,12 @@ def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level:
 
     def draw(data, color, **_):
         ax = plt.gca()
-        y = [order.index(v) for v in data["variant"]]
-        ax.errorbar(data[prefix], y, xerr=[data["lo"].fillna(0), data["hi"].fillna(0)], fmt="o", color=color,
-                    capsize=3)
+        y = np.array([order.index(v) for v in data["variant"]])
+        has_ci = data["lo"].notna().to_numpy()
+        ax.errorbar(data[prefix][has_ci], y[has_ci], xerr=[data["lo"][has_ci], data["hi"][has_ci]], fmt="o",
+                    color=color, capsize=3)
+        # a point estimate without a CI (e.g. one paired seed) is drawn hollow, so it is not over-read
+        ax.plot(data[prefix][~has_ci], y[~has_ci], "o", mfc="white", color=color)
         ax.axvline(0, color="black", lw=1)
         if margin_pct:
             ax.axvspan(-margin_pct, margin_pct, color="grey", alpha=0.15, lw=0)
@@ -561,9 +564,11 @@ def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level:
         ax.set_ylim(len(order) - 0.5, -0.5)
 
     grid.map_dataframe(draw)
-    grid.set_axis_labels(f"difference vs {reference} (% of {reference} mean)", "")
+    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
+    grid.set_axis_labels(f"% of {reference} mean", "")
     level = "per-user bootstrap" if user_level else "seed-level t"
-    grid.figure.suptitle(f"Difference vs {reference}, 95% {level} CI", y=1.02)
+    band = f"; band: ±{margin_pct:g}%" if margin_pct else ""
+    grid.figure.suptitle(f"Difference vs {reference} with 95% {level} CI (hollow: no CI{band})", y=1.03)
     return grid
 
 
@@ -594,15 +599,15 @@ def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall
         ax.errorbar(x, data["mean"], yerr=np.nan_to_num(err), fmt="none", ecolor="black", capsize=3)
         pts = seeds[(seeds["dataset"] == data["dataset"].iloc[0]) & (seeds["metric"] == data["metric"].iloc[0])]
         ax.scatter([order.index(v) for v in pts["variant"]], pts["value"], s=10, color="black", zorder=3)
-        for xi, r in zip(x, data.itertuples()):
-            if r.n_ok < r.n_expected:
-                ax.annotate(f"{r.n_ok}/{r.n_expected}", (xi, 0), textcoords="offset points", xytext=(0, 3),
-                            ha="center", fontsize=8, color="red")
-        ax.set_xticks(range(len(order)), order, rotation=60, ha="right")
+        counts = {r.variant: (r.n_ok, r.n_expected) for r in data.itertuples()}
+        labels = [v if counts.get(v, (0, 0))[0] == counts.get(v, (0, 0))[1] else f"{v} ({counts[v][0]}/{counts[v][1]})"
+                  for v in order]
+        ax.set_xticks(range(len(order)), labels, rotation=60, ha="right")
 
     grid.map_dataframe(draw)
+    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
     grid.set_axis_labels("", f"{split} value")
-    grid.figure.suptitle("Mean over seeds with 95% t-CI (dots: seeds; red n/N: seeds present/expected)", y=1.02)
+    grid.figure.suptitle("Mean over seeds with 95% t-CI; dots: seeds; (n/N): seeds present/expected", y=1.03)
     return grid
 
 
@@ -623,6 +628,7 @@ def plot_learning_curves(histories: pd.DataFrame, quantities=("train_loss", "val
     grid = sns.relplot(data=long, x="epoch", y="value", hue="variant", row="quantity", col="dataset",
                        kind="line", errorbar="sd", facet_kws={"sharey": False, "margin_titles": True},
                        height=3, aspect=1.4)
+    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
     grid.figure.suptitle("Learning curves (mean over seeds, band = sd)", y=1.02)
     return grid
 

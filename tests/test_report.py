@@ -18,7 +18,7 @@ METRICS = stats.METRICS
 
 # --------------------------------------------------------------------------- fixture writer
 
-def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3):
+def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3, config=None):
     """A finished run exactly as the contract lays it out; test metrics are the per-user means."""
     run_dir = root / dataset / variant / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -28,7 +28,7 @@ def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3):
     pd.DataFrame({"user": users, "target": targets, "rank": np.asarray(rank, dtype=np.int8)}).to_parquet(
         run_dir / "per_user_test.parquet", index=False)
     test = {m: float(stats.per_user_metric(rank, m).mean()) for m in METRICS}
-    config = RunConfig(dataset, variant, seed)
+    config = config or RunConfig(dataset, variant, seed)
     history = [{"epoch": e, "train_loss": 3.0 / e, "epoch_time_s": 1.0,
                 "valid_recall@5": 0.05 * e, "valid_recall@10": 0.08 * e, "valid_ndcg@5": 0.03 * e,
                 "valid_ndcg@10": 0.04 * e} for e in range(1, epochs + 1)]
@@ -41,11 +41,11 @@ def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3):
     return run_dir
 
 
-def write_failed(root, dataset, variant, seed):
+def write_failed(root, dataset, variant, seed, *, config=None):
     run_dir = root / dataset / variant / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "error.json").write_text(json.dumps({
-        "status": "failed", "config_hash": RunConfig(dataset, variant, seed).config_hash(),
+        "status": "failed", "config_hash": (config or RunConfig(dataset, variant, seed)).config_hash(),
         "error": "RuntimeError: CUDA out of memory", "traceback": "..."}))
 
 

@@ -1,0 +1,103 @@
+"""The report notebooks execute through papermill on fixture data and write their files."""
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import papermill as pm
+import pytest
+
+from test_report import bench_rows, fixture_ranks, write_failed, write_run
+
+REPO = Path(__file__).resolve().parents[1]
+AGGREGATE = REPO / "notebooks" / "aggregate.ipynb"
+LATENCY = REPO / "notebooks" / "latency.ipynb"
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def execute(notebook, out, cwd, **parameters):
+    pm.execute_notebook(str(notebook), str(out), parameters=parameters, kernel_name="python3", cwd=str(cwd),
+                        progress_bar=False)
+    return nbformat.read(out, as_version=4)
+
+
+def outputs_text(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", ""))
+            for value in output.get("data", {}).values():
+                parts.append(value if isinstance(value, str) else json.dumps(value))
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("path", [AGGREGATE, LATENCY])
+def test_report_notebooks_are_committed_clean_with_a_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+
+
+def test_aggregate_notebook_on_a_partial_smoke_grid(tmp_path):
+    """Expected grid from params/ablations.yaml (smoke): one variant complete, one with a failed
+    seed, the others never ran. The notebook shows them and writes its tables."""
+    from gbla.grid import load_grid
+
+    params = REPO / "params" / "ablations.yaml"
+    configs = load_grid(params, "smoke").expand()
+    variants = list(dict.fromkeys(c.variant for c in configs))
+    assert {"sa", "hybrid"} <= set(variants) and len(variants) >= 3
+    runs_root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    for cfg in configs:
+        if cfg.variant == "sa" or (cfg.variant == "hybrid" and cfg.seed == configs[0].seed):
+            write_run(runs_root, cfg.dataset, cfg.variant, cfg.seed, fixture_ranks(rng, 120, 0.3), config=cfg)
+        elif cfg.variant == "hybrid":
+            write_failed(runs_root, cfg.dataset, cfg.variant, cfg.seed, config=cfg)
+    nb = execute(AGGREGATE, tmp_path / "aggregate.ipynb", tmp_path, runs_root=str(runs_root),
+                 params_file=str(params), profile="smoke", output_dir=str(tmp_path / "reports"), n_bootstrap=200)
+    out = tmp_path / "reports" / "aggregate-smoke"
+    meta = json.loads((out / "report.json").read_text())
+    n_seeds = len({c.seed for c in configs})
+    assert meta["runs"]["expected"] == len(configs)
+    assert meta["runs"]["ok"] == n_seeds + 1 and meta["runs"]["failed"] == n_seeds - 1
+    assert meta["runs"]["missing"] == len(configs) - 2 * n_seeds
+    summary = pd.read_csv(out / "summary.csv")
+    never = summary[~summary["variant"].isin(["sa", "hybrid"])]
+    assert len(never) and (never["n_ok"] == 0).all() and never["mean"].isna().all()
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    assert comparisons["reason"].fillna("").str.contains("no paired seeds").any()
+    hybrid = comparisons[(comparisons["variant"] == "hybrid") & (comparisons["reference"] == "sa")]
+    assert (hybrid["n_paired_seeds"] == 1).all() and hybrid["p_perm"].notna().all()
+    assert (out / "equivalence.csv").is_file() and (out / "published.csv").is_file()
+    assert {p.name for p in (out / "figures").glob("*.png")} >= {"forest_vs_sa_seeds.png", "metric_bars.png"}
+    text = outputs_text(nb)
+    assert "runs not finished" in text and "failed" in text
+
+
+def test_aggregate_notebook_on_an_empty_runs_folder(tmp_path):
+    nb = execute(AGGREGATE, tmp_path / "aggregate.ipynb", tmp_path, runs_root=str(tmp_path / "no-runs"),
+                 params_file="", output_dir=str(tmp_path / "reports"), n_bootstrap=100)
+    meta = json.loads((tmp_path / "reports" / "aggregate-folder" / "report.json").read_text())
+    assert meta["runs"] == {"expected": 0}
+    assert "No runs found" in outputs_text(nb)
+
+
+def test_latency_notebook_on_a_fixture_json(tmp_path):
+    bench = tmp_path / "layer_speed.json"
+    bench.write_text(json.dumps({"meta": {"device": "fixture GPU", "commit": "abc"}, "rows": bench_rows()}))
+    nb = execute(LATENCY, tmp_path / "latency.ipynb", tmp_path, bench_file=str(bench), output_dir=str(tmp_path / "out"))
+    speedups = pd.read_csv(tmp_path / "out" / "latency_speedups.csv")
+    assert set(speedups["impl"]) == {"sa-flash", "sa-efficient", "gbla-triton"}
+    text = outputs_text(nb)
+    assert "fixture GPU" in text and "not supported" in text
+
+
+def test_latency_notebook_says_when_the_benchmark_is_missing(tmp_path):
+    nb = execute(LATENCY, tmp_path / "latency.ipynb", tmp_path, bench_file=str(tmp_path / "absent.json"),
+                 output_dir=str(tmp_path / "out"))
+    assert "No benchmark results yet" in outputs_text(nb)
+    assert not (tmp_path / "out").exists()
