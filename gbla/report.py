@@ -682,14 +682,21 @@ def plot_latency(rows: pd.DataFrame):
     """log-log median time vs sequence length L, one line per implementation; panels: level x pass."""
     import seaborn as sns
 
+    from matplotlib.ticker import NullFormatter
+
     ok = rows[rows["error"].isna() & rows["median_ms"].notna()]
     if ok.empty:
         return None
     _theme()
+    # one panel per (level, batch size): lines never average over different B
+    ok = ok.assign(panel=[f"{lv}, B={b}" for lv, b in zip(ok["level"], ok["B"])])
     grid = sns.relplot(data=ok, x="L", y="median_ms", hue="impl", style="impl", markers=True, dashes=False,
-                       row="level", col="pass", kind="line", errorbar=None,
+                       row="panel", col="pass", kind="line", errorbar=None,
                        facet_kws={"sharey": False, "margin_titles": True}, height=3.2, aspect=1.3)
     grid.set(xscale="log", yscale="log")
+    for ax in grid.axes.flat:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
     grid.set_axis_labels("sequence length L", "median time (ms)")
     return grid
 
@@ -703,8 +710,10 @@ def plot_speedup(speedups: pd.DataFrame):
         return None
     _theme()
     grid = sns.relplot(data=data, x="L", y="speedup", hue="impl", style="impl", markers=True, dashes=False,
-                       col="pass", kind="line", errorbar=None, height=3.2, aspect=1.3)
+                       row="B", col="pass", kind="line", errorbar=None, height=3.2, aspect=1.3,
+                       facet_kws={"margin_titles": True})
     grid.set(xscale="log")
+    grid.set_titles(row_template="B={row_name}", col_template="{col_name}")
     for ax in grid.axes.flat:
         ax.axhline(1.0, color="black", lw=1)
     grid.set_axis_labels("sequence length L", "speedup vs best SDPA (x)")
