@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -581,6 +582,15 @@ def plan_cluster(grid: Grid, kind: str, gpus: list[str] | None = None) -> Cluste
                                     f"{d['runs_per_cpu_worker']} runs each", slots, max(1, cpus // slots))
 
 
+def _has_bokeh() -> bool:
+    """The Dask dashboard needs bokeh; without it distributed only warns, so ask for no dashboard."""
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def start_cluster(grid: Grid, kind: str, gpus: list[str] | None = None):
     """(cluster, client) for `kind` ("local" or "slurm"); the caller closes both."""
     from distributed import Client, LocalCluster
@@ -594,12 +604,8 @@ def start_cluster(grid: Grid, kind: str, gpus: list[str] | None = None):
         cluster.scale(jobs=jobs)
         return cluster, Client(cluster)
     gpus = _visible_gpus(d["gpus"]) if gpus is None else gpus
-    try:
-        import bokeh  # noqa: F401 - the dashboard needs it; without it distributed only warns
-        dashboard = ":0"
-    except ImportError:
-        dashboard = None
-    common = dict(processes=True, dashboard_address=dashboard, silence_logs=logging.ERROR, memory_limit=0,
+    common = dict(processes=True, dashboard_address=":0" if _has_bokeh() else None,
+                  silence_logs=logging.ERROR, memory_limit=0,
                   host="127.0.0.1")
     if gpus:
         # runs are subprocesses, so the worker's threads only wait; one worker per GPU
@@ -642,15 +648,20 @@ def _failed_outcome(task: RunTask, exc: BaseException) -> dict:
 
 
 def dispatch(grid: Grid, tasks: list[RunTask], kind: str, *, total: int, done_before: int,
-             gpus: list[str] | None = None, log=print) -> list[dict]:
-    """Run the tasks on a Dask cluster, with a progress bar over the whole grid; outcomes in finish order."""
+             gpus: list[str] | None = None, log=print) -> tuple[list[dict], bool]:
+    """Run the tasks on a Dask cluster, with a progress bar over the whole grid.
+
+    Returns (outcomes in finish order, interrupted). On Ctrl-C / SIGTERM the cluster is shut down,
+    which ends the running notebooks (their runs stay not done); finished runs are already on disk.
+    """
     from distributed import as_completed
     from tqdm.auto import tqdm
 
     outcomes: list[dict] = []
+    interrupted = False
     cluster, client = start_cluster(grid, kind, gpus)
     try:
-        if client.dashboard_link and grid.dask["cluster"] != "slurm":
+        if kind == "slurm" or getattr(cluster, "dashboard_link", None) and _has_bokeh():
             log(f"Dask dashboard: {client.dashboard_link}")
         futures = {}
         for task in tasks:
@@ -672,10 +683,13 @@ def dispatch(grid: Grid, tasks: list[RunTask], kind: str, *, total: int, done_be
                     bar.write(f"FAILED {task.label}: {outcome.get('error')}  (log: {task.run_dir}/{LOG_FILE})")
                 bar.set_postfix(failed=failed, refresh=False)
                 bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("\ninterrupted: finished runs are kept; run the same command again to do the rest")
     finally:
         client.close()
         cluster.close()
-    return outcomes
+    return outcomes, interrupted
 
 
 def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
@@ -765,14 +779,10 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     processed_root = (overrides or {}).get("processed_root") or grid.processed_root
     check_datasets(grid, sorted({c.dataset for c in todo}), processed_root)
     tasks = [make_task(grid, c, plan.cpu_threads, overrides) for c in todo]
-    outcomes: list[dict] = []
-    interrupted = False
+    outcomes, interrupted = [], False
     if tasks:
-        try:
-            outcomes = dispatch(grid, tasks, kind, total=len(configs), done_before=len(done), gpus=gpus, log=log)
-        except KeyboardInterrupt:
-            interrupted = True
-            log("\ninterrupted: finished runs are kept; run the same command again to do the rest")
+        outcomes, interrupted = dispatch(grid, tasks, kind, total=len(configs), done_before=len(done),
+                                         gpus=gpus, log=log)
     ran = [o for o in outcomes if o["outcome"] == "ran"]
     failed = [o for o in outcomes if o["outcome"] == "failed"]
     finished = {(o["dataset"], o["variant"], o["seed"]) for o in outcomes}
@@ -811,6 +821,10 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     return summary
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gbla.grid", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -830,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list what would run; run nothing")
     ap.add_argument("--no-aggregate", action="store_true", help="skip the aggregation notebooks")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a `kill` stops the grid as cleanly as Ctrl-C
     try:
         grid = load_grid(args.params, args.profile)
     except ParamsError as e:
