@@ -1,0 +1,161 @@
+"""The run-directory contract (gbla/runs.py): what a run writes, when it counts as done, how runs are read."""
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from gbla import runs
+from gbla.config import ModelConfig, RunConfig, TrainConfig
+from gbla.train import RunResult
+
+METRICS = {"recall@5": 0.1, "recall@10": 0.2, "ndcg@5": 0.05, "ndcg@10": 0.08}
+
+
+def make_result(variant="sa", seed=0, max_epochs=3, ranks=(1, 0, 10, 3)) -> RunResult:
+    config = RunConfig("synthetic", variant, seed, model=ModelConfig(d_model=16),
+                       train=TrainConfig(max_epochs=max_epochs))
+    n = len(ranks)
+    history = [{"epoch": e, "train_loss": 2.0 / e, "epoch_time_s": 0.1,
+                **{f"valid_{k}": v * e / 3 for k, v in METRICS.items()}} for e in range(1, 4)]
+    return RunResult(config=config, config_hash=config.config_hash(), device="cpu", wall_time_s=1.5,
+                     epochs_trained=3, best_epoch=2, history=history, valid_metrics=dict(METRICS),
+                     test_metrics={k: v / 2 for k, v in METRICS.items()},
+                     test_per_user={"user": np.arange(n), "target": np.arange(n) + 100,
+                                    "rank": np.asarray(ranks)},
+                     timings={"train_s": 1.0, "eval_s": 0.5})
+
+
+def test_save_run_result_writes_the_contract(tmp_path):
+    result = make_result()
+    run_dir = runs.run_dir_for(tmp_path, "synthetic", "sa", 0)
+    assert run_dir == tmp_path / "synthetic" / "sa" / "seed0"
+    runs.save_run_result(result, run_dir, data_fingerprint="abc123", commit="deadbeef")
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("status", "dataset", "variant", "seed", "config", "config_hash", "data_fingerprint", "commit",
+                "device", "created_at", "wall_time_s", "epochs_trained", "best_epoch", "valid", "test",
+                "timings", "history"):
+        assert key in metrics, key
+    assert metrics["status"] == "ok" and metrics["config_hash"] == result.config.config_hash()
+    assert RunConfig.from_dict(metrics["config"]) == result.config  # the recorded config rebuilds the run
+    assert metrics["test"] == pytest.approx({k: v / 2 for k, v in METRICS.items()})
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+
+    per_user = runs.load_per_user(run_dir)
+    assert list(per_user.columns) == ["user", "target", "rank"]
+    assert [str(t) for t in per_user.dtypes] == ["int64", "int64", "int8"]
+    assert per_user["rank"].tolist() == [1, 0, 10, 3]
+    assert runs.is_done(run_dir, result.config_hash)
+    assert not runs.is_done(run_dir, "0" * 12)
+    assert runs.load_history(run_dir)["train_loss"].tolist() == pytest.approx([2.0, 1.0, 2 / 3])
+    assert not list(run_dir.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_save_rejects_bad_ranks_and_wrong_hash(tmp_path):
+    with pytest.raises(ValueError, match="0..10"):
+        runs.save_run_result(make_result(ranks=(1, 11)), tmp_path / "r", data_fingerprint="x", commit="y")
+    result = make_result()
+    result.config_hash = "ffffffffffff"
+    with pytest.raises(ValueError, match="does not match"):
+        runs.save_run_result(result, tmp_path / "r", data_fingerprint="x", commit="y")
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_interrupted_save_never_looks_done_and_keeps_the_old_result(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    old = make_result(max_epochs=3)
+    runs.save_run_result(old, run_dir, data_fingerprint="x", commit="y")
+    new = make_result(max_epochs=5)  # a changed config is rerun into the same folder
+
+    real_replace = os.replace
+
+    def crash_on_metrics(src, dst):
+        if str(dst).endswith("metrics.json"):
+            raise KeyboardInterrupt  # interrupted between writing the temp file and renaming it
+        real_replace(src, dst)
+
+    monkeypatch.setattr(runs.os, "replace", crash_on_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        runs.save_run_result(new, run_dir, data_fingerprint="x", commit="y")
+    monkeypatch.undo()
+    assert not runs.is_done(run_dir, new.config_hash)       # the new run is not done ...
+    assert runs.load_run_metrics(run_dir)["config_hash"] == old.config_hash  # ... the old file is intact
+    assert runs.run_status(run_dir, new.config_hash) == "stale"
+    assert not list(run_dir.glob(".*tmp*"))
+
+
+def test_status_transitions(tmp_path):
+    result = make_result()
+    h = result.config_hash
+    run_dir = tmp_path / "run"
+    assert runs.run_status(run_dir, h) == "missing"
+    runs.record_failure(run_dir, h, RuntimeError("boom"))
+    failure = runs.load_failure(run_dir)
+    assert failure["status"] == "failed" and failure["error"] == "RuntimeError: boom"
+    assert failure["config_hash"] == h and "RuntimeError" in failure["traceback"]
+    assert runs.run_status(run_dir, h) == "failed" and not runs.is_done(run_dir, h)
+    assert runs.run_status(run_dir, "other") == "missing"  # a failure of another config says nothing
+    runs.save_run_result(result, run_dir, data_fingerprint="x", commit="y")
+    assert not (run_dir / "error.json").exists()  # a success clears the earlier failure
+    assert runs.run_status(run_dir, h) == "ok"
+    assert runs.run_status(run_dir, "other") == "stale"
+
+
+def test_collect_runs_keeps_missing_failed_and_stale_rows(tmp_path):
+    expected = [make_result(variant=v, seed=s).config for v in ("sa", "hybrid") for s in (0, 1)]
+    runs.save_run_result(make_result("sa", 0), runs.run_dir_for(tmp_path, "synthetic", "sa", 0),
+                         data_fingerprint="fp", commit="c")
+    runs.record_failure(runs.run_dir_for(tmp_path, "synthetic", "sa", 1), expected[1].config_hash(), "boom")
+    runs.save_run_result(make_result("hybrid", 0, max_epochs=9),  # an older config of hybrid/seed0
+                         runs.run_dir_for(tmp_path, "synthetic", "hybrid", 0), data_fingerprint="fp", commit="c")
+
+    frame = runs.collect_runs(tmp_path, expected)
+    assert len(frame) == 4
+    status = {(r.variant, r.seed): r.status for r in frame.itertuples()}
+    assert status == {("sa", 0): "ok", ("sa", 1): "failed", ("hybrid", 0): "stale", ("hybrid", 1): "missing"}
+    ok = frame[frame.status == "ok"].iloc[0]
+    assert ok["test_recall@10"] == pytest.approx(0.1) and ok["data_fingerprint"] == "fp"
+    assert frame[frame.status != "ok"]["test_recall@10"].isna().all()
+    assert frame.set_index(["variant", "seed"]).loc[("sa", 1), "error"] == "boom"
+    assert list(frame.columns[:5]) == ["dataset", "variant", "seed", "status", "config_hash"]
+
+    found = runs.collect_runs(tmp_path)  # without the expected grid: what is on disk
+    assert sorted(zip(found.variant, found.seed, found.status)) == [
+        ("hybrid", 0, "ok"), ("sa", 0, "ok"), ("sa", 1, "failed")]
+    histories = runs.load_histories(frame)
+    assert set(histories.columns) >= {"dataset", "variant", "seed", "epoch", "train_loss"}
+    assert len(histories) == 3
+    assert runs.collect_runs(tmp_path / "nothing").empty
+
+
+def test_collect_runs_from_a_params_profile(tmp_path):
+    frame = runs.collect_runs(tmp_path, params_file=runs.REPO_ROOT / "params" / "ablations.yaml", profile="full")
+    assert len(frame) == 180 and set(frame.status) == {"missing"}
+    assert math.isnan(frame["valid_ndcg@10"].iloc[0])
+
+
+def test_load_dataset(tmp_path):
+    ds = runs.load_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
+    assert ds.num_users == 30 and ds.num_items == 12
+    again = runs.load_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
+    assert again.provenance["fingerprint"] == ds.provenance["fingerprint"]
+    with pytest.raises(FileNotFoundError, match=r"make data") as err:
+        runs.load_dataset("beauty", tmp_path)
+    assert str(tmp_path / "beauty") in str(err.value)
+    assert runs.dataset_available("synthetic", tmp_path) and not runs.dataset_available("beauty", tmp_path)
+
+
+def test_git_commit_names_the_checkout():
+    commit = runs.git_commit()
+    assert commit == "unknown" or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = tmp_path / "a" / "x.json"
+    runs.atomic_write_json(path, {"a": np.int64(3), "b": np.float32(0.5), "c": np.arange(2)})
+    assert json.loads(path.read_text()) == {"a": 3, "b": 0.5, "c": [0, 1]}
+    runs.atomic_write_text(path, "new")
+    assert path.read_text() == "new" and [p.name for p in path.parent.iterdir()] == ["x.json"]
