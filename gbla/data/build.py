@@ -1,0 +1,281 @@
+"""Build the processed datasets: parse -> index -> leave-one-out split -> item text -> embeddings ->
+semantic IDs -> statistics -> outputs/processed/<dataset>/ (atomic).
+
+    python -m gbla.data.build --all                      # beauty, sports, toys from the offline mirror
+    python -m gbla.data.build --dataset beauty --force   # rebuild one
+    python -m gbla.data.build --all --raw --source-dir outputs/raw   # from the 2014 files (gbla.data.download)
+
+A dataset whose folder already holds a build with the same build key (sha256 of the source files,
+every parameter, and PIPELINE_VERSION) is skipped; --force rebuilds it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from gbla.data import amazon
+from gbla.data.processed import (MAX_HISTORY, REPO_ROOT, ProcessedDataset, compute_fingerprint, default_processed_dir,
+                                 leave_one_out_split, read_meta, save_processed)
+
+# bump when a change in this pipeline changes its output for the same inputs and parameters
+PIPELINE_VERSION = 1
+DEFAULT_RAW_DIR = REPO_ROOT / "outputs" / "raw"
+DEFAULT_REPORT = REPO_ROOT / "outputs" / "data" / "build_report.md"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "gbla"], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})"
+
+
+def source_paths(dataset: str, source_dir: Path, raw: bool) -> list[Path]:
+    if raw:
+        return [source_dir / name for name in amazon.raw_file_names(dataset)]
+    return [source_dir / dataset / "sequences.txt", source_dir / dataset / "items.jsonl"]
+
+
+def build_key(dataset: str, sources: dict[str, str], params: dict) -> str:
+    blob = json.dumps({"pipeline_version": PIPELINE_VERSION, "dataset": dataset, "sources": sources,
+                       "params": params}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sequence_stats(sequences: list[list[int]], num_items: int) -> dict:
+    lengths = np.array([len(s) for s in sequences])
+    return {"users": int(len(sequences)), "items": int(num_items), "interactions": int(lengths.sum()),
+            "mean_seq_len": round(float(lengths.mean()), 3), "median_seq_len": float(np.median(lengths)),
+            "min_seq_len": int(lengths.min()), "max_seq_len": int(lengths.max()),
+            "density": float(lengths.sum() / (len(sequences) * num_items))}
+
+
+def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = False,
+                  out_dir: Path | None = None, embedding_model: str | None = None, seed: int = 0,
+                  levels: int = 3, codebook_size: int = 256, n_init: int = 1, max_iter: int = 100,
+                  max_history: int = MAX_HISTORY, k_core: int = 5, force: bool = False, progress: bool = True,
+                  cache_dir: Path | None = None, encoder=None, encoder_id: str | None = None,
+                  log=print) -> dict:
+    """Build one dataset (or skip it when an identical build exists). Returns its meta.json content.
+    `encoder`/`encoder_id` replace the sentence-transformers model (tests use a tiny fake encoder)."""
+    from gbla.data import semantic_ids, text
+
+    amazon.check_dataset(dataset)
+    source_dir = Path(source_dir) if source_dir is not None else (DEFAULT_RAW_DIR if raw else amazon.default_source_dir())
+    out_dir = Path(out_dir) if out_dir is not None else default_processed_dir(dataset)
+    embedding_model = embedding_model or text.DEFAULT_MODEL
+    model_id = encoder_id if encoder is not None else text.resolve_model(embedding_model)[1]
+
+    t_start = time.perf_counter()
+    paths = source_paths(dataset, source_dir, raw)
+    for p in paths:
+        if not p.is_file():
+            hint = ("download them with `python -m gbla.data.download --dataset " + dataset + "`") if raw else \
+                   "set --source-dir or GBLA_DATA_DIR to the mirror (folder with beauty/, sports/, toys/)"
+            raise FileNotFoundError(f"{p}: source file missing for dataset {dataset!r}; {hint}")
+    sources = {p.name: amazon.sha256_file(p) for p in paths}
+    params = {"source_format": "raw" if raw else "mirror", "embedding_model": model_id, "seed": seed,
+              "levels": levels, "codebook_size": codebook_size, "n_init": n_init, "max_iter": max_iter,
+              "kmeans_threads": 1,
+              "max_history": max_history, **({"k_core": k_core} if raw else {})}
+    key = build_key(dataset, sources, params)
+    existing = read_meta(out_dir)
+    if existing is not None and not force and existing.get("provenance", {}).get("build_key") == key:
+        log(f"[{dataset}] up to date in {out_dir} (build key {key}); skipping (use --force to rebuild)")
+        return existing
+
+    timings = {}
+    t = time.perf_counter()
+    data = amazon.load_dataset(dataset, source_dir=source_dir, raw=raw, k_core=k_core)
+    item_asins, sequences = data.index()
+    timings["parse_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    train, valid, test = leave_one_out_split(sequences, max_history)
+    timings["split_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    texts = text.item_texts(item_asins, data.items)
+    emb, emb_info = text.embed_texts(texts, embedding_model, cache_dir=cache_dir, progress=progress,
+                                     encoder=encoder, model_id=model_id if encoder is not None else None, log=log)
+    timings["embed_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sid = semantic_ids.build_semantic_ids(emb, levels, codebook_size, seed, n_init, max_iter, progress)
+    timings["semantic_ids_s"] = time.perf_counter() - t
+
+    stats = sequence_stats(sequences, len(item_asins))
+    published = amazon.PUBLISHED_COUNTS[dataset]
+    stats.update({"max_dedup_digit": sid.report["max_dedup_digit"], "train_examples": len(train),
+                  "valid_examples": len(valid), "test_examples": len(test),
+                  "published_counts": list(published),
+                  "matches_published": (stats["users"], stats["items"], stats["interactions"]) == published,
+                  "semantic_ids": sid.report,
+                  "text_fields": {f: sum(1 for a in item_asins if data.items[a].get(f)) for f in amazon.META_FIELDS},
+                  "embedding_dim": int(emb.shape[1])})
+    provenance = {"build_key": key, "pipeline_version": PIPELINE_VERSION, "source_dir": str(source_dir),
+                  "source_files": sources, "params": params, "embedding": {**emb_info, "cache_file": Path(
+                      emb_info["cache_file"]).name}, "commit": git_commit(), "machine": machine(),
+                  "command": " ".join(shlex.quote(a) for a in sys.argv),
+                  "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    ds = ProcessedDataset(name=dataset, num_users=len(sequences), num_items=len(item_asins), sids=sid.sids,
+                          codebook_sizes=sid.codebook_sizes, train=train, valid=valid, test=test,
+                          item_asins=item_asins, user_ids=data.user_ids, stats=stats, provenance=provenance,
+                          item_texts=texts)
+    provenance["fingerprint"] = compute_fingerprint(ds)
+    t = time.perf_counter()
+    save_processed(ds, out_dir)
+    timings["save_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    provenance["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    # timings are known only after saving: rewrite meta.json (atomic replace of one file)
+    meta = read_meta(out_dir)
+    meta["provenance"]["timings"] = provenance["timings"]
+    tmp = out_dir / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.replace(out_dir / "meta.json")
+    log(f"[{dataset}] built in {timings['total_s']:.1f} s -> {out_dir} (fingerprint {provenance['fingerprint']})")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and the build report
+# ---------------------------------------------------------------------------------------------
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stats_table(metas: dict[str, dict]) -> str:
+    rows = []
+    for name, m in metas.items():
+        s = m["stats"]
+        rows.append([name, f"{s['users']:,}", f"{s['items']:,}", f"{s['interactions']:,}",
+                     f"{s['mean_seq_len']:.2f}", f"{s['median_seq_len']:g}", f"{s['min_seq_len']}..{s['max_seq_len']}",
+                     s["max_dedup_digit"], f"{s['train_examples']:,}", "yes" if s["matches_published"] else "NO"])
+    return _md_table(["dataset", "users", "items", "interactions", "mean len", "median len", "len range",
+                      "max dedup digit", "train examples", "= published"], rows)
+
+
+def sid_table(metas: dict[str, dict]) -> str:
+    rows = []
+    for name, m in metas.items():
+        r = m["stats"]["semantic_ids"]
+        usage = " / ".join(f"{lv['codes_used']} ({lv['usage']:.1%}, max {lv['max_items_per_code']})"
+                           for lv in r["levels"])
+        rows.append([name, f"{r['collision_rate']:.2%}", r["distinct_code_tuples"], r["largest_collision_group"],
+                     tuple(m["codebook_sizes"]), usage])
+    return _md_table(["dataset", "collision rate", "distinct 3-code tuples", "largest group", "codebook sizes",
+                      "codes used per level 1 / 2 / 3 (usage, max items per code)"], rows)
+
+
+def timing_table(metas: dict[str, dict]) -> str:
+    keys = ["parse_s", "split_s", "embed_s", "semantic_ids_s", "save_s", "total_s"]
+    rows = [[name] + [m["provenance"].get("timings", {}).get(k, "") for k in keys] for name, m in metas.items()]
+    return _md_table(["dataset"] + keys, rows)
+
+
+def write_report(metas: dict[str, dict], path: Path, command: str, wall_s: float) -> None:
+    any_meta = next(iter(metas.values()))
+    text = "\n\n".join([
+        "# Processed-data build report",
+        f"Command: `{command}`  \nWall time of this invocation: {wall_s:.1f} s  \n"
+        f"Commit: `{git_commit()}`  \nMachine: {machine()}  \n"
+        f"Written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        "Per-dataset timings below are those of the run that built each dataset (a skipped dataset keeps "
+        "its original timings and build commit, listed at the end).",
+        "## Statistics", stats_table(metas),
+        "Published (P5/TIGER): Beauty 22,363/12,101/198,502; Sports 35,598/18,357/296,337; "
+        "Toys 19,412/11,924/167,597 (users/items/interactions).",
+        "## Semantic IDs (residual k-means, "
+        f"{any_meta['provenance']['params']['levels']} levels x {any_meta['provenance']['params']['codebook_size']})",
+        "Collision rate = share of items whose k-means code tuple is shared with another item (these get "
+        "dedup digits 0, 1, ...).",
+        sid_table(metas),
+        "## Timings (seconds)", timing_table(metas),
+        "## Provenance",
+        _md_table(["dataset", "fingerprint", "build key", "embedding model", "seed", "built at commit",
+                   "source sha256"],
+                  [[n, m["provenance"]["fingerprint"], m["provenance"]["build_key"],
+                    m["provenance"]["params"]["embedding_model"], m["provenance"]["params"]["seed"],
+                    m["provenance"]["commit"][:12],
+                    "<br>".join(f"{f}: `{h[:16]}…`" for f, h in m["provenance"]["source_files"].items())]
+                   for n, m in metas.items()]),
+    ]) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gbla.data.build", description=__doc__.split("\n\n")[0])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help=f"build {', '.join(amazon.DATASETS)}")
+    which.add_argument("--dataset", action="append", metavar="NAME", help="build this dataset (repeatable)")
+    p.add_argument("--source-dir", type=Path, default=None,
+                   help="mirror folder (default: env GBLA_DATA_DIR or ../shared/data/amazon from the repo root); "
+                        "with --raw: folder of the 2014 files (default outputs/raw)")
+    p.add_argument("--raw", action="store_true", help="use the 2014 reviews_*_5.json.gz / meta_*.json.gz files")
+    p.add_argument("--out-root", type=Path, default=None,
+                   help="root of the processed folders (default: env GBLA_PROCESSED_DIR or outputs/processed)")
+    p.add_argument("--embedding-model", default=None,
+                   help="sentence-transformers model name or folder (default: the packaged all-MiniLM-L6-v2; "
+                        "e.g. sentence-transformers/sentence-t5-base as in TIGER)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed")
+    p.add_argument("--n-init", type=int, default=1, help="k-means restarts per level")
+    p.add_argument("--codebook-size", type=int, default=256)
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default outputs/cache/embeddings)")
+    p.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+    p.add_argument("--report", type=Path, default=None,
+                   help=f"markdown build report to write (default with --all: {DEFAULT_REPORT.relative_to(REPO_ROOT)})")
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    names = list(amazon.DATASETS) if args.all else args.dataset
+    for name in names:
+        amazon.check_dataset(name)   # fail before any work on a typo
+    t0 = time.perf_counter()
+    metas = {}
+    for name in names:
+        out_dir = (args.out_root / name) if args.out_root else default_processed_dir(name)
+        metas[name] = build_dataset(name, source_dir=args.source_dir, raw=args.raw, out_dir=out_dir,
+                                    embedding_model=args.embedding_model, seed=args.seed, levels=args.levels,
+                                    codebook_size=args.codebook_size, n_init=args.n_init, force=args.force,
+                                    progress=not args.no_progress, cache_dir=args.cache_dir)
+    wall = time.perf_counter() - t0
+    print("\n" + stats_table(metas) + "\n\n" + sid_table(metas) + "\n\n" + timing_table(metas))
+    print(f"\nwall time {wall:.1f} s")
+    report = args.report or (DEFAULT_REPORT if args.all else None)
+    if report is not None and not args.no_report:
+        command = "python -m gbla.data.build " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        write_report(metas, report, command, wall)
+        print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
