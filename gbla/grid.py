@@ -844,7 +844,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list what would run; run nothing")
     ap.add_argument("--no-aggregate", action="store_true", help="skip the aggregation notebooks")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # a `kill` stops the grid as cleanly as Ctrl-C
     try:
         grid = load_grid(args.params, args.profile)
     except ParamsError as e:
@@ -868,4 +867,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a `kill` stops the grid as cleanly as Ctrl-C
     sys.exit(main())

@@ -1,0 +1,330 @@
+"""The ablation grid: params parsing (with errors that point at file, line and key), expansion, Dask
+dispatch, and the smoke grid end to end through papermill (run, skip, redo, failure, reports)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+from gbla import grid as G
+from gbla import runs
+from gbla.config import GBLAOptions
+
+PARAMS = runs.REPO_ROOT / "params" / "ablations.yaml"
+ISSUE_VARIANTS = ["sa", "sa-causal", "hybrid", "hybrid-no-conv", "hybrid-no-gate", "hybrid-rmsnorm",
+                  "hybrid-denominator", "hybrid-plain-la", "hybrid-recency-gate", "ratio-1to1", "ratio-1to3",
+                  "all-gbla"]
+
+
+# ------------------------------------------------------------------------------ the real params file
+
+def test_full_profile_is_the_paper_grid():
+    g = G.load_grid(PARAMS, "full")
+    configs = g.expand()
+    assert len(configs) == 180
+    assert g.datasets == ["beauty", "sports", "toys"] and g.seeds == [0, 1, 2, 3, 4]
+    assert g.variant_names == ISSUE_VARIANTS
+    assert len({c.config_hash() for c in configs}) == 180
+    by_variant = {c.variant: c.model for c in configs if c.dataset == "beauty" and c.seed == 0}
+    assert by_variant["sa"].encoder_layout == ("sa",) * 4
+    assert by_variant["sa-causal"].encoder_layout == ("sa_causal",) * 4
+    assert by_variant["hybrid"].encoder_layout == ("sa", "gbla", "gbla", "sa")
+    assert by_variant["hybrid"].gbla == GBLAOptions()  # conv, token gate, gated RMSNorm
+    assert by_variant["hybrid-plain-la"].gbla == GBLAOptions(use_conv1d=False, gate="none", normalization="none")
+    assert by_variant["hybrid-no-gate"].gbla == GBLAOptions(gate="none")
+    assert by_variant["hybrid-recency-gate"].gbla == GBLAOptions(gate="recency")
+    assert by_variant["ratio-1to3"].encoder_layout == ("sa", "gbla", "gbla", "gbla")
+    assert by_variant["all-gbla"].encoder_layout == ("gbla",) * 4
+    m = by_variant["sa"]  # GRID's TIGER size
+    assert (m.d_model, m.num_heads, m.head_dim, m.d_ff, m.num_decoder_layers, m.dropout) == (128, 6, 64, 1024, 4, 0.15)
+
+
+def test_smoke_profile_is_tiny_and_synthetic():
+    g = G.load_grid(PARAMS, "smoke")
+    configs = g.expand()
+    assert {c.dataset for c in configs} == {"synthetic"} and 2 <= len(configs) <= 8
+    assert all(c.model.d_model <= 64 and c.train.max_epochs <= 5 for c in configs)
+    assert g.dask["gpus"] == [] and g.runtime["device"] == "cpu"
+    assert G.plan_cluster(g, "local").kind == "local-cpu"
+
+
+def _dump(tmp_path, data, name="params.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_adding_a_variant_is_one_entry_and_changes_nothing_else(tmp_path):
+    data = yaml.safe_load(PARAMS.read_text())
+    before = {(c.dataset, c.variant, c.seed): c.config_hash() for c in G.load_grid(PARAMS, "full").expand()}
+    data["variants"].append({"name": "hybrid-k2", "encoder_layout": ["sa", "gbla", "gbla", "sa"],
+                             "gbla": {"conv_kernel_size": 2}})
+    after = G.load_grid(_dump(tmp_path, data), "full").expand()
+    assert len(after) == 195
+    assert {(c.dataset, c.variant, c.seed): c.config_hash() for c in after if c.variant != "hybrid-k2"} == before
+    assert {c.model.gbla.conv_kernel_size for c in after if c.variant == "hybrid-k2"} == {2}
+
+
+def test_changing_one_variant_changes_only_its_hashes(tmp_path):
+    data = yaml.safe_load(PARAMS.read_text())
+    before = {(c.variant, c.seed): c.config_hash() for c in G.load_grid(PARAMS, "smoke").expand()}
+    next(v for v in data["variants"] if v["name"] == "hybrid")["gbla"] = {"gate": "recency"}
+    after = {(c.variant, c.seed): c.config_hash() for c in G.load_grid(_dump(tmp_path, data), "smoke").expand()}
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {("hybrid", 0), ("hybrid", 1)}
+
+
+# ------------------------------------------------------------------------------ errors name file, line, key
+
+BASE = textwrap.dedent("""\
+    datasets: [synthetic]
+    seeds: [0, 1]
+    variants:
+      - name: sa
+        encoder_layout: [sa, sa]
+      - name: hyb
+        encoder_layout: [sa, gbla]
+        gbla: {gate: token}
+    train:
+      lr: 0.001
+    profiles:
+      smoke:
+        variants: [sa, hyb]
+    """)
+
+
+@pytest.mark.parametrize("old,new,line,key,message", [
+    ("[sa, gbla]", "[sa, gbal]", 7, "variants[1].encoder_layout[1]", "unknown layer type 'gbal'"),
+    ("{gate: token}", "{gat: token}", 8, "variants[1].gbla.gat", "unknown GBLA option 'gat'"),
+    ("{gate: token}", "{gate: sometimes}", 8, "variants[1].gbla", "gate must be one of"),
+    ("{gate: token}", "{use_conv1d: maybe}", 8, "variants[1].gbla.use_conv1d", "must be bool"),
+    ("    encoder_layout: [sa, sa]\n", "", 4, "variants[0].sa", "missing required field 'encoder_layout'"),
+    ("  - name: sa\n", "  - nam: sa\n", 4, "variants[0].nam", "unknown variant field 'nam'"),
+    ("[sa, hyb]", "[sa, hybrid]", 13, "profiles.smoke.variants[1]", "unknown variant 'hybrid'"),
+    ("lr: 0.001", "lr: fast", 10, "train.lr", "must be float"),
+    ("lr: 0.001", "learning_rate: 0.001", 10, "train.learning_rate", "unknown train field"),
+    ("seeds: [0, 1]", "seeds: [0, one]", 2, "seeds[1]", "non-negative integer"),
+    ("seeds: [0, 1]", "seeds: [0, 0]", 2, "seeds", "duplicate seeds"),
+    ("    variants: [sa, hyb]\n", "    variants: [sa, hyb]\n    model: {d_modle: 8}\n", 14,
+     "profiles.smoke.model.d_modle", "unknown model field"),
+    ("    variants: [sa, hyb]\n", "    variants: [sa, hyb]\n    model: {encoder_layout: [sa]}\n", 14,
+     "profiles.smoke.model.encoder_layout", "set it per variant"),
+    ("train:\n", "seeds: [3]\ntrain:\n", 9, "seeds", "duplicate key (first at line 2)"),
+    ("  - name: sa\n    encoder_layout: [sa, sa]\n", "  - name: sa\n    encoder_layout: [sa]\n    gbla: {}\n", 6,
+     "variants[0].gbla", "has no gbla layer"),
+])
+def test_params_errors_name_file_line_and_key(tmp_path, old, new, line, key, message):
+    assert old in BASE
+    path = tmp_path / "bad.yaml"
+    path.write_text(BASE.replace(old, new, 1))
+    with pytest.raises(G.ParamsError) as err:
+        G.load_grid(path, "smoke")
+    text = str(err.value)
+    assert text.startswith(f"{path}:{line}: {key}:"), text
+    assert message in text, text
+
+
+def test_base_params_parse_and_other_errors(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(BASE)
+    g = G.load_grid(path, "smoke")
+    assert [c.variant for c in g.expand()] == ["sa", "sa", "hyb", "hyb"]
+    with pytest.raises(G.ParamsError, match=r"no profile 'full'; defined: smoke"):
+        G.load_grid(path, "full")
+    with pytest.raises(G.ParamsError, match="params file not found"):
+        G.load_grid(tmp_path / "absent.yaml", "smoke")
+    path.write_text("datasets: [a\n")
+    with pytest.raises(G.ParamsError, match=f"{path}: not valid YAML"):
+        G.load_grid(path, "smoke")
+
+
+def test_cli_reports_params_errors_without_a_traceback(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BASE.replace("[sa, gbla]", "[sa, linear]"))
+    assert G.main(["--params", str(path), "--profile", "smoke", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:7: variants[1].encoder_layout[1]: unknown layer type 'linear'")
+
+
+def test_dry_run_lists_what_would_run(tmp_path, capsys):
+    data = yaml.safe_load(PARAMS.read_text())
+    data["runtime"]["runs_root"] = str(tmp_path / "runs")
+    path = _dump(tmp_path, data)
+    assert G.main(["--params", str(path), "--profile", "full", "--variants", "sa", "all-gbla", "--seeds", "0",
+                   "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 runs = 3 datasets x 2 variants x 1 seeds; 0 done, 6 to run" in out
+    assert "would run toys/all-gbla/seed0" in out
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------ clusters
+
+def test_cluster_plans():
+    g = G.load_grid(PARAMS, "full")
+    plan = G.plan_cluster(g, "local", gpus=["0", "1", "2"])
+    assert plan.kind == "local-gpu" and plan.slots == 3 * g.dask["runs_per_gpu"]
+    assert "CUDA_VISIBLE_DEVICES 0,1,2" in plan.description
+    assert G.plan_cluster(g, "local", gpus=[]).slots == g.dask["cpu_workers"] * g.dask["runs_per_cpu_worker"]
+
+
+def test_slurm_path_builds_a_gpu_job_script():
+    """The Slurm path cannot run here; check the job each worker would be submitted as."""
+    from dask_jobqueue import SLURMCluster
+
+    g = G.load_grid(PARAMS, "full")
+    kwargs, jobs = G.slurm_cluster_kwargs(g.dask)
+    assert jobs == g.dask["slurm"]["jobs"]
+    cluster = SLURMCluster(**kwargs)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH --gres=gpu:1" in script
+    assert f"#SBATCH --cpus-per-task={g.dask['slurm']['job_cpu']}" in script
+    assert f"--nthreads {g.dask['runs_per_gpu']}" in script  # concurrent runs per GPU job
+    assert sys.executable in script
+
+
+@pytest.mark.timeout(120)
+def test_local_gpu_cluster_pins_one_device_per_worker():
+    """One worker per GPU, each seeing only its device (CPU-only here: the pinning is what is checked)."""
+    g = G.load_grid(PARAMS, "full")
+    g.dask["runs_per_gpu"] = 2
+    cluster, client = G.start_cluster(g, "local", gpus=["3", "5"])
+    try:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        threads = client.nthreads()
+    finally:
+        client.close()
+        cluster.close()
+    assert sorted(seen.values()) == ["3", "5"]
+    assert sorted(threads.values()) == [2, 2]
+
+
+# ------------------------------------------------------------------------------ end to end
+
+REPORT_NB = """\
+import pandas as pd
+from pathlib import Path
+from gbla import runs
+frame = runs.collect_runs(runs_root, params_file=params_file, profile=profile)
+frame.to_csv(Path(output) / "fake_report_runs.csv", index=False)
+frame[["variant", "seed", "status"]]
+"""
+
+
+def _fake_report(path: Path) -> Path:
+    params = nbformat.v4.new_code_cell('runs_root = None\nparams_file = None\nprofile = None\noutput = None')
+    params.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(REPORT_NB)],
+                                  metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nbformat.write(nb, path)
+    return path
+
+
+def _grid_cli(params: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gbla.grid", "--params", str(params), "--profile", "smoke", *args],
+                          capture_output=True, text=True, timeout=400, cwd=runs.REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke profile cut to 1 epoch on a small synthetic set, plus a variant that fails on purpose."""
+    tmp = tmp_path_factory.mktemp("grid")
+    data = yaml.safe_load(PARAMS.read_text())
+    data["synthetic"] = {"num_users": 120, "num_items": 40, "seed": 0}
+    data["variants"].append({"name": "broken", "description": "fails on purpose: negative width",
+                             "encoder_layout": ["sa"], "model": {"d_model": -1}})
+    smoke_profile = data["profiles"]["smoke"]
+    smoke_profile["variants"] = ["sa", "hybrid", "broken"]
+    smoke_profile["seeds"] = [0, 1]
+    smoke_profile["train"].update(max_epochs=1, max_train_examples=256)
+    data["runtime"].update(runs_root=str(tmp / "runs"), reports_root=str(tmp / "reports"),
+                           reports=[str(_fake_report(tmp / "fake_report.ipynb")), str(tmp / "absent.ipynb")])
+    params = _dump(tmp, data)
+    first = _grid_cli(params, "--seeds", "0")  # seed 1 stays missing on purpose
+    return {"tmp": tmp, "params": params, "data": data, "first": first, "runs": tmp / "runs"}
+
+
+@pytest.mark.timeout(400)
+def test_smoke_grid_runs_records_the_failure_and_goes_on(smoke):
+    first, root = smoke["first"], smoke["runs"]
+    assert first.returncode == 1, first.stdout + first.stderr  # 1: a run failed
+    assert "3 runs: 0 skipped (done before), 2 ran, 1 failed" in first.stdout, first.stdout
+    assert "FAILED synthetic/broken/seed0: RuntimeError" in first.stdout
+
+    g = G.load_grid(smoke["params"], "smoke")
+    for variant in ("sa", "hybrid"):
+        run_dir = runs.run_dir_for(root, "synthetic", variant, 0)
+        cfg = g.run_config("synthetic", variant, 0)
+        assert runs.is_done(run_dir, cfg.config_hash())
+        metrics = runs.load_run_metrics(run_dir)
+        assert set(metrics["test"]) == set(runs.METRIC_NAMES) and metrics["epochs_trained"] == 1
+        assert metrics["device"] == "cpu" and metrics["data_fingerprint"] != "unknown"
+        assert len(runs.load_per_user(run_dir)) == 120
+        nb = nbformat.read(run_dir / "train.ipynb", as_version=4)  # the executed notebook, parameters injected
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+        assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+                   for c in nb.cells if c.cell_type == "code" for o in c.outputs), "no learning-curve figure"
+        assert "Executing Cell" in (run_dir / "run.log").read_text()
+
+    broken = runs.run_dir_for(root, "synthetic", "broken", 0)
+    failure = json.loads((broken / "error.json").read_text())
+    assert failure["status"] == "failed" and failure["config_hash"] == g.run_config("synthetic", "broken", 0).config_hash()
+    assert "negative dimension" in failure["error"] and "train_and_evaluate" in failure["traceback"]
+    assert (broken / "train.ipynb").is_file() and not (broken / "metrics.json").exists()
+
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["counts"] == {"total": 3, "skipped": 0, "ran": 2, "failed": 1, "not_run": 0}
+    assert {r["outcome"] for r in summary["runs"]} == {"ran", "failed"}
+    assert all(r["worker"] is not None for r in summary["runs"])  # they ran on Dask workers
+
+    # reports: the aggregation notebook gets runs_root/params_file/profile/output, HTML is rendered,
+    # a report notebook that does not exist is skipped with a warning
+    reports = {Path(r["notebook"]).name: r for r in summary["reports"]}
+    assert reports["fake_report.ipynb"]["status"] == "ok" and Path(reports["fake_report.ipynb"]["html"]).is_file()
+    assert reports["absent.ipynb"]["status"] == "skipped"
+    table = pd.read_csv(smoke["tmp"] / "reports" / "fake_report_runs.csv")
+    status = {(r.variant, r.seed): r.status for r in table.itertuples()}
+    assert status == {("sa", 0): "ok", ("hybrid", 0): "ok", ("broken", 0): "failed",
+                      ("sa", 1): "missing", ("hybrid", 1): "missing", ("broken", 1): "missing"}
+
+
+@pytest.mark.timeout(400)
+def test_rerun_skips_done_and_redoes_deleted_and_changed_runs(smoke):
+    root, params = smoke["runs"], smoke["params"]
+    sa_dir = runs.run_dir_for(root, "synthetic", "sa", 0)
+    hybrid_dir = runs.run_dir_for(root, "synthetic", "hybrid", 0)
+    stamp = {d: (d / "metrics.json").stat().st_mtime_ns for d in (sa_dir, hybrid_dir)}
+
+    again = _grid_cli(params, "--seeds", "0", "--variants", "sa", "hybrid", "--no-aggregate")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 runs: 2 skipped (done before), 0 ran, 0 failed" in again.stdout
+    assert {d: (d / "metrics.json").stat().st_mtime_ns for d in stamp} == stamp  # nothing rewritten
+
+    # delete one run, change the other's config: exactly those two are redone
+    for f in sa_dir.iterdir():
+        f.unlink()
+    sa_dir.rmdir()
+    data = smoke["data"]
+    next(v for v in data["variants"] if v["name"] == "hybrid")["gbla"] = {"gate": "recency"}
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+    new_hash = G.load_grid(params, "smoke").run_config("synthetic", "hybrid", 0).config_hash()
+    assert new_hash != runs.load_run_metrics(hybrid_dir)["config_hash"]
+    assert G.main(["--params", str(params), "--profile", "smoke", "--seeds", "0", "--variants", "sa", "hybrid",
+                   "--dry-run"]) == 0
+
+    redo = _grid_cli(params, "--seeds", "0", "--variants", "sa", "hybrid", "--no-aggregate")
+    assert redo.returncode == 0, redo.stdout + redo.stderr
+    assert "2 runs: 0 skipped (done before), 2 ran, 0 failed" in redo.stdout, redo.stdout
+    assert runs.load_run_metrics(hybrid_dir)["config_hash"] == new_hash
+    assert runs.load_run_metrics(hybrid_dir)["config"]["model"]["gbla"]["gate"] == "recency"
+    assert runs.is_done(sa_dir, G.load_grid(params, "smoke").run_config("synthetic", "sa", 0).config_hash())
