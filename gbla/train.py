@@ -1,0 +1,205 @@
+"""Train one TIGER model to early stopping and evaluate it: the run contract (COMMON.md item 9).
+
+    result = train_and_evaluate(RunConfig(dataset="beauty", variant="sa", seed=0), load_processed(path))
+
+The hot loop touches only device tensors: every split is turned into token ids once and kept on the
+device, batches are slices of a per-epoch permutation (static shapes: the encoder input is always
+1 + 4 * max_history tokens, the last incomplete batch of an epoch is dropped), the loss is summed on
+the device and read once per epoch. Imports only torch, numpy (+ tqdm): it runs on the GPU machine.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gbla.config import RunConfig
+from gbla.evaluate import SIDTrie, metrics_from_ranks, rank_targets
+from gbla.model import TIGER
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    config_hash: str
+    device: str
+    wall_time_s: float
+    epochs_trained: int
+    best_epoch: int
+    history: list[dict]
+    valid_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    test_per_user: dict[str, np.ndarray]  # "user", "target", "rank" (1..10, 0 = miss)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DeviceSplit:
+    """One split as device tensors: encoder token ids (n, 1 + 4 * max_history), target SIDs (n, 4)."""
+    enc_tokens: torch.Tensor
+    target_sids: torch.Tensor
+    target: torch.Tensor
+    user: torch.Tensor
+
+    def __len__(self):
+        return self.target.shape[0]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def to_device_split(split, model: TIGER, sids: torch.Tensor, max_history: int, device) -> DeviceSplit:
+    history = torch.as_tensor(split.history, device=device)
+    if history.shape[1] < max_history:
+        raise ValueError(f"the data's histories hold {history.shape[1]} items, the config asks for max_history="
+                         f"{max_history}")
+    # keep the most recent max_history items; histories are left-aligned and right-padded with -1
+    if history.shape[1] > max_history:
+        lengths = torch.as_tensor(split.history_len, device=device)
+        cols = (lengths[:, None] - max_history).clamp(min=0) + torch.arange(max_history, device=device)
+        history = history.gather(1, cols.clamp(max=history.shape[1] - 1))
+        history = torch.where(torch.arange(max_history, device=device) < lengths[:, None], history, -1)
+    user = torch.as_tensor(split.user, device=device)
+    target = torch.as_tensor(split.target, device=device)
+    return DeviceSplit(enc_tokens=model.vocab.encoder_tokens(user, history, sids),
+                       target_sids=sids[target], target=target, user=user)
+
+
+def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend: str = "auto",
+                       progress: bool = True, log=print, compile_model: bool = False,
+                       eval_batch_size: int | None = None) -> RunResult:
+    """Train to early stopping on validation Recall@10, restore the best weights, evaluate on test.
+
+    `compile_model` wraps the training loss in torch.compile (CUDA); `device`, `backend`,
+    `compile_model` and `eval_batch_size` are runtime choices, not part of the config hash."""
+    t_start = time.perf_counter()
+    tc = config.train
+    if tc.beam_size < 10:
+        raise ValueError(f"train.beam_size must be >= 10 (top-10 items are kept), got {tc.beam_size}")
+    if tc.patience < 1 or tc.eval_every < 1 or tc.max_epochs < 1 or tc.batch_size < 1:
+        raise ValueError("train.patience, train.eval_every, train.max_epochs and train.batch_size must be >= 1")
+    dev = resolve_device(device)
+    use_autocast = dev.type == "cuda"
+    eval_batch_size = eval_batch_size or (2048 if dev.type == "cuda" else 256)
+
+    seed_everything(config.seed)
+    model = TIGER(config.model, data.codebook_sizes, backend=backend).to(dev)
+    trie = SIDTrie(data.sids, data.codebook_sizes, device=dev)
+    sids = torch.as_tensor(data.sids, dtype=torch.long, device=dev)
+    train = to_device_split(data.train, model, sids, tc.max_history, dev)
+    valid = to_device_split(data.valid, model, sids, tc.max_history, dev)
+    test = to_device_split(data.test, model, sids, tc.max_history, dev)
+    if tc.max_train_examples is not None and tc.max_train_examples < len(train):
+        keep = np.sort(np.random.default_rng(config.seed).choice(len(train), tc.max_train_examples, replace=False))
+        keep = torch.as_tensor(keep, device=dev)
+        train = DeviceSplit(*(t[keep] for t in (train.enc_tokens, train.target_sids, train.target, train.user)))
+
+    n_train = len(train)
+    batch_size = min(tc.batch_size, n_train)
+    steps_per_epoch = n_train // batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=dev.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0)
+    loss_fn = torch.compile(model.loss) if compile_model else model.loss
+    shuffle = torch.Generator().manual_seed(config.seed)
+
+    def train_step(enc_tokens, target_sids):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            loss = loss_fn(enc_tokens, target_sids, tc.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.detach()
+
+    def evaluate(split: DeviceSplit) -> torch.Tensor:
+        return rank_targets(model, split.enc_tokens, split.target, trie, beam_size=tc.beam_size,
+                            batch_size=eval_batch_size, autocast=use_autocast)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    sync()
+    setup_s = time.perf_counter() - t_start
+    log(f"[{config.dataset}/{config.variant}/seed{config.seed}] {n_train} training examples, {steps_per_epoch} "
+        f"steps/epoch of {batch_size}, device {dev}, backend {backend}, config {config.config_hash()}")
+
+    history: list[dict] = []
+    best_recall, best_epoch, best_state, best_valid, evals_without_gain = -1.0, 0, None, None, 0
+    train_s = eval_s = 0.0
+    bar = tqdm(range(1, tc.max_epochs + 1), desc=f"{config.dataset}/{config.variant}/seed{config.seed}",
+               disable=not progress, leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(n_train, generator=shuffle).to(dev)
+        loss_sum = torch.zeros((), device=dev)
+        for step in range(steps_per_epoch):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            loss_sum += train_step(train.enc_tokens[idx], train.target_sids[idx])
+        record = {"epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch}
+        epoch_time = time.perf_counter() - t0
+        train_s += epoch_time
+        record["epoch_time_s"] = epoch_time
+        if not np.isfinite(record["train_loss"]):
+            raise FloatingPointError(f"training loss is {record['train_loss']} at epoch {epoch}")
+
+        if epoch % tc.eval_every == 0 or epoch == tc.max_epochs:
+            t0 = time.perf_counter()
+            metrics = metrics_from_ranks(evaluate(valid))
+            eval_s += time.perf_counter() - t0
+            record.update({f"valid_{k}": v for k, v in metrics.items()})
+            if metrics["recall@10"] > best_recall:
+                best_recall, best_epoch, best_valid, evals_without_gain = metrics["recall@10"], epoch, metrics, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                evals_without_gain += 1
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", r10=f"{metrics['recall@10']:.4f}",
+                            best=f"{best_recall:.4f}@{best_epoch}")
+        history.append(record)
+        if evals_without_gain >= tc.patience:
+            break
+    bar.close()
+
+    model.load_state_dict(best_state)
+    t0 = time.perf_counter()
+    test_ranks = evaluate(test)
+    sync()
+    test_eval_s = time.perf_counter() - t0
+    test_metrics = metrics_from_ranks(test_ranks)
+    wall = time.perf_counter() - t_start
+    epochs = len(history)
+    timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": eval_s, "test_eval_s": test_eval_s,
+               "epoch_time_s": train_s / epochs, "examples_per_s": epochs * steps_per_epoch * batch_size / train_s,
+               "valid_eval_s": eval_s / max(1, sum("valid_recall@10" in h for h in history))}
+    log(f"[{config.dataset}/{config.variant}/seed{config.seed}] best epoch {best_epoch}/{epochs}: valid "
+        f"R@10 {best_valid['recall@10']:.4f}, test R@10 {test_metrics['recall@10']:.4f} "
+        f"NDCG@10 {test_metrics['ndcg@10']:.4f}; {wall:.1f} s")
+    return RunResult(
+        config=config, config_hash=config.config_hash(), device=describe_device(dev), wall_time_s=wall,
+        epochs_trained=epochs, best_epoch=best_epoch, history=history, valid_metrics=best_valid,
+        test_metrics=test_metrics,
+        test_per_user={"user": test.user.cpu().numpy(), "target": test.target.cpu().numpy(),
+                       "rank": test_ranks.cpu().numpy().astype(np.int64)},
+        timings=timings)
+
+
+def describe_device(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    return "cpu"
