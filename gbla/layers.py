@@ -86,7 +86,7 @@ class SelfAttentionLayer(nn.Module):
             bias = torch.zeros((), dtype=q.dtype, device=x.device)
             if self.relative_bias is not None:
                 bias = self.position_bias(L, x.device).to(q.dtype)[None]
-            attn_mask = torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=q.dtype, device=x.device))
+            attn_mask = torch.where(allowed, bias, torch.full((), float("-inf"), dtype=q.dtype, device=x.device))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = self.out(y.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
         if mask is not None:

@@ -42,8 +42,9 @@ class SIDVocab:
 
     def digit_tokens(self, sids: torch.Tensor) -> torch.Tensor:
         """(..., 4) digits -> (..., 4) token ids."""
-        starts = torch.tensor(self.level_starts, device=sids.device)
-        return sids + starts + self.digit_offset
+        # python-int offsets, no tensor built from a list: no host-to-device copy (CUDA-graph safe)
+        return torch.stack([sids[..., level] + (start + self.digit_offset)
+                            for level, start in enumerate(self.level_starts)], dim=-1)
 
     def encoder_tokens(self, user: torch.Tensor, history: torch.Tensor, item_sids: torch.Tensor) -> torch.Tensor:
         """user (n,), history (n, Hmax) item indices (-1 = pad), item_sids (num_items, 4) ->

@@ -79,12 +79,15 @@ def to_device_split(split, model: TIGER, sids: torch.Tensor, max_history: int, d
 
 
 def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend: str = "auto",
-                       progress: bool = True, log=print, compile_model: bool = False,
+                       progress: bool = True, log=print, step_mode: str = "auto",
                        eval_batch_size: int | None = None) -> RunResult:
     """Train to early stopping on validation Recall@10, restore the best weights, evaluate on test.
 
-    `compile_model` wraps the training loss in torch.compile (CUDA); `device`, `backend`,
-    `compile_model` and `eval_batch_size` are runtime choices, not part of the config hash."""
+    step_mode: "eager"; "compile" (torch.compile of the loss); "cuda_graph" (the whole training step,
+    forward + backward + AdamW, captured once and replayed: one launch per step instead of hundreds);
+    "auto" = "cuda_graph" on CUDA, "eager" elsewhere (gbla/bench/train_speed.py measured the choice).
+    `device`, `backend`, `step_mode` and `eval_batch_size` are runtime choices, not part of the
+    config hash."""
     t_start = time.perf_counter()
     tc = config.train
     if tc.beam_size < 10:
@@ -92,6 +95,10 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
     if tc.patience < 1 or tc.eval_every < 1 or tc.max_epochs < 1 or tc.batch_size < 1:
         raise ValueError("train.patience, train.eval_every, train.max_epochs and train.batch_size must be >= 1")
     dev = resolve_device(device)
+    if step_mode == "auto":
+        step_mode = "cuda_graph" if dev.type == "cuda" else "eager"
+    if step_mode not in STEP_MODES or (step_mode == "cuda_graph" and dev.type != "cuda"):
+        raise ValueError(f"step_mode must be one of {STEP_MODES} ('cuda_graph' needs CUDA), got {step_mode!r}")
     use_autocast = dev.type == "cuda"
     eval_batch_size = eval_batch_size or (2048 if dev.type == "cuda" else 256)
 
@@ -110,21 +117,8 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
     n_train = len(train)
     batch_size = min(tc.batch_size, n_train)
     steps_per_epoch = n_train // batch_size
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                                  fused=dev.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0)
-    loss_fn = torch.compile(model.loss) if compile_model else model.loss
+    train_step = TrainStep(model, train, tc, batch_size, step_mode, use_autocast)
     shuffle = torch.Generator().manual_seed(config.seed)
-
-    def train_step(enc_tokens, target_sids):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            loss = loss_fn(enc_tokens, target_sids, tc.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        return loss.detach()
 
     def evaluate(split: DeviceSplit) -> torch.Tensor:
         return rank_targets(model, split.enc_tokens, split.target, trie, beam_size=tc.beam_size,
@@ -137,7 +131,8 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
     sync()
     setup_s = time.perf_counter() - t_start
     log(f"[{config.dataset}/{config.variant}/seed{config.seed}] {n_train} training examples, {steps_per_epoch} "
-        f"steps/epoch of {batch_size}, device {dev}, backend {backend}, config {config.config_hash()}")
+        f"steps/epoch of {batch_size}, device {dev}, backend {backend}, step {step_mode}, "
+        f"config {config.config_hash()}")
 
     history: list[dict] = []
     best_recall, best_epoch, best_state, best_valid, evals_without_gain = -1.0, 0, None, None, 0
@@ -150,8 +145,7 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
         order = torch.randperm(n_train, generator=shuffle).to(dev)
         loss_sum = torch.zeros((), device=dev)
         for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            loss_sum += train_step(train.enc_tokens[idx], train.target_sids[idx])
+            loss_sum += train_step(order[step * batch_size:(step + 1) * batch_size])
         record = {"epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch}
         epoch_time = time.perf_counter() - t0
         train_s += epoch_time
@@ -197,6 +191,77 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
         test_per_user={"user": test.user.cpu().numpy(), "target": test.target.cpu().numpy(),
                        "rank": test_ranks.cpu().numpy().astype(np.int64)},
         timings=timings)
+
+
+STEP_MODES = ("eager", "compile", "cuda_graph")
+
+
+class TrainStep:
+    """One optimisation step on the training examples at `idx` (a device tensor of batch_size indices);
+    returns the loss as a device scalar (no host sync).
+
+    cuda_graph: the first WARMUP_STEPS steps run eagerly on a side stream (real steps, they count;
+    they also let Triton autotune and cuBLAS pick kernels), then forward + backward + AdamW are
+    captured into one CUDA graph whose replays read the batch indices from a static buffer. Dropout
+    stays random per replay (PyTorch advances the graph's Philox offset)."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, model, train: DeviceSplit, tc, batch_size: int, mode: str, use_autocast: bool):
+        self.model, self.train, self.mode, self.use_autocast = model, train, mode, use_autocast
+        self.label_smoothing = tc.label_smoothing
+        self.warmup_steps, self.base_lr, self.steps_done = tc.warmup_steps, tc.lr, 0
+        graphed = mode == "cuda_graph"
+        # a tensor lr lets a captured optimizer see warm-up changes; a float is baked into the graph
+        lr = torch.tensor(tc.lr, device=train.target.device) if graphed and tc.warmup_steps > 0 else tc.lr
+        on_cuda = train.target.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc.weight_decay,
+                                           fused=on_cuda, capturable=graphed)
+        self.loss_fn = torch.compile(model.loss) if mode == "compile" else model.loss
+        self.graph = None
+        if graphed:
+            self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=train.target.device)
+
+    def _set_lr(self):
+        if self.warmup_steps <= 0:
+            return
+        lr = self.base_lr * min(1.0, (self.steps_done + 1) / self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def _step(self, idx):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_autocast, cache_enabled=False):
+            loss = self.loss_fn(self.train.enc_tokens[idx], self.train.target_sids[idx], self.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        self._set_lr()
+        self.steps_done += 1
+        if self.mode != "cuda_graph":
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._step(idx)
+        if self.graph is None and self.steps_done <= self.WARMUP_STEPS:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self._step(idx)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            torch.cuda.synchronize()
+            self.optimizer.zero_grad(set_to_none=True)  # backward inside the graph then writes fresh grads
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_loss = self._step(self.static_idx)
+        self.static_idx.copy_(idx)
+        self.graph.replay()
+        return self.static_loss.clone()
 
 
 def describe_device(dev: torch.device) -> str:
