@@ -57,6 +57,7 @@ def core_reviews():
 
 def write_raw(root: Path, dataset="beauty", reviews=None, metas=None) -> Path:
     reviews_name, meta_name = amazon.raw_file_names(dataset)
+    root.mkdir(parents=True, exist_ok=True)
     write_gz_lines(root / reviews_name, reviews if reviews is not None else core_reviews())
     if metas is None:
         metas = [meta_line(f"I{i}", title=f"Item {i}", categories=[["Beauty"]], price=1.5 + i) for i in range(10)]

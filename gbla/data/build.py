@@ -196,6 +196,10 @@ def timing_table(metas: dict[str, dict]) -> str:
     return _md_table(["dataset"] + keys, rows)
 
 
+def _short_commit(commit: str) -> str:
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def write_report(metas: dict[str, dict], path: Path, command: str, wall_s: float) -> None:
     any_meta = next(iter(metas.values()))
     text = "\n\n".join([
@@ -219,7 +223,7 @@ def write_report(metas: dict[str, dict], path: Path, command: str, wall_s: float
                    "source sha256"],
                   [[n, m["provenance"]["fingerprint"], m["provenance"]["build_key"],
                     m["provenance"]["params"]["embedding_model"], m["provenance"]["params"]["seed"],
-                    m["provenance"]["commit"][:12],
+                    _short_commit(m["provenance"]["commit"]),
                     "<br>".join(f"{f}: `{h[:16]}…`" for f, h in m["provenance"]["source_files"].items())]
                    for n, m in metas.items()]),
     ]) + "\n"
