@@ -240,12 +240,12 @@ def smoke(tmp_path_factory):
     """The smoke profile cut to 1 epoch on a small synthetic set, plus a variant that fails on purpose."""
     tmp = tmp_path_factory.mktemp("grid")
     data = yaml.safe_load(PARAMS.read_text())
-    data["synthetic"] = {"num_users": 120, "num_items": 40, "seed": 0}
     data["variants"].append({"name": "broken", "description": "fails on purpose: negative width",
                              "encoder_layout": ["sa"], "model": {"d_model": -1}})
     smoke_profile = data["profiles"]["smoke"]
     smoke_profile["variants"] = ["sa", "hybrid", "broken"]
     smoke_profile["seeds"] = [0, 1]
+    smoke_profile["synthetic"] = {"num_users": 120, "num_items": 40, "seed": 0}
     smoke_profile["train"].update(max_epochs=1, max_train_examples=256)
     data["runtime"].update(runs_root=str(tmp / "runs"), reports_root=str(tmp / "reports"),
                            reports=[str(_fake_report(tmp / "fake_report.ipynb")), str(tmp / "absent.ipynb")])
