@@ -224,7 +224,7 @@ def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=stats.METRI
                 if variant != reference:
                     tasks.append((dataset, reference, variant))
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain text bar: no ipywidgets needed in notebooks
         tasks = tqdm(tasks, desc="comparisons")
     for dataset, reference, variant in tasks:
         g = ok[ok["dataset"] == dataset]
