@@ -13,7 +13,8 @@ outputs/reports/ (ipynb + HTML) and outputs/runs/summary.json says what ran, was
 Runs execute on a Dask cluster: locally one worker per GPU (pinned with CUDA_VISIBLE_DEVICES) with
 `runs_per_gpu` threads, i.e. concurrent runs, each a papermill subprocess; without GPUs a small
 LocalCluster; with `--cluster slurm` a dask_jobqueue.SLURMCluster (one job = one worker = one GPU)
-fed through exactly the same submit code.
+fed through exactly the same submit code. On Slurm the repo, its .venv and the runs/reports folders
+must be on a file system the compute nodes share (the workers run this venv's python).
 """
 from __future__ import annotations
 
@@ -710,7 +711,7 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
         out = reports_root / f"{src.stem}-{grid.profile}.ipynb"
         html = out.with_suffix(".html")
         wanted = {"runs_root": str(grid.runs_root), "params_file": str(grid.params_file.resolve()),
-                  "profile": grid.profile, "output": str(reports_root)}
+                  "profile": grid.profile, "output": str(reports_root), "output_dir": str(reports_root)}
         declared = pm.inspect_notebook(str(src))
         params = {k: v for k, v in wanted.items() if k in declared} if declared else wanted
         entry = {"notebook": str(src), "ipynb": str(out), "html": str(html), "status": "ok"}
@@ -771,12 +772,15 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
         f"datasets x {len(set(c.variant for c in configs))} variants x {len(set(c.seed for c in configs))} seeds; "
         f"{len(done)} done, {len(todo)} to run on {plan.description}")
     log(f"runs: {runs_root}")
+    processed_root = (overrides or {}).get("processed_root") or grid.processed_root
     if dry_run:
         for c in todo:
             log(f"  would run {c.dataset}/{c.variant}/seed{c.seed} (config {c.config_hash()})")
+        absent = sorted({c.dataset for c in todo if not dataset_available(c.dataset, processed_root)})
+        if absent:
+            log(f"  processed data missing for {absent}: `make data` builds it")
         return {"profile": grid.profile, "total": len(configs), "done": len(done), "to_run": len(todo)}
 
-    processed_root = (overrides or {}).get("processed_root") or grid.processed_root
     check_datasets(grid, sorted({c.dataset for c in todo}), processed_root)
     tasks = [make_task(grid, c, plan.cpu_threads, overrides) for c in todo]
     outcomes, interrupted = [], False
@@ -803,6 +807,7 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     atomic_write_json(summary_path, summary)
     if aggregate and not interrupted:
         summary["reports"] = run_reports(grid, grid.runtime["reports"], log=log)
+        summary["wall_s"] = round(time.time() - t0, 1)
         atomic_write_json(summary_path, summary)
 
     frame = collect_runs(runs_root, configs)
