@@ -103,8 +103,6 @@ def _lines(path: Path):
                     seen = True
                     yield number, line
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        if isinstance(e, DataFormatError):
-            raise
         raise DataFormatError(path, f"cannot read file ({type(e).__name__}: {e})") from e
     if not seen:
         raise DataFormatError(path, "file is empty")

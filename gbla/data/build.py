@@ -104,6 +104,7 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
         return existing
 
     timings = {}
+    cpu_start, load_start = time.process_time(), os.getloadavg()[0]
     t = time.perf_counter()
     data = amazon.load_dataset(dataset, source_dir=source_dir, raw=raw, k_core=k_core)
     item_asins, sequences = data.index()
@@ -146,6 +147,10 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
     save_processed(ds, out_dir)
     timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
+    # CPU seconds of this process (all threads) and the machine's load: on a shared machine the wall
+    # time depends on what else runs, so both are recorded next to it
+    timings["cpu_s"] = time.process_time() - cpu_start
+    timings["loadavg_1min_start"], timings["loadavg_1min_end"] = load_start, os.getloadavg()[0]
     provenance["timings"] = {k: round(v, 2) for k, v in timings.items()}
     # timings are known only after saving: rewrite meta.json (atomic replace of one file)
     meta = read_meta(out_dir)
@@ -191,7 +196,8 @@ def sid_table(metas: dict[str, dict]) -> str:
 
 
 def timing_table(metas: dict[str, dict]) -> str:
-    keys = ["parse_s", "split_s", "embed_s", "semantic_ids_s", "save_s", "total_s"]
+    keys = ["parse_s", "split_s", "embed_s", "semantic_ids_s", "save_s", "total_s", "cpu_s",
+            "loadavg_1min_start", "loadavg_1min_end"]
     rows = [[name] + [m["provenance"].get("timings", {}).get(k, "") for k in keys] for name, m in metas.items()]
     return _md_table(["dataset"] + keys, rows)
 
@@ -205,7 +211,8 @@ def write_report(metas: dict[str, dict], path: Path, command: str, wall_s: float
     text = "\n\n".join([
         "# Processed-data build report",
         f"Command: `{command}`  \nWall time of this invocation: {wall_s:.1f} s  \n"
-        f"Commit: `{git_commit()}`  \nMachine: {machine()}  \n"
+        f"Commit: `{git_commit()}`  \nMachine: {machine()}; 1-minute load average at the end: "
+        f"{os.getloadavg()[0]:.2f}  \n"
         f"Written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         "Per-dataset timings below are those of the run that built each dataset (a skipped dataset keeps "
         "its original timings and build commit, listed at the end).",
