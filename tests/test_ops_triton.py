@@ -181,3 +181,17 @@ def test_padded_inf_key_weight():
     for name in g_fin:
         assert torch.isfinite(g_inf[name]).all(), name
         assert torch.equal(g_inf[name], g_fin[name]), name
+
+
+@pytest.mark.parametrize("lowp", [True, False])
+def test_bf16_operand_and_tf32_paths(lowp, monkeypatch):
+    """Both dot-operand choices for 16-bit inputs (bf16 operands vs fp32/tf32 operands) match."""
+    from gbla.ops import triton_gbla
+    monkeypatch.setitem(triton_gbla.CONFIG_OVERRIDE, "lowp", lowp)
+    for L, E, norm in ((257, 64, "none"), (17, 32, "rmsnorm_gated")):
+        tensors, mask, grad_out = make_inputs(3, L, 2, E, torch.bfloat16, True, norm, "pad")
+        out_tri, g_tri = run(gbla_attention_triton, tensors, mask, grad_out, norm)
+        out_64, g_64 = run(gbla_attention_reference, tensors, mask, grad_out, norm, upcast=True)
+        assert_close("out", out_tri, out_64, torch.bfloat16)
+        for name in g_64:
+            assert_close(f"d{name}", g_tri[name], g_64[name], torch.bfloat16)

@@ -34,10 +34,11 @@ import torch
 D_MODEL, HEADS, HEAD_DIM, TOKENS = 512, 8, 64, 32768
 LENGTHS = (1024, 4096, 16384, 32768, 65536)
 SDPA_IMPLS = {"sa-flash": "FLASH_ATTENTION", "sa-cudnn": "CUDNN_ATTENTION", "sa-efficient": "EFFICIENT_ATTENTION"}
-ENCODER_LAYOUTS = {
+GRAPH_IMPLS = ("sa-flash", "sa-cudnn", "gbla-triton")  # also timed as CUDA-graph replays (GPU time only)
+ENCODER_LAYOUTS = {  # "enc4-fork" = sa, gbla, gbla, sa (the fork's hybrid)
     "enc4-sa": ["sa"] * 4,
     "enc4-1:1": ["sa", "gbla"] * 2,
-    "enc4-fork(sa,gbla,gbla,sa)": ["sa", "gbla", "gbla", "sa"],
+    "enc4-fork": ["sa", "gbla", "gbla", "sa"],
     "enc4-gbla": ["gbla"] * 4,
     "enc6-sa": ["sa"] * 6,
     "enc6-1:1": ["sa", "gbla"] * 3,
@@ -92,7 +93,33 @@ def peak_mib(fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def measure(results: Results, level, impl, L, B, pass_, fn, context=None):
+def cuda_graph_replay(fn):
+    """Capture fn (after warm-up on a side stream, as torch.cuda.graph requires) and return the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def host_ms(fn, n=30) -> float:
+    """CPU time to issue one call (no synchronization inside the loop): when this exceeds the GPU
+    time, eager timings measure the launch path, not the kernels."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = (time.perf_counter() - t) / n
+    torch.cuda.synchronize()
+    return elapsed * 1e3
+
+
+def measure(results: Results, level, impl, L, B, pass_, fn, context=None, graph=False):
     """Time fn (inside `context()` if given); record an error row instead of raising."""
     import contextlib
     ctx = context or contextlib.nullcontext
@@ -100,12 +127,17 @@ def measure(results: Results, level, impl, L, B, pass_, fn, context=None):
         with ctx():
             fn()  # first call: compilation, autotuning, cuDNN plans
             torch.cuda.synchronize()
-            mem = peak_mib(fn)
+            if graph:
+                fn = cuda_graph_replay(fn)
+            mem = None if graph else peak_mib(fn)
             ms = bench_ms(fn)
-        results.add(level=level, impl=impl, L=L, B=B, **{"pass": pass_}, median_ms=ms, peak_mem_mib=mem)
+            host = host_ms(fn)
+        results.add(level=level, impl=impl + ("+graph" if graph else ""), L=L, B=B, **{"pass": pass_},
+                    median_ms=ms, peak_mem_mib=mem, host_ms=host)
     except Exception as err:  # noqa: BLE001 - recorded, the benchmark goes on
         msg = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-        results.add(level=level, impl=impl, L=L, B=B, **{"pass": pass_}, median_ms=None, error=msg)
+        results.add(level=level, impl=impl + ("+graph" if graph else ""), L=L, B=B, **{"pass": pass_},
+                    median_ms=None, error=msg)
     finally:
         torch.cuda.empty_cache()
 
@@ -173,21 +205,33 @@ def core_section(meta: dict, lengths, sweep: bool):
     if sweep:
         results = []
         base = dict(triton_gbla.CONFIG_OVERRIDE)
-        configs = [dict(block_l=bl, num_warps=w, num_stages=3) for bl in (32, 64, 128) for w in (4, 8)]
-        configs += [dict(block_l=64, num_warps=4, num_stages=2)]
-        configs += [dict(block_l=64, num_warps=4, num_stages=3, programs_per_sm=p) for p in (2, 8)]
+        configs = [dict(block_l=64, num_warps=4, num_stages=3, lowp=False),
+                   dict(block_l=64, num_warps=4, num_stages=2, lowp=False)]
+        configs += [dict(block_l=bl, num_warps=w, num_stages=st, lowp=True)
+                    for bl, w, st in ((64, 4, 3), (64, 4, 2), (32, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 2))]
+        configs += [dict(block_l=64, num_warps=4, num_stages=2, lowp=True, programs_per_sm=p) for p in (2, 8)]
+        totals = {}
         for L in (1024, 32768):
             fwd, fwd_bwd, fb, bb, _ = op_fns(TOKENS // L, L)
-            for cfg in configs:
+            for i, cfg in enumerate(configs):
                 triton_gbla.CONFIG_OVERRIDE.clear()
                 triton_gbla.CONFIG_OVERRIDE.update(cfg)
                 try:
                     fwd_bwd()
                     tf, tb = bench_ms(fwd, 100), bench_ms(fwd_bwd, 100)
-                    results.append(dict(L=L, **cfg, fwd_ms=tf, fwd_bwd_ms=tb, fwd_frac_copy=fb / (tf * 1e-3) / copy["bytes_per_s"]))
+                    g_f, g_fb = cuda_graph_replay(fwd), cuda_graph_replay(fwd_bwd)
+                    gf, gb = bench_ms(g_f, 100), bench_ms(g_fb, 100)
+                    results.append(dict(L=L, **cfg, fwd_ms=tf, fwd_bwd_ms=tb, graph_fwd_ms=gf, graph_fwd_bwd_ms=gb,
+                                        graph_fwd_frac_copy=fb / (gf * 1e-3) / copy["bytes_per_s"]))
+                    totals[i] = totals.get(i, 0.0) + gf + gb
                 except Exception as err:  # noqa: BLE001
                     results.append(dict(L=L, **cfg, error=f"{type(err).__name__}: {str(err)[:200]}"))
+                    totals[i] = float("inf")
                 print("  sweep", results[-1], flush=True)
+        best = configs[min(totals, key=totals.get)]
+        meta["chosen_config"] = best
+        print("  chosen (lowest graph fwd + fwd+bwd, L = 1024 and 32768):", best, flush=True)
+        base = dict(best)
         triton_gbla.CONFIG_OVERRIDE.clear()
         triton_gbla.CONFIG_OVERRIDE.update(base)
         meta["core_sweep"] = results
@@ -197,11 +241,17 @@ def core_section(meta: dict, lengths, sweep: bool):
         fwd, fwd_bwd, fb, bb, _ = op_fns(B, L)
         fwd_bwd()
         tf, tf2, tb = bench_ms(fwd), bench_ms(fwd), bench_ms(fwd_bwd)
+        gf, gb = bench_ms(cuda_graph_replay(fwd)), bench_ms(cuda_graph_replay(fwd_bwd))
         core[str(L)] = dict(B=B, fwd_ms=tf, fwd_ms_repeat=tf2, fwd_bwd_ms=tb, fwd_bytes=fb, fwd_bwd_bytes=bb,
+                            graph_fwd_ms=gf, graph_fwd_bwd_ms=gb, host_fwd_ms=host_ms(fwd), host_fwd_bwd_ms=host_ms(fwd_bwd),
+                            graph_fwd_frac_of_copy=fb / (gf * 1e-3) / copy["bytes_per_s"],
+                            graph_fwd_bwd_frac_of_copy=bb / (gb * 1e-3) / copy["bytes_per_s"],
                             fwd_bytes_per_s=fb / (tf * 1e-3), fwd_frac_of_copy=fb / (tf * 1e-3) / copy["bytes_per_s"],
                             fwd_bwd_frac_of_copy=bb / (tb * 1e-3) / copy["bytes_per_s"])
         print(f"  core L={L}: fwd {tf * 1e3:.1f} us ({core[str(L)]['fwd_frac_of_copy']:.2%} of copy), "
-              f"fwd+bwd {tb * 1e3:.1f} us ({core[str(L)]['fwd_bwd_frac_of_copy']:.2%})", flush=True)
+              f"fwd+bwd {tb * 1e3:.1f} us ({core[str(L)]['fwd_bwd_frac_of_copy']:.2%}); graph: fwd {gf * 1e3:.1f} us "
+              f"({core[str(L)]['graph_fwd_frac_of_copy']:.2%}), fwd+bwd {gb * 1e3:.1f} us; host issue "
+              f"{core[str(L)]['host_fwd_ms'] * 1e3:.0f} / {core[str(L)]['host_fwd_bwd_ms'] * 1e3:.0f} us", flush=True)
         if L == 32768:
             core[str(L)]["kernels_us"] = kernel_breakdown(fwd_bwd)
     meta["core"] = core
@@ -296,6 +346,9 @@ def layer_section(results: Results, lengths, impls):
                     p.grad = None
             measure(results, "layer", impl, L, B, "fwd", fwd, context)
             measure(results, "layer", impl, L, B, "fwd+bwd", fwd_bwd, context)
+            if impl in GRAPH_IMPLS:
+                measure(results, "layer", impl, L, B, "fwd", fwd, context, graph=True)
+                measure(results, "layer", impl, L, B, "fwd+bwd", fwd_bwd, context, graph=True)
         torch.cuda.empty_cache()
     results.meta["layer_gbla_triton_vs_torch_rel_err"] = checks
 
@@ -369,23 +422,40 @@ def render(json_path: Path):
             sp = []
             for p in ("fwd", "fwd+bwd"):
                 t = table.xs(p, level="pass")
-                sdpa = t.loc[[i for i in t.index if i.startswith("sa-")]].min()
-                for impl in ("gbla-triton", "gbla-torch-compile"):
-                    if impl in t.index:
-                        sp.append({"pass": p, "impl": impl, **(sdpa / t.loc[impl]).to_dict()})
+                for suffix in ("", "+graph"):
+                    sdpa_rows = [i for i in t.index if i.startswith("sa-") and i.endswith(suffix) and (suffix or "+" not in i)]
+                    if not sdpa_rows:
+                        continue
+                    sdpa = t.loc[sdpa_rows].min()
+                    for impl in ("gbla-triton" + suffix, "gbla-torch-compile" + suffix):
+                        if impl in t.index:
+                            sp.append({"impl": impl, "pass": p, "vs": "best of " + "/".join(sdpa_rows),
+                                       **(sdpa / t.loc[impl]).to_dict()})
             if sp:
-                lines += ["## speedup of the GBLA layer over the best SDPA backend at each L", "",
-                          md_table(pd.DataFrame(sp).set_index(["impl", "pass"]), ".1f"), ""]
+                lines += ["## speedup of the GBLA layer over the best SDPA backend at each L "
+                          "(eager vs eager, CUDA graph vs CUDA graph)", "",
+                          md_table(pd.DataFrame(sp).set_index(["impl", "pass", "vs"]), ".1f"), ""]
+            if "host_ms" in sub:
+                host = sub.pivot_table(index=["impl", "pass"], columns="L", values="host_ms")
+                lines += ["## layer level: host (CPU) time to issue one call, ms (eager rows: when it exceeds the "
+                          "GPU time above, the eager timing is launch-bound)", "", md_table(host), ""]
     err = df[df["error"].notna()]
     if not err.empty:
         lines += ["## failed measurements", "", md_table(err[["level", "impl", "L", "pass", "error"]].set_index("level")), ""]
     if "core" in meta:
         cb = meta["copy_bandwidth"]["bytes_per_s"]
         lines += [f"## core kernel roofline (copy bandwidth measured in the same run: {cb / 1e12:.2f} TB/s)", "",
-                  "| L | B | fwd us | fwd TB/s | fwd / copy | fwd+bwd us | fwd+bwd / copy |", "|---|---|---|---|---|---|---|"]
+                  "bytes = q, k, v, z read + o written (bf16) + key weights (fp32); fwd+bwd adds dy read and "
+                  "dq, dk, dv, dz, dlw written. Graph = CUDA-graph replay (GPU time only).", "",
+                  "| L | B | fwd us | fwd / copy | fwd us (graph) | fwd / copy (graph) | fwd+bwd us | "
+                  "fwd+bwd us (graph) | fwd+bwd / copy (graph) |", "|---|---|---|---|---|---|---|---|---|"]
         for L, c in meta["core"].items():
-            lines.append(f"| {L} | {c['B']} | {c['fwd_ms'] * 1e3:.1f} | {c['fwd_bytes_per_s'] / 1e12:.2f} | "
-                         f"{c['fwd_frac_of_copy']:.1%} | {c['fwd_bwd_ms'] * 1e3:.1f} | {c['fwd_bwd_frac_of_copy']:.1%} |")
+            lines.append(f"| {L} | {c['B']} | {c['fwd_ms'] * 1e3:.1f} | {c['fwd_frac_of_copy']:.1%} | "
+                         f"{c.get('graph_fwd_ms', float('nan')) * 1e3:.1f} | {c.get('graph_fwd_frac_of_copy', float('nan')):.1%} | "
+                         f"{c['fwd_bwd_ms'] * 1e3:.1f} | {c.get('graph_fwd_bwd_ms', float('nan')) * 1e3:.1f} | "
+                         f"{c.get('graph_fwd_bwd_frac_of_copy', float('nan')):.1%} |")
+        if "chosen_config" in meta:
+            lines += ["", f"Launch configuration chosen by the sweep in this run: `{meta['chosen_config']}`"]
         lines.append("")
     (out_dir / "layer_speed.md").write_text("\n".join(lines) + "\n")
 

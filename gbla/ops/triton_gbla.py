@@ -39,6 +39,7 @@ Written against the Triton 3.6 API (no newer features) and runnable under TRITON
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -71,6 +72,28 @@ def _dphi(t):
 
 
 @triton.jit
+def _mm(a, b, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """a @ b, fp32 accumulate. LOWP 0: fp32 operands at DOT_PREC; 1: bf16 operands (16-bit inputs);
+    2: the same bf16 rounding, multiplied as fp32 (the Triton 3.9 interpreter's bf16 dot is wrong)."""
+    if LOWP == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif LOWP == 2:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _mm_acc(a, b, acc, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
+    if LOWP == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif LOWP == 2:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK: tl.constexpr):
     valid = rows < L
     if HAS_MASK:
@@ -85,7 +108,7 @@ def _state_kernel(
     skb, skl, skh, svb, svl, svh, slb, sll, slh, smb, sml,
     L, H, TILES,
     E: tl.constexpr, BLOCK_L: tl.constexpr, HAS_LW: tl.constexpr, HAS_MASK: tl.constexpr,
-    NEED_KSUM: tl.constexpr, DOT_PREC: tl.constexpr,
+    NEED_KSUM: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """Partial S = sum_j k'_j v'_j^T (and s = sum_j k'_j) over one chunk of TILES*BLOCK_L tokens."""
     pid_c = tl.program_id(0)
@@ -110,7 +133,7 @@ def _state_kernel(
             kp = kp * tl.exp(lw)[:, None]
         kp = tl.where(valid[:, None], kp, 0.0)
         vv = tl.where(valid[:, None], vv, 0.0)
-        acc = tl.dot(tl.trans(kp), vv, acc, input_precision=DOT_PREC)
+        acc = _mm_acc(tl.trans(kp), vv, acc, LOWP, DOT_PREC)
         if NEED_KSUM:
             ksum += tl.sum(kp, axis=0)
     out = spart_ptr + (pid_c * tl.num_programs(1) + pid_bh) * E * E
@@ -125,7 +148,7 @@ def _output_kernel(
     sqb, sql, sqh, szb, szl, szh, smb, sml, sob, sol, soh,
     L, H, TILES, eps,
     E: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, HAS_NW: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """o_i for one chunk of queries, from the reduced state S (and s for "none")."""
     pid_c = tl.program_id(0)
@@ -137,7 +160,10 @@ def _output_kernel(
     if NORM == 0:
         ks = tl.load(ks_ptr + pid_bh * E + cols)
     else:
-        inv_n = 1.0 / tl.load(nreal_ptr + b)
+        if HAS_MASK:
+            inv_n = 1.0 / tl.load(nreal_ptr + b)
+        else:
+            inv_n = 1.0 / L
         if HAS_NW:
             nw = tl.load(nw_ptr + cols).to(tl.float32)
     q_base = q_ptr + b * sqb + h * sqh
@@ -149,7 +175,7 @@ def _output_kernel(
         in_seq = (rows < L)[:, None]
         qq = tl.load(q_base + rows[:, None] * sql + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
         p = _phi(qq)
-        num = tl.dot(p, S, input_precision=DOT_PREC)
+        num = _mm(p, S, LOWP, DOT_PREC)
         if NORM == 0:
             den = tl.sum(p * ks[None, :], axis=1) + eps
             o = num / den[:, None]
@@ -173,7 +199,7 @@ def _bwd_query_kernel(
     sqb, sql, sqh, szb, szl, szh, sgb, sgl, sgh, smb, sml, sob, sol, soh,
     L, H, TILES, eps,
     E: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, HAS_NW: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """dq, dz per query; partial dS = sum_i p_i dnum_i^T, ds = sum_i dd_i p_i, dw over one chunk."""
     pid_c = tl.program_id(0)
@@ -187,7 +213,10 @@ def _bwd_query_kernel(
         ks = tl.load(ks_ptr + pid_bh * E + cols)
         dks = tl.zeros((E,), dtype=tl.float32)
     else:
-        inv_n = 1.0 / tl.load(nreal_ptr + b)
+        if HAS_MASK:
+            inv_n = 1.0 / tl.load(nreal_ptr + b)
+        else:
+            inv_n = 1.0 / L
         if HAS_NW:
             nw = tl.load(nw_ptr + cols).to(tl.float32)
             dnw = tl.zeros((E,), dtype=tl.float32)
@@ -203,13 +232,13 @@ def _bwd_query_kernel(
         g = tl.load(g_base + rows[:, None] * sgl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
         g = tl.where(valid[:, None], g, 0.0)
         p = _phi(qq)
-        num = tl.dot(p, S, input_precision=DOT_PREC)
+        num = _mm(p, S, LOWP, DOT_PREC)
         if NORM == 0:
             den = tl.sum(p * ks[None, :], axis=1) + eps
             o = num / den[:, None]
             dnum = g / den[:, None]
             dd = -tl.sum(g * o, axis=1) / den
-            dp = tl.dot(dnum, tl.trans(S), input_precision=DOT_PREC) + dd[:, None] * ks[None, :]
+            dp = _mm(dnum, tl.trans(S), LOWP, DOT_PREC) + dd[:, None] * ks[None, :]
             dks += tl.sum(dd[:, None] * p, axis=0)
         else:
             x = num * inv_n
@@ -231,10 +260,10 @@ def _bwd_query_kernel(
                 gy = gy * nw[None, :]
             dx = r[:, None] * (gy - y * (tl.sum(gy * y, axis=1) / E)[:, None])
             dnum = dx * inv_n
-            dp = tl.dot(dnum, tl.trans(S), input_precision=DOT_PREC)
+            dp = _mm(dnum, tl.trans(S), LOWP, DOT_PREC)
         dq = dp * _dphi(qq)
         tl.store(dq_ptr + b * sob + h * soh + offs, dq.to(dq_ptr.dtype.element_ty), mask=in_seq)
-        dS = tl.dot(tl.trans(p), dnum, dS, input_precision=DOT_PREC)
+        dS = _mm_acc(tl.trans(p), dnum, dS, LOWP, DOT_PREC)
     part = pid_c * tl.num_programs(1) + pid_bh
     tl.store(dspart_ptr + part * E * E + cols[:, None] * E + cols[None, :], dS)
     if NORM == 0:
@@ -249,7 +278,7 @@ def _bwd_key_kernel(
     skb, skl, skh, svb, svl, svh, slb, sll, slh, smb, sml, sob, sol, soh, sdlb, sdll, sdlh,
     L, H, TILES,
     E: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, HAS_LW: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """dk'_j = dS v'_j + ds, dv'_j = dS^T k'_j, then through the mask, key weight and phi."""
     pid_c = tl.program_id(0)
@@ -276,10 +305,10 @@ def _bwd_key_kernel(
             a = tl.exp(lw)
             kp = kp * a[:, None]
         kp = tl.where(valid[:, None], kp, 0.0)
-        dkp = tl.dot(vv, tl.trans(dS), input_precision=DOT_PREC)
+        dkp = _mm(vv, tl.trans(dS), LOWP, DOT_PREC)
         if NORM == 0:
             dkp = dkp + dks[None, :]
-        dv = tl.dot(kp, dS, input_precision=DOT_PREC)
+        dv = _mm(kp, dS, LOWP, DOT_PREC)
         dk = dkp * _dphi(kk)
         if HAS_LW:
             dk = dk * a[:, None]
@@ -293,9 +322,14 @@ def _bwd_key_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _num_sms_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
@@ -318,13 +352,20 @@ def launch_config(B: int, L: int, H: int, E: int, device: torch.device) -> dict:
     num_warps = CONFIG_OVERRIDE.get("num_warps", num_warps)
     num_stages = CONFIG_OVERRIDE.get("num_stages", num_stages)
     programs_per_sm = CONFIG_OVERRIDE.get("programs_per_sm", 4)
+    lowp = CONFIG_OVERRIDE.get("lowp", False)
     n_tiles = triton.cdiv(L, block_l)
     target_programs = programs_per_sm * _num_sms(device)
     chunks_wanted = max(1, target_programs // (B * H))
     tiles_per_chunk = max(1, triton.cdiv(n_tiles, chunks_wanted))
     n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
     return dict(BLOCK_L=block_l, TILES=tiles_per_chunk, n_chunks=n_chunks, num_warps=num_warps,
-                num_stages=num_stages)
+                num_stages=num_stages, lowp=lowp)
+
+
+def _lowp_code(cfg: dict, dtype: torch.dtype) -> int:
+    if not cfg["lowp"] or dtype == torch.float32:
+        return 0
+    return 2 if _interpreting() else 1
 
 
 def _strides4(t):
@@ -362,14 +403,14 @@ class _GBLAAttention(torch.autograd.Function):
         _state_kernel[grid](
             k, v, lw, m, s_part, ks_part, *_strides4(k), *_strides4(v), *lw_strides, *m_strides,
             L, H, cfg["TILES"], E=E, BLOCK_L=cfg["BLOCK_L"], HAS_LW=has_lw, HAS_MASK=has_mask,
-            NEED_KSUM=norm_code == 0, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            NEED_KSUM=norm_code == 0, DOT_PREC=dot_prec, LOWP=_lowp_code(cfg, q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         state = s_part.sum(0) if nc > 1 else s_part[0]
         ksum = (ks_part.sum(0) if nc > 1 else ks_part[0]) if norm_code == 0 else state
         out = torch.empty((B, L, H, E), device=q.device, dtype=q.dtype)
         _output_kernel[grid](
             q, zz, m, state, ksum, nw, n_real, out, *_strides4(q), *z_strides, *m_strides, *_strides4(out),
             L, H, cfg["TILES"], eps, E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=_lowp_code(cfg, q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         ctx.save_for_backward(q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, state,
                               ksum if norm_code == 0 else None)
         ctx.cfg, ctx.dot_prec, ctx.norm_code, ctx.eps = cfg, dot_prec, norm_code, eps
@@ -408,7 +449,7 @@ class _GBLAAttention(torch.autograd.Function):
             dq, dz, ds_part, dks_part, dnw_part,
             *_strides4(q), *z_strides, *_strides4(g), *m_strides, *_strides4(dq),
             L, H, cfg["TILES"], eps, E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=_lowp_code(cfg, q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dstate = ds_part.sum(0) if nc > 1 else ds_part[0]
         dksum = (dks_part.sum(0) if nc > 1 else dks_part[0]) if norm_code == 0 else dstate
         _bwd_key_kernel[grid](
@@ -416,7 +457,7 @@ class _GBLAAttention(torch.autograd.Function):
             *_strides4(k), *_strides4(v), *lw_strides, *m_strides, *_strides4(dk),
             *(dlw.stride() if has_lw else (0, 0, 0)),
             L, H, cfg["TILES"], E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_LW=has_lw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=_lowp_code(cfg, q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         d_nw = None
         if has_nw and ctx.needs_input_grad[6]:
             d_nw = dnw_part.sum((0, 1)).to(norm_weight.dtype)
@@ -460,7 +501,7 @@ def gbla_attention_triton(
         n_real = mask.sum(dim=1).clamp(min=1).to(torch.float32)
     else:
         mask_u8 = None
-        n_real = torch.full((B,), float(L), device=q.device, dtype=torch.float32)
+        n_real = q  # unused: without a mask the kernels divide by L
     return _GBLAAttention.apply(q, k, v, key_log_weight, mask_u8, z, nw, n_real, norm_code, float(eps))
 
 
