@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from gbla.config import LAYER_TYPES, GBLAOptions, ModelConfig, RunConfig, TrainConfig
-from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, REPO_ROOT, SYNTHETIC, _now, atomic_write_json,
+from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, REPO_ROOT, _now, atomic_write_json,
                        atomic_write_text, collect_runs, dataset_available, dataset_path, git_commit, is_done,
                        record_failure, run_dir_for)
 
@@ -729,7 +729,7 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
     return results
 
 
-def check_datasets(grid: Grid, datasets: Iterable[str], processed_root: Path | None) -> None:
+def check_datasets(datasets: Iterable[str], processed_root: Path | None) -> None:
     missing = [d for d in datasets if not dataset_available(d, processed_root)]
     if missing:
         where = ", ".join(str(dataset_path(d, processed_root)) for d in missing)
@@ -781,7 +781,7 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
             log(f"  processed data missing for {absent}: `make data` builds it")
         return {"profile": grid.profile, "total": len(configs), "done": len(done), "to_run": len(todo)}
 
-    check_datasets(grid, sorted({c.dataset for c in todo}), processed_root)
+    check_datasets(sorted({c.dataset for c in todo}), processed_root)
     tasks = [make_task(grid, c, plan.cpu_threads, overrides) for c in todo]
     outcomes, interrupted = [], False
     if tasks:
@@ -857,7 +857,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpus = None
     if args.gpus is not None:
         gpus = [] if args.gpus.strip().lower() in ("none", "") else [g.strip() for g in args.gpus.split(",")]
-    overrides = {"device": args.device, "backend": args.backend, "processed_root": args.processed_root,
+    overrides = {"device": args.device, "backend": args.backend,
+                 "processed_root": str(Path(args.processed_root).resolve()) if args.processed_root else None,
                  "runs_root": str(Path(args.runs_root).resolve()) if args.runs_root else None}
     try:
         summary = run_grid(grid, datasets=args.datasets, variants=args.variants, seeds=args.seeds,
