@@ -1,0 +1,230 @@
+"""Training-speed benchmark of one TIGER run, and the runner of the GPU quality pilot.
+
+    python -m gbla.bench.train_speed steps --out DIR        # ms/step per step mode and layout, eval time,
+                                                            # padding waste
+    python -m gbla.bench.train_speed run --variant sa --seed 0 --out DIR
+                                                            # one full run (train to early stop + test)
+    python -m gbla.bench.train_speed concurrency --procs 1,2,4,8 --epochs 2 --out DIR
+                                                            # N processes on one GPU, fixed-epoch runs
+
+Variants: sa = (sa, sa, sa, sa); hybrid = (sa, gbla, gbla, sa) with conv + token gate + gated RMSNorm
+(the GBLAOptions defaults). Data: default_processed_dir(dataset) (env GBLA_PROCESSED_DIR moves it).
+Every result is a JSON file under --out, written to a temporary name and renamed. The commit is
+taken from env GBLA_COMMIT (the GPU machine's copy of the tree has no .git), else from git.
+Timings: CUDA-synchronised wall clock around whole steps / epochs / evaluations (what a run costs).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gbla.config import ModelConfig, RunConfig, TrainConfig
+from gbla.data.processed import default_processed_dir, load_processed
+from gbla.evaluate import metrics_from_ranks, rank_targets, SIDTrie
+from gbla.model import PAD, TIGER
+from gbla.train import TrainStep, to_device_split, train_and_evaluate
+
+VARIANTS = {"sa": ("sa", "sa", "sa", "sa"), "hybrid": ("sa", "gbla", "gbla", "sa"),
+            "sa_causal": ("sa_causal",) * 4}
+
+
+def run_config(dataset: str, variant: str, seed: int, **train) -> RunConfig:
+    return RunConfig(dataset, variant, seed, model=ModelConfig(encoder_layout=VARIANTS[variant]),
+                     train=TrainConfig(**train))
+
+
+def meta(command: str) -> dict:
+    commit = os.environ.get("GBLA_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = "unknown"
+    info = {"commit": commit, "dirty": os.environ.get("GBLA_DIRTY", "unknown"), "command": command,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return info
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+    tmp.rename(path)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# steps: per-step cost of each step mode, evaluation cost, padding waste
+# ------------------------------------------------------------------------------------------------
+def bench_steps(args) -> None:
+    out = Path(args.out) / "train_steps.json"
+    data = load_processed(default_processed_dir(args.dataset))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {"meta": meta(" ".join(sys.argv)), "rows": [], "eval": [], "padding": {}}
+    cases = [(v, b, m) for v in args.variants.split(",") for b in args.backends.split(",")
+             for m in args.modes.split(",") if not (v == "sa" and b != args.backends.split(",")[0])]
+    for variant, backend, mode in cases:
+        cfg = run_config(args.dataset, variant, 0)
+        torch.manual_seed(0)
+        model = TIGER(cfg.model, data.codebook_sizes, backend=backend).to(dev)
+        sids = torch.as_tensor(data.sids, device=dev)
+        train = to_device_split(data.train, model, sids, cfg.train.max_history, dev)
+        if not result["padding"]:
+            real = (train.enc_tokens != PAD).float().mean().item()
+            result["padding"] = {"encoder_len": train.enc_tokens.shape[1], "real_token_fraction": real,
+                                 "padding_fraction": 1 - real,
+                                 "mean_history_items": float(data.train.history_len.mean())}
+        bs = cfg.train.batch_size
+        row = {"variant": variant, "backend": backend, "mode": mode, "batch_size": bs}
+        try:
+            step = TrainStep(model, train, cfg.train, bs, mode, dev.type == "cuda")
+            order = torch.randperm(len(train), device=dev)
+            batches = [order[i * bs:(i + 1) * bs] for i in range(len(train) // bs)]
+            t0 = time.perf_counter()
+            losses = [step(batches[i]) for i in range(args.warmup)]
+            sync()
+            row["first_steps_s"] = time.perf_counter() - t0  # warm-up, capture or compilation
+            row["first_losses"] = [float(l) for l in losses[:3]]
+            t0 = time.perf_counter()
+            total = torch.zeros((), device=dev)
+            for i in range(args.steps):
+                total += step(batches[(args.warmup + i) % len(batches)])
+            sync()
+            elapsed = time.perf_counter() - t0
+            row.update(ms_per_step=1000 * elapsed / args.steps, examples_per_s=args.steps * bs / elapsed,
+                       epoch_s_estimate=elapsed / args.steps * (len(train) // bs), loss=float(total) / args.steps)
+        except Exception as err:  # a failing mode is a result too (recorded, the others still run)
+            row["error"] = f"{type(err).__name__}: {err}"[:500]
+        print(row, flush=True)
+        result["rows"].append(row)
+        write_json(out, result)
+        if mode == args.modes.split(",")[0] and backend == args.backends.split(",")[0]:
+            # evaluation cost: one full validation pass (all users, beam search) per eval batch size
+            valid = to_device_split(data.valid, model, sids, cfg.train.max_history, dev)
+            trie = SIDTrie(data.sids, data.codebook_sizes, device=dev)
+            for ebs in (1024, 4096):
+                sync()
+                t0 = time.perf_counter()
+                ranks = rank_targets(model, valid.enc_tokens, valid.target, trie, beam_size=cfg.train.beam_size,
+                                     batch_size=ebs, autocast=dev.type == "cuda")
+                sync()
+                erow = {"variant": variant, "eval_batch_size": ebs, "users": len(valid),
+                        "beam_size": cfg.train.beam_size, "valid_eval_s": time.perf_counter() - t0,
+                        "recall@10_after_warmup": metrics_from_ranks(ranks)["recall@10"]}
+                print(erow, flush=True)
+                result["eval"].append(erow)
+                write_json(out, result)
+        del model, step
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+# ------------------------------------------------------------------------------------------------
+# run: one full run (also the quality pilot)
+# ------------------------------------------------------------------------------------------------
+def full_run(args) -> dict:
+    data = load_processed(default_processed_dir(args.dataset))
+    train_kw = {}
+    for key in ("max_epochs", "patience", "eval_every", "batch_size", "lr"):
+        if getattr(args, key) is not None:
+            train_kw[key] = getattr(args, key)
+    cfg = run_config(args.dataset, args.variant, args.seed, **train_kw)
+    t0 = time.perf_counter()
+    res = train_and_evaluate(cfg, data, backend=args.backend, step_mode=args.step_mode,
+                             progress=not args.no_progress, eval_batch_size=args.eval_batch_size)
+    wall = time.perf_counter() - t0
+    record = {"meta": meta(" ".join(sys.argv)), "dataset": args.dataset, "variant": args.variant,
+              "seed": args.seed, "backend": args.backend, "step_mode": args.step_mode,
+              "config": cfg.to_dict(), "config_hash": res.config_hash, "data_fingerprint": data.provenance.get("fingerprint"),
+              "device": res.device, "wall_time_s": res.wall_time_s, "process_wall_s": wall,
+              "epochs_trained": res.epochs_trained, "best_epoch": res.best_epoch,
+              "valid": res.valid_metrics, "test": res.test_metrics, "timings": res.timings,
+              "history": res.history, "test_rank_counts": np.bincount(res.test_per_user["rank"], minlength=11).tolist()}
+    name = args.name or f"run_{args.dataset}_{args.variant}_seed{args.seed}.json"
+    write_json(Path(args.out) / name, record)
+    print(json.dumps({k: record[k] for k in ("variant", "seed", "wall_time_s", "epochs_trained", "best_epoch",
+                                             "valid", "test")}), flush=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------
+# concurrency: N processes sharing the GPU
+# ------------------------------------------------------------------------------------------------
+def concurrency(args) -> None:
+    out = Path(args.out) / "concurrency.json"
+    result = {"meta": meta(" ".join(sys.argv)), "epochs_per_run": args.epochs, "rows": []}
+    for n in [int(x) for x in args.procs.split(",")]:
+        tmp = Path(args.out) / f"conc{n}"
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-m", "gbla.bench.train_speed", "run", "--dataset", args.dataset,
+                                   "--variant", args.variant, "--seed", str(i), "--max-epochs", str(args.epochs),
+                                   "--eval-every", str(args.epochs), "--patience", "1000", "--no-progress",
+                                   "--out", str(tmp), "--name", f"p{i}.json"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(n)]
+        errors = [p.communicate()[1][-800:] for p in procs]
+        wall = time.perf_counter() - t0
+        runs = [json.loads((tmp / f"p{i}.json").read_text()) for i in range(n) if (tmp / f"p{i}.json").exists()]
+        row = {"procs": n, "ok": len(runs), "wall_s": wall,
+               "per_run_epoch_s": float(np.mean([r["timings"]["epoch_time_s"] for r in runs])) if runs else None,
+               "per_run_wall_s": float(np.mean([r["wall_time_s"] for r in runs])) if runs else None,
+               "aggregate_examples_per_s": float(sum(r["timings"]["examples_per_s"] for r in runs)) if runs else None,
+               "errors": [e for e, p in zip(errors, procs) if p.returncode != 0]}
+        print({k: v for k, v in row.items() if k != "errors"}, row["errors"][:1], flush=True)
+        result["rows"].append(row)
+        write_json(out, result)
+        for f in tmp.glob("*.json"):
+            f.unlink()
+        tmp.rmdir()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("steps", "run", "concurrency"):
+        p = sub.add_parser(name)
+        p.add_argument("--dataset", default="beauty")
+        p.add_argument("--out", default="outputs/bench")
+    steps = sub.choices["steps"]
+    steps.add_argument("--variants", default="sa,hybrid")
+    steps.add_argument("--backends", default="auto,torch")
+    steps.add_argument("--modes", default="eager,cuda_graph,compile")
+    steps.add_argument("--warmup", type=int, default=10)
+    steps.add_argument("--steps", type=int, default=100)
+    run = sub.choices["run"]
+    run.add_argument("--variant", default="sa", choices=sorted(VARIANTS))
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--backend", default="auto")
+    run.add_argument("--step-mode", default="auto")
+    run.add_argument("--eval-batch-size", type=int, default=None)
+    run.add_argument("--name", default=None)
+    run.add_argument("--no-progress", action="store_true")
+    for key, typ in (("max-epochs", int), ("patience", int), ("eval-every", int), ("batch-size", int), ("lr", float)):
+        run.add_argument(f"--{key}", type=typ, default=None)
+    conc = sub.choices["concurrency"]
+    conc.add_argument("--procs", default="1,2,4,8")
+    conc.add_argument("--epochs", type=int, default=2)
+    conc.add_argument("--variant", default="hybrid", choices=sorted(VARIANTS))
+    args = parser.parse_args(argv)
+    {"steps": bench_steps, "run": full_run, "concurrency": concurrency}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
