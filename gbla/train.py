@@ -165,6 +165,9 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
                 evals_without_gain += 1
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", r10=f"{metrics['recall@10']:.4f}",
                             best=f"{best_recall:.4f}@{best_epoch}")
+            if not progress:  # no bar: one line per evaluation instead
+                log(f"  epoch {epoch}: loss {record['train_loss']:.4f}, valid R@10 {metrics['recall@10']:.4f} "
+                    f"(best {best_recall:.4f} @ {best_epoch}), epoch {epoch_time:.2f} s")
         history.append(record)
         if evals_without_gain >= tc.patience:
             break
