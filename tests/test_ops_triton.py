@@ -68,8 +68,12 @@ def run(fn, tensors, mask, grad_out, normalization, upcast=False):
     return out, dict(zip(leaves.keys(), grads))
 
 
-def assert_close(name, got, ref64, dtype):
+def assert_close(name, got, ref64, dtype, terms=1):
+    """terms: how many O(1) products sum into one element; scales the absolute floor, for gradients
+    that cancel to ~0 exactly (dkey_log_weight at L=1 under RMS normalization) while each of the
+    summed products carries the bf16 rounding of the dot operands."""
     rtol, atol = TOL[dtype]
+    atol = atol * terms
     assert got.shape == ref64.shape, name
     got = got.double().cpu()
     ref64 = ref64.cpu()
@@ -117,7 +121,7 @@ def test_triton_matches_reference(L, E, normalization, key_weights, mask_kind, d
     assert set(grads_tri) == set(grads_64)
     for name in grads_64:
         assert grads_tri[name].dtype == tensors[name].dtype, name
-        assert_close(f"d{name}", grads_tri[name], grads_64[name], dtype)
+        assert_close(f"d{name}", grads_tri[name], grads_64[name], dtype, terms=E if name == "key_log_weight" else 1)
 
 
 def test_no_norm_weight_and_strided_views():
