@@ -38,7 +38,8 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "gbla"], cwd=REPO_ROOT,
+        # only uncommitted changes to the data code make a build "dirty" (others may edit the model meanwhile)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "gbla/data"], cwd=REPO_ROOT,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
