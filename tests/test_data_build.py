@@ -36,8 +36,8 @@ def test_build_from_raw_then_skip_then_rebuild(tmp_path):
     assert set(prov["timings"]) >= {"parse_s", "embed_s", "semantic_ids_s", "total_s"}
     assert len(prov["fingerprint"]) == 12 and prov["fingerprint"] == meta["provenance"]["fingerprint"]
 
-    _, logs = _build(tmp_path, out, raw=True)                       # identical inputs and parameters
-    assert any("skipping" in m for m in logs)
+    again, logs = _build(tmp_path, out, raw=True)                   # identical inputs and parameters
+    assert any("skipping" in m for m in logs) and again["skipped"] and "skipped" not in meta
     _, logs = _build(tmp_path, out, raw=True, seed=1)                # a parameter changed -> rebuilt
     assert not any("skipping" in m for m in logs)
     assert load_processed(out).provenance["params"]["seed"] == 1
@@ -92,6 +92,29 @@ def test_report_tables(tmp_path):
     md = report.read_text()
     assert "| beauty | 12 | 10 | 84 | 7.00 | 7 | 7..7 |" in md and "collision rate" in md
     assert meta["provenance"]["fingerprint"] in md
+
+
+def test_cli_writes_report_only_when_something_was_built(tmp_path, monkeypatch):
+    from gbla.data import text
+
+    write_raw(tmp_path / "src")
+    calls = []
+
+    def fake_embed(texts, *args, **kwargs):                        # the CLI's model, replaced by the fake one
+        calls.append(len(texts))
+        emb = FakeEncoder()(list(texts)).astype(np.float32)
+        return emb, {"model_id": "fake", "cache_key": "k", "cache_file": "k.npy", "cached": False}
+
+    monkeypatch.setattr(text, "embed_texts", fake_embed)
+    report = tmp_path / "report.md"
+    args = ["--dataset", "beauty", "--raw", "--source-dir", str(tmp_path / "src"), "--out-root",
+            str(tmp_path / "out"), "--codebook-size", "4", "--report", str(report), "--no-progress"]
+    build.main(args)
+    assert "| beauty | 12 | 10 | 84 |" in report.read_text() and calls == [10]
+    assert load_processed(tmp_path / "out" / "beauty").num_items == 10
+    report.write_text("notes added by hand")
+    build.main(args)                                               # everything up to date: nothing rewritten
+    assert report.read_text() == "notes added by hand" and calls == [10]
 
 
 def test_download_via_file_url(tmp_path):

@@ -76,7 +76,8 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
                   max_history: int = MAX_HISTORY, k_core: int = 5, force: bool = False, progress: bool = True,
                   cache_dir: Path | None = None, encoder=None, encoder_id: str | None = None,
                   log=print) -> dict:
-    """Build one dataset (or skip it when an identical build exists). Returns its meta.json content.
+    """Build one dataset (or skip it when an identical build exists). Returns its meta.json content
+    (plus "skipped": True when nothing was rebuilt).
     `encoder`/`encoder_id` replace the sentence-transformers model (tests use a tiny fake encoder)."""
     from gbla.data import semantic_ids, text
 
@@ -102,7 +103,7 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
     existing = read_meta(out_dir)
     if existing is not None and not force and existing.get("provenance", {}).get("build_key") == key:
         log(f"[{dataset}] up to date in {out_dir} (build key {key}); skipping (use --force to rebuild)")
-        return existing
+        return {**existing, "skipped": True}
 
     timings = {}
     cpu_start, load_start = time.process_time(), os.getloadavg()[0]
@@ -282,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + stats_table(metas) + "\n\n" + sid_table(metas) + "\n\n" + timing_table(metas))
     print(f"\nwall time {wall:.1f} s")
     report = args.report or (DEFAULT_REPORT if args.all else None)
-    if report is not None and not args.no_report:
+    if report is not None and not args.no_report and all(m.get("skipped") for m in metas.values()):
+        print(f"nothing was rebuilt: {report} left as it is")
+    elif report is not None and not args.no_report:
         command = "python -m gbla.data.build " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         write_report(metas, report, command, wall)
         print(f"report: {report}")
