@@ -74,6 +74,13 @@ def test_early_stopping_stops_after_patience_evaluations():
     assert result.epochs_trained == 3 and result.best_epoch == 1
 
 
+def test_time_limit_stops_after_the_first_evaluation():
+    small = make_synthetic_dataset(num_users=60, num_items=30, seed=4)
+    result = train_and_evaluate(tiny_run(("sa",), max_epochs=50, eval_every=1), small, device="cpu",
+                                backend="torch", progress=False, log=lambda *_: None, time_limit_s=0.0)
+    assert result.epochs_trained == 1 and result.timings["stopped_by_time_limit"] == 1.0
+
+
 def test_truncating_history_keeps_the_most_recent_items(data):
     model = TIGER(tiny_run(("sa",)).model, data.codebook_sizes, backend="torch")
     sids = torch.as_tensor(data.sids)

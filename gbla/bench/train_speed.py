@@ -93,7 +93,7 @@ def bench_steps(args) -> None:
             result["padding"] = {"encoder_len": train.enc_tokens.shape[1], "real_token_fraction": real,
                                  "padding_fraction": 1 - real,
                                  "mean_history_items": float(data.train.history_len.mean())}
-        bs = cfg.train.batch_size
+        bs = args.batch_size or cfg.train.batch_size
         row = {"variant": variant, "backend": backend, "mode": mode, "batch_size": bs}
         try:
             step = TrainStep(model, train, cfg.train, bs, mode, dev.type == "cuda")
@@ -112,6 +112,8 @@ def bench_steps(args) -> None:
             elapsed = time.perf_counter() - t0
             row.update(ms_per_step=1000 * elapsed / args.steps, examples_per_s=args.steps * bs / elapsed,
                        epoch_s_estimate=elapsed / args.steps * (len(train) // bs), loss=float(total) / args.steps)
+            if args.profile and mode == "eager":
+                row.update(profile_steps(step, batches, Path(args.out) / f"profile_{variant}_{backend}.txt"))
         except Exception as err:  # a failing mode is a result too (recorded, the others still run)
             row["error"] = f"{type(err).__name__}: {err}"[:500]
         print(row, flush=True)
@@ -137,6 +139,27 @@ def bench_steps(args) -> None:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
+def profile_steps(step, batches, path: Path, n: int = 3) -> dict:
+    """GPU kernels per eager training step, their summed device time, and a top-kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            step(batches[i])
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0) or 0 for e in kernels)
+    table = ""
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=25)
+            break
+        except Exception:
+            continue
+    path.write_text(table)
+    print(table[:6000], flush=True)
+    return {"kernels_per_step": len(kernels) / n, "kernel_busy_ms_per_step": busy_us / 1000 / n}
+
+
 # ------------------------------------------------------------------------------------------------
 # run: one full run (also the quality pilot)
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +172,8 @@ def full_run(args) -> dict:
     cfg = run_config(args.dataset, args.variant, args.seed, **train_kw)
     t0 = time.perf_counter()
     res = train_and_evaluate(cfg, data, backend=args.backend, step_mode=args.step_mode,
-                             progress=not args.no_progress, eval_batch_size=args.eval_batch_size)
+                             progress=not args.no_progress, eval_batch_size=args.eval_batch_size,
+                             time_limit_s=args.time_limit)
     wall = time.perf_counter() - t0
     record = {"meta": meta(" ".join(sys.argv)), "dataset": args.dataset, "variant": args.variant,
               "seed": args.seed, "backend": args.backend, "step_mode": args.step_mode,
@@ -208,6 +232,8 @@ def main(argv=None):
     steps.add_argument("--modes", default="eager,cuda_graph,compile")
     steps.add_argument("--warmup", type=int, default=10)
     steps.add_argument("--steps", type=int, default=100)
+    steps.add_argument("--batch-size", type=int, default=None)
+    steps.add_argument("--profile", action="store_true", help="kernel count and top kernels of eager steps")
     run = sub.choices["run"]
     run.add_argument("--variant", default="sa", choices=sorted(VARIANTS))
     run.add_argument("--seed", type=int, default=0)
@@ -216,6 +242,7 @@ def main(argv=None):
     run.add_argument("--eval-batch-size", type=int, default=None)
     run.add_argument("--name", default=None)
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     for key, typ in (("max-epochs", int), ("patience", int), ("eval-every", int), ("batch-size", int), ("lr", float)):
         run.add_argument(f"--{key}", type=typ, default=None)
     conc = sub.choices["concurrency"]
