@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gbla.model import BOS
+from gbla.model import BOS, PAD
 
 METRIC_KS = (5, 10)
 
@@ -123,16 +123,25 @@ def metrics_from_ranks(ranks, ks=METRIC_KS) -> dict[str, float]:
 @torch.no_grad()
 def rank_targets(model, enc_tokens: torch.Tensor, targets: torch.Tensor, trie: SIDTrie, *, beam_size: int,
                  batch_size: int = 1024, top_k: int = 10, autocast: bool = False) -> torch.Tensor:
-    """Per-example rank (n,) of the target item under beam search, evaluated in batches."""
+    """Per-example rank (n,) of the target item under beam search, evaluated in batches.
+
+    Examples are batched in order of their last real encoder position, and each batch's encoder input
+    is cut after its last real token: trailing all-PAD columns change no output (the layers are
+    padding-invariant, tested), so this only skips work on padding."""
     was_training = model.training
     model.eval()
-    ranks = []
+    n, L = enc_tokens.shape
+    real = enc_tokens != PAD
+    used = torch.where(real, torch.arange(1, L + 1, device=enc_tokens.device), 0).amax(dim=1)  # (n,)
+    order = torch.argsort(used, stable=True)
+    ranks = torch.empty(n, dtype=torch.long, device=enc_tokens.device)
     try:
-        for i in range(0, enc_tokens.shape[0], batch_size):
+        for i in range(0, n, batch_size):
+            sel = order[i:i + batch_size]
+            width = max(1, int(used[sel].max()))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                items, _ = beam_search(model, enc_tokens[i:i + batch_size], trie, beam_size, top_k)
-            ranks.append(ranks_from_topk(items, targets[i:i + batch_size]))
+                items, _ = beam_search(model, enc_tokens[sel, :width], trie, beam_size, top_k)
+            ranks[sel] = ranks_from_topk(items, targets[sel])
     finally:
         model.train(was_training)
-    return torch.cat(ranks)
-
+    return ranks

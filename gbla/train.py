@@ -3,9 +3,12 @@
     result = train_and_evaluate(RunConfig(dataset="beauty", variant="sa", seed=0), load_processed(path))
 
 The hot loop touches only device tensors: every split is turned into token ids once and kept on the
-device, batches are slices of a per-epoch permutation (static shapes: the encoder input is always
-1 + 4 * max_history tokens, the last incomplete batch of an epoch is dropped), the loss is summed on
-the device and read once per epoch. Imports only torch, numpy (+ tqdm): it runs on the GPU machine.
+device, batches are slices of a per-epoch permutation, the loss is summed on the device and read once
+per epoch. Shapes stay static per history-length bucket (train.length_buckets): a batch holds
+examples of one bucket and its encoder input is cut to that bucket's length (right padding only, so
+cutting trailing columns drops padding and nothing else); each bucket's incomplete last batch of an
+epoch is dropped (different examples each epoch). Imports only torch, numpy (+ tqdm): it runs on the
+GPU machine.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from tqdm.auto import tqdm
 
 from gbla.config import RunConfig
 from gbla.evaluate import SIDTrie, metrics_from_ranks, rank_targets
-from gbla.model import TIGER
+from gbla.model import PAD, TIGER
 
 
 @dataclass
@@ -78,16 +81,59 @@ def to_device_split(split, model: TIGER, sids: torch.Tensor, max_history: int, d
                        target_sids=sids[target], target=target, user=user)
 
 
+def length_bucket_groups(enc_tokens: torch.Tensor, bounds, max_history: int, batch_size: int
+                         ) -> list[tuple[int, torch.Tensor]]:
+    """Training example indices grouped by history length: [(encoder length, device indices)], one
+    group per bucket of `bounds` (upper bounds in items; max_history closes the last bucket). A
+    bucket with fewer than batch_size examples is merged into the next longer one (and the last into
+    the one before), so every example can be drawn into some full batch."""
+    n_items = ((enc_tokens != PAD).sum(dim=1) - 1).div(4, rounding_mode="floor").cpu()
+    edges = [b for b in bounds if b < max_history] + [max_history]
+    groups: list[tuple[int, torch.Tensor]] = []
+    pending = torch.empty(0, dtype=torch.long)
+    lower = -1
+    for bound in edges:
+        pending = torch.cat([pending, torch.nonzero((n_items > lower) & (n_items <= bound)).flatten()])
+        lower = bound
+        if len(pending) >= batch_size or bound == edges[-1]:
+            groups.append((1 + 4 * bound, pending))
+            pending = torch.empty(0, dtype=torch.long)
+    if len(groups) > 1 and len(groups[-1][1]) < batch_size:
+        last = groups.pop()
+        groups[-1] = (last[0], torch.cat([groups[-1][1], last[1]]))
+    return [(enc_len, idx.sort().values.to(enc_tokens.device)) for enc_len, idx in groups]
+
+
+def epoch_batches(groups, batch_size: int, generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """One epoch's batches: each group shuffled and cut into full batches, then all batches shuffled."""
+    batches = []
+    for enc_len, idx in groups:
+        perm = idx[torch.randperm(len(idx), generator=generator).to(idx.device)]
+        batches += [(enc_len, perm[i * batch_size:(i + 1) * batch_size]) for i in range(len(idx) // batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def configure_sdpa(math_bf16: bool = True) -> None:
+    """SA layers with a learned relative-position bias (a float attn_mask that needs a gradient) can
+    land on PyTorch's math SDPA path, which by default upcasts bf16 inputs to fp32 (slow fp32 GEMMs,
+    seen in the H100 profile, outputs/pilot/README.md). With math_bf16 it stays in bf16 like every
+    other matmul under autocast (softmax still accumulates in fp32). Process-wide setting."""
+    if hasattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp"):
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(math_bf16)
+
+
 def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend: str = "auto",
                        progress: bool = True, log=print, step_mode: str = "auto",
-                       eval_batch_size: int | None = None, time_limit_s: float | None = None) -> RunResult:
+                       eval_batch_size: int | None = None, time_limit_s: float | None = None,
+                       sdpa_math_bf16: bool = True) -> RunResult:
     """Train to early stopping on validation Recall@10, restore the best weights, evaluate on test.
 
     step_mode: "eager"; "compile" (torch.compile of the loss); "cuda_graph" (the whole training step,
-    forward + backward + AdamW, captured once and replayed: one launch per step instead of hundreds);
+    forward + backward + AdamW, captured once per encoder length and replayed: one launch per step
+    instead of hundreds); "compile_cuda_graph" (both);
     "auto" = "cuda_graph" on CUDA, "eager" elsewhere (gbla/bench/train_speed.py measured the choice).
-    `device`, `backend`, `step_mode` and `eval_batch_size` are runtime choices, not part of the
-    config hash. time_limit_s (optional) stops training once that many seconds have passed since
+    `device`, `backend`, `step_mode`, `eval_batch_size` and `sdpa_math_bf16` (configure_sdpa) are
+    runtime choices, not part of the config hash. time_limit_s (optional) stops training once that many seconds have passed since
     the start, as if early stopping had fired (timings["stopped_by_time_limit"] = 1); the best
     weights so far are then tested as usual."""
     t_start = time.perf_counter()
@@ -99,9 +145,11 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
     dev = resolve_device(device)
     if step_mode == "auto":
         step_mode = "cuda_graph" if dev.type == "cuda" else "eager"
-    if step_mode not in STEP_MODES or (step_mode == "cuda_graph" and dev.type != "cuda"):
-        raise ValueError(f"step_mode must be one of {STEP_MODES} ('cuda_graph' needs CUDA), got {step_mode!r}")
+    if step_mode not in STEP_MODES or ("cuda_graph" in step_mode and dev.type != "cuda"):
+        raise ValueError(f"step_mode must be one of {STEP_MODES} (CUDA graphs need CUDA), got {step_mode!r}")
     use_autocast = dev.type == "cuda"
+    if use_autocast:
+        configure_sdpa(sdpa_math_bf16)
     eval_batch_size = eval_batch_size or (4096 if dev.type == "cuda" else 256)  # 4096: measured faster
 
     seed_everything(config.seed)
@@ -118,7 +166,10 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
 
     n_train = len(train)
     batch_size = min(tc.batch_size, n_train)
-    steps_per_epoch = n_train // batch_size
+    groups = length_bucket_groups(train.enc_tokens, tc.length_buckets, tc.max_history, batch_size)
+    steps_per_epoch = sum(len(idx) // batch_size for _, idx in groups)
+    real_tokens = int((train.enc_tokens != PAD).sum())
+    token_slots = sum(enc_len * (len(idx) // batch_size) * batch_size for enc_len, idx in groups)
     train_step = TrainStep(model, train, tc, batch_size, step_mode, use_autocast)
     shuffle = torch.Generator().manual_seed(config.seed)
 
@@ -134,7 +185,8 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
     setup_s = time.perf_counter() - t_start
     log(f"[{config.dataset}/{config.variant}/seed{config.seed}] {n_train} training examples, {steps_per_epoch} "
         f"steps/epoch of {batch_size}, device {dev}, backend {backend}, step {step_mode}, "
-        f"config {config.config_hash()}")
+        f"config {config.config_hash()}; encoder lengths {[enc_len for enc_len, _ in groups]} "
+        f"({[len(idx) for _, idx in groups]} examples)")
 
     history: list[dict] = []
     stopped_by_time = False
@@ -145,10 +197,9 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(n_train, generator=shuffle).to(dev)
         loss_sum = torch.zeros((), device=dev)
-        for step in range(steps_per_epoch):
-            loss_sum += train_step(order[step * batch_size:(step + 1) * batch_size])
+        for enc_len, idx in epoch_batches(groups, batch_size, shuffle):
+            loss_sum += train_step(idx, enc_len)
         record = {"epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch}
         epoch_time = time.perf_counter() - t0
         train_s += epoch_time
@@ -191,7 +242,9 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
     timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": eval_s, "test_eval_s": test_eval_s,
                "epoch_time_s": train_s / epochs, "examples_per_s": epochs * steps_per_epoch * batch_size / train_s,
                "valid_eval_s": eval_s / max(1, sum("valid_recall@10" in h for h in history)),
-               "stopped_by_time_limit": float(stopped_by_time)}
+               "stopped_by_time_limit": float(stopped_by_time), "steps_per_epoch": steps_per_epoch,
+               # real encoder tokens over encoder token slots computed per epoch (the rest is padding)
+               "encoder_real_token_fraction": real_tokens * (steps_per_epoch * batch_size / n_train) / token_slots}
     log(f"[{config.dataset}/{config.variant}/seed{config.seed}] best epoch {best_epoch}/{epochs}: valid "
         f"R@10 {best_valid['recall@10']:.4f}, test R@10 {test_metrics['recall@10']:.4f} "
         f"NDCG@10 {test_metrics['ndcg@10']:.4f}; {wall:.1f} s")
@@ -204,34 +257,39 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
         timings=timings)
 
 
-STEP_MODES = ("eager", "compile", "cuda_graph")
+STEP_MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
 
 
 class TrainStep:
-    """One optimisation step on the training examples at `idx` (a device tensor of batch_size indices);
-    returns the loss as a device scalar (no host sync).
+    """One optimisation step on the training examples at `idx` (a device tensor of batch_size indices)
+    with the encoder input cut to `enc_len` tokens; returns the loss as a device scalar (no host sync).
 
-    cuda_graph: the first WARMUP_STEPS steps run eagerly on a side stream (real steps, they count;
-    they also let Triton autotune and cuBLAS pick kernels), then forward + backward + AdamW are
-    captured into one CUDA graph whose replays read the batch indices from a static buffer. Dropout
-    stays random per replay (PyTorch advances the graph's Philox offset)."""
+    cuda_graph: per encoder length, the first WARMUP_STEPS steps run eagerly on a side stream (real
+    steps, they count; they also let Triton autotune and cuBLAS pick kernels), then forward +
+    backward + AdamW are captured into one CUDA graph whose replays read the batch indices from a
+    static buffer. Each length has its own graph, memory pool and gradient buffers (set to None
+    before each capture, so a graph's backward writes gradients only its own optimizer step reads);
+    the optimizer state is shared. Dropout stays random per replay (PyTorch advances the graph's
+    Philox offset). compile_cuda_graph: the same with torch.compile'd forward and backward inside."""
 
     WARMUP_STEPS = 3
 
     def __init__(self, model, train: DeviceSplit, tc, batch_size: int, mode: str, use_autocast: bool):
+        if mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {STEP_MODES}, got {mode!r}")
         self.model, self.train, self.mode, self.use_autocast = model, train, mode, use_autocast
         self.label_smoothing = tc.label_smoothing
         self.warmup_steps, self.base_lr, self.steps_done = tc.warmup_steps, tc.lr, 0
-        graphed = mode == "cuda_graph"
+        self.graphed = mode in ("cuda_graph", "compile_cuda_graph")
         # a tensor lr lets a captured optimizer see warm-up changes; a float is baked into the graph
-        lr = torch.tensor(tc.lr, device=train.target.device) if graphed and tc.warmup_steps > 0 else tc.lr
+        lr = torch.tensor(tc.lr, device=train.target.device) if self.graphed and tc.warmup_steps > 0 else tc.lr
         on_cuda = train.target.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc.weight_decay,
-                                           fused=on_cuda, capturable=graphed)
-        self.loss_fn = torch.compile(model.loss) if mode == "compile" else model.loss
-        self.graph = None
-        if graphed:
-            self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=train.target.device)
+                                           fused=on_cuda, capturable=self.graphed)
+        self.loss_fn = torch.compile(model.loss) if mode in ("compile", "compile_cuda_graph") else model.loss
+        self.batch_size = batch_size
+        self.graphs: dict[int, tuple] = {}       # enc_len -> (graph, static_idx, static_loss)
+        self.calls: dict[int, int] = {}          # enc_len -> steps taken at that length
 
     def _set_lr(self):
         if self.warmup_steps <= 0:
@@ -243,36 +301,45 @@ class TrainStep:
             else:
                 group["lr"] = lr
 
-    def _step(self, idx):
+    def _step(self, idx, enc_len):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_autocast, cache_enabled=False):
-            loss = self.loss_fn(self.train.enc_tokens[idx], self.train.target_sids[idx], self.label_smoothing)
+            loss = self.loss_fn(self.train.enc_tokens[idx, :enc_len], self.train.target_sids[idx],
+                                self.label_smoothing)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
 
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, enc_len: int | None = None) -> torch.Tensor:
+        enc_len = self.train.enc_tokens.shape[1] if enc_len is None else int(enc_len)
         self._set_lr()
         self.steps_done += 1
-        if self.mode != "cuda_graph":
+        self.calls[enc_len] = self.calls.get(enc_len, 0) + 1
+        if not self.graphed:
             self.optimizer.zero_grad(set_to_none=True)
-            return self._step(idx)
-        if self.graph is None and self.steps_done <= self.WARMUP_STEPS:
+            return self._step(idx, enc_len)
+        if enc_len not in self.graphs and self.calls[enc_len] <= self.WARMUP_STEPS:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self._step(idx)
+                loss = self._step(idx, enc_len)
             torch.cuda.current_stream().wait_stream(side)
             return loss
-        if self.graph is None:
+        if enc_len not in self.graphs:
             torch.cuda.synchronize()
+            static_idx = idx.clone()
             self.optimizer.zero_grad(set_to_none=True)  # backward inside the graph then writes fresh grads
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_loss = self._step(self.static_idx)
-        self.static_idx.copy_(idx)
-        self.graph.replay()
-        return self.static_loss.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_loss = self._step(static_idx, enc_len)
+            # capture recorded the step without running it: run it now
+            graph.replay()
+            self.graphs[enc_len] = (graph, static_idx, static_loss)
+            return static_loss.clone()
+        graph, static_idx, static_loss = self.graphs[enc_len]
+        static_idx.copy_(idx)
+        graph.replay()
+        return static_loss.clone()
 
 
 def describe_device(dev: torch.device) -> str:

@@ -112,6 +112,25 @@ def test_rank_targets_batches_agree(setup):
     assert torch.equal(a, ranks_from_topk(items, targets))
 
 
+def test_rank_targets_cuts_trailing_padding(setup):
+    """Extra trailing PAD columns are cut per batch: the ranks equal those of the unpadded input, and
+    the model never sees a column past a batch's last real token."""
+    data, model, enc, trie = setup
+    targets = torch.as_tensor(data.test.target)
+    padded = torch.cat([enc, torch.zeros(enc.shape[0], 2 * enc.shape[1], dtype=enc.dtype)], dim=1)
+    widths = []
+    original = model.encode
+    model.encode = lambda tokens: (widths.append(tokens.shape[1]), original(tokens))[1]
+    try:
+        a = rank_targets(model, padded, targets, trie, beam_size=12, batch_size=6)
+    finally:
+        model.encode = original
+    assert torch.equal(a, rank_targets(model, enc, targets, trie, beam_size=12, batch_size=100))
+    used = [int(torch.nonzero(row).max()) + 1 for row in enc]
+    assert max(widths) == max(used) and len(widths) == -(-len(enc) // 6)
+    assert widths == sorted(widths) and min(widths) < max(widths)  # short rows batched together
+
+
 def test_tiny_catalogue_pads_missing_items():
     data = make_synthetic_dataset(num_users=5, num_items=6, seed=0)
     model = TIGER(ModelConfig(encoder_layout=("sa",), d_model=16, num_heads=2, head_dim=8, d_ff=32,

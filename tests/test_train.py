@@ -6,7 +6,7 @@ import torch
 from gbla.config import ModelConfig, RunConfig, TrainConfig
 from gbla.data.synthetic import make_synthetic_dataset
 from gbla.evaluate import metrics_from_ranks
-from gbla.train import RunResult, to_device_split, train_and_evaluate
+from gbla.train import RunResult, epoch_batches, length_bucket_groups, to_device_split, train_and_evaluate
 from gbla.model import TIGER
 
 
@@ -97,3 +97,66 @@ def test_truncating_history_keeps_the_most_recent_items(data):
 def test_bad_config_is_refused(data):
     with pytest.raises(ValueError, match="beam_size"):
         train_and_evaluate(tiny_run(("sa",), beam_size=5), data, device="cpu", progress=False)
+
+
+def _tokens_with_history_lengths(lengths, max_history):
+    """Right-padded encoder tokens: a user token, then 4 digit tokens per history item."""
+    tokens = torch.zeros(len(lengths), 1 + 4 * max_history, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens[i, :1 + 4 * n] = 7
+    return tokens
+
+
+def test_length_buckets_cover_every_example_and_cut_only_padding():
+    lengths = [1] * 30 + [2] * 5 + [3] * 40 + [5] * 33 + [8] * 12
+    tokens = _tokens_with_history_lengths(lengths, 8)
+    groups = length_bucket_groups(tokens, (1, 2, 4, 6), 8, batch_size=10)
+    # the 5 examples of length 2 are too few for a batch: merged into the <= 4 bucket
+    assert [enc_len for enc_len, _ in groups] == [1 + 4 * 1, 1 + 4 * 4, 1 + 4 * 6, 1 + 4 * 8]
+    assert [len(idx) for _, idx in groups] == [30, 45, 33, 12]
+    all_idx = torch.cat([idx for _, idx in groups])
+    assert sorted(all_idx.tolist()) == list(range(len(lengths)))
+    for enc_len, idx in groups:  # cutting at enc_len drops no real token
+        assert (tokens[idx, enc_len:] == 0).all()
+    # too few long examples: the last bucket merges into the one before it
+    groups = length_bucket_groups(_tokens_with_history_lengths([1] * 20 + [8] * 3, 8), (2,), 8, batch_size=10)
+    assert [(e, len(i)) for e, i in groups] == [(33, 23)]
+    # () = one bucket at the full length; bounds at or above max_history change nothing
+    for bounds in ((), (8, 20)):
+        groups = length_bucket_groups(tokens, bounds, 8, batch_size=10)
+        assert [(e, len(i)) for e, i in groups] == [(33, len(lengths))]
+
+
+def test_epoch_batches_are_full_single_bucket_and_reshuffled():
+    tokens = _tokens_with_history_lengths([1] * 35 + [3] * 47, 4)
+    groups = length_bucket_groups(tokens, (1, 2), 4, batch_size=8)
+    gen = torch.Generator().manual_seed(0)
+    first, second = epoch_batches(groups, 8, gen), epoch_batches(groups, 8, gen)
+    assert len(first) == 35 // 8 + 47 // 8
+    members = {enc_len: set(idx.tolist()) for enc_len, idx in groups}
+    for enc_len, idx in first:
+        assert len(idx) == 8 and len(set(idx.tolist())) == 8 and set(idx.tolist()) <= members[enc_len]
+    assert [(e, i.tolist()) for e, i in first] != [(e, i.tolist()) for e, i in second]
+    again = epoch_batches(groups, 8, torch.Generator().manual_seed(0))
+    assert [(e, i.tolist()) for e, i in again] == [(e, i.tolist()) for e, i in first]
+
+
+@pytest.mark.slow
+def test_bucketed_training_matches_one_bucket_in_quality(data):
+    """Buckets change only which examples share a batch, not what the model learns."""
+    kw = dict(device="cpu", backend="torch", progress=False, log=lambda *_: None)
+    bucketed = train_and_evaluate(tiny_run(("sa", "gbla"), length_buckets=(2, 4)), data, **kw)
+    single = train_and_evaluate(tiny_run(("sa", "gbla"), length_buckets=()), data, **kw)
+    assert bucketed.timings["encoder_real_token_fraction"] > single.timings["encoder_real_token_fraction"]
+    popularity = popularity_recall_at_10(data)
+    for result in (bucketed, single):
+        assert result.test_metrics["recall@10"] > popularity + 0.2, (result.test_metrics, popularity)
+
+
+def test_bad_length_buckets_are_refused_and_round_trip():
+    for bad in ((5, 3), (0, 4), (3, 3)):
+        with pytest.raises(ValueError, match="length_buckets"):
+            TrainConfig(length_buckets=bad)
+    cfg = RunConfig("beauty", "sa", 0, train=TrainConfig(length_buckets=[2, 5]))
+    assert cfg.train.length_buckets == (2, 5)
+    assert RunConfig.from_dict(cfg.to_dict()).config_hash() == cfg.config_hash()

@@ -31,10 +31,40 @@ from gbla.config import ModelConfig, RunConfig, TrainConfig
 from gbla.data.processed import default_processed_dir, load_processed
 from gbla.evaluate import metrics_from_ranks, rank_targets, SIDTrie
 from gbla.model import PAD, TIGER
-from gbla.train import TrainStep, to_device_split, train_and_evaluate
+from gbla.train import (TrainStep, configure_sdpa, epoch_batches, length_bucket_groups, to_device_split,
+                        train_and_evaluate)
 
 VARIANTS = {"sa": ("sa", "sa", "sa", "sa"), "hybrid": ("sa", "gbla", "gbla", "sa"),
             "sa_causal": ("sa_causal",) * 4}
+
+
+def parse_buckets(text: str | None):
+    """'none' -> () (one bucket, the full encoder length), '3,6,10' -> (3, 6, 10), None -> default."""
+    if text is None:
+        return None
+    return () if text == "none" else tuple(int(x) for x in text.split(","))
+
+
+def sdpa_diagnostics(dev) -> dict:
+    """Which SDPA backends accept the SA layer's call (bf16, float attn_mask that needs a gradient)."""
+    out = {}
+    if dev.type != "cuda":
+        return out
+    import warnings
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(256, 6, 81, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(256, 6, 81, 81, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    for name in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel(getattr(SDPBackend, name)):
+                    y = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=bias, dropout_p=0.1)
+                    y.sum().backward()
+                out[name] = "ok"
+            except Exception as err:  # not eligible: record why
+                out[name] = f"{type(err).__name__}: {err}"[:300] + " | " + " | ".join(str(w.message)[:200] for w in caught)
+    return out
 
 
 def run_config(dataset: str, variant: str, seed: int, **train) -> RunConfig:
@@ -79,7 +109,9 @@ def bench_steps(args) -> None:
     out = Path(args.out) / "train_steps.json"
     data = load_processed(default_processed_dir(args.dataset))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"meta": meta(" ".join(sys.argv)), "rows": [], "eval": [], "padding": {}}
+    result = {"meta": meta(" ".join(sys.argv)), "rows": [], "eval": [], "padding": {},
+              "sdpa_backends_for_sa_bias": sdpa_diagnostics(dev)}
+    print(result["sdpa_backends_for_sa_bias"], flush=True)
     cases = [(v, b, m) for v in args.variants.split(",") for b in args.backends.split(",")
              for m in args.modes.split(",") if not (v == "sa" and b != args.backends.split(",")[0])]
     for variant, backend, mode in cases:
@@ -94,24 +126,41 @@ def bench_steps(args) -> None:
                                  "padding_fraction": 1 - real,
                                  "mean_history_items": float(data.train.history_len.mean())}
         bs = args.batch_size or cfg.train.batch_size
-        row = {"variant": variant, "backend": backend, "mode": mode, "batch_size": bs}
+        buckets = parse_buckets(args.length_buckets)
+        buckets = cfg.train.length_buckets if buckets is None else buckets
+        row = {"variant": variant, "backend": backend, "mode": mode, "batch_size": bs,
+               "length_buckets": list(buckets), "sdpa_math_bf16": not args.sdpa_math_fp32}
         try:
+            configure_sdpa(not args.sdpa_math_fp32)
             step = TrainStep(model, train, cfg.train, bs, mode, dev.type == "cuda")
-            order = torch.randperm(len(train), device=dev)
-            batches = [order[i * bs:(i + 1) * bs] for i in range(len(train) // bs)]
+            groups = length_bucket_groups(train.enc_tokens, buckets, cfg.train.max_history, bs)
+            gen = torch.Generator().manual_seed(0)
+            batches = epoch_batches(groups, bs, gen)
+            row["steps_per_epoch"] = len(batches)
+            row["encoder_lengths"] = {enc_len: len(idx) // bs for enc_len, idx in groups}
+            # warm-up: every encoder length past its eager warm-up and capture (or compilation)
+            seen: dict[int, int] = {}
             t0 = time.perf_counter()
-            losses = [step(batches[i]) for i in range(args.warmup)]
+            losses = []
+            for enc_len, idx in batches:
+                if seen.get(enc_len, 0) > TrainStep.WARMUP_STEPS:
+                    continue
+                seen[enc_len] = seen.get(enc_len, 0) + 1
+                losses.append(step(idx, enc_len))
+                if len(seen) == len(groups) and all(v > TrainStep.WARMUP_STEPS for v in seen.values()):
+                    break
             sync()
             row["first_steps_s"] = time.perf_counter() - t0  # warm-up, capture or compilation
             row["first_losses"] = [float(l) for l in losses[:3]]
             t0 = time.perf_counter()
             total = torch.zeros((), device=dev)
             for i in range(args.steps):
-                total += step(batches[(args.warmup + i) % len(batches)])
+                enc_len, idx = batches[i % len(batches)]
+                total += step(idx, enc_len)
             sync()
             elapsed = time.perf_counter() - t0
             row.update(ms_per_step=1000 * elapsed / args.steps, examples_per_s=args.steps * bs / elapsed,
-                       epoch_s_estimate=elapsed / args.steps * (len(train) // bs), loss=float(total) / args.steps)
+                       epoch_s_estimate=elapsed / args.steps * len(batches), loss=float(total) / args.steps)
             if args.profile and mode == "eager":
                 row.update(profile_steps(step, batches, Path(args.out) / f"profile_{variant}_{backend}.txt"))
         except Exception as err:  # a failing mode is a result too (recorded, the others still run)
@@ -144,7 +193,7 @@ def profile_steps(step, batches, path: Path, n: int = 3) -> dict:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(n):
-            step(batches[i])
+            step(batches[i][1], batches[i][0])
         sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0) or 0 for e in kernels)
@@ -169,11 +218,13 @@ def full_run(args) -> dict:
     for key in ("max_epochs", "patience", "eval_every", "batch_size", "lr"):
         if getattr(args, key) is not None:
             train_kw[key] = getattr(args, key)
+    if args.length_buckets is not None:
+        train_kw["length_buckets"] = parse_buckets(args.length_buckets)
     cfg = run_config(args.dataset, args.variant, args.seed, **train_kw)
     t0 = time.perf_counter()
     res = train_and_evaluate(cfg, data, backend=args.backend, step_mode=args.step_mode,
                              progress=not args.no_progress, eval_batch_size=args.eval_batch_size,
-                             time_limit_s=args.time_limit)
+                             time_limit_s=args.time_limit, sdpa_math_bf16=not args.sdpa_math_fp32)
     wall = time.perf_counter() - t0
     record = {"meta": meta(" ".join(sys.argv)), "dataset": args.dataset, "variant": args.variant,
               "seed": args.seed, "backend": args.backend, "step_mode": args.step_mode,
@@ -234,6 +285,9 @@ def main(argv=None):
     steps.add_argument("--steps", type=int, default=100)
     steps.add_argument("--batch-size", type=int, default=None)
     steps.add_argument("--profile", action="store_true", help="kernel count and top kernels of eager steps")
+    for p in (steps, sub.choices["run"]):
+        p.add_argument("--length-buckets", default=None, help="'none' or e.g. '3,6,10' (default: the config's)")
+        p.add_argument("--sdpa-math-fp32", action="store_true", help="let math SDPA upcast to fp32 (PyTorch default)")
     run = sub.choices["run"]
     run.add_argument("--variant", default="sa", choices=sorted(VARIANTS))
     run.add_argument("--seed", type=int, default=0)

@@ -7,10 +7,13 @@
 Backward, with dpre[t] = dy[t] * m[t] * silu'(pre[t]),  silu'(a) = sig(a) (1 + a (1 - sig(a))):
     dx[t]   = m[t] * sum_i w[:, i] * dpre[t + K - 1 - i]
     dw[:,i] = sum_t dpre[t] * xm[t - K + 1 + i] ,   dbias = sum_t dpre[t]
-The backward kernel recomputes pre at rows t..t+K-1 from x (K*K shifted loads of one tile, served
-by the cache) instead of storing pre or dpre: one read of x and dy, one write of dx.
+The backward is two kernels. The first recomputes pre from K shifted loads of x (served by the
+cache), writes dpre (B, L, C) and reduces per-chunk partials of dw and dbias; the second gathers dx
+from K shifted loads of dpre. An earlier single kernel recomputed pre at rows t..t+K-1 for every
+output row (K*K shifted loads per tile) to avoid the dpre round trip; on an H100 it took 0.8 ms for
+the layer benchmark's 32768 x 1536 tensor, ~8x its bytes' worth (outputs/bench/NOTES.md).
 The torch reference does mask-multiply, transpose, pad, conv, silu, transpose, mask as separate
-passes over the tensor; this is one pass each way.
+passes over the tensor.
 """
 from __future__ import annotations
 
@@ -64,12 +67,14 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_kernel(
-    x_ptr, w_ptr, b_ptr, mask_ptr, dy_ptr, dx_ptr, dwpart_ptr, dbpart_ptr,
-    sxb, sxl, smb, sml, sdyb, sdyl, sdxb, sdxl, L, C, TILES,
+def _conv_bwd_dpre_kernel(
+    x_ptr, w_ptr, b_ptr, mask_ptr, dy_ptr, dpre_ptr, dwpart_ptr, dbpart_ptr,
+    sxb, sxl, smb, sml, sdyb, sdyl, L, C, TILES,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
+    """dpre[t] = dy[t] m[t] silu'(pre[t]) for one chunk of rows (pre recomputed from K shifted loads
+    of x), written to a contiguous (B, L, C) buffer; the chunk's partial dw and dbias."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2)
@@ -85,38 +90,56 @@ def _conv_bwd_kernel(
     dw = tl.zeros((BLOCK_C, K_PAD), dtype=tl.float32)
     for t in range(0, TILES):
         rows = (pid_t * TILES + t) * BLOCK_T + tl.arange(0, BLOCK_T)
-        dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-        for j in tl.static_range(K):
-            r = rows + j
-            pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
-            for i in tl.static_range(K):
-                wi = tl.load(w_ptr + cols * K + i, mask=col_ok, other=0.0).to(tl.float32)
-                pre += wi[None, :] * _masked_x(x_ptr, mask_ptr, b, r - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
-            r_ok = r < L
-            if HAS_MASK:
-                m = tl.load(mask_ptr + b * smb + r * sml, mask=r_ok, other=0)
-                r_ok = r_ok & (m != 0)
-            dy = tl.load(dy_ptr + b * sdyb + r[:, None] * sdyl + cols[None, :],
-                         mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            sig = tl.sigmoid(pre)
-            dpre = dy * sig * (1.0 + pre * (1.0 - sig))
-            w_tap = tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
-            dx += w_tap[None, :] * dpre
-            if j == 0:  # rows t of this tile: each output row counted once for dw and dbias
-                db += tl.sum(dpre, axis=0)
-                for i in tl.static_range(K):
-                    xs = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
-                    dw += tl.where(taps[None, :] == i, tl.sum(dpre * xs, axis=0)[:, None], 0.0)
         row_ok = rows < L
+        pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
+        for i in tl.static_range(K):
+            wi = tl.load(w_ptr + cols * K + i, mask=col_ok, other=0.0).to(tl.float32)
+            pre += wi[None, :] * _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+        r_ok = row_ok
         if HAS_MASK:
             m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
-            dx = tl.where((m != 0)[:, None], dx, 0.0)
-        tl.store(dx_ptr + b * sdxb + rows[:, None] * sdxl + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+            r_ok = r_ok & (m != 0)
+        dy = tl.load(dy_ptr + b * sdyb + rows[:, None] * sdyl + cols[None, :],
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        sig = tl.sigmoid(pre)
+        dpre = dy * sig * (1.0 + pre * (1.0 - sig))  # 0 at padded rows (dy masked)
+        tl.store(dpre_ptr + (b * L + rows[:, None]) * C + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
+        db += tl.sum(dpre, axis=0)
+        for i in tl.static_range(K):  # the same K tiles again: served by the cache
+            xs = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+            dw += tl.where(taps[None, :] == i, tl.sum(dpre * xs, axis=0)[:, None], 0.0)
     part = b * tl.num_programs(0) + pid_t
     tl.store(dwpart_ptr + part * C * K + cols[:, None] * K + taps[None, :], dw,
              mask=col_ok[:, None] & (taps < K)[None, :])
     tl.store(dbpart_ptr + part * C + cols, db, mask=col_ok)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(
+    dpre_ptr, w_ptr, mask_ptr, dx_ptr, smb, sml, sdxb, sdxl, L, C,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """dx[t] = m[t] sum_j w[:, K-1-j] dpre[t+j]: K shifted loads of dpre (served by the cache)."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    row_ok = rows < L
+    dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for j in tl.static_range(K):
+        r = rows + j
+        d = tl.load(dpre_ptr + (b * L + r[:, None]) * C + cols[None, :],
+                    mask=(r < L)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        w_tap = tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
+        dx += w_tap[None, :] * d
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
+        dx = tl.where((m != 0)[:, None], dx, 0.0)
+    tl.store(dx_ptr + b * sdxb + rows[:, None] * sdxl + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _conv_config(B: int, L: int, C: int, device: torch.device):
@@ -156,16 +179,20 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         tiles = triton.cdiv(n_tiles, chunks_wanted)
         n_chunks = triton.cdiv(n_tiles, tiles)
         dx = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
+        # dpre in the input's dtype (fp32 for fp32 inputs): its rounding is of the order of dx's own
+        dpre = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
         dw_part = torch.empty((B * n_chunks, C, K), device=x.device, dtype=torch.float32)
         db_part = torch.empty((B * n_chunks, C), device=x.device, dtype=torch.float32)
         m = mask_u8 if mask_u8 is not None else x
         ms = mask_u8.stride() if mask_u8 is not None else (0, 0)
         grid = (n_chunks, triton.cdiv(C, bc), B)
-        _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, m, dy, dx, dw_part, db_part,
-                               x.stride(0), x.stride(1), *ms, dy.stride(0), dy.stride(1),
-                               dx.stride(0), dx.stride(1), L, C, tiles,
-                               K=K, K_PAD=triton.next_power_of_2(K), BLOCK_T=bt, BLOCK_C=bc,
-                               HAS_BIAS=bias is not None, HAS_MASK=mask_u8 is not None, num_warps=nw)
+        _conv_bwd_dpre_kernel[grid](x, weight, bias if bias is not None else weight, m, dy, dpre, dw_part, db_part,
+                                    x.stride(0), x.stride(1), *ms, dy.stride(0), dy.stride(1), L, C, tiles,
+                                    K=K, K_PAD=triton.next_power_of_2(K), BLOCK_T=bt, BLOCK_C=bc,
+                                    HAS_BIAS=bias is not None, HAS_MASK=mask_u8 is not None, num_warps=nw)
+        _conv_bwd_dx_kernel[(n_tiles, triton.cdiv(C, bc), B)](
+            dpre, weight, m, dx, *ms, dx.stride(0), dx.stride(1), L, C,
+            K=K, BLOCK_T=bt, BLOCK_C=bc, HAS_MASK=mask_u8 is not None, num_warps=nw)
         dw = dw_part.sum(0).to(weight.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dw, db, None
