@@ -2,7 +2,8 @@
 # The GPU measurements of one session, as run through the device tool (a copy of the tree, no .git,
 # processed Beauty carried in .carry/processed). Usage: bash gbla/bench/device_session.sh PART OUT
 #   PART = kernels : compiled-kernel tests, layer/encoder benchmark, training-step timings
-#          pilot   : Beauty sa and hybrid to early stopping, one process per GPU (seeds in $SEEDS)
+#          pilot   : Beauty sa and hybrid to early stopping, one process per GPU per variant (seeds in
+#                    $SEEDS, one after another until PART_SECONDS are used)
 # Every command's output lands in OUT; each part is bounded by `timeout` so the call ends in time.
 set -uo pipefail
 part=$1; out=$2; mkdir -p "$out"
@@ -26,16 +27,21 @@ kernels)
   tail -40 "$out/layer_speed.log"
   ;;
 pilot)
+  # one process per GPU per variant; seeds run one after another while time is left: each run gets
+  # --time-limit (the part's deadline minus a margin for its test evaluation) so it ends cleanly
+  deadline=$(( $(date +%s) + ${PART_SECONDS:-540} ))
   i=0
   for variant in ${VARIANTS:-sa hybrid}; do
     (for seed in ${SEEDS:-0}; do
-       CUDA_VISIBLE_DEVICES=$i timeout ${RUN_TIMEOUT:-560} python3 -m gbla.bench.train_speed run \
-         --variant "$variant" --seed "$seed" --no-progress --out "$out" \
+       left=$(( deadline - $(date +%s) - 30 ))
+       [ "$left" -lt 120 ] && break
+       CUDA_VISIBLE_DEVICES=$i timeout $(( left + 25 )) python3 -m gbla.bench.train_speed run \
+         --variant "$variant" --seed "$seed" --no-progress --time-limit "$left" --out "$out" \
          ${RUN_ARGS:-} > "$out/log_${variant}_seed${seed}.txt" 2>&1
      done) &
     i=$(( (i + 1) % $(nvidia-smi -L | wc -l) ))
   done
   wait
-  tail -n 3 "$out"/log_*.txt
+  tail -n 2 "$out"/log_*.txt
   ;;
 esac
