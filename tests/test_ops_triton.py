@@ -199,3 +199,29 @@ def test_bf16_operand_and_tf32_paths(lowp, monkeypatch):
         assert_close("out", out_tri, out_64, torch.bfloat16)
         for name in g_64:
             assert_close(f"d{name}", g_tri[name], g_64[name], torch.bfloat16)
+
+
+def test_sum_partials_over_many_chunks():
+    """The partial-state reduction sums every chunk (more chunks than one block of the loop)."""
+    from gbla.ops.triton_gbla import _sum_partials
+    part = torch.randn(70, 3, 5, 7, dtype=torch.float64).float().to(DEVICE)
+    torch.testing.assert_close(_sum_partials(part), part.sum(0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(_sum_partials(part[:1]), part[0])
+
+
+def test_each_kernel_chunks_independently(monkeypatch):
+    """Per-kernel launch overrides (different tiles and chunk counts for each pass) give the same
+    result as the shared defaults, output and gradients."""
+    from gbla.ops import triton_gbla
+    tensors, mask, grad_out = make_inputs(3, 257, 2, 16, torch.float32, True, "rmsnorm_gated", "pad")
+    out_a, g_a = run(gbla_attention_triton, tensors, mask, grad_out, "rmsnorm_gated")
+    cfg = triton_gbla.launch_config(3, 257, 2, 16, torch.device(DEVICE))
+    monkeypatch.setitem(triton_gbla.CONFIG_OVERRIDE, "state", {"block_l": 32, "programs_per_sm": 1})
+    monkeypatch.setitem(triton_gbla.CONFIG_OVERRIDE, "bwd_key", {"block_l": 64, "programs_per_sm": 8})
+    changed = triton_gbla.launch_config(3, 257, 2, 16, torch.device(DEVICE))
+    assert changed["state"]["n_chunks"] != cfg["state"]["n_chunks"] and changed["output"] == cfg["output"]
+    assert changed["bwd_key"]["BLOCK_L"] == 64
+    out_b, g_b = run(gbla_attention_triton, tensors, mask, grad_out, "rmsnorm_gated")
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-5, atol=1e-6)

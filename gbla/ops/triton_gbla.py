@@ -12,7 +12,8 @@ Per batch row b and head h (E = head dim, phi(t) = elu(t) + 1, a_j = exp(key_log
 Forward = two passes over the sequence, both split into chunks of tokens so that one long row
 still gives B*H*chunks programs (enough to fill the GPU at B=1, L=65536):
   1. `_state_kernel`: each program reduces its chunk to a partial (S, s) in fp32; the partials are
-     summed by torch over the chunk axis (deterministic, unlike atomics; it is a few MB at most).
+     summed over the chunk axis by `_sum_partials_kernel` in a fixed order (deterministic, unlike
+     atomics; it is a few MB at most).
   2. `_output_kernel`: each program loads the reduced S once, then streams its chunk of queries.
 
 Backward (g_i = dL/do_i, zero at padded i because those outputs are the constant 0):
@@ -96,6 +97,32 @@ def _mm_acc(a, b, acc, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _operand(a, LOWP: tl.constexpr):
+    """The rounding _mm applies to an operand, done once: loop-invariant operands (S, dS) are
+    converted before the token loop instead of in every iteration (same values)."""
+    if LOWP == 1:
+        return a.to(tl.bfloat16)
+    elif LOWP == 2:
+        return a.to(tl.bfloat16).to(tl.float32)
+    else:
+        return a
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, NC, N, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[n] = sum_c part[c, n] over the chunk axis, in a fixed order (deterministic, no atomics).
+    torch's sum over the leading axis took ~11 us for the 8.6 MB of partial states on an H200."""
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, NC, BLOCK_C):
+        rows = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(part_ptr + rows[:, None] * N + offs[None, :], mask=(rows < NC)[:, None] & (offs < N)[None, :],
+                    other=0.0)
+        acc += tl.sum(x, axis=0)
+    tl.store(out_ptr + offs, acc, mask=offs < N)
+
+
+@triton.jit
 def _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK: tl.constexpr):
     valid = rows < L
     if HAS_MASK:
@@ -158,7 +185,7 @@ def _output_kernel(
     b = pid_bh // H
     h = pid_bh % H
     cols = tl.arange(0, E)
-    S = tl.load(s_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :])
+    S = _operand(tl.load(s_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :]), LOWP)
     if NORM == 0:
         ks = tl.load(ks_ptr + pid_bh * E + cols)
     else:
@@ -209,7 +236,8 @@ def _bwd_query_kernel(
     b = pid_bh // H
     h = pid_bh % H
     cols = tl.arange(0, E)
-    S = tl.load(s_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :])
+    S = _operand(tl.load(s_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :]), LOWP)
+    S_t = tl.trans(S)
     dS = tl.zeros((E, E), dtype=tl.float32)
     if NORM == 0:
         ks = tl.load(ks_ptr + pid_bh * E + cols)
@@ -240,7 +268,7 @@ def _bwd_query_kernel(
             o = num / den[:, None]
             dnum = g / den[:, None]
             dd = -tl.sum(g * o, axis=1) / den
-            dp = _mm(dnum, tl.trans(S), LOWP, DOT_PREC) + dd[:, None] * ks[None, :]
+            dp = _mm(dnum, S_t, LOWP, DOT_PREC) + dd[:, None] * ks[None, :]
             dks += tl.sum(dd[:, None] * p, axis=0)
         else:
             x = num * inv_n
@@ -262,7 +290,7 @@ def _bwd_query_kernel(
                 gy = gy * nw[None, :]
             dx = r[:, None] * (gy - y * (tl.sum(gy * y, axis=1) / E)[:, None])
             dnum = dx * inv_n
-            dp = _mm(dnum, tl.trans(S), LOWP, DOT_PREC)
+            dp = _mm(dnum, S_t, LOWP, DOT_PREC)
         dq = dp * _dphi(qq)
         tl.store(dq_ptr + b * sob + h * soh + offs, dq.to(dq_ptr.dtype.element_ty), mask=in_seq)
         dS = _mm_acc(tl.trans(p), dnum, dS, LOWP, DOT_PREC)
@@ -288,7 +316,8 @@ def _bwd_key_kernel(
     b = pid_bh // H
     h = pid_bh % H
     cols = tl.arange(0, E)
-    dS = tl.load(ds_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :])
+    dS = _operand(tl.load(ds_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :]), LOWP)
+    dS_t = tl.trans(dS)
     if NORM == 0:
         dks = tl.load(dks_ptr + pid_bh * E + cols)
     k_base = k_ptr + b * skb + h * skh
@@ -307,7 +336,7 @@ def _bwd_key_kernel(
             a = tl.exp(lw)
             kp = kp * a[:, None]
         kp = tl.where(valid[:, None], kp, 0.0)
-        dkp = _mm(vv, tl.trans(dS), LOWP, DOT_PREC)
+        dkp = _mm(vv, dS_t, LOWP, DOT_PREC)
         if NORM == 0:
             dkp = dkp + dks[None, :]
         dv = _mm(kp, dS, LOWP, DOT_PREC)
@@ -336,33 +365,47 @@ def _num_sms(device: torch.device) -> int:
 
 
 # Benchmarks may set keys here to sweep launch parameters (block_l, num_warps, num_stages,
-# programs_per_sm); results never depend on them beyond rounding order.
+# programs_per_sm, lowp); a key holding a dict under a kernel's name ("state", "output", "bwd_query",
+# "bwd_key") overrides that kernel only. Results never depend on them beyond rounding order.
 CONFIG_OVERRIDE: dict = {}
+KERNELS = ("state", "output", "bwd_query", "bwd_key")
 
 
 def launch_config(B: int, L: int, H: int, E: int, device: torch.device) -> dict:
-    """Tile and chunk sizes. Chunks: about `programs_per_sm` programs per SM over all (row, head,
-    chunk) triples, so B=1, L=65536 is spread across the GPU; each program loops over several tiles,
-    so the E x E state is loaded/stored once per chunk, not once per tile."""
+    """Tile and chunk sizes per kernel. Chunks: about `programs_per_sm` programs per SM over all
+    (row, head, chunk) triples, so B=1, L=65536 is spread across the GPU; each program loops over
+    several tiles, so the E x E state is loaded/stored once per chunk, not once per tile. Each kernel
+    chunks independently (partials are summed between the passes)."""
     if _interpreting() or device.type != "cuda":
-        block_l, num_warps, num_stages = 16, 4, 1
+        default = dict(block_l=16, num_warps=4, num_stages=1, programs_per_sm=4)
     else:
-        block_l = {16: 128, 32: 128, 64: 64, 128: 32}[E]
-        num_warps = 4 if E <= 64 else 8
-        num_stages = 2  # H100 sweep (outputs/bench/NOTES.md): 2 stages beat 3 at E = 64
-    block_l = CONFIG_OVERRIDE.get("block_l", block_l)
-    num_warps = CONFIG_OVERRIDE.get("num_warps", num_warps)
-    num_stages = CONFIG_OVERRIDE.get("num_stages", num_stages)
-    programs_per_sm = CONFIG_OVERRIDE.get("programs_per_sm", 4)
+        # H100 sweep (outputs/bench/NOTES.md): block 64, 4 warps, 2 stages at E = 64
+        default = dict(block_l={16: 128, 32: 128, 64: 64, 128: 32}[E], num_warps=4 if E <= 64 else 8,
+                       num_stages=2, programs_per_sm=4)
+    shared = {k: v for k, v in CONFIG_OVERRIDE.items() if k not in KERNELS}
     # bf16 dot operands for 16-bit inputs: H100 sweep, core fwd+bwd 0.29 ms vs 0.35 ms with tf32
-    lowp = CONFIG_OVERRIDE.get("lowp", True)
-    n_tiles = triton.cdiv(L, block_l)
-    target_programs = programs_per_sm * _num_sms(device)
-    chunks_wanted = max(1, target_programs // (B * H))
-    tiles_per_chunk = max(1, triton.cdiv(n_tiles, chunks_wanted))
-    n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
-    return dict(BLOCK_L=block_l, TILES=tiles_per_chunk, n_chunks=n_chunks, num_warps=num_warps,
-                num_stages=num_stages, lowp=lowp)
+    cfg = {"lowp": shared.pop("lowp", True)}
+    n_sms = _num_sms(device)
+    for kernel in KERNELS:
+        kc = {**default, **shared, **CONFIG_OVERRIDE.get(kernel, {})}
+        n_tiles = triton.cdiv(L, kc["block_l"])
+        chunks_wanted = max(1, kc["programs_per_sm"] * n_sms // (B * H))
+        tiles_per_chunk = max(1, triton.cdiv(n_tiles, chunks_wanted))
+        cfg[kernel] = dict(BLOCK_L=kc["block_l"], TILES=tiles_per_chunk, n_chunks=triton.cdiv(n_tiles, tiles_per_chunk),
+                           num_warps=kc["num_warps"], num_stages=kc["num_stages"])
+    return cfg
+
+
+def _sum_partials(part: torch.Tensor) -> torch.Tensor:
+    """part (nc, ...) fp32 contiguous -> sum over nc, shape part.shape[1:] (a Triton kernel: one launch)."""
+    if part.shape[0] == 1:
+        return part[0]
+    out = torch.empty(part.shape[1:], device=part.device, dtype=part.dtype)
+    n = out.numel()
+    block_n = 128
+    _sum_partials_kernel[(triton.cdiv(n, block_n),)](part, out, part.shape[0], n, BLOCK_N=block_n, BLOCK_C=32,
+                                                     num_warps=4)
+    return out
 
 
 def _lowp_code(cfg: dict, dtype: torch.dtype) -> int:
@@ -398,22 +441,24 @@ class _GBLAAttention(torch.autograd.Function):
         lw_strides = key_log_weight.stride() if has_lw else (0, 0, 0)
         m_strides = mask_u8.stride() if has_mask else (0, 0)
         z_strides = _strides4(z) if norm_code == 2 else (0, 0, 0)
-        nc = cfg["n_chunks"]
-        grid = (nc, B * H)
+        lowp = _lowp_code(cfg, q.dtype)
+        kc = cfg["state"]
+        nc = kc["n_chunks"]
         f32 = dict(device=q.device, dtype=torch.float32)
         s_part = torch.empty(nc, B * H, E, E, **f32)
         ks_part = torch.empty(nc, B * H, E, **f32) if norm_code == 0 else s_part
-        _state_kernel[grid](
+        _state_kernel[(nc, B * H)](
             k, v, lw, m, s_part, ks_part, *_strides4(k), *_strides4(v), *lw_strides, *m_strides,
-            L, H, cfg["TILES"], E=E, BLOCK_L=cfg["BLOCK_L"], HAS_LW=has_lw, HAS_MASK=has_mask,
-            NEED_KSUM=norm_code == 0, DOT_PREC=dot_prec, LOWP=_lowp_code(cfg, q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        state = s_part.sum(0) if nc > 1 else s_part[0]
-        ksum = (ks_part.sum(0) if nc > 1 else ks_part[0]) if norm_code == 0 else state
+            L, H, kc["TILES"], E=E, BLOCK_L=kc["BLOCK_L"], HAS_LW=has_lw, HAS_MASK=has_mask,
+            NEED_KSUM=norm_code == 0, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
+        state = _sum_partials(s_part)
+        ksum = _sum_partials(ks_part) if norm_code == 0 else state
         out = torch.empty((B, L, H, E), device=q.device, dtype=q.dtype)
-        _output_kernel[grid](
+        kc = cfg["output"]
+        _output_kernel[(kc["n_chunks"], B * H)](
             q, zz, m, state, ksum, nw, n_real, out, *_strides4(q), *z_strides, *m_strides, *_strides4(out),
-            L, H, cfg["TILES"], eps, E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=_lowp_code(cfg, q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            L, H, kc["TILES"], eps, E=E, BLOCK_L=kc["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
         ctx.save_for_backward(q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, state,
                               ksum if norm_code == 0 else None)
         ctx.cfg, ctx.dot_prec, ctx.norm_code, ctx.eps = cfg, dot_prec, norm_code, eps
@@ -435,8 +480,9 @@ class _GBLAAttention(torch.autograd.Function):
         lw_strides = key_log_weight.stride() if has_lw else (0, 0, 0)
         m_strides = mask_u8.stride() if has_mask else (0, 0)
         z_strides = _strides4(z) if norm_code == 2 else (0, 0, 0)
-        nc = cfg["n_chunks"]
-        grid = (nc, B * H)
+        lowp = _lowp_code(cfg, q.dtype)
+        kc = cfg["bwd_query"]
+        nc = kc["n_chunks"]
         f32 = dict(device=q.device, dtype=torch.float32)
         dq = torch.empty((B, L, H, E), device=q.device, dtype=q.dtype)
         dk = torch.empty((B, L, H, E), device=q.device, dtype=k.dtype)
@@ -447,20 +493,21 @@ class _GBLAAttention(torch.autograd.Function):
         dks_part = torch.empty(nc, B * H, E, **f32) if norm_code == 0 else ds_part
         dnw_part = torch.empty(nc, B * H, E, **f32) if has_nw else ds_part
         # dq/dk/dv/dz are allocated contiguous, so they share one set of strides
-        _bwd_query_kernel[grid](
+        _bwd_query_kernel[(nc, B * H)](
             q, zz, g, m, state, ksum if norm_code == 0 else state, nw, n_real,
             dq, dz, ds_part, dks_part, dnw_part,
             *_strides4(q), *z_strides, *_strides4(g), *m_strides, *_strides4(dq),
-            L, H, cfg["TILES"], eps, E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=_lowp_code(cfg, q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        dstate = ds_part.sum(0) if nc > 1 else ds_part[0]
-        dksum = (dks_part.sum(0) if nc > 1 else dks_part[0]) if norm_code == 0 else dstate
-        _bwd_key_kernel[grid](
+            L, H, kc["TILES"], eps, E=E, BLOCK_L=kc["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
+        dstate = _sum_partials(ds_part)
+        dksum = _sum_partials(dks_part) if norm_code == 0 else dstate
+        kc = cfg["bwd_key"]
+        _bwd_key_kernel[(kc["n_chunks"], B * H)](
             k, v, lw, m, dstate, dksum, dk, dv, dlw,
             *_strides4(k), *_strides4(v), *lw_strides, *m_strides, *_strides4(dk),
             *(dlw.stride() if has_lw else (0, 0, 0)),
-            L, H, cfg["TILES"], E=E, BLOCK_L=cfg["BLOCK_L"], NORM=norm_code, HAS_LW=has_lw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=_lowp_code(cfg, q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            L, H, kc["TILES"], E=E, BLOCK_L=kc["BLOCK_L"], NORM=norm_code, HAS_LW=has_lw,
+            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
         d_nw = None
         if has_nw and ctx.needs_input_grad[6]:
             d_nw = dnw_part.sum((0, 1)).to(norm_weight.dtype)
