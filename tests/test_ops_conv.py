@@ -43,6 +43,8 @@ CASES = [  # (B, L, C, K, bias, masked, dtype)
     (3, 40, 64, 4, True, True, torch.bfloat16),
     (1, 1, 16, 1, True, False, torch.float32),
     (3, 70, 33, 2, True, True, torch.float32),
+    (3, 37, 40, 6, True, True, torch.float32),     # K > 4: the general backward path
+    (3, 37, 40, 6, False, True, torch.bfloat16),
 ]
 
 

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gbla.ops.triton_gbla import _sum_partials
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -88,27 +90,84 @@ def _conv_bwd_dpre_kernel(
     # one-hot column keeps it in registers instead.
     taps = tl.arange(0, K_PAD)
     dw = tl.zeros((BLOCK_C, K_PAD), dtype=tl.float32)
-    for t in range(0, TILES):
-        rows = (pid_t * TILES + t) * BLOCK_T + tl.arange(0, BLOCK_T)
-        row_ok = rows < L
-        pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
-        for i in tl.static_range(K):
-            wi = tl.load(w_ptr + cols * K + i, mask=col_ok, other=0.0).to(tl.float32)
-            pre += wi[None, :] * _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
-        r_ok = row_ok
-        if HAS_MASK:
-            m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
-            r_ok = r_ok & (m != 0)
-        dy = tl.load(dy_ptr + b * sdyb + rows[:, None] * sdyl + cols[None, :],
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        sig = tl.sigmoid(pre)
-        dpre = dy * sig * (1.0 + pre * (1.0 - sig))  # 0 at padded rows (dy masked)
-        tl.store(dpre_ptr + (b * L + rows[:, None]) * C + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-        db += tl.sum(dpre, axis=0)
-        for i in tl.static_range(K):  # the same K tiles again: served by the cache
-            xs = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
-            dw += tl.where(taps[None, :] == i, tl.sum(dpre * xs, axis=0)[:, None], 0.0)
+    if K <= 4:
+        # fast path: the K shifted tiles stay in registers between computing pre and dw, and dw / db
+        # accumulate elementwise (BLOCK_T, BLOCK_C) so the row reduction happens once per chunk, not
+        # once per tile and tap (a cross-warp reduction each)
+        w0 = tl.load(w_ptr + cols * K, mask=col_ok, other=0.0).to(tl.float32)
+        a0 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        if K >= 2:
+            w1 = tl.load(w_ptr + cols * K + 1, mask=col_ok, other=0.0).to(tl.float32)
+            a1 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        if K >= 3:
+            w2 = tl.load(w_ptr + cols * K + 2, mask=col_ok, other=0.0).to(tl.float32)
+            a2 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        if K >= 4:
+            w3 = tl.load(w_ptr + cols * K + 3, mask=col_ok, other=0.0).to(tl.float32)
+            a3 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        dacc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for t in range(0, TILES):
+            rows = (pid_t * TILES + t) * BLOCK_T + tl.arange(0, BLOCK_T)
+            row_ok = rows < L
+            x0 = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1), cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+            pre = bias[None, :] + w0[None, :] * x0
+            if K >= 2:
+                x1 = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + 1, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+                pre += w1[None, :] * x1
+            if K >= 3:
+                x2 = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + 2, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+                pre += w2[None, :] * x2
+            if K >= 4:
+                x3 = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + 3, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+                pre += w3[None, :] * x3
+            r_ok = row_ok
+            if HAS_MASK:
+                m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
+                r_ok = r_ok & (m != 0)
+            dy = tl.load(dy_ptr + b * sdyb + rows[:, None] * sdyl + cols[None, :],
+                         mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            sig = tl.sigmoid(pre)
+            dpre = dy * sig * (1.0 + pre * (1.0 - sig))  # 0 at padded rows (dy masked)
+            tl.store(dpre_ptr + (b * L + rows[:, None]) * C + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+            dacc += dpre
+            a0 += dpre * x0
+            if K >= 2:
+                a1 += dpre * x1
+            if K >= 3:
+                a2 += dpre * x2
+            if K >= 4:
+                a3 += dpre * x3
+        db = tl.sum(dacc, axis=0)
+        dw = tl.where(taps[None, :] == 0, tl.sum(a0, axis=0)[:, None], 0.0)
+        if K >= 2:
+            dw += tl.where(taps[None, :] == 1, tl.sum(a1, axis=0)[:, None], 0.0)
+        if K >= 3:
+            dw += tl.where(taps[None, :] == 2, tl.sum(a2, axis=0)[:, None], 0.0)
+        if K >= 4:
+            dw += tl.where(taps[None, :] == 3, tl.sum(a3, axis=0)[:, None], 0.0)
+    else:
+        for t in range(0, TILES):
+            rows = (pid_t * TILES + t) * BLOCK_T + tl.arange(0, BLOCK_T)
+            row_ok = rows < L
+            pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
+            for i in tl.static_range(K):
+                wi = tl.load(w_ptr + cols * K + i, mask=col_ok, other=0.0).to(tl.float32)
+                pre += wi[None, :] * _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+            r_ok = row_ok
+            if HAS_MASK:
+                m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
+                r_ok = r_ok & (m != 0)
+            dy = tl.load(dy_ptr + b * sdyb + rows[:, None] * sdyl + cols[None, :],
+                         mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            sig = tl.sigmoid(pre)
+            dpre = dy * sig * (1.0 + pre * (1.0 - sig))  # 0 at padded rows (dy masked)
+            tl.store(dpre_ptr + (b * L + rows[:, None]) * C + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+            db += tl.sum(dpre, axis=0)
+            for i in tl.static_range(K):  # the same K tiles again: served by the cache
+                xs = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
+                dw += tl.where(taps[None, :] == i, tl.sum(dpre * xs, axis=0)[:, None], 0.0)
     part = b * tl.num_programs(0) + pid_t
     tl.store(dwpart_ptr + part * C * K + cols[:, None] * K + taps[None, :], dw,
              mask=col_ok[:, None] & (taps < K)[None, :])
@@ -142,10 +201,12 @@ def _conv_bwd_dx_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _conv_config(B: int, L: int, C: int, device: torch.device):
+def _conv_config(B: int, L: int, C: int, device: torch.device, backward: bool = False):
+    """(BLOCK_T, BLOCK_C, num_warps). The backward's dpre kernel holds K + 1 accumulator tiles and the
+    K shifted input tiles in registers: 16 rows and 8 warps keep that at ~16 values per tile per thread."""
     if _interpreting() or device.type != "cuda":
         return 16, 32, 4
-    return 32, 128, 4
+    return (16, 128, 8) if backward else (32, 128, 4)
 
 
 class _CausalConv1dSiLU(torch.autograd.Function):
@@ -172,7 +233,7 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         K = weight.shape[1]
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        bt, bc, nw = _conv_config(B, L, C, x.device)
+        bt, bc, nw = _conv_config(B, L, C, x.device, backward=True)
         n_tiles = triton.cdiv(L, bt)
         n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
         chunks_wanted = max(1, (4 * n_sms) // (B * triton.cdiv(C, bc)))
@@ -193,8 +254,8 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         _conv_bwd_dx_kernel[(n_tiles, triton.cdiv(C, bc), B)](
             dpre, weight, m, dx, *ms, dx.stride(0), dx.stride(1), L, C,
             K=K, BLOCK_T=bt, BLOCK_C=bc, HAS_MASK=mask_u8 is not None, num_warps=nw)
-        dw = dw_part.sum(0).to(weight.dtype)
-        db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+        dw = _sum_partials(dw_part).to(weight.dtype)
+        db = _sum_partials(db_part).to(bias.dtype) if bias is not None else None
         return dx, dw, db, None
 
 

@@ -515,7 +515,7 @@ class _GBLAAttention(torch.autograd.Function):
             HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
         d_nw = None
         if has_nw and ctx.needs_input_grad[6]:
-            d_nw = dnw_part.sum((0, 1)).to(norm_weight.dtype)
+            d_nw = _sum_partials(dnw_part.view(-1, E)).to(norm_weight.dtype)  # torch: 8 us on an H200
         return (dq, dk, dv, dlw if has_lw else None, None, dz if norm_code == 2 else None, d_nw,
                 None, None, None)
 
