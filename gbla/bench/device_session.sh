@@ -19,7 +19,7 @@ kernels)
   GBLA_TEST_CUDA=1 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_ops_conv.py \
     tests/test_ops_triton.py -k "conv or 257 or 17 or partials or independently" > "$out/gpu_tests.log" 2>&1
   tail -2 "$out/gpu_tests.log"
-  timeout ${LAYER_TIMEOUT:-420} python3 -m gbla.bench.layer_speed ${SWEEP:+--sweep} --commit "$GBLA_COMMIT" \
+  timeout ${LAYER_TIMEOUT:-420} python3 -m gbla.bench.layer_speed ${SWEEP:+--sweep} ${SWEEP_CONV:+--sweep-conv} --commit "$GBLA_COMMIT" \
     --out "$out/layer_speed.json" > "$out/layer_speed.log" 2>&1
   grep -v "^  sweep" "$out/layer_speed.log" | tail -45
   ;;

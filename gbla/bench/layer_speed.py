@@ -274,11 +274,36 @@ def kernel_breakdown(fn, iters=20) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:15])
 
 
-def conv_section(meta: dict):
-    """Triton fused conv+SiLU vs the torch reference on the layer's qkv tensor (B*L = 32768, C = 3 D)."""
+def conv_section(meta: dict, sweep: bool = False):
+    """Triton fused conv+SiLU vs the torch reference on the layer's qkv tensor (B*L = 32768, C = 3 D);
+    with sweep, first the backward's variants side by side (graphed fwd+bwd at L = 32768), keeping
+    the fastest for the rest of the run."""
+    from gbla.ops import triton_conv
     from gbla.ops.conv import causal_conv1d_silu_reference
     from gbla.ops.triton_conv import causal_conv1d_silu_triton
     out = {}
+    if sweep:
+        x = torch.randn(1, TOKENS, 3 * D_MODEL, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(3 * D_MODEL, 4, device="cuda", requires_grad=True)
+        b = torch.randn(3 * D_MODEL, device="cuda", requires_grad=True)
+        dy = torch.randn_like(x)
+
+        def conv_fwd_bwd():
+            torch.autograd.backward(causal_conv1d_silu_triton(x, w, b), dy)
+            x.grad = w.grad = b.grad = None
+        rows = []
+        for fast, bt, nw in ((False, 32, 4), (False, 16, 8), (True, 16, 8), (True, 32, 8), (True, 16, 4), (True, 32, 4)):
+            triton_conv.CONFIG_OVERRIDE.clear()
+            triton_conv.CONFIG_OVERRIDE.update(fast_path=fast, bwd_block_t=bt, bwd_num_warps=nw)
+            conv_fwd_bwd()
+            rows.append(dict(fast_path=fast, bwd_block_t=bt, bwd_num_warps=nw,
+                             graph_fwd_bwd_ms=bench_ms(cuda_graph_replay(conv_fwd_bwd))))
+            print("  conv sweep", rows[-1], flush=True)
+        best = min(rows, key=lambda r: r["graph_fwd_bwd_ms"])
+        triton_conv.CONFIG_OVERRIDE.clear()
+        triton_conv.CONFIG_OVERRIDE.update({k: best[k] for k in ("fast_path", "bwd_block_t", "bwd_num_warps")})
+        meta["conv_sweep"], meta["conv_chosen"] = rows, dict(triton_conv.CONFIG_OVERRIDE)
+        del x, w, b, dy
     for L in (1024, 32768):
         B = TOKENS // L
         x = torch.randn(B, L, 3 * D_MODEL, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -486,6 +511,7 @@ def main(argv=None):
     ap.add_argument("--impls", default="sa-flash,sa-cudnn,sa-efficient,gbla-torch,gbla-torch-compile,gbla-triton")
     ap.add_argument("--layouts", default=",".join(ENCODER_LAYOUTS))
     ap.add_argument("--sweep", action="store_true", help="sweep the core kernel's launch parameters")
+    ap.add_argument("--sweep-conv", action="store_true", help="compare the conv backward's variants first")
     ap.add_argument("--commit", default=None, help="commit hash (when the tree is a copy without .git)")
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args(argv)
@@ -510,7 +536,7 @@ def main(argv=None):
                        "dtype": "bfloat16", "gbla_options": "GBLAOptions() defaults: conv1d k=4, token gate, rmsnorm_gated"}}
     results = Results(out, meta)
     t0 = time.time()
-    steps = {"core": lambda: core_section(meta, lengths, args.sweep), "conv": lambda: conv_section(meta),
+    steps = {"core": lambda: core_section(meta, lengths, args.sweep), "conv": lambda: conv_section(meta, args.sweep_conv),
              "layer": lambda: layer_section(results, lengths, args.impls.split(",")),
              "encoder": lambda: encoder_section(results, lengths, args.layouts.split(","))}
     for name in sections:

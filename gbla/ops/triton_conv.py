@@ -73,7 +73,7 @@ def _conv_bwd_dpre_kernel(
     x_ptr, w_ptr, b_ptr, mask_ptr, dy_ptr, dpre_ptr, dwpart_ptr, dbpart_ptr,
     sxb, sxl, smb, sml, sdyb, sdyl, L, C, TILES,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FAST: tl.constexpr,
 ):
     """dpre[t] = dy[t] m[t] silu'(pre[t]) for one chunk of rows (pre recomputed from K shifted loads
     of x), written to a contiguous (B, L, C) buffer; the chunk's partial dw and dbias."""
@@ -90,8 +90,8 @@ def _conv_bwd_dpre_kernel(
     # one-hot column keeps it in registers instead.
     taps = tl.arange(0, K_PAD)
     dw = tl.zeros((BLOCK_C, K_PAD), dtype=tl.float32)
-    if K <= 4:
-        # fast path: the K shifted tiles stay in registers between computing pre and dw, and dw / db
+    if FAST:
+        # fast path (K <= 4): the K shifted tiles stay in registers between computing pre and dw, and dw / db
         # accumulate elementwise (BLOCK_T, BLOCK_C) so the row reduction happens once per chunk, not
         # once per tile and tap (a cross-warp reduction each)
         w0 = tl.load(w_ptr + cols * K, mask=col_ok, other=0.0).to(tl.float32)
@@ -201,12 +201,19 @@ def _conv_bwd_dx_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+# Benchmarks may set keys here: "fast_path" (bool, the K <= 4 register path of the backward),
+# "bwd_block_t", "bwd_num_warps". Results never depend on them beyond rounding order.
+CONFIG_OVERRIDE: dict = {}
+
+
 def _conv_config(B: int, L: int, C: int, device: torch.device, backward: bool = False):
-    """(BLOCK_T, BLOCK_C, num_warps). The backward's dpre kernel holds K + 1 accumulator tiles and the
-    K shifted input tiles in registers: 16 rows and 8 warps keep that at ~16 values per tile per thread."""
+    """(BLOCK_T, BLOCK_C, num_warps). The backward's fast dpre kernel holds K + 1 accumulator tiles and
+    the K shifted input tiles in registers."""
     if _interpreting() or device.type != "cuda":
         return 16, 32, 4
-    return (16, 128, 8) if backward else (32, 128, 4)
+    if not backward:
+        return 32, 128, 4
+    return CONFIG_OVERRIDE.get("bwd_block_t", 16), 128, CONFIG_OVERRIDE.get("bwd_num_warps", 8)
 
 
 class _CausalConv1dSiLU(torch.autograd.Function):
@@ -250,7 +257,8 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         _conv_bwd_dpre_kernel[grid](x, weight, bias if bias is not None else weight, m, dy, dpre, dw_part, db_part,
                                     x.stride(0), x.stride(1), *ms, dy.stride(0), dy.stride(1), L, C, tiles,
                                     K=K, K_PAD=triton.next_power_of_2(K), BLOCK_T=bt, BLOCK_C=bc,
-                                    HAS_BIAS=bias is not None, HAS_MASK=mask_u8 is not None, num_warps=nw)
+                                    HAS_BIAS=bias is not None, HAS_MASK=mask_u8 is not None,
+                                    FAST=K <= 4 and CONFIG_OVERRIDE.get("fast_path", True), num_warps=nw)
         _conv_bwd_dx_kernel[(n_tiles, triton.cdiv(C, bc), B)](
             dpre, weight, m, dx, *ms, dx.stride(0), dx.stride(1), L, C,
             K=K, BLOCK_T=bt, BLOCK_C=bc, HAS_MASK=mask_u8 is not None, num_warps=nw)
