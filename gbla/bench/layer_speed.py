@@ -487,6 +487,16 @@ def render(json_path: Path):
                          f"{c.get('graph_fwd_bwd_frac_of_copy', float('nan')):.1%} |")
         if "chosen_config" in meta:
             lines += ["", f"Launch configuration chosen by the sweep in this run: `{meta['chosen_config']}`"]
+        if "launch_config_L32768" in meta:
+            lines += ["", f"Core launch configuration in effect (L = 32768): `{meta['launch_config_L32768']}`"]
+        if "conv" in meta:
+            conv = pd.DataFrame(meta["conv"]).T
+            lines += ["", "## causal Conv1D + SiLU (B*L = 32768, C = 1536, bf16), ms", "",
+                      md_table(conv[[c for c in conv.columns if c.endswith("_ms")]]), ""]
+        if "conv_sweep" in meta:
+            lines += ["Conv backward variants, graphed fwd+bwd at L = 32768 (side by side in this run):", "",
+                      md_table(pd.DataFrame(meta["conv_sweep"]).set_index("fast_path")), "",
+                      f"kept: `{meta['conv_chosen']}`"]
         lines.append("")
     (out_dir / "layer_speed.md").write_text("\n".join(lines) + "\n")
 

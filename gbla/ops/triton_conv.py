@@ -213,7 +213,9 @@ def _conv_config(B: int, L: int, C: int, device: torch.device, backward: bool = 
         return 16, 32, 4
     if not backward:
         return 32, 128, 4
-    return CONFIG_OVERRIDE.get("bwd_block_t", 16), 128, CONFIG_OVERRIDE.get("bwd_num_warps", 8)
+    # H200, graphed fwd+bwd at L = 32768, C = 1536 (outputs/bench/NOTES.md, v3): fast path with 16 rows
+    # and 4 warps 0.313 ms; 32 rows / 4 warps 0.412; 16 / 8 0.697; the general path 0.590
+    return CONFIG_OVERRIDE.get("bwd_block_t", 16), 128, CONFIG_OVERRIDE.get("bwd_num_warps", 4)
 
 
 class _CausalConv1dSiLU(torch.autograd.Function):
