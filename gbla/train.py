@@ -170,7 +170,7 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
     steps_per_epoch = sum(len(idx) // batch_size for _, idx in groups)
     real_tokens = int((train.enc_tokens != PAD).sum())
     token_slots = sum(enc_len * (len(idx) // batch_size) * batch_size for enc_len, idx in groups)
-    train_step = TrainStep(model, train, tc, batch_size, step_mode, use_autocast)
+    train_step = TrainStep(model, train, tc, step_mode, use_autocast)
     shuffle = torch.Generator().manual_seed(config.seed)
 
     def evaluate(split: DeviceSplit) -> torch.Tensor:
@@ -261,8 +261,9 @@ STEP_MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
 
 
 class TrainStep:
-    """One optimisation step on the training examples at `idx` (a device tensor of batch_size indices)
-    with the encoder input cut to `enc_len` tokens; returns the loss as a device scalar (no host sync).
+    """One optimisation step on the training examples at `idx` (a device tensor of indices, the same
+    length at every call) with the encoder input cut to `enc_len` tokens; returns the loss as a
+    device scalar (no host sync).
 
     cuda_graph: per encoder length, the first WARMUP_STEPS steps run eagerly on a side stream (real
     steps, they count; they also let Triton autotune and cuBLAS pick kernels), then forward +
@@ -274,7 +275,7 @@ class TrainStep:
 
     WARMUP_STEPS = 3
 
-    def __init__(self, model, train: DeviceSplit, tc, batch_size: int, mode: str, use_autocast: bool):
+    def __init__(self, model, train: DeviceSplit, tc, mode: str, use_autocast: bool):
         if mode not in STEP_MODES:
             raise ValueError(f"step_mode must be one of {STEP_MODES}, got {mode!r}")
         self.model, self.train, self.mode, self.use_autocast = model, train, mode, use_autocast
@@ -287,7 +288,6 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc.weight_decay,
                                            fused=on_cuda, capturable=self.graphed)
         self.loss_fn = torch.compile(model.loss) if mode in ("compile", "compile_cuda_graph") else model.loss
-        self.batch_size = batch_size
         self.graphs: dict[int, tuple] = {}       # enc_len -> (graph, static_idx, static_loss)
         self.calls: dict[int, int] = {}          # enc_len -> steps taken at that length
 

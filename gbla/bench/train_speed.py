@@ -132,7 +132,7 @@ def bench_steps(args) -> None:
                "length_buckets": list(buckets), "sdpa_math_bf16": not args.sdpa_math_fp32}
         try:
             configure_sdpa(not args.sdpa_math_fp32)
-            step = TrainStep(model, train, cfg.train, bs, mode, dev.type == "cuda")
+            step = TrainStep(model, train, cfg.train, mode, dev.type == "cuda")
             groups = length_bucket_groups(train.enc_tokens, buckets, cfg.train.max_history, bs)
             gen = torch.Generator().manual_seed(0)
             batches = epoch_batches(groups, bs, gen)

@@ -69,6 +69,26 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
+def _store_dpre(pre, dy_ptr, dpre_ptr, mask_ptr, b, rows, cols, L, C, sdyb, sdyl, smb, sml,
+                HAS_MASK: tl.constexpr):
+    """dpre = dy * m * silu'(pre) for one tile (0 at padded and out-of-range rows), stored into the
+    contiguous (B, L, C) dpre buffer and returned."""
+    row_ok = rows < L
+    col_ok = cols < C
+    r_ok = row_ok
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
+        r_ok = r_ok & (m != 0)
+    dy = tl.load(dy_ptr + b * sdyb + rows[:, None] * sdyl + cols[None, :],
+                 mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    sig = tl.sigmoid(pre)
+    dpre = dy * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(dpre_ptr + (b * L + rows[:, None]) * C + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+    return dpre
+
+
+@triton.jit
 def _conv_bwd_dpre_kernel(
     x_ptr, w_ptr, b_ptr, mask_ptr, dy_ptr, dpre_ptr, dwpart_ptr, dbpart_ptr,
     sxb, sxl, smb, sml, sdyb, sdyl, L, C, TILES,
@@ -108,7 +128,6 @@ def _conv_bwd_dpre_kernel(
         dacc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         for t in range(0, TILES):
             rows = (pid_t * TILES + t) * BLOCK_T + tl.arange(0, BLOCK_T)
-            row_ok = rows < L
             x0 = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1), cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
             pre = bias[None, :] + w0[None, :] * x0
             if K >= 2:
@@ -120,16 +139,7 @@ def _conv_bwd_dpre_kernel(
             if K >= 4:
                 x3 = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + 3, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
                 pre += w3[None, :] * x3
-            r_ok = row_ok
-            if HAS_MASK:
-                m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
-                r_ok = r_ok & (m != 0)
-            dy = tl.load(dy_ptr + b * sdyb + rows[:, None] * sdyl + cols[None, :],
-                         mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            sig = tl.sigmoid(pre)
-            dpre = dy * sig * (1.0 + pre * (1.0 - sig))  # 0 at padded rows (dy masked)
-            tl.store(dpre_ptr + (b * L + rows[:, None]) * C + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            dpre = _store_dpre(pre, dy_ptr, dpre_ptr, mask_ptr, b, rows, cols, L, C, sdyb, sdyl, smb, sml, HAS_MASK)
             dacc += dpre
             a0 += dpre * x0
             if K >= 2:
@@ -149,21 +159,11 @@ def _conv_bwd_dpre_kernel(
     else:
         for t in range(0, TILES):
             rows = (pid_t * TILES + t) * BLOCK_T + tl.arange(0, BLOCK_T)
-            row_ok = rows < L
             pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
             for i in tl.static_range(K):
                 wi = tl.load(w_ptr + cols * K + i, mask=col_ok, other=0.0).to(tl.float32)
                 pre += wi[None, :] * _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
-            r_ok = row_ok
-            if HAS_MASK:
-                m = tl.load(mask_ptr + b * smb + rows * sml, mask=row_ok, other=0)
-                r_ok = r_ok & (m != 0)
-            dy = tl.load(dy_ptr + b * sdyb + rows[:, None] * sdyl + cols[None, :],
-                         mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            sig = tl.sigmoid(pre)
-            dpre = dy * sig * (1.0 + pre * (1.0 - sig))  # 0 at padded rows (dy masked)
-            tl.store(dpre_ptr + (b * L + rows[:, None]) * C + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            dpre = _store_dpre(pre, dy_ptr, dpre_ptr, mask_ptr, b, rows, cols, L, C, sdyb, sdyl, smb, sml, HAS_MASK)
             db += tl.sum(dpre, axis=0)
             for i in tl.static_range(K):  # the same K tiles again: served by the cache
                 xs = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
