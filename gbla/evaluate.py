@@ -65,46 +65,51 @@ class SIDTrie:
 @torch.no_grad()
 def beam_search(model, enc_tokens: torch.Tensor, trie: SIDTrie, beam_size: int, top_k: int = 10
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k items (B, top_k) in descending order of SID log-probability, and their scores; -1 / -inf
-    where fewer than top_k valid items exist. The caller puts the model in eval mode."""
+    """Top-k items (S, B, top_k) of each of the model's S seeds, in descending order of SID
+    log-probability, and their scores; -1 / -inf where fewer than top_k valid items exist.
+    enc_tokens: (B, L), the same users for every seed, or (S, B, L). The caller puts the model in
+    eval mode. The seeds' beams are independent rows: the search runs on S * B rows at once."""
     if beam_size < top_k:
         raise ValueError(f"beam_size ({beam_size}) must be >= top_k ({top_k})")
-    B = enc_tokens.shape[0]
     device = enc_tokens.device
     vocab = model.vocab
     memory, memory_mask = model.encode(enc_tokens)
+    S, B = memory.shape[:2]
+    R = S * B                                                                 # independent rows
     kvs = model.memory_kv(memory)
-    dec_tokens = torch.full((B, 1), BOS, dtype=torch.long, device=device)   # (B * K, t)
-    scores = torch.zeros(B, 1, device=device)                                 # (B, K) log-probs so far
-    prefix = torch.zeros(B, 1, dtype=torch.long, device=device)               # (B, K) trie node, -1 = dead
+    dec_tokens = torch.full((S, B, 1), BOS, dtype=torch.long, device=device)  # (S, B * K, t)
+    scores = torch.zeros(R, 1, device=device)                                 # (R, K) log-probs so far
+    prefix = torch.zeros(R, 1, dtype=torch.long, device=device)               # (R, K) trie node, -1 = dead
     for level, size in enumerate(trie.codebook_sizes):
         K = scores.shape[1]
         start = vocab.level_starts[level]
-        logits = model.decode(dec_tokens, kvs, memory_mask)[:, -1, start:start + size]
-        logp = F.log_softmax(logits.float(), dim=-1).view(B, K, size)
-        child = trie.next_id[level][prefix.clamp(min=0)]                     # (B, K, size)
+        logits = model.decode(dec_tokens, kvs, memory_mask)[:, :, -1, start:start + size]
+        logp = F.log_softmax(logits.float(), dim=-1).view(R, K, size)
+        child = trie.next_id[level][prefix.clamp(min=0)]                     # (R, K, size)
         alive = (child >= 0) & (prefix >= 0)[..., None]
-        candidates = torch.where(alive, scores[..., None] + logp, float("-inf")).view(B, K * size)
+        candidates = torch.where(alive, scores[..., None] + logp, float("-inf")).view(R, K * size)
         new_k = min(beam_size, K * size)
         scores, flat = candidates.topk(new_k, dim=1)                         # sorted, best first
         beam, digit = flat // size, flat % size
-        prefix = torch.where(torch.isfinite(scores), child.view(B, K * size).gather(1, flat), -1)
-        previous = dec_tokens.view(B, K, -1).gather(1, beam[..., None].expand(-1, -1, dec_tokens.shape[1]))
+        prefix = torch.where(torch.isfinite(scores), child.view(R, K * size).gather(1, flat), -1)
+        t = dec_tokens.shape[-1]
+        previous = dec_tokens.reshape(R, K, t).gather(1, beam[..., None].expand(-1, -1, t))
         new_token = (digit + start + vocab.digit_offset)[..., None]
-        dec_tokens = torch.cat([previous, new_token], dim=2).view(B * new_k, -1)
+        dec_tokens = torch.cat([previous, new_token], dim=2).view(S, B * new_k, t + 1)
     items, scores = prefix[:, :top_k], scores[:, :top_k]
     if items.shape[1] < top_k:  # a tiny catalogue with fewer valid items than top_k
         pad = top_k - items.shape[1]
         items = F.pad(items, (0, pad), value=-1)
         scores = F.pad(scores, (0, pad), value=float("-inf"))
-    return items, scores
+    return items.view(S, B, top_k), scores.view(S, B, top_k)
 
 
 def ranks_from_topk(items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Rank 1..k of each target among its row's items, 0 = not among them."""
-    hit = items == targets[:, None]
-    first = hit.float().argmax(dim=1) + 1
-    return torch.where(hit.any(dim=1), first, 0)
+    """Rank 1..k of each target among its row's items (..., k), 0 = not among them; targets (B,)
+    broadcast over any leading (seed) axes of items."""
+    hit = items == targets[..., None]
+    first = hit.float().argmax(dim=-1) + 1
+    return torch.where(hit.any(dim=-1), first, 0)
 
 
 def metrics_from_ranks(ranks, ks=METRIC_KS) -> dict[str, float]:
@@ -123,7 +128,8 @@ def metrics_from_ranks(ranks, ks=METRIC_KS) -> dict[str, float]:
 @torch.no_grad()
 def rank_targets(model, enc_tokens: torch.Tensor, targets: torch.Tensor, trie: SIDTrie, *, beam_size: int,
                  batch_size: int = 1024, top_k: int = 10, autocast: bool = False) -> torch.Tensor:
-    """Per-example rank (n,) of the target item under beam search, evaluated in batches.
+    """Per-example rank (S, n) of the target item under beam search for each of the model's S seeds,
+    evaluated in batches (every seed ranks the same examples).
 
     Examples are batched in order of their last real encoder position, and each batch's encoder input
     is cut after its last real token: trailing all-PAD columns change no output (the layers are
@@ -134,14 +140,14 @@ def rank_targets(model, enc_tokens: torch.Tensor, targets: torch.Tensor, trie: S
     real = enc_tokens != PAD
     used = torch.where(real, torch.arange(1, L + 1, device=enc_tokens.device), 0).amax(dim=1)  # (n,)
     order = torch.argsort(used, stable=True)
-    ranks = torch.empty(n, dtype=torch.long, device=enc_tokens.device)
+    ranks = torch.empty(model.num_seeds, n, dtype=torch.long, device=enc_tokens.device)
     try:
         for i in range(0, n, batch_size):
             sel = order[i:i + batch_size]
             width = max(1, int(used[sel].max()))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 items, _ = beam_search(model, enc_tokens[sel, :width], trie, beam_size, top_k)
-            ranks[sel] = ranks_from_topk(items, targets[sel])
+            ranks[:, sel] = ranks_from_topk(items, targets[sel])
     finally:
         model.train(was_training)
     return ranks

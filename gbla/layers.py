@@ -1,9 +1,21 @@
-"""The two token-mixing layers of the encoder: softmax self-attention and GBLA.
+"""The building blocks of the model, each holding the weights of `num_seeds` independent models.
 
-Both are the attention *sublayer* only (projections, mixing, output projection); the encoder block in
-gbla/model.py adds the pre-norm residual and the FFN around them. Both take x (B, L, D) and a mask
-(B, L) bool (True = real token, None = all real) and return (B, L, D) with zeros at padded positions.
-Padding may sit on either side: outputs at real positions do not depend on how much there is.
+Training several seeds of one variant in one process is much cheaper than one process per seed: a
+batch of 256 examples leaves most of a GPU idle, while S seeds x 256 examples run every operation
+once, S times as large. So every parameter carries a leading seed axis (S, ...), activations are
+(S, B, ..., D), and nothing mixes the seeds: each seed is a model of its own, with its own weights,
+gradients and AdamW state (AdamW is elementwise). S = 1 is one ordinary model.
+
+The token-mixing layers (softmax self-attention and GBLA) are the attention *sublayer* only
+(projections, mixing, output projection); the encoder block in gbla/model.py adds the pre-norm
+residual and the FFN around them. They take x (S, B, L, D) and a mask (S, B, L) bool (True = real
+token, None = all real) and return (S, B, L, D) with zeros at padded positions; with S = 1 they also
+take x (B, L, D) and a mask (B, L). Padding may sit on either side: outputs at real positions do not
+depend on how much there is.
+
+Initialisation: each parameter records its rule (`init_rule`: normal, uniform or constant), and
+`init_seed_slice` redraws one seed's slice from a generator of its own, so a seed's initial weights
+depend only on its seed number, not on which other seeds share the process (gbla/model.py).
 """
 from __future__ import annotations
 
@@ -16,6 +28,144 @@ import torch.nn.functional as F
 from gbla.config import GBLAOptions
 from gbla.ops import gbla_attention
 from gbla.ops.conv import causal_conv1d_silu
+
+
+# ---------------------------------------------------------------------------------------------
+# stacked parameters
+# ---------------------------------------------------------------------------------------------
+
+def seed_parameter(shape, rule: tuple[str, float]) -> nn.Parameter:
+    """A parameter of `shape` (seed axis first) filled by `rule`, which it keeps for re-drawing:
+    ("normal", std), ("uniform", bound) or ("constant", value)."""
+    p = nn.Parameter(torch.empty(shape))
+    p.init_rule = rule
+    with torch.no_grad():
+        apply_init_rule(p, rule)
+    return p
+
+
+def apply_init_rule(t: torch.Tensor, rule: tuple[str, float], generator: torch.Generator | None = None) -> None:
+    kind, value = rule
+    if kind == "normal":
+        t.normal_(0.0, value, generator=generator)
+    elif kind == "uniform":
+        t.uniform_(-value, value, generator=generator)
+    elif kind == "constant":
+        t.fill_(value)
+    else:
+        raise ValueError(f"unknown init rule {rule!r}")
+
+
+@torch.no_grad()
+def init_seed_slice(module: nn.Module, index: int, seed: int) -> None:
+    """Redraw slice `index` of every parameter of `module` from a generator seeded with `seed` alone,
+    parameters in registration order (drawn on the CPU, so the values do not depend on the device)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    for name, p in module.named_parameters():
+        rule = getattr(p, "init_rule", None)
+        if rule is None:
+            raise ValueError(f"parameter {name} has no init_rule")
+        fresh = torch.empty(p.shape[1:], dtype=torch.float32)
+        apply_init_rule(fresh, rule, generator)
+        p[index].copy_(fresh)
+
+
+def as_stacked(x: torch.Tensor, mask: torch.Tensor | None, num_seeds: int):
+    """(x, mask, unstacked): x (B, L, D) of a one-seed module becomes (1, B, L, D)."""
+    if x.dim() == 3:
+        if num_seeds != 1:
+            raise ValueError(f"x must be (S, B, L, D) with S={num_seeds} seeds, got shape {tuple(x.shape)}")
+        return x[None], None if mask is None else mask[None], True
+    if x.dim() != 4 or x.shape[0] != num_seeds:
+        raise ValueError(f"x must be (S, B, L, D) with S={num_seeds} seeds, got shape {tuple(x.shape)}")
+    return x, mask, False
+
+
+class SeedLinear(nn.Module):
+    """S independent linear maps, x (S, ..., in) -> (S, ..., out), as one batched matmul.
+
+    The weight is stored (S, in, out), the layout the batched matmul reads directly. With S = 1 an
+    unstacked x (..., in) is accepted too. Init: normal(0, 0.02) weights (TIGER / T5), bias constant."""
+
+    def __init__(self, num_seeds: int, in_features: int, out_features: int, *, bias: bool = False,
+                 bias_init: float = 0.0):
+        super().__init__()
+        self.num_seeds, self.in_features, self.out_features = num_seeds, in_features, out_features
+        self.weight = seed_parameter((num_seeds, in_features, out_features), ("normal", 0.02))
+        self.bias = seed_parameter((num_seeds, out_features), ("constant", bias_init)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        S = self.num_seeds
+        if S == 1 and (x.dim() < 3 or x.shape[0] != 1):
+            return self(x[None])[0]
+        lead = x.shape[:-1]
+        flat = x.reshape(S, -1, self.in_features)
+        if self.bias is None:
+            y = torch.bmm(flat, self.weight)
+        else:
+            y = torch.baddbmm(self.bias[:, None, :], flat, self.weight)
+        return y.reshape(*lead, self.out_features)
+
+
+class SeedRMSNorm(nn.Module):
+    """RMSNorm with a per-seed weight; x (S, ..., D). eps as nn.RMSNorm's default (dtype's eps)."""
+
+    def __init__(self, num_seeds: int, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.weight = seed_parameter((num_seeds, dim), ("constant", 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x, (self.dim,))
+        return y * self.weight.view(self.weight.shape[0], *([1] * (x.dim() - 2)), self.dim).to(y.dtype)
+
+
+class SeedEmbedding(nn.Module):
+    """Per-seed token embeddings: tokens (S, ...) -> (S, ..., D), one lookup in the stacked table."""
+
+    def __init__(self, num_seeds: int, num_tokens: int, dim: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.weight = seed_parameter((num_seeds, num_tokens, dim), ("normal", 0.02))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        S = self.weight.shape[0]
+        offsets = torch.arange(S, device=tokens.device).view(S, *([1] * (tokens.dim() - 1))) * self.num_tokens
+        return F.embedding(tokens + offsets, self.weight.view(S * self.num_tokens, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention with a relative position bias, written out for short sequences
+# ---------------------------------------------------------------------------------------------
+
+def small_attention(q, k, v, *, allowed: torch.Tensor | None, bias: torch.Tensor | None, num_seeds: int,
+                    dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(E) + bias, masked) v for short sequences, in the inputs' dtype.
+
+    q (S*B, H, Lq, E), k and v (S*B, H, Lk, E); bias (S, H, Lq, Lk) per seed or None; allowed: a bool
+    tensor broadcastable to (S, B, H, Lq, Lk), False = may not attend, or None. Masked scores are set
+    to the dtype's lowest value rather than -inf: a query with no key to look at (a padded position
+    before any real token) then gets a finite average instead of NaN; callers zero its output. For
+    every other query exp(lowest - max) is exactly 0, so masked keys get no weight at all.
+
+    Written out instead of SDPA: with a learned bias that needs a gradient SDPA takes its math path
+    anyway, and building its (B, H, L, L) float mask from bias and padding cost more than the
+    attention itself; here the bias is broadcast over the batch and the padding is one masked_fill.
+    Autocast is off inside: q, k, v arrive in the compute dtype (bf16 under autocast) and the softmax
+    accumulates in fp32 internally while reading and writing that dtype."""
+    SB, H, Lq, E = q.shape
+    Lk = k.shape[2]
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(E))
+        scores = scores.view(num_seeds, SB // num_seeds, H, Lq, Lk)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)[:, None]
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1).view(SB, H, Lq, Lk)
+        if dropout_p > 0:
+            probs = F.dropout(probs, dropout_p, training=True)
+        return torch.matmul(probs, v.to(probs.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,56 +192,56 @@ def relative_position_bucket(relative_position: torch.Tensor, *, bidirectional: 
 
 
 class SelfAttentionLayer(nn.Module):
-    """Multi-head softmax self-attention through torch SDPA, bidirectional or causal, with a T5-style
-    learned relative position bias (one scalar per head and distance bucket; every layer has its own,
-    unlike T5 which shares layer 0's: a few hundred extra parameters, and each layer may learn its
-    own distance profile). Scores use SDPA's 1/sqrt(head_dim) scale (T5 folds it into the init).
+    """Multi-head softmax self-attention, bidirectional or causal, with a T5-style learned relative
+    position bias (one scalar per head and distance bucket; every layer has its own, unlike T5 which
+    shares layer 0's: a few hundred extra parameters, and each layer may learn its own distance
+    profile). Scores use the 1/sqrt(head_dim) scale (T5 folds it into the init).
 
-    With relative_bias=False and mask=None no attn_mask is built, so SDPA may pick flash/cuDNN kernels.
+    With relative_bias=False and mask=None it calls torch SDPA, which may pick flash/cuDNN kernels
+    (the long-sequence latency benchmark); otherwise small_attention.
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, causal: bool = False,
                  relative_bias: bool = True, dropout: float = 0.0, relative_attention_num_buckets: int = 32,
-                 relative_attention_max_distance: int = 128):
+                 relative_attention_max_distance: int = 128, num_seeds: int = 1):
         super().__init__()
-        self.num_heads, self.head_dim, self.causal, self.dropout = num_heads, head_dim, causal, dropout
-        self.qkv = nn.Linear(d_model, 3 * num_heads * head_dim, bias=False)
-        self.out = nn.Linear(num_heads * head_dim, d_model, bias=False)
+        self.num_seeds, self.num_heads, self.head_dim = num_seeds, num_heads, head_dim
+        self.causal, self.dropout = causal, dropout
+        self.qkv = SeedLinear(num_seeds, d_model, 3 * num_heads * head_dim)
+        self.out = SeedLinear(num_seeds, num_heads * head_dim, d_model)
         self.num_buckets = relative_attention_num_buckets
         self.max_distance = relative_attention_max_distance
-        self.relative_bias = nn.Embedding(self.num_buckets, num_heads) if relative_bias else None
+        self.relative_bias = (seed_parameter((num_seeds, self.num_buckets, num_heads), ("normal", 0.02))
+                              if relative_bias else None)
 
     def position_bias(self, L: int, device) -> torch.Tensor:
-        """(H, L, L) additive bias, from query position i to key position j."""
+        """(S, H, L, L) additive bias, from query position i to key position j."""
         pos = torch.arange(L, device=device)
         buckets = relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=not self.causal,
                                            num_buckets=self.num_buckets, max_distance=self.max_distance)
-        return self.relative_bias(buckets).permute(2, 0, 1)
+        return self.relative_bias[:, buckets].permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x, mask, unstacked = as_stacked(x, mask, self.num_seeds)
+        S, B, L, _ = x.shape
+        H, E = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(S * B, L, 3, H, E).permute(2, 0, 3, 1, 4)   # (S*B, H, L, E) each
         dropout_p = self.dropout if self.training else 0.0
         if self.relative_bias is None and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
         else:
-            allowed = torch.ones(B, 1, L, L, dtype=torch.bool, device=x.device)
+            allowed = None
             if mask is not None:
-                allowed = allowed & mask[:, None, None, :]
+                allowed = mask[:, :, None, None, :]                                # (S, B, 1, 1, Lk)
             if self.causal:
-                allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-            # a query with no key to look at (a padded position before any real token) would give
-            # softmax(all -inf) = NaN; let it see everything instead; its output is zeroed below
-            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-            bias = torch.zeros((), dtype=q.dtype, device=x.device)
-            if self.relative_bias is not None:
-                bias = self.position_bias(L, x.device).to(q.dtype)[None]
-            attn_mask = torch.where(allowed, bias, torch.full((), float("-inf"), dtype=q.dtype, device=x.device))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        y = self.out(y.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
+                tril = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+                allowed = tril if allowed is None else allowed & tril
+            bias = self.position_bias(L, x.device) if self.relative_bias is not None else None
+            y = small_attention(q, k, v, allowed=allowed, bias=bias, num_seeds=S, dropout_p=dropout_p)
+        y = self.out(y.transpose(1, 2).reshape(S, B, L, H * E))
         if mask is not None:
             y = y * mask[..., None].to(y.dtype)
-        return y
+        return y[0] if unstacked else y
 
 
 class GBLALayer(nn.Module):
@@ -111,59 +261,73 @@ class GBLALayer(nn.Module):
     Plain kernelized linear attention = conv off, gate "none", normalization "none". Only the
     parameters a switch needs exist (conv weights, gate projection, z projection, norm weight).
     `backend` picks the kernels of gbla_attention / causal_conv1d_silu ("torch", "triton", "auto");
-    it does not change the result beyond rounding.
+    it does not change the result beyond rounding. The seeds go through the attention op folded into
+    its batch axis; the per-seed norm weight is applied to its output (the op's normalization is
+    linear in it), and the conv runs once per seed (its weights are per seed).
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, options: GBLAOptions = GBLAOptions(), *,
-                 dropout: float = 0.0, backend: str = "auto"):
+                 dropout: float = 0.0, backend: str = "auto", num_seeds: int = 1):
         super().__init__()
-        self.num_heads, self.head_dim, self.options, self.backend = num_heads, head_dim, options, backend
+        self.num_seeds, self.num_heads, self.head_dim = num_seeds, num_heads, head_dim
+        self.options, self.backend = options, backend
         inner = num_heads * head_dim
-        self.qkv = nn.Linear(d_model, 3 * inner, bias=False)
-        self.out = nn.Linear(inner, d_model, bias=False)
+        self.qkv = SeedLinear(num_seeds, d_model, 3 * inner)
+        self.out = SeedLinear(num_seeds, inner, d_model)
         self.dropout = nn.Dropout(dropout)
         if options.use_conv1d:
             K = options.conv_kernel_size
             # depthwise conv over the sequence, one filter per channel of q, k and v (nn.Conv1d's init)
-            self.conv_weight = nn.Parameter(torch.empty(3 * inner, K).uniform_(-1 / math.sqrt(K), 1 / math.sqrt(K)))
-            self.conv_bias = nn.Parameter(torch.zeros(3 * inner))
+            self.conv_weight = seed_parameter((num_seeds, 3 * inner, K), ("uniform", 1 / math.sqrt(K)))
+            self.conv_bias = seed_parameter((num_seeds, 3 * inner), ("constant", 0.0))
         if options.gate != "none":
-            self.gate = nn.Linear(d_model, num_heads)
             # recency: start with a forget gate near 1 (logsigmoid(4) ~ -0.018 per token, so a key
             # 80 tokens back still weighs ~0.23) instead of halving every key per step
-            nn.init.constant_(self.gate.bias, 4.0 if options.gate == "recency" else 0.0)
+            self.gate = SeedLinear(num_seeds, d_model, num_heads, bias=True,
+                                   bias_init=4.0 if options.gate == "recency" else 0.0)
         if options.normalization != "none":
-            self.norm_weight = nn.Parameter(torch.ones(head_dim))
+            self.norm_weight = seed_parameter((num_seeds, head_dim), ("constant", 1.0))
         if options.normalization == "rmsnorm_gated":
-            self.z_proj = nn.Linear(d_model, inner, bias=False)
+            self.z_proj = SeedLinear(num_seeds, d_model, inner)
 
     def key_log_weight(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(S, B, L, H) fp32 log key weights (or (B, L, H) for an unstacked x), None without a gate."""
         gate = self.options.gate
         if gate == "none":
             return None
-        log_gate = F.logsigmoid(self.gate(x).float())  # (B, L, H), fp32: the recency sum accumulates
-        if gate == "token":
-            return log_gate
-        # recency: for key j, the sum of log forget gates of the real tokens after it
-        if mask is not None:
-            log_gate = log_gate * mask[..., None].to(log_gate.dtype)
-        suffix_inclusive = log_gate.flip(1).cumsum(1).flip(1)
-        return suffix_inclusive - log_gate
+        x, mask, unstacked = as_stacked(x, mask, self.num_seeds)
+        log_gate = F.logsigmoid(self.gate(x).float())  # fp32: the recency sum accumulates
+        if gate == "recency":
+            # for key j, the sum of log forget gates of the real tokens after it
+            if mask is not None:
+                log_gate = log_gate * mask[..., None].to(log_gate.dtype)
+            suffix_inclusive = log_gate.flip(2).cumsum(2).flip(2)
+            log_gate = suffix_inclusive - log_gate
+        return log_gate[0] if unstacked else log_gate
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, _ = x.shape
+        x, mask, unstacked = as_stacked(x, mask, self.num_seeds)
+        S, B, L, _ = x.shape
         H, E = self.num_heads, self.head_dim
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)                                                        # (S, B, L, 3*H*E)
         if self.options.use_conv1d:
-            qkv = causal_conv1d_silu(qkv, self.conv_weight, self.conv_bias, mask, backend=self.backend)
-        q, k, v = qkv.view(B, L, 3, H, E).unbind(2)
+            convs = [causal_conv1d_silu(qkv[s], self.conv_weight[s], self.conv_bias[s],
+                                        None if mask is None else mask[s], backend=self.backend)
+                     for s in range(S)]
+            qkv = convs[0][None] if S == 1 else torch.stack(convs)
+        q, k, v = qkv.view(S * B, L, 3, H, E).unbind(2)
         key_log_weight = self.key_log_weight(x, mask)
-        z = self.z_proj(x).view(B, L, H, E) if self.options.normalization == "rmsnorm_gated" else None
-        norm_weight = self.norm_weight if self.options.normalization != "none" else None
-        o = gbla_attention(q, k, v, key_log_weight=key_log_weight, mask=mask, z=z, norm_weight=norm_weight,
-                           normalization=self.options.normalization, backend=self.backend)
+        if key_log_weight is not None:
+            key_log_weight = key_log_weight.reshape(S * B, L, H)
+        norm = self.options.normalization
+        z = self.z_proj(x).view(S * B, L, H, E) if norm == "rmsnorm_gated" else None
+        o = gbla_attention(q, k, v, key_log_weight=key_log_weight,
+                           mask=None if mask is None else mask.reshape(S * B, L), z=z, norm_weight=None,
+                           normalization=norm, backend=self.backend).view(S, B, L, H, E)
+        if norm != "none":
+            o = o * self.norm_weight.view(S, 1, 1, 1, E).to(o.dtype)
         # dropout on the mixed values, the analogue of SA's dropout on attention weights
-        y = self.out(self.dropout(o.reshape(B, L, H * E)))
+        y = self.out(self.dropout(o.reshape(S, B, L, H * E)))
         if mask is not None:
             y = y * mask[..., None].to(y.dtype)
-        return y
+        return y[0] if unstacked else y

@@ -1,13 +1,19 @@
 """TIGER: an encoder-decoder over semantic-ID tokens (Rajput et al., 2023), sized like GRID's TIGER.
 
 Encoder input:  [user bucket] [SID digits of history item 1 (4 tokens)] ... [item n], right-padded
-                to 1 + 4 * max_history tokens (static shape; a mask marks the real tokens).
+                (a mask marks the real tokens; training batches are cut to their length bucket,
+                evaluation batches after their last real token).
 Decoder input:  [BOS] d0 d1 d2  ->  predicts d0 d1 d2 d3 of the next item, each digit from its own
                 codebook's slice of the output vocabulary.
 Encoder blocks follow ModelConfig.encoder_layout: "sa" (bidirectional softmax attention), "sa_causal"
 (causal softmax attention) or "gbla" (gbla/layers.py). The decoder uses causal self-attention and
 cross-attention. Pre-norm residual blocks with RMSNorm, ReLU FFN, no absolute positions (T5): SA
 layers carry relative position biases, GBLA layers see order only through their causal conv.
+
+One TIGER object holds `num_seeds` independent models (gbla/layers.py says why): every weight has a
+leading seed axis and every activation is (S, B, ...). Token inputs are (S, B, L), one batch per
+seed, or (B, L), the same batch for every seed (evaluation). `init_seeds(seeds)` draws each seed's
+weights from its seed number alone. num_seeds = 1 is one ordinary model.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gbla.config import ModelConfig
-from gbla.layers import GBLALayer, SelfAttentionLayer
+from gbla.layers import (GBLALayer, SeedEmbedding, SeedLinear, SeedRMSNorm, SelfAttentionLayer, init_seed_slice,
+                         small_attention)
 
 PAD, BOS = 0, 1
 
@@ -64,29 +71,34 @@ class SIDVocab:
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, d_ff: int, dropout: float, num_seeds: int):
         super().__init__()
-        self.up, self.down, self.dropout = nn.Linear(d_model, d_ff, bias=False), nn.Linear(d_ff, d_model, bias=False), nn.Dropout(dropout)
+        self.up, self.down = SeedLinear(num_seeds, d_model, d_ff), SeedLinear(num_seeds, d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.down(self.dropout(F.relu(self.up(x))))
 
 
+def _self_attention(cfg: ModelConfig, num_seeds: int, causal: bool) -> SelfAttentionLayer:
+    return SelfAttentionLayer(cfg.d_model, cfg.num_heads, cfg.head_dim, causal=causal, dropout=cfg.dropout,
+                              relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+                              relative_attention_max_distance=cfg.relative_attention_max_distance,
+                              num_seeds=num_seeds)
+
+
 class EncoderBlock(nn.Module):
     """Pre-norm residual block around one mixing layer (SA or GBLA) and an FFN."""
 
-    def __init__(self, layer_type: str, cfg: ModelConfig, backend: str):
+    def __init__(self, layer_type: str, cfg: ModelConfig, backend: str, num_seeds: int = 1):
         super().__init__()
         if layer_type == "gbla":
             self.mix = GBLALayer(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.gbla, dropout=cfg.dropout,
-                                 backend=backend)
+                                 backend=backend, num_seeds=num_seeds)
         else:
-            self.mix = SelfAttentionLayer(cfg.d_model, cfg.num_heads, cfg.head_dim, causal=layer_type == "sa_causal",
-                                          dropout=cfg.dropout,
-                                          relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-                                          relative_attention_max_distance=cfg.relative_attention_max_distance)
-        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+            self.mix = _self_attention(cfg, num_seeds, causal=layer_type == "sa_causal")
+        self.norm1, self.norm2 = SeedRMSNorm(num_seeds, cfg.d_model), SeedRMSNorm(num_seeds, cfg.d_model)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask):
@@ -97,39 +109,39 @@ class EncoderBlock(nn.Module):
 class CrossAttention(nn.Module):
     """Decoder-to-encoder attention. The memory's keys/values are computed once per encoder row; the
     queries of all `beam` decoder rows that share an encoder row attend to it together (queries are
-    independent in cross-attention), so beam search never copies the memory."""
+    independent in cross-attention), so beam search never copies the memory. A handful of queries
+    over <= 81 keys: small_attention's two small matmuls (the fused SDPA kernels cost far more at
+    this size, 18% of a training step in a profile)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, num_seeds: int):
         super().__init__()
         self.H, self.E, self.dropout = cfg.num_heads, cfg.head_dim, cfg.dropout
-        self.q = nn.Linear(cfg.d_model, self.H * self.E, bias=False)
-        self.kv = nn.Linear(cfg.d_model, 2 * self.H * self.E, bias=False)
-        self.out = nn.Linear(self.H * self.E, cfg.d_model, bias=False)
+        self.q = SeedLinear(num_seeds, cfg.d_model, self.H * self.E)
+        self.kv = SeedLinear(num_seeds, cfg.d_model, 2 * self.H * self.E)
+        self.out = SeedLinear(num_seeds, self.H * self.E, cfg.d_model)
 
     def memory_kv(self, memory):
-        B, L, _ = memory.shape
-        k, v = self.kv(memory).view(B, L, 2, self.H, self.E).permute(2, 0, 3, 1, 4)
-        return k, v  # (B, H, L, E) each
+        S, B, L, _ = memory.shape
+        k, v = self.kv(memory).view(S * B, L, 2, self.H, self.E).permute(2, 0, 3, 1, 4)
+        return k, v  # (S*B, H, L, E) each
 
     def forward(self, x, kv, memory_mask):
         k, v = kv
-        B = k.shape[0]
-        Bb, t, _ = x.shape                                   # Bb = B * beam
-        q = self.q(x).reshape(B, (Bb // B) * t, self.H, self.E).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=memory_mask[:, None, None, :],
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(Bb, t, self.H * self.E))
+        S, B = memory_mask.shape[:2]
+        _, Bb, t, _ = x.shape                                # Bb = B * beam
+        q = self.q(x).reshape(S * B, (Bb // B) * t, self.H, self.E).transpose(1, 2)
+        y = small_attention(q, k, v, allowed=memory_mask[:, :, None, None, :], bias=None, num_seeds=S,
+                            dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(S, Bb, t, self.H * self.E))
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, num_seeds: int = 1):
         super().__init__()
-        self.self_attn = SelfAttentionLayer(cfg.d_model, cfg.num_heads, cfg.head_dim, causal=True, dropout=cfg.dropout,
-                                            relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-                                            relative_attention_max_distance=cfg.relative_attention_max_distance)
-        self.cross_attn = CrossAttention(cfg)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.norm1, self.norm2, self.norm3 = (nn.RMSNorm(cfg.d_model) for _ in range(3))
+        self.self_attn = _self_attention(cfg, num_seeds, causal=True)
+        self.cross_attn = CrossAttention(cfg, num_seeds)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds)
+        self.norm1, self.norm2, self.norm3 = (SeedRMSNorm(num_seeds, cfg.d_model) for _ in range(3))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, kv, memory_mask):
@@ -139,24 +151,37 @@ class DecoderBlock(nn.Module):
 
 
 class TIGER(nn.Module):
-    def __init__(self, cfg: ModelConfig, codebook_sizes, *, backend: str = "auto"):
+    def __init__(self, cfg: ModelConfig, codebook_sizes, *, backend: str = "auto", num_seeds: int = 1):
         super().__init__()
-        self.cfg = cfg
+        if num_seeds < 1:
+            raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
+        self.cfg, self.num_seeds = cfg, num_seeds
         self.vocab = SIDVocab(codebook_sizes, cfg.num_user_buckets)
-        self.embed = nn.Embedding(self.vocab.size, cfg.d_model)
-        self.encoder = nn.ModuleList(EncoderBlock(t, cfg, backend) for t in cfg.encoder_layout)
-        self.encoder_norm = nn.RMSNorm(cfg.d_model)
-        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_decoder_layers))
-        self.decoder_norm = nn.RMSNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, self.vocab.num_digit_tokens, bias=False)
+        self.embed = SeedEmbedding(num_seeds, self.vocab.size, cfg.d_model)
+        self.encoder = nn.ModuleList(EncoderBlock(t, cfg, backend, num_seeds) for t in cfg.encoder_layout)
+        self.encoder_norm = SeedRMSNorm(num_seeds, cfg.d_model)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg, num_seeds) for _ in range(cfg.num_decoder_layers))
+        self.decoder_norm = SeedRMSNorm(num_seeds, cfg.d_model)
+        self.head = SeedLinear(num_seeds, cfg.d_model, self.vocab.num_digit_tokens)
         self.dropout = nn.Dropout(cfg.dropout)
-        for module in self.modules():  # weights only: layers keep their own bias inits (GBLA gate)
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
         self.register_buffer("level_mask", self.vocab.level_mask("cpu"), persistent=False)
 
+    def init_seeds(self, seeds) -> "TIGER":
+        """Draw seed slot i's weights from seeds[i] alone (independent of the other slots)."""
+        seeds = list(seeds)
+        if len(seeds) != self.num_seeds:
+            raise ValueError(f"{len(seeds)} seeds given for a model of {self.num_seeds}")
+        for i, seed in enumerate(seeds):
+            init_seed_slice(self, i, seed)
+        return self
+
+    def _per_seed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, ...) tokens shared by every seed -> (S, B, ...); (S, B, ...) stays."""
+        return tokens.expand(self.num_seeds, *tokens.shape) if tokens.dim() == 2 else tokens
+
     def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, L) -> memory (B, L, D) and its mask (B, L)."""
+        """tokens (S, B, L) or (B, L) -> memory (S, B, L, D) and its mask (S, B, L)."""
+        tokens = self._per_seed(tokens)
         mask = tokens != PAD
         x = self.dropout(self.embed(tokens))
         for block in self.encoder:
@@ -167,25 +192,32 @@ class TIGER(nn.Module):
         return [block.cross_attn.memory_kv(memory) for block in self.decoder]
 
     def decode(self, dec_tokens: torch.Tensor, kvs, memory_mask) -> torch.Tensor:
-        """dec_tokens (B * beam, t) -> logits over the digit vocabulary (B * beam, t, V), each position
-        restricted to its SID level's slice (-inf elsewhere)."""
+        """dec_tokens (S, B * beam, t) -> logits over the digit vocabulary (S, B * beam, t, V), each
+        position restricted to its SID level's slice (-inf elsewhere)."""
         x = self.dropout(self.embed(dec_tokens))
         for block, kv in zip(self.decoder, kvs):
             x = block(x, kv, memory_mask)
         logits = self.head(self.decoder_norm(x)).float()
-        return logits + self.level_mask[: dec_tokens.shape[1]]
+        return logits + self.level_mask[: dec_tokens.shape[-1]]
 
     def forward(self, enc_tokens: torch.Tensor, target_sids: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (B, 4, V) for the target SIDs (B, 4)."""
+        """Teacher-forced logits (S, B, 4, V) for the target SIDs (S, B, 4) (or (B, 4) shared)."""
         memory, mask = self.encode(enc_tokens)
-        target_tokens = self.vocab.digit_tokens(target_sids)
-        bos = torch.full_like(target_tokens[:, :1], BOS)
-        return self.decode(torch.cat([bos, target_tokens[:, :-1]], dim=1), self.memory_kv(memory), mask)
+        target_tokens = self.vocab.digit_tokens(self._per_seed_targets(target_sids))
+        bos = torch.full_like(target_tokens[..., :1], BOS)
+        return self.decode(torch.cat([bos, target_tokens[..., :-1]], dim=-1), self.memory_kv(memory), mask)
+
+    def _per_seed_targets(self, target_sids: torch.Tensor) -> torch.Tensor:
+        return target_sids.expand(self.num_seeds, *target_sids.shape) if target_sids.dim() == 2 else target_sids
 
     def loss(self, enc_tokens, target_sids, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Mean cross-entropy over the 4 target digits, each over its own level's codebook."""
+        """Per-seed mean cross-entropy over the 4 target digits, each over its own level's codebook:
+        (S,). Their sum is the training objective: each seed's gradient is its own loss's."""
         logits = self(enc_tokens, target_sids)
-        losses = [F.cross_entropy(logits[:, level, start:start + size], target_sids[:, level],
-                                  label_smoothing=label_smoothing)
+        target_sids = self._per_seed_targets(target_sids)
+        S, B = target_sids.shape[:2]
+        losses = [F.cross_entropy(logits[:, :, level, start:start + size].reshape(S * B, size),
+                                  target_sids[:, :, level].reshape(S * B), label_smoothing=label_smoothing,
+                                  reduction="none").view(S, B).mean(dim=1)
                   for level, (start, size) in enumerate(zip(self.vocab.level_starts, self.vocab.codebook_sizes))]
-        return torch.stack(losses).mean()
+        return torch.stack(losses, dim=1).mean(dim=1)

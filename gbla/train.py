@@ -1,20 +1,41 @@
-"""Train one TIGER model to early stopping and evaluate it: the run contract (COMMON.md item 9).
+"""Train TIGER models to early stopping and evaluate them: the run contract.
 
     result = train_and_evaluate(RunConfig(dataset="beauty", variant="sa", seed=0), load_processed(path))
+    group = train_group([RunConfig("beauty", "sa", seed) for seed in range(5)], data,
+                        checkpoint_path="outputs/runs/beauty/sa/checkpoint-....pt")
+
+A group is the seeds of one (dataset, variant) trained together in one process: one TIGER object
+holds all of them (gbla/model.py) and every step runs each operation once for all seeds. Each seed is
+still a model of its own: its own initial weights (drawn from its seed number alone), its own data
+order within each length bucket (its own generator), its own dropout draws, its own early stopping on
+its own validation Recall@10, and its own best weights restored for its test. Nothing couples them:
+the objective is the sum of the per-seed losses (so each seed's gradient is that of its own loss),
+AdamW is elementwise, and there is no gradient clipping. What seeds of a group share is the order in
+which the length buckets take turns in an epoch (drawn from a fixed generator, the same in every
+group), so a seed trains on exactly the same batches whichever seeds share its process.
+train_and_evaluate is a group of one.
 
 The hot loop touches only device tensors: every split is turned into token ids once and kept on the
-device, batches are slices of a per-epoch permutation, the loss is summed on the device and read once
-per epoch. Shapes stay static per history-length bucket (train.length_buckets): a batch holds
-examples of one bucket and its encoder input is cut to that bucket's length (right padding only, so
+device, batches are slices of per-epoch permutations, the losses are summed on the device and read
+once per epoch. Shapes stay static per history-length bucket (train.length_buckets): a step's batches
+all come from one bucket and the encoder input is cut to that bucket's length (right padding only, so
 cutting trailing columns drops padding and nothing else); each bucket's incomplete last batch of an
-epoch is dropped (different examples each epoch). Imports only torch, numpy (+ tqdm): it runs on the
-GPU machine.
+epoch is dropped (different examples each epoch).
+
+Checkpoints: with `checkpoint_path`, the whole group state (weights, AdamW state, RNG states, each
+seed's early-stopping state, best weights and history) is written atomically every
+`checkpoint_every_s` seconds, and a later call with the same group resumes from it; `stop_at` (a
+time.time() deadline) makes the group write a checkpoint and return unfinished at the first epoch end
+that would run past it. Imports only torch, numpy (+ tqdm): it runs on any GPU machine.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,6 +44,11 @@ from tqdm.auto import tqdm
 from gbla.config import RunConfig
 from gbla.evaluate import SIDTrie, metrics_from_ranks, rank_targets
 from gbla.model import PAD, TIGER
+
+# The length buckets' order within an epoch comes from a generator with this fixed seed (advanced
+# once per epoch), the same for every seed and group; the examples within a bucket are each seed's own.
+BUCKET_ORDER_SEED = 20_231_123
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -38,6 +64,16 @@ class RunResult:
     test_metrics: dict[str, float]
     test_per_user: dict[str, np.ndarray]  # "user", "target", "rank" (1..10, 0 = miss)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GroupResult:
+    """results: one RunResult per config, in the order given (empty while unfinished);
+    finished: False when the group stopped at `stop_at` and left a checkpoint to resume from."""
+    results: list[RunResult]
+    finished: bool
+    epochs_done: int
+    wall_time_s: float
 
 
 @dataclass
@@ -104,63 +140,109 @@ def length_bucket_groups(enc_tokens: torch.Tensor, bounds, max_history: int, bat
     return [(enc_len, idx.sort().values.to(enc_tokens.device)) for enc_len, idx in groups]
 
 
-def epoch_batches(groups, batch_size: int, generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
-    """One epoch's batches: each group shuffled and cut into full batches, then all batches shuffled."""
-    batches = []
+def epoch_batches(groups, batch_size: int, seed_generators: Sequence[torch.Generator],
+                  order_generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """One epoch's steps: [(encoder length, indices (S, batch_size))]. Each seed shuffles each bucket
+    with its own generator and cuts it into full batches; every seed has the same number of batches
+    per bucket, and the buckets take turns in an order drawn from `order_generator`."""
+    per_bucket = []
     for enc_len, idx in groups:
-        perm = idx[torch.randperm(len(idx), generator=generator).to(idx.device)]
-        batches += [(enc_len, perm[i * batch_size:(i + 1) * batch_size]) for i in range(len(idx) // batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        n = len(idx) // batch_size
+        perms = [idx[torch.randperm(len(idx), generator=g).to(idx.device)][:n * batch_size].view(n, batch_size)
+                 for g in seed_generators]
+        per_bucket.append((enc_len, torch.stack(perms, dim=1)))   # (n, S, batch_size)
+    steps = [(enc_len, batches[i]) for enc_len, batches in per_bucket for i in range(len(batches))]
+    return [steps[i] for i in torch.randperm(len(steps), generator=order_generator).tolist()]
 
 
-def configure_sdpa(math_bf16: bool = True) -> None:
-    """SA layers with a learned relative-position bias (a float attn_mask that needs a gradient) can
-    land on PyTorch's math SDPA path, which by default upcasts bf16 inputs to fp32 (slow fp32 GEMMs,
-    seen in the H100 profile, outputs/pilot/README.md). With math_bf16 it stays in bf16 like every
-    other matmul under autocast (softmax still accumulates in fp32). Process-wide setting."""
-    if hasattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp"):
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(math_bf16)
-
-
-def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend: str = "auto",
-                       progress: bool = True, log=print, step_mode: str = "auto",
-                       eval_batch_size: int | None = None, time_limit_s: float | None = None,
-                       sdpa_math_bf16: bool = True) -> RunResult:
-    """Train to early stopping on validation Recall@10, restore the best weights, evaluate on test.
-
-    step_mode: "eager"; "compile" (torch.compile of the loss); "cuda_graph" (the whole training step,
-    forward + backward + AdamW, captured once per encoder length and replayed: one launch per step
-    instead of hundreds); "compile_cuda_graph" (both);
-    "auto" = "cuda_graph" on CUDA, "eager" elsewhere (gbla/bench/train_speed.py measured the choice).
-    `device`, `backend`, `step_mode`, `eval_batch_size` and `sdpa_math_bf16` (configure_sdpa) are
-    runtime choices, not part of the config hash. time_limit_s (optional) stops training once that many seconds have passed since
-    the start, as if early stopping had fired (timings["stopped_by_time_limit"] = 1); the best
-    weights so far are then tested as usual."""
-    t_start = time.perf_counter()
-    tc = config.train
+def check_group(configs: Sequence[RunConfig]) -> None:
+    """A group is seeds of one (dataset, variant, model, train settings)."""
+    if not configs:
+        raise ValueError("a group needs at least one config")
+    first = configs[0]
+    for c in configs[1:]:
+        if (c.dataset, c.variant, c.model, c.train) != (first.dataset, first.variant, first.model, first.train):
+            raise ValueError(f"a group trains seeds of one config; {c.dataset}/{c.variant}/seed{c.seed} differs "
+                             f"from {first.dataset}/{first.variant}/seed{first.seed} in more than its seed")
+    seeds = [c.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a group's seeds must be distinct, got {seeds}")
+    tc = first.train
     if tc.beam_size < 10:
         raise ValueError(f"train.beam_size must be >= 10 (top-10 items are kept), got {tc.beam_size}")
     if tc.patience < 1 or tc.eval_every < 1 or tc.max_epochs < 1 or tc.batch_size < 1:
         raise ValueError("train.patience, train.eval_every, train.max_epochs and train.batch_size must be >= 1")
+
+
+@dataclass
+class SeedState:
+    """Early stopping of one seed: best validation Recall@10 so far, its epoch and weights."""
+    best_recall: float = -1.0
+    best_epoch: int = 0
+    best_valid: dict | None = None
+    best_weights: dict | None = None      # parameter name -> this seed's slice
+    evals_without_gain: int = 0
+    stopped_at: int | None = None         # the epoch after which the seed stopped
+    history: list = field(default_factory=list)
+
+
+def seed_slice(model: torch.nn.Module, index: int) -> dict[str, torch.Tensor]:
+    return {name: p.detach()[index].clone() for name, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def load_seed_slice(model: torch.nn.Module, index: int, weights: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        p[index].copy_(weights[name])
+
+
+def train_and_evaluate(config: RunConfig, data, **kwargs) -> RunResult:
+    """Train one model to early stopping on validation Recall@10, restore its best weights, test it
+    (a group of one; keyword arguments as train_group)."""
+    group = train_group([config], data, **kwargs)
+    if not group.finished:
+        raise RuntimeError("training stopped at stop_at before it finished; call again to resume")
+    return group.results[0]
+
+
+def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", backend: str = "auto",
+                progress: bool = True, log=print, step_mode: str = "auto", eval_batch_size: int | None = None,
+                time_limit_s: float | None = None, checkpoint_path: str | os.PathLike | None = None,
+                checkpoint_every_s: float = 300.0, stop_at: float | None = None) -> GroupResult:
+    """Train the seeds of `configs` (one dataset, variant and settings; distinct seeds) together, each
+    to its own early stop; restore each seed's best weights and test it.
+
+    step_mode: "eager"; "compile" (torch.compile of the loss); "cuda_graph" (the whole training step,
+    forward + backward + AdamW, captured once per encoder length and replayed: one launch per step
+    instead of hundreds); "compile_cuda_graph" (both); "auto" = "cuda_graph" on CUDA, "eager"
+    elsewhere. `device`, `backend`, `step_mode`, `eval_batch_size` and the checkpoint settings are
+    runtime choices, not part of the config hash. time_limit_s (optional) ends training once that
+    many seconds have passed, as if every seed had stopped early (timings["stopped_by_time_limit"]);
+    the best weights so far are tested as usual. stop_at: see the module docstring."""
+    t_start = time.perf_counter()
+    check_group(configs)
+    configs = list(configs)
+    first, seeds = configs[0], [c.seed for c in configs]
+    tc, S = first.train, len(configs)
+    label = f"{first.dataset}/{first.variant}/seeds {','.join(map(str, seeds))}"
     dev = resolve_device(device)
     if step_mode == "auto":
         step_mode = "cuda_graph" if dev.type == "cuda" else "eager"
     if step_mode not in STEP_MODES or ("cuda_graph" in step_mode and dev.type != "cuda"):
         raise ValueError(f"step_mode must be one of {STEP_MODES} (CUDA graphs need CUDA), got {step_mode!r}")
     use_autocast = dev.type == "cuda"
-    if use_autocast:
-        configure_sdpa(sdpa_math_bf16)
     eval_batch_size = eval_batch_size or (4096 if dev.type == "cuda" else 256)  # 4096: measured faster
 
-    seed_everything(config.seed)
-    model = TIGER(config.model, data.codebook_sizes, backend=backend).to(dev)
+    seed_everything(seeds[0])  # dropout draws: the group's own stream
+    model = TIGER(first.model, data.codebook_sizes, backend=backend, num_seeds=S).init_seeds(seeds).to(dev)
     trie = SIDTrie(data.sids, data.codebook_sizes, device=dev)
     sids = torch.as_tensor(data.sids, dtype=torch.long, device=dev)
     train = to_device_split(data.train, model, sids, tc.max_history, dev)
     valid = to_device_split(data.valid, model, sids, tc.max_history, dev)
     test = to_device_split(data.test, model, sids, tc.max_history, dev)
     if tc.max_train_examples is not None and tc.max_train_examples < len(train):
-        keep = np.sort(np.random.default_rng(config.seed).choice(len(train), tc.max_train_examples, replace=False))
+        # one subset for every seed (a fixed generator): seeds differ in init, order and dropout only
+        keep = np.sort(np.random.default_rng(0).choice(len(train), tc.max_train_examples, replace=False))
         keep = torch.as_tensor(keep, device=dev)
         train = DeviceSplit(*(t[keep] for t in (train.enc_tokens, train.target_sids, train.target, train.user)))
 
@@ -171,11 +253,45 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
     real_tokens = int((train.enc_tokens != PAD).sum())
     token_slots = sum(enc_len * (len(idx) // batch_size) * batch_size for enc_len, idx in groups)
     train_step = TrainStep(model, train, tc, step_mode, use_autocast)
-    shuffle = torch.Generator().manual_seed(config.seed)
+    seed_generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    order_generator = torch.Generator().manual_seed(BUCKET_ORDER_SEED)
+    states = [SeedState() for _ in seeds]
+    config_hashes = [c.config_hash() for c in configs]
+    start_epoch, train_s, eval_s, n_evals = 1, 0.0, 0.0, 0
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
 
-    def evaluate(split: DeviceSplit) -> torch.Tensor:
-        return rank_targets(model, split.enc_tokens, split.target, trie, beam_size=tc.beam_size,
-                            batch_size=eval_batch_size, autocast=use_autocast)
+    def save_checkpoint(epoch: int) -> None:
+        payload = {"format": CHECKPOINT_FORMAT, "config_hashes": config_hashes, "epoch": epoch,
+                   "model": model.state_dict(), "optimizer": train_step.optimizer.state_dict(),
+                   "steps_done": train_step.steps_done, "states": [vars(st) for st in states],
+                   "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda"
+                   else None, "seed_generators": [g.get_state() for g in seed_generators],
+                   "order_generator": order_generator.get_state(), "train_s": train_s, "eval_s": eval_s,
+                   "n_evals": n_evals}
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint_path.with_name(f".{checkpoint_path.name}.tmp-{os.getpid()}")
+        torch.save(payload, tmp)
+        os.replace(tmp, checkpoint_path)
+
+    if checkpoint_path is not None and checkpoint_path.is_file():
+        ckpt = torch.load(checkpoint_path, map_location=dev, weights_only=False)
+        if ckpt.get("format") == CHECKPOINT_FORMAT and ckpt.get("config_hashes") == config_hashes:
+            model.load_state_dict(ckpt["model"])
+            train_step.optimizer.load_state_dict(ckpt["optimizer"])
+            train_step.steps_done = ckpt["steps_done"]
+            states = [SeedState(**st) for st in ckpt["states"]]
+            torch.set_rng_state(ckpt["cpu_rng"])
+            if dev.type == "cuda" and ckpt["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), dev)
+            for g, state in zip(seed_generators, ckpt["seed_generators"]):
+                g.set_state(state)
+            order_generator.set_state(ckpt["order_generator"])
+            start_epoch = ckpt["epoch"] + 1
+            train_s, eval_s, n_evals = ckpt["train_s"], ckpt["eval_s"], ckpt["n_evals"]
+            log(f"[{label}] resumed from {checkpoint_path} after epoch {ckpt['epoch']}")
+        else:
+            log(f"[{label}] {checkpoint_path} belongs to another group (seeds or config differ); starting afresh")
+        del ckpt
 
     def sync():
         if dev.type == "cuda":
@@ -183,87 +299,132 @@ def train_and_evaluate(config: RunConfig, data, *, device: str = "auto", backend
 
     sync()
     setup_s = time.perf_counter() - t_start
-    log(f"[{config.dataset}/{config.variant}/seed{config.seed}] {n_train} training examples, {steps_per_epoch} "
-        f"steps/epoch of {batch_size}, device {dev}, backend {backend}, step {step_mode}, "
-        f"config {config.config_hash()}; encoder lengths {[enc_len for enc_len, _ in groups]} "
-        f"({[len(idx) for _, idx in groups]} examples)")
+    log(f"[{label}] {n_train} training examples, {steps_per_epoch} steps/epoch of {S} x {batch_size}, device "
+        f"{dev}, backend {backend}, step {step_mode}, configs {' '.join(config_hashes)}; encoder lengths "
+        f"{[enc_len for enc_len, _ in groups]} ({[len(idx) for _, idx in groups]} examples)")
 
-    history: list[dict] = []
-    stopped_by_time = False
-    best_recall, best_epoch, best_state, best_valid, evals_without_gain = -1.0, 0, None, None, 0
-    train_s = eval_s = 0.0
-    bar = tqdm(range(1, tc.max_epochs + 1), desc=f"{config.dataset}/{config.variant}/seed{config.seed}",
-               disable=not progress, leave=False)
+    stopped_by_time = finished = False
+    last_checkpoint = time.perf_counter()
+    epoch = start_epoch - 1
+    bar = tqdm(range(start_epoch, tc.max_epochs + 1), desc=label, disable=not progress, leave=False,
+               initial=start_epoch - 1, total=tc.max_epochs)
     for epoch in bar:
-        t0 = time.perf_counter()
+        active = [i for i, st in enumerate(states) if st.stopped_at is None]
+        t0 = epoch_start = time.perf_counter()
         model.train()
-        loss_sum = torch.zeros((), device=dev)
-        for enc_len, idx in epoch_batches(groups, batch_size, shuffle):
+        loss_sum = torch.zeros(S, device=dev)
+        for enc_len, idx in epoch_batches(groups, batch_size, seed_generators, order_generator):
             loss_sum += train_step(idx, enc_len)
-        record = {"epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch}
+        losses = (loss_sum / steps_per_epoch).tolist()
         epoch_time = time.perf_counter() - t0
         train_s += epoch_time
-        record["epoch_time_s"] = epoch_time
-        if not np.isfinite(record["train_loss"]):
-            raise FloatingPointError(f"training loss is {record['train_loss']} at epoch {epoch}")
+        bad = [seeds[i] for i in active if not np.isfinite(losses[i])]
+        if bad:
+            raise FloatingPointError(f"training loss is not finite at epoch {epoch} for seeds {bad}")
+        records = {i: {"epoch": epoch, "train_loss": losses[i], "epoch_time_s": epoch_time} for i in active}
 
         if epoch % tc.eval_every == 0 or epoch == tc.max_epochs:
             t0 = time.perf_counter()
-            metrics = metrics_from_ranks(evaluate(valid))
+            ranks = rank_targets(model, valid.enc_tokens, valid.target, trie, beam_size=tc.beam_size,
+                                 batch_size=eval_batch_size, autocast=use_autocast).cpu()
             eval_s += time.perf_counter() - t0
-            record.update({f"valid_{k}": v for k, v in metrics.items()})
-            if metrics["recall@10"] > best_recall:
-                best_recall, best_epoch, best_valid, evals_without_gain = metrics["recall@10"], epoch, metrics, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                evals_without_gain += 1
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", r10=f"{metrics['recall@10']:.4f}",
-                            best=f"{best_recall:.4f}@{best_epoch}")
+            n_evals += 1
+            for i in active:
+                metrics, st = metrics_from_ranks(ranks[i]), states[i]
+                records[i].update({f"valid_{k}": v for k, v in metrics.items()})
+                if metrics["recall@10"] > st.best_recall:
+                    st.best_recall, st.best_epoch, st.best_valid, st.evals_without_gain = (
+                        metrics["recall@10"], epoch, metrics, 0)
+                    st.best_weights = seed_slice(model, i)
+                else:
+                    st.evals_without_gain += 1
+            bar.set_postfix(best=" ".join(f"{states[i].best_recall:.4f}@{states[i].best_epoch}" for i in active))
             if not progress:  # no bar: one line per evaluation instead
-                log(f"  epoch {epoch}: loss {record['train_loss']:.4f}, valid R@10 {metrics['recall@10']:.4f} "
-                    f"(best {best_recall:.4f} @ {best_epoch}), epoch {epoch_time:.2f} s")
-        history.append(record)
-        if evals_without_gain >= tc.patience:
+                log(f"  epoch {epoch} ({epoch_time:.2f} s): " + "; ".join(
+                    f"seed {seeds[i]} loss {losses[i]:.4f} R@10 {records[i]['valid_recall@10']:.4f} (best "
+                    f"{states[i].best_recall:.4f} @ {states[i].best_epoch})" for i in active))
+        for i in active:
+            states[i].history.append(records[i])
+            if states[i].evals_without_gain >= tc.patience or epoch == tc.max_epochs:
+                states[i].stopped_at = epoch
+                if epoch < tc.max_epochs:
+                    log(f"  seed {seeds[i]} stopped early after epoch {epoch} (best {states[i].best_epoch})")
+        if all(st.stopped_at is not None for st in states):
+            finished = True
             break
-        if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s and best_state is not None:
-            stopped_by_time = True
+        if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s and \
+                all(st.best_weights is not None for st in states):
+            stopped_by_time = finished = True
+            for st in states:
+                st.stopped_at = st.stopped_at or epoch
             log(f"  stopped by the time limit ({time_limit_s:.0f} s) after epoch {epoch}")
             break
+        now = time.perf_counter()
+        if stop_at is not None and time.time() + 1.5 * (now - epoch_start) > stop_at:
+            if checkpoint_path is not None:
+                save_checkpoint(epoch)
+                log(f"[{label}] paused after epoch {epoch}: checkpoint {checkpoint_path}")
+            else:
+                log(f"[{label}] stopped after epoch {epoch} at stop_at, without a checkpoint to resume from")
+            bar.close()
+            return GroupResult([], False, epoch, time.perf_counter() - t_start)
+        if checkpoint_path is not None and now - last_checkpoint > checkpoint_every_s:
+            save_checkpoint(epoch)
+            last_checkpoint = time.perf_counter()
     bar.close()
+    if not finished:  # max_epochs reached (every seed stops there)
+        for st in states:
+            st.stopped_at = st.stopped_at or epoch
 
-    model.load_state_dict(best_state)
+    for i, st in enumerate(states):
+        load_seed_slice(model, i, st.best_weights)
     t0 = time.perf_counter()
-    test_ranks = evaluate(test)
+    test_ranks = rank_targets(model, test.enc_tokens, test.target, trie, beam_size=tc.beam_size,
+                              batch_size=eval_batch_size, autocast=use_autocast).cpu()
     sync()
     test_eval_s = time.perf_counter() - t0
-    test_metrics = metrics_from_ranks(test_ranks)
     wall = time.perf_counter() - t_start
-    epochs = len(history)
-    timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": eval_s, "test_eval_s": test_eval_s,
-               "epoch_time_s": train_s / epochs, "examples_per_s": epochs * steps_per_epoch * batch_size / train_s,
-               "valid_eval_s": eval_s / max(1, sum("valid_recall@10" in h for h in history)),
-               "stopped_by_time_limit": float(stopped_by_time), "steps_per_epoch": steps_per_epoch,
-               # real encoder tokens over encoder token slots computed per epoch (the rest is padding)
-               "encoder_real_token_fraction": real_tokens * (steps_per_epoch * batch_size / n_train) / token_slots}
-    log(f"[{config.dataset}/{config.variant}/seed{config.seed}] best epoch {best_epoch}/{epochs}: valid "
-        f"R@10 {best_valid['recall@10']:.4f}, test R@10 {test_metrics['recall@10']:.4f} "
-        f"NDCG@10 {test_metrics['ndcg@10']:.4f}; {wall:.1f} s")
-    return RunResult(
-        config=config, config_hash=config.config_hash(), device=describe_device(dev), wall_time_s=wall,
-        epochs_trained=epochs, best_epoch=best_epoch, history=history, valid_metrics=best_valid,
-        test_metrics=test_metrics,
-        test_per_user={"user": test.user.cpu().numpy(), "target": test.target.cpu().numpy(),
-                       "rank": test_ranks.cpu().numpy().astype(np.int64)},
-        timings=timings)
+    epochs_run = max(st.stopped_at for st in states) - start_epoch + 1
+    group_timings = {
+        "group_seeds": S, "group_wall_s": wall, "setup_s": setup_s, "train_s": train_s, "eval_s": eval_s,
+        "test_eval_s": test_eval_s, "group_epochs": max(st.stopped_at for st in states),
+        "epoch_time_s": train_s / max(1, epochs_run + start_epoch - 1),
+        # examples of all seeds per second of training (the group's throughput)
+        "examples_per_s": S * steps_per_epoch * batch_size * max(1, epochs_run + start_epoch - 1) / max(train_s, 1e-9),
+        "valid_eval_s": eval_s / max(1, n_evals), "stopped_by_time_limit": float(stopped_by_time),
+        "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch - 1,
+        # real encoder tokens over encoder token slots computed per epoch (the rest is padding)
+        "encoder_real_token_fraction": real_tokens * (steps_per_epoch * batch_size / n_train) / token_slots}
+    results = []
+    for i, (config, st) in enumerate(zip(configs, states)):
+        test_metrics = metrics_from_ranks(test_ranks[i])
+        log(f"[{config.dataset}/{config.variant}/seed{config.seed}] best epoch {st.best_epoch}/{st.stopped_at}: "
+            f"valid R@10 {st.best_valid['recall@10']:.4f}, test R@10 {test_metrics['recall@10']:.4f} "
+            f"NDCG@10 {test_metrics['ndcg@10']:.4f}")
+        results.append(RunResult(
+            config=config, config_hash=config_hashes[i], device=describe_device(dev), wall_time_s=wall,
+            epochs_trained=st.stopped_at, best_epoch=st.best_epoch, history=st.history,
+            valid_metrics=st.best_valid, test_metrics=test_metrics,
+            test_per_user={"user": test.user.cpu().numpy(), "target": test.target.cpu().numpy(),
+                           "rank": test_ranks[i].numpy().astype(np.int64)},
+            timings=dict(group_timings)))
+    log(f"[{label}] {wall:.1f} s")
+    return GroupResult(results, True, max(st.stopped_at for st in states), wall)
+
+
+def remove_checkpoint(path: str | os.PathLike | None) -> None:
+    """Delete a group's checkpoint once its results are saved."""
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
 
 
 STEP_MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
 
 
 class TrainStep:
-    """One optimisation step on the training examples at `idx` (a device tensor of indices, the same
-    length at every call) with the encoder input cut to `enc_len` tokens; returns the loss as a
-    device scalar (no host sync).
+    """One optimisation step of every seed of the model on its training examples at `idx` (a device
+    tensor of indices (S, batch), the same shape at every call) with the encoder input cut to
+    `enc_len` tokens; returns the per-seed losses (S,) as a device tensor (no host sync).
 
     cuda_graph: per encoder length, the first WARMUP_STEPS steps run eagerly on a side stream (real
     steps, they count; they also let Triton autotune and cuBLAS pick kernels), then forward +
@@ -303,11 +464,11 @@ class TrainStep:
 
     def _step(self, idx, enc_len):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_autocast, cache_enabled=False):
-            loss = self.loss_fn(self.train.enc_tokens[idx, :enc_len], self.train.target_sids[idx],
-                                self.label_smoothing)
-        loss.backward()
+            losses = self.loss_fn(self.train.enc_tokens[idx, :enc_len], self.train.target_sids[idx],
+                                  self.label_smoothing)
+        losses.sum().backward()  # each seed's gradient is its own loss's
         self.optimizer.step()
-        return loss.detach()
+        return losses.detach()
 
     def __call__(self, idx: torch.Tensor, enc_len: int | None = None) -> torch.Tensor:
         enc_len = self.train.enc_tokens.shape[1] if enc_len is None else int(enc_len)

@@ -72,7 +72,7 @@ def exhaustive_scores(model, enc, sids):
     with torch.no_grad():
         out = []
         for row in enc:
-            logits = model(row[None].expand(len(sids), -1), sids)
+            logits = model(row[None].expand(len(sids), -1), sids)[0]
             logp = torch.stack([F.log_softmax(logits[:, l, s:s + n], -1).gather(1, sids[:, l:l + 1])[:, 0]
                                 for l, (s, n) in enumerate(zip(model.vocab.level_starts, model.vocab.codebook_sizes))])
             out.append(logp.sum(0))
@@ -81,7 +81,7 @@ def exhaustive_scores(model, enc, sids):
 
 def test_beam_search_returns_valid_distinct_items_in_score_order(setup):
     data, model, enc, trie = setup
-    items, scores = beam_search(model, enc, trie, beam_size=10)
+    items, scores = (t[0] for t in beam_search(model, enc, trie, beam_size=10))
     assert items.shape == (len(enc), 10)
     assert ((items >= 0) & (items < data.num_items)).all()
     for row in items.tolist():
@@ -95,7 +95,7 @@ def test_beam_search_returns_valid_distinct_items_in_score_order(setup):
 def test_wide_beam_equals_exhaustive_top10(setup):
     """With a beam as wide as the catalogue nothing is pruned: beam search = exact top-10."""
     data, model, enc, trie = setup
-    items, scores = beam_search(model, enc, trie, beam_size=data.num_items)
+    items, scores = (t[0] for t in beam_search(model, enc, trie, beam_size=data.num_items))
     exact = exhaustive_scores(model, enc, torch.as_tensor(data.sids))
     top_scores, top_items = exact.topk(10, dim=1)
     torch.testing.assert_close(scores, top_scores, rtol=1e-4, atol=1e-4)
@@ -138,6 +138,6 @@ def test_tiny_catalogue_pads_missing_items():
                   data.codebook_sizes, backend="torch").eval()
     enc = model.vocab.encoder_tokens(torch.as_tensor(data.test.user), torch.as_tensor(data.test.history),
                                      torch.as_tensor(data.sids))
-    items, scores = beam_search(model, enc, SIDTrie(data.sids, data.codebook_sizes), beam_size=10)
+    items, scores = (t[0] for t in beam_search(model, enc, SIDTrie(data.sids, data.codebook_sizes), beam_size=10))
     assert (items[:, :6] >= 0).all() and (items[:, 6:] == -1).all() and torch.isneginf(scores[:, 6:]).all()
     assert all(sorted(r[:6]) == list(range(6)) for r in items.tolist())

@@ -27,10 +27,11 @@ def make_layer(kind, options=None):
         layer = SelfAttentionLayer(D, H, E, causal=True)
     else:
         layer = GBLALayer(D, H, E, options or GBLAOptions(), backend="torch")
-    # random (not default-zero) relative biases and gate/conv biases, so position effects are visible
+    # random (not default-zero) relative biases and gate/conv biases, and a gate that varies from token
+    # to token (a gate constant per head cancels in RMS normalization), so their effects are visible
     with torch.no_grad():
         for name, p in layer.named_parameters():
-            if "relative_bias" in name or name.endswith("bias"):
+            if "relative_bias" in name or name.endswith("bias") or name == "gate.weight":
                 p.normal_(0, 0.5)
     return layer.eval().double()
 
@@ -131,7 +132,7 @@ def test_each_switch_changes_the_output(field, value):
     other = GBLALayer(D, H, E, options, backend="torch").double().eval()
     state = {k: v for k, v in base.state_dict().items() if k in other.state_dict()}
     if field == "conv_kernel_size":  # keep the taps both kernels have (the most recent ones)
-        state["conv_weight"] = base.conv_weight.detach()[:, -value:]
+        state["conv_weight"] = base.conv_weight.detach()[..., -value:]
     other.load_state_dict(state, strict=False)
     x = torch.randn(2, 6, D, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)

@@ -130,15 +130,23 @@ def test_length_buckets_cover_every_example_and_cut_only_padding():
 def test_epoch_batches_are_full_single_bucket_and_reshuffled():
     tokens = _tokens_with_history_lengths([1] * 35 + [3] * 47, 4)
     groups = length_bucket_groups(tokens, (1, 2), 4, batch_size=8)
-    gen = torch.Generator().manual_seed(0)
-    first, second = epoch_batches(groups, 8, gen), epoch_batches(groups, 8, gen)
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    order = torch.Generator().manual_seed(9)
+    first, second = epoch_batches(groups, 8, gens, order), epoch_batches(groups, 8, gens, order)
     assert len(first) == 35 // 8 + 47 // 8
     members = {enc_len: set(idx.tolist()) for enc_len, idx in groups}
     for enc_len, idx in first:
-        assert len(idx) == 8 and len(set(idx.tolist())) == 8 and set(idx.tolist()) <= members[enc_len]
+        assert idx.shape == (2, 8)   # one batch per seed, from the same bucket
+        for row in idx.tolist():
+            assert len(set(row)) == 8 and set(row) <= members[enc_len]
+    assert not torch.equal(first[0][1][0], first[0][1][1])   # seeds draw their own examples
     assert [(e, i.tolist()) for e, i in first] != [(e, i.tolist()) for e, i in second]
-    again = epoch_batches(groups, 8, torch.Generator().manual_seed(0))
+    again = epoch_batches(groups, 8, [torch.Generator().manual_seed(s) for s in (0, 1)],
+                          torch.Generator().manual_seed(9))
     assert [(e, i.tolist()) for e, i in again] == [(e, i.tolist()) for e, i in first]
+    # a seed's batches do not depend on which other seeds are drawn beside it
+    alone = epoch_batches(groups, 8, [torch.Generator().manual_seed(1)], torch.Generator().manual_seed(9))
+    assert [(e, i[0].tolist()) for e, i in alone] == [(e, i[1].tolist()) for e, i in first]
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from gbla.config import ModelConfig, RunConfig, TrainConfig
 from gbla.data.processed import default_processed_dir, load_processed
 from gbla.evaluate import metrics_from_ranks, rank_targets, SIDTrie
 from gbla.model import PAD, TIGER
-from gbla.train import (TrainStep, configure_sdpa, epoch_batches, length_bucket_groups, to_device_split,
+from gbla.train import (BUCKET_ORDER_SEED, TrainStep, epoch_batches, length_bucket_groups, to_device_split,
                         train_and_evaluate)
 
 VARIANTS = {"sa": ("sa", "sa", "sa", "sa"), "hybrid": ("sa", "gbla", "gbla", "sa"),
@@ -129,13 +129,12 @@ def bench_steps(args) -> None:
         buckets = parse_buckets(args.length_buckets)
         buckets = cfg.train.length_buckets if buckets is None else buckets
         row = {"variant": variant, "backend": backend, "mode": mode, "batch_size": bs,
-               "length_buckets": list(buckets), "sdpa_math_bf16": not args.sdpa_math_fp32}
+               "length_buckets": list(buckets)}
         try:
-            configure_sdpa(not args.sdpa_math_fp32)
             step = TrainStep(model, train, cfg.train, mode, dev.type == "cuda")
             groups = length_bucket_groups(train.enc_tokens, buckets, cfg.train.max_history, bs)
-            gen = torch.Generator().manual_seed(0)
-            batches = epoch_batches(groups, bs, gen)
+            batches = epoch_batches(groups, bs, [torch.Generator().manual_seed(0)],
+                                    torch.Generator().manual_seed(BUCKET_ORDER_SEED))
             row["steps_per_epoch"] = len(batches)
             row["encoder_lengths"] = {enc_len: len(idx) // bs for enc_len, idx in groups}
             # warm-up: every encoder length past its eager warm-up and capture (or compilation)
@@ -224,7 +223,7 @@ def full_run(args) -> dict:
     t0 = time.perf_counter()
     res = train_and_evaluate(cfg, data, backend=args.backend, step_mode=args.step_mode,
                              progress=not args.no_progress, eval_batch_size=args.eval_batch_size,
-                             time_limit_s=args.time_limit, sdpa_math_bf16=not args.sdpa_math_fp32)
+                             time_limit_s=args.time_limit)
     wall = time.perf_counter() - t0
     record = {"meta": meta(" ".join(sys.argv)), "dataset": args.dataset, "variant": args.variant,
               "seed": args.seed, "backend": args.backend, "step_mode": args.step_mode,
@@ -287,7 +286,6 @@ def main(argv=None):
     steps.add_argument("--profile", action="store_true", help="kernel count and top kernels of eager steps")
     for p in (steps, sub.choices["run"]):
         p.add_argument("--length-buckets", default=None, help="'none' or e.g. '3,6,10' (default: the config's)")
-        p.add_argument("--sdpa-math-fp32", action="store_true", help="let math SDPA upcast to fp32 (PyTorch default)")
     run = sub.choices["run"]
     run.add_argument("--variant", default="sa", choices=sorted(VARIANTS))
     run.add_argument("--seed", type=int, default=0)

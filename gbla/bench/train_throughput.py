@@ -1,0 +1,246 @@
+"""Training throughput: one seed per process against all seeds of a variant in one process.
+
+    python -m gbla.bench.train_throughput --variants sa hybrid --seeds 5 --out outputs/bench
+    python -m gbla.bench.train_throughput ... --baseline-src DIR   # also time an older checkout's
+                                                                   # single-run step, same run
+
+For each variant of the params file (its `full` profile settings, Beauty by default) and each path,
+"single" (a model of one seed, as one run per process trains) and "multi_seed" (K seeds in one
+model, gbla.train.train_group's step): steady-state examples per second of the CUDA-graph training
+step on real epoch batches (every length bucket warmed up and captured first, then `--steps` steps
+timed with CUDA-synchronised wall clock), and the time of one validation pass (beam search over all
+validation users, every seed at once). With --baseline-src, the same measurement of an older
+checkout's step (its `gbla.bench.train_speed steps`, in a subprocess on its own source tree) is added
+as path "single" with that commit, so the ratio is taken side by side on one GPU in one run.
+--profile writes a kernel table of a few eager multi-seed steps (where the GPU time goes).
+
+Output: <out>/train_throughput.json and .md (rows: path, seeds, batch_size_per_seed, dataset, variant,
+examples_per_s, ms_per_step, valid_eval_s, device, commit, command, date).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gbla.data.processed import default_processed_dir, load_processed
+from gbla.evaluate import SIDTrie, rank_targets
+from gbla.model import TIGER
+from gbla.runs import git_commit
+from gbla.train import BUCKET_ORDER_SEED, TrainStep, epoch_batches, length_bucket_groups, to_device_split
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def load_configs(params: str, profile: str, dataset: str, variant: str, seeds: list[int]):
+    try:
+        from gbla.params import load_grid
+    except ImportError:
+        from gbla.grid import load_grid
+    grid = load_grid(params, profile)
+    return [grid.run_config(dataset, variant, s) for s in seeds]
+
+
+def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool) -> dict:
+    """Steady-state examples/s of the graphed step for a model of len(configs) seeds."""
+    S, tc = len(configs), configs[0].train
+    model = TIGER(configs[0].model, data.codebook_sizes, backend=backend, num_seeds=S)
+    model.init_seeds([c.seed for c in configs]).to(dev)
+    sids = torch.as_tensor(data.sids, device=dev)
+    train = to_device_split(data.train, model, sids, tc.max_history, dev)
+    mode = "cuda_graph" if dev.type == "cuda" else "eager"
+    step = TrainStep(model, train, tc, mode, dev.type == "cuda")
+    groups = length_bucket_groups(train.enc_tokens, tc.length_buckets, tc.max_history, tc.batch_size)
+    gens = [torch.Generator().manual_seed(c.seed) for c in configs]
+    batches = epoch_batches(groups, tc.batch_size, gens, torch.Generator().manual_seed(BUCKET_ORDER_SEED))
+    t0 = time.perf_counter()
+    seen: dict[int, int] = {}
+    for enc_len, idx in batches:  # warm-up: every encoder length past its eager steps and capture
+        if seen.get(enc_len, 0) <= TrainStep.WARMUP_STEPS:
+            seen[enc_len] = seen.get(enc_len, 0) + 1
+            step(idx, enc_len)
+        if len(seen) == len(groups) and all(v > TrainStep.WARMUP_STEPS for v in seen.values()):
+            break
+    sync()
+    row = {"mode": mode, "warmup_s": time.perf_counter() - t0, "steps_per_epoch": len(batches)}
+    total = torch.zeros(S, device=dev)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        enc_len, idx = batches[i % len(batches)]
+        total += step(idx, enc_len)
+    sync()
+    elapsed = time.perf_counter() - t0
+    row.update(ms_per_step=1000 * elapsed / steps, examples_per_s=steps * S * tc.batch_size / elapsed,
+               epoch_s=elapsed / steps * len(batches), mean_loss=(total / steps).tolist())
+    if eval_pass:
+        valid = to_device_split(data.valid, model, sids, tc.max_history, dev)
+        trie = SIDTrie(data.sids, data.codebook_sizes, device=dev)
+        rank_targets(model, valid.enc_tokens[:512], valid.target[:512], trie, beam_size=tc.beam_size,
+                     autocast=dev.type == "cuda")  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        rank_targets(model, valid.enc_tokens, valid.target, trie, beam_size=tc.beam_size,
+                     batch_size=4096 if dev.type == "cuda" else 256, autocast=dev.type == "cuda")
+        sync()
+        row["valid_eval_s"] = time.perf_counter() - t0
+    row["_step"], row["_batches"] = step, batches
+    return row
+
+
+def profile_eager(configs, data, dev, backend: str, path: Path, n: int = 6) -> dict:
+    """Kernel table (GPU time per kernel) of n eager multi-seed steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    S, tc = len(configs), configs[0].train
+    model = TIGER(configs[0].model, data.codebook_sizes, backend=backend, num_seeds=S)
+    model.init_seeds([c.seed for c in configs]).to(dev)
+    sids = torch.as_tensor(data.sids, device=dev)
+    train = to_device_split(data.train, model, sids, tc.max_history, dev)
+    step = TrainStep(model, train, tc, "eager", dev.type == "cuda")
+    groups = length_bucket_groups(train.enc_tokens, tc.length_buckets, tc.max_history, tc.batch_size)
+    gens = [torch.Generator().manual_seed(c.seed) for c in configs]
+    batches = epoch_batches(groups, tc.batch_size, gens, torch.Generator().manual_seed(BUCKET_ORDER_SEED))
+    for enc_len, idx in batches[:n]:
+        step(idx, enc_len)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for enc_len, idx in batches[n:2 * n]:
+            step(idx, enc_len)
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(getattr(e, "device_time", 0) or 0 for e in kernels)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
+    encoder_lengths = [enc_len for enc_len, _ in batches[n:2 * n]]
+    path.write_text(f"# {n} eager steps of {S} seeds x {tc.batch_size}, encoder lengths {encoder_lengths}\n"
+                    f"# kernels per step {len(kernels) / n:.0f}, kernel busy time per step {busy_us / 1000 / n:.2f} ms\n\n"
+                    + table + "\n")
+    return {"kernels_per_step": len(kernels) / n, "kernel_busy_ms_per_step": busy_us / 1000 / n,
+            "profile_file": path.name}
+
+
+def baseline_rows(src: Path, variants: list[str], steps: int, dataset: str) -> list[dict]:
+    """An older checkout's single-run step, timed by its own benchmark in a subprocess."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "gbla.bench.train_speed", "steps", "--dataset", dataset,
+               "--variants", ",".join(variants), "--backends", "auto", "--modes", "cuda_graph",
+               "--steps", str(steps), "--out", tmp]
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        proc = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True)
+        path = Path(tmp) / "train_steps.json"
+        if proc.returncode != 0 or not path.is_file():
+            print(proc.stdout[-2000:], proc.stderr[-3000:], flush=True)
+            return [{"path": "single", "error": f"baseline exited {proc.returncode}"}]
+        result = json.loads(path.read_text())
+    rows = []
+    for r in result["rows"]:
+        evals = [e for e in result.get("eval", []) if e["variant"] == r["variant"] and e["eval_batch_size"] == 4096]
+        rows.append({"path": "single", "seeds": 1, "batch_size_per_seed": r["batch_size"], "variant": r["variant"],
+                     "examples_per_s": r.get("examples_per_s"), "ms_per_step": r.get("ms_per_step"),
+                     "valid_eval_s": evals[0]["valid_eval_s"] if evals else None,
+                     "commit": (src / "COMMIT").read_text().strip() if (src / "COMMIT").is_file()
+                     else result["meta"].get("commit"), "code": "baseline", "error": r.get("error")})
+    return rows
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"# Training throughput ({m['dataset']}, {m['device']})", "",
+             f"Measured {m['date']} at commit {m['commit']} with `{m['command']}` (torch {m['torch']}, "
+             f"triton {m['triton']}). Examples per second of the CUDA-graph training step in steady "
+             f"state (all seeds' examples counted), {m['steps']} steps over real epoch batches; validation "
+             f"pass = beam search over every validation user, all seeds of the model at once.", "",
+             "| variant | path | code | seeds | batch/seed | ms/step | examples/s | x single (baseline) | valid pass s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {r["variant"]: r["examples_per_s"] for r in result["rows"] if r.get("code") == "baseline"
+            and r.get("examples_per_s")}
+    for r in result["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r.get('variant')} | {r['path']} | {r.get('code')} | | | error: {r['error'][:80]} | | | |")
+            continue
+        ratio = r["examples_per_s"] / base[r["variant"]] if r["variant"] in base else None
+        lines.append(f"| {r['variant']} | {r['path']} | {r.get('code')} ({r.get('commit', '')[:7]}) | {r['seeds']} | "
+                     f"{r['batch_size_per_seed']} | {r['ms_per_step']:.2f} | {r['examples_per_s']:,.0f} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}x'} | "
+                     f"{'' if r.get('valid_eval_s') is None else f'{r['valid_eval_s']:.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default=str(REPO_ROOT / "params" / "ablations.yaml"))
+    ap.add_argument("--profile-name", default="full", help="params profile whose settings are used")
+    ap.add_argument("--dataset", default="beauty")
+    ap.add_argument("--variants", nargs="+", default=["sa", "hybrid"])
+    ap.add_argument("--seeds", type=int, default=5, help="K of the multi-seed path")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--baseline-src", help="source tree of an older checkout to time its single-run step")
+    ap.add_argument("--profile", action="store_true", help="kernel table of eager multi-seed steps")
+    ap.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_processed(default_processed_dir(args.dataset))
+    import triton
+    meta = {"command": "python -m gbla.bench.train_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "commit": os.environ.get("GBLA_COMMIT") or git_commit(), "dataset": args.dataset,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "triton": triton.__version__, "steps": args.steps,
+            "data_fingerprint": data.provenance.get("fingerprint")}
+    result = {"meta": meta, "rows": []}
+
+    def save():
+        (out / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "train_throughput.md").write_text(markdown(result))
+
+    if args.baseline_src:
+        t0 = time.perf_counter()
+        for r in baseline_rows(Path(args.baseline_src), args.variants, args.steps, args.dataset):
+            r.update(dataset=args.dataset, device=meta["device"])
+            result["rows"].append(r)
+            print(r, flush=True)
+        print(f"baseline: {time.perf_counter() - t0:.0f} s", flush=True)
+        save()
+    for variant in args.variants:
+        for path, k in (("single", 1), ("multi_seed", args.seeds)):
+            configs = load_configs(args.params, args.profile_name, args.dataset, variant, list(range(k)))
+            row = {"path": path, "seeds": k, "batch_size_per_seed": configs[0].train.batch_size,
+                   "dataset": args.dataset, "variant": variant, "code": "this", "commit": meta["commit"],
+                   "device": meta["device"], "config_hashes": [c.config_hash() for c in configs]}
+            try:
+                measured = measure(configs, data, dev, args.steps, args.backend, eval_pass=True)
+                measured.pop("_step"), measured.pop("_batches")
+                row.update(measured)
+            except Exception as err:  # noqa: BLE001 - a failing row is a result too; the others still run
+                row["error"] = f"{type(err).__name__}: {err}"[:500]
+            print(row, flush=True)
+            result["rows"].append(row)
+            save()
+            torch.cuda.empty_cache() if dev.type == "cuda" else None
+        if args.profile:
+            configs = load_configs(args.params, args.profile_name, args.dataset, variant, list(range(args.seeds)))
+            prof = profile_eager(configs, data, dev, args.backend, out / f"train_profile_{variant}_k{args.seeds}.txt")
+            result.setdefault("profiles", {})[variant] = prof
+            print(prof, flush=True)
+            save()
+    print(markdown(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Several seeds in one process: each seed is exactly the model it would be alone.
+
+Stacked training (K seeds in one TIGER) against separate models on the same per-seed data order
+(fp32, dropout off): the same losses and the same updated weights; a seed's initial weights and data
+order do not depend on its group; checkpoints resume to the uninterrupted result."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from gbla.config import GBLAOptions, ModelConfig, RunConfig, TrainConfig
+from gbla.data.synthetic import make_synthetic_dataset
+from gbla.evaluate import SIDTrie, rank_targets
+from gbla.model import TIGER
+from gbla.train import (BUCKET_ORDER_SEED, TrainStep, epoch_batches, length_bucket_groups, to_device_split,
+                        train_group)
+
+LAYOUT = ("sa", "gbla", "sa_causal")
+
+
+def tiny(seed, dropout=0.0, **train):
+    model = ModelConfig(encoder_layout=LAYOUT, gbla=GBLAOptions(gate="recency"), d_model=16, num_heads=2,
+                        head_dim=8, d_ff=32, num_decoder_layers=1, dropout=dropout, num_user_buckets=16)
+    train = {"batch_size": 32, "max_epochs": 3, "patience": 2, "eval_every": 1, "beam_size": 10,
+             "max_history": 8, "lr": 3e-3, **train}
+    return RunConfig("synthetic", "tiny", seed, model=model, train=TrainConfig(**train))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic_dataset(num_users=120, num_items=30, seed=4)
+
+
+def test_a_seeds_initial_weights_do_not_depend_on_its_group(data):
+    cfg = tiny(0).model
+    group = TIGER(cfg, data.codebook_sizes, backend="torch", num_seeds=3).init_seeds([7, 3, 5])
+    alone = TIGER(cfg, data.codebook_sizes, backend="torch", num_seeds=1).init_seeds([3])
+    other = TIGER(cfg, data.codebook_sizes, backend="torch", num_seeds=2).init_seeds([3, 9])
+    for (name, p), q, r in zip(group.named_parameters(), alone.parameters(), other.parameters()):
+        assert torch.equal(p[1], q[0]) and torch.equal(p[1], r[0]), name
+    assert not torch.equal(group.head.weight[0], group.head.weight[1])   # other seeds, other weights
+
+
+def _steps(model, data, seeds, n_steps):
+    """n_steps eager fp32 steps of `model` on each seed's own batches; returns losses (n_steps, S)."""
+    tc = tiny(0).train
+    sids = torch.as_tensor(data.sids)
+    train = to_device_split(data.train, model, sids, tc.max_history, "cpu")
+    step = TrainStep(model, train, tc, "eager", use_autocast=False)
+    groups = length_bucket_groups(train.enc_tokens, tc.length_buckets, tc.max_history, tc.batch_size)
+    batches = epoch_batches(groups, tc.batch_size, [torch.Generator().manual_seed(s) for s in seeds],
+                            torch.Generator().manual_seed(BUCKET_ORDER_SEED))
+    return torch.stack([step(idx, enc_len) for enc_len, idx in batches[:n_steps]])
+
+
+def test_stacked_training_equals_separate_models(data):
+    cfg = tiny(0).model
+    torch.manual_seed(0)
+    stacked = TIGER(cfg, data.codebook_sizes, backend="torch", num_seeds=2).init_seeds([0, 1])
+    losses = _steps(stacked, data, [0, 1], 4)
+    for i, seed in enumerate([0, 1]):
+        alone = TIGER(cfg, data.codebook_sizes, backend="torch").init_seeds([seed])
+        losses_alone = _steps(alone, data, [seed], 4)
+        torch.testing.assert_close(losses[:, i], losses_alone[:, 0], rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(stacked.named_parameters(), alone.parameters()):
+            torch.testing.assert_close(p.detach()[i], q.detach()[0], rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.allclose(losses[:, 0], losses[:, 1])
+
+
+def test_stacked_evaluation_equals_separate_models(data):
+    cfg = tiny(0).model
+    stacked = TIGER(cfg, data.codebook_sizes, backend="torch", num_seeds=2).init_seeds([2, 6]).eval()
+    with torch.no_grad():
+        stacked.head.weight.mul_(30)   # sharper distributions than the init, so ranks differ
+    sids = torch.as_tensor(data.sids)
+    test = to_device_split(data.test, stacked, sids, 8, "cpu")
+    trie = SIDTrie(data.sids, data.codebook_sizes)
+    ranks = rank_targets(stacked, test.enc_tokens, test.target, trie, beam_size=12, batch_size=50)
+    assert ranks.shape == (2, len(test))
+    for i, seed in enumerate([2, 6]):
+        alone = TIGER(cfg, data.codebook_sizes, backend="torch").init_seeds([seed]).eval()
+        with torch.no_grad():
+            alone.head.weight.mul_(30)
+        assert torch.equal(ranks[i], rank_targets(alone, test.enc_tokens, test.target, trie, beam_size=12,
+                                                  batch_size=50)[0])
+    assert not torch.equal(ranks[0], ranks[1])
+
+
+def test_group_results_equal_single_runs_without_dropout(data):
+    kw = dict(device="cpu", backend="torch", progress=False, log=lambda *_: None)
+    group = train_group([tiny(0), tiny(1)], data, **kw)
+    assert group.finished and [r.config.seed for r in group.results] == [0, 1]
+    for result in group.results:
+        alone = train_group([result.config], data, **kw).results[0]
+        assert [h["epoch"] for h in result.history] == [h["epoch"] for h in alone.history]
+        # fp32 rounding differs between a batched and a single matmul and grows over ~100 steps
+        np.testing.assert_allclose([h["train_loss"] for h in result.history],
+                                   [h["train_loss"] for h in alone.history], rtol=1e-4)
+        assert result.best_epoch == alone.best_epoch
+        same = np.mean(result.test_per_user["rank"] == alone.test_per_user["rank"])
+        assert same >= 0.95, same
+        assert result.timings["group_seeds"] == 2 and alone.timings["group_seeds"] == 1
+
+
+def test_group_refuses_mixed_configs(data):
+    with pytest.raises(ValueError, match="more than its seed"):
+        train_group([tiny(0), tiny(1, lr=1e-2)], data, device="cpu")
+    with pytest.raises(ValueError, match="distinct"):
+        train_group([tiny(0), tiny(0)], data, device="cpu")
+
+
+def test_each_seed_stops_on_its_own(data):
+    """Early stopping per seed: with lr 0 no seed ever improves after its first evaluation, so each
+    stops after `patience` evaluations; a seed's history ends where it stopped."""
+    group = train_group([tiny(s, lr=0.0, max_epochs=10, patience=2) for s in (0, 1)], data, device="cpu",
+                        backend="torch", progress=False, log=lambda *_: None)
+    for result in group.results:
+        assert result.best_epoch == 1 and result.epochs_trained == 3 and len(result.history) == 3
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path):
+    """A group paused by stop_at resumes from its checkpoint to the same result, dropout included."""
+    configs = [tiny(s, dropout=0.2, max_epochs=4, patience=10) for s in (0, 1)]
+    kw = dict(device="cpu", backend="torch", progress=False, log=lambda *_: None)
+    straight = train_group(configs, data, **kw)
+    path = tmp_path / "checkpoint.pt"
+    import time
+    paused = train_group(configs, data, checkpoint_path=path, stop_at=time.time(), **kw)  # pauses after epoch 1
+    assert not paused.finished and paused.epochs_done == 1 and path.is_file()
+    resumed = train_group(configs, data, checkpoint_path=path, **kw)
+    assert resumed.finished and resumed.results[0].timings["resumed_from_epoch"] == 1
+    for a, b in zip(straight.results, resumed.results):
+        assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+        assert a.valid_metrics == b.valid_metrics and a.best_epoch == b.best_epoch
+        assert np.array_equal(a.test_per_user["rank"], b.test_per_user["rank"])
+    # a checkpoint of another group (other seeds) is not used
+    other = train_group([configs[0]], data, checkpoint_path=path, **kw)
+    assert other.results[0].timings["resumed_from_epoch"] == 0
