@@ -19,389 +19,32 @@ must be on a file system the compute nodes share (the workers run this venv's py
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import yaml
 
-from gbla.config import LAYER_TYPES, GBLAOptions, ModelConfig, RunConfig, TrainConfig
-from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, REPO_ROOT, _now, atomic_write_json,
+from gbla.config import RunConfig
+from gbla.params import CLUSTERS, DEFAULT_PARAMS, Grid, ParamsError, load_grid  # noqa: F401  (re-exported)
+from gbla.runs import (ERROR_FILE, variant_dir_for, LOG_FILE, NOTEBOOK_FILE, REPO_ROOT, _now, atomic_write_json,
                        atomic_write_text, collect_runs, dataset_available, dataset_path, git_commit, is_done,
                        record_failure, run_dir_for)
 
-DEFAULT_PARAMS = REPO_ROOT / "params" / "ablations.yaml"
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
+# with a deadline (--time-budget), a group is not started with less than this many seconds left
+MIN_GROUP_START_S = 60
 KERNEL_NAME = "python3"
 
-TOP_LEVEL_KEYS = {"datasets", "seeds", "model", "train", "variants", "synthetic", "runtime", "dask", "profiles"}
-PROFILE_KEYS = {"description", "datasets", "seeds", "variants", "model", "train", "synthetic", "runtime", "dask"}
-VARIANT_KEYS = {"name", "description", "encoder_layout", "gbla", "model"}
-RUNTIME_DEFAULTS: dict[str, Any] = {
-    "device": "auto", "backend": "auto", "processed_root": None, "runs_root": "outputs/runs",
-    "reports_root": "outputs/reports", "cell_timeout_s": None, "reports": ["notebooks/aggregate.ipynb"]}
-DASK_DEFAULTS: dict[str, Any] = {
-    "cluster": "local", "gpus": "auto", "runs_per_gpu": 2, "cpu_workers": 1, "runs_per_cpu_worker": 2,
-    "slurm": {}}
-CLUSTERS = ("local", "slurm")
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names become folder names
-
-
-# ---------------------------------------------------------------------------------------------
-# parsing params/*.yaml, with errors that name the file, the line and the key
-
-class ParamsError(ValueError):
-    """A bad entry in a params file; the message names the file, line and key."""
-
-
-def _fmt_path(path: Sequence[Any]) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top level>"
-
-
-class _Source:
-    """The parsed YAML plus the line of every key, to point errors at the right place."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ParamsError(f"{path}: params file not found") from None
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-            self.data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ParamsError(f"{path}: not valid YAML: {e}") from None
-        self.lines: dict[tuple, int] = {}
-        if root is not None:
-            self._index(root, ())
-        if not isinstance(self.data, dict):
-            raise ParamsError(f"{path}: expected a mapping at the top level, got {type(self.data).__name__}")
-
-    def _index(self, node, path: tuple) -> None:
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for key, value in node.value:
-                k = key.value
-                if k in seen:  # PyYAML would silently keep the last one
-                    raise ParamsError(f"{self.path}:{key.start_mark.line + 1}: {_fmt_path(path + (k,))}: "
-                                      f"duplicate key (first at line {seen[k]})")
-                seen[k] = key.start_mark.line + 1
-                self.lines[path + (k,)] = key.start_mark.line + 1
-                self._index(value, path + (k,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._index(item, path + (i,))
-
-    def error(self, path: Sequence[Any], message: str) -> ParamsError:
-        path = tuple(path)
-        line = None
-        for n in range(len(path), -1, -1):  # the deepest part of the path that exists in the file
-            line = self.lines.get(path[:n])
-            if line is not None:
-                break
-        where = f"{self.path}:{line}" if line else str(self.path)
-        return ParamsError(f"{where}: {_fmt_path(path)}: {message}")
-
-
-def _type_ok(value: Any, type_name: str) -> Any:
-    """Check (and for numbers, lightly coerce) a value against a dataclass field's annotation."""
-    optional = type_name.endswith("| None")
-    base = type_name.replace("| None", "").strip()
-    if value is None:
-        if optional:
-            return None
-        raise TypeError(f"must be {base}, got null")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-    elif base == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif base == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif base == "str":
-        if isinstance(value, str):
-            return value
-    elif base.startswith("tuple"):
-        if isinstance(value, list):
-            return tuple(value)
-    else:
-        return value
-    raise TypeError(f"must be {base}{' or null' if optional else ''}, got {type(value).__name__} {value!r}")
-
-
-def _check_fields(src: _Source, path: tuple, mapping: Any, cls, exclude: Iterable[str] = (),
-                  what: str = "option") -> dict:
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, dict):
-        raise src.error(path, f"expected a mapping, got {type(mapping).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in set(exclude)}
-    out = {}
-    for key, value in mapping.items():
-        if key not in fields:
-            hint = " (set it per variant)" if key in exclude else ""
-            raise src.error(path + (key,), f"unknown {what} {key!r}{hint}; known: {', '.join(sorted(fields))}")
-        try:
-            out[key] = _type_ok(value, str(fields[key].type))
-        except TypeError as e:
-            raise src.error(path + (key,), str(e)) from None
-    return out
-
-
-def _name_list(src: _Source, path: tuple, value: Any, what: str) -> list[str]:
-    if not isinstance(value, list) or not value:
-        raise src.error(path, f"expected a non-empty list of {what} names")
-    for i, name in enumerate(value):
-        if not isinstance(name, str) or not SAFE_NAME.match(name):
-            raise src.error(path + (i,), f"{what} name must be a string of letters, digits, '.', '_', '-', "
-                                         f"got {name!r}")
-    if len(set(value)) != len(value):
-        raise src.error(path, f"duplicate {what} names in {value}")
-    return list(value)
-
-
-def _seed_list(src: _Source, path: tuple, value: Any) -> list[int]:
-    if not isinstance(value, list) or not value:
-        raise src.error(path, "expected a non-empty list of integer seeds")
-    for i, s in enumerate(value):
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-            raise src.error(path + (i,), f"seed must be a non-negative integer, got {s!r}")
-    if len(set(value)) != len(value):
-        raise src.error(path, f"duplicate seeds in {value}")
-    return list(value)
-
-
-def _known_keys(src: _Source, path: tuple, mapping: Any, known: Iterable[str], what: str) -> dict:
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, dict):
-        raise src.error(path, f"expected a mapping, got {type(mapping).__name__}")
-    for key in mapping:
-        if key not in known:
-            raise src.error(path + (key,), f"unknown {what} {key!r}; known: {', '.join(sorted(known))}")
-    return dict(mapping)
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    encoder_layout: tuple[str, ...]
-    gbla: dict = field(default_factory=dict)    # GBLAOptions fields
-    model: dict = field(default_factory=dict)   # other ModelConfig overrides
-    description: str = ""
-
-
-def _parse_variant(src: _Source, i: int, entry: Any) -> Variant:
-    path = ("variants", i)
-    if not isinstance(entry, dict):
-        raise src.error(path, "each variant is a mapping with name, encoder_layout and optional gbla / model")
-    label = path + (entry["name"],) if isinstance(entry.get("name"), str) else path
-    _known_keys(src, path, entry, VARIANT_KEYS, "variant field")
-    for required in ("name", "encoder_layout"):
-        if required not in entry:
-            raise src.error(label, f"missing required field {required!r}")
-    name = _name_list(src, path + ("name",), [entry["name"]], "variant")[0]
-    layout = entry["encoder_layout"]
-    if not isinstance(layout, list) or not layout:
-        raise src.error(path + ("encoder_layout",), "expected a non-empty list of layer types")
-    for j, layer in enumerate(layout):
-        if layer not in LAYER_TYPES:
-            raise src.error(path + ("encoder_layout", j),
-                            f"unknown layer type {layer!r} in variant {name!r}; known: {', '.join(LAYER_TYPES)}")
-    gbla = _check_fields(src, path + ("gbla",), entry.get("gbla"), GBLAOptions, what="GBLA option")
-    if "gbla" in entry and "gbla" not in layout:
-        raise src.error(path + ("gbla",), f"variant {name!r} sets GBLA options but its encoder_layout has no "
-                                          f"gbla layer")
-    try:
-        GBLAOptions(**gbla)
-    except (ValueError, TypeError) as e:
-        raise src.error(path + ("gbla",), str(e)) from None
-    model = _check_fields(src, path + ("model",), entry.get("model"), ModelConfig,
-                          exclude=("encoder_layout", "gbla"), what="model field")
-    return Variant(name=name, encoder_layout=tuple(layout), gbla=gbla, model=model,
-                   description=str(entry.get("description") or ""))
-
-
-@dataclass
-class Grid:
-    """One profile of a params file, resolved: everything needed to build its RunConfigs."""
-    params_file: Path
-    profile: str
-    datasets: list[str]
-    seeds: list[int]
-    variant_names: list[str]          # the profile's variants, in file order
-    variants: dict[str, Variant]      # every variant defined in the file
-    model: dict
-    train: dict
-    synthetic: dict
-    runtime: dict
-    dask: dict
-
-    def run_config(self, dataset: str, variant: str, seed: int, *, train_overrides: dict | None = None,
-                   model_overrides: dict | None = None) -> RunConfig:
-        if variant not in self.variants:
-            raise KeyError(f"{self.params_file}: no variant {variant!r}; defined: {', '.join(self.variants)}")
-        v = self.variants[variant]
-        model = {**self.model, **v.model, **(model_overrides or {}),
-                 "encoder_layout": v.encoder_layout, "gbla": GBLAOptions(**v.gbla)}
-        train = {**self.train, **{k: val for k, val in (train_overrides or {}).items() if val is not None}}
-        return RunConfig(dataset=dataset, variant=variant, seed=int(seed), model=ModelConfig(**model),
-                         train=TrainConfig(**train))
-
-    def expand(self, datasets: Sequence[str] | None = None, variants: Sequence[str] | None = None,
-               seeds: Sequence[int] | None = None) -> list[RunConfig]:
-        """Every run of the profile (optionally narrowed), dataset-major, then variant, then seed."""
-        unknown = [v for v in (variants or []) if v not in self.variants]
-        if unknown:
-            raise ValueError(f"{self.params_file}: unknown variants {unknown}; defined: {', '.join(self.variants)}")
-        return [self.run_config(d, v, s) for d in (datasets or self.datasets)
-                for v in (variants or self.variant_names) for s in (seeds or self.seeds)]
-
-    def path(self, key: str) -> Path | None:
-        """A runtime path (runs_root, reports_root, processed_root); relative ones are under the repo root."""
-        value = self.runtime.get(key)
-        if value is None:
-            return None
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else REPO_ROOT / p
-
-    @property
-    def runs_root(self) -> Path:
-        return self.path("runs_root")
-
-    @property
-    def reports_root(self) -> Path:
-        return self.path("reports_root")
-
-    @property
-    def processed_root(self) -> Path | None:
-        return self.path("processed_root")
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def load_grid(params_file: str | os.PathLike = DEFAULT_PARAMS, profile: str = "full") -> Grid:
-    """Parse and validate a params file (every profile) and resolve `profile`.
-
-    Relative params paths are taken from the repo root when they do not exist from the cwd.
-    """
-    params_file = Path(params_file)
-    if not params_file.is_absolute() and not params_file.exists() and (REPO_ROOT / params_file).exists():
-        params_file = REPO_ROOT / params_file
-    src = _Source(params_file)
-    data = src.data
-    _known_keys(src, (), data, TOP_LEVEL_KEYS, "top-level key")
-    for required in ("datasets", "seeds", "variants", "profiles"):
-        if required not in data:
-            raise src.error((), f"missing required key {required!r}")
-    datasets = _name_list(src, ("datasets",), data["datasets"], "dataset")
-    seeds = _seed_list(src, ("seeds",), data["seeds"])
-    model = _check_fields(src, ("model",), data.get("model"), ModelConfig, exclude=("encoder_layout", "gbla"),
-                          what="model field")
-    train = _check_fields(src, ("train",), data.get("train"), TrainConfig, what="train field")
-    if not isinstance(data["variants"], list) or not data["variants"]:
-        raise src.error(("variants",), "expected a non-empty list of variants")
-    variants: dict[str, Variant] = {}
-    for i, entry in enumerate(data["variants"]):
-        v = _parse_variant(src, i, entry)
-        if v.name in variants:
-            raise src.error(("variants", i, "name"), f"variant {v.name!r} is defined twice")
-        variants[v.name] = v
-    synthetic = _known_keys(src, ("synthetic",), data.get("synthetic"), _synthetic_keys(), "synthetic option")
-    runtime = _merge(RUNTIME_DEFAULTS, _known_keys(src, ("runtime",), data.get("runtime"), RUNTIME_DEFAULTS,
-                                                    "runtime option"))
-    dask_cfg = _merge(DASK_DEFAULTS, _known_keys(src, ("dask",), data.get("dask"), DASK_DEFAULTS, "dask option"))
-
-    profiles = data["profiles"]
-    if not isinstance(profiles, dict) or not profiles:
-        raise src.error(("profiles",), "expected a mapping of profile names to settings")
-    resolved = {}
-    for name, prof in profiles.items():
-        path = ("profiles", name)
-        prof = _known_keys(src, path, prof, PROFILE_KEYS, "profile key")
-        p_variants = (_name_list(src, path + ("variants",), prof["variants"], "variant")
-                      if "variants" in prof else list(variants))
-        for j, v in enumerate(p_variants):
-            if v not in variants:
-                raise src.error(path + ("variants", j), f"unknown variant {v!r}; defined: {', '.join(variants)}")
-        p_model = _check_fields(src, path + ("model",), prof.get("model"), ModelConfig,
-                                exclude=("encoder_layout", "gbla"), what="model field")
-        p_train = _check_fields(src, path + ("train",), prof.get("train"), TrainConfig, what="train field")
-        p_runtime = _known_keys(src, path + ("runtime",), prof.get("runtime"), RUNTIME_DEFAULTS, "runtime option")
-        p_dask = _known_keys(src, path + ("dask",), prof.get("dask"), DASK_DEFAULTS, "dask option")
-        grid = Grid(
-            params_file=params_file, profile=name,
-            datasets=_name_list(src, path + ("datasets",), prof["datasets"], "dataset")
-            if "datasets" in prof else datasets,
-            seeds=_seed_list(src, path + ("seeds",), prof["seeds"]) if "seeds" in prof else seeds,
-            variant_names=p_variants, variants=variants,
-            model={**model, **p_model}, train={**train, **p_train},
-            synthetic={**synthetic, **_known_keys(src, path + ("synthetic",), prof.get("synthetic"),
-                                                   _synthetic_keys(), "synthetic option")},
-            runtime=_merge(runtime, p_runtime), dask=_merge(dask_cfg, p_dask))
-        _check_runtime(src, path, grid)
-        try:  # every variant must build a valid config under this profile's settings
-            for v in grid.variant_names:
-                grid.run_config(grid.datasets[0], v, grid.seeds[0])
-        except (ValueError, TypeError) as e:
-            raise src.error(path, f"variant {v!r} does not give a valid config: {e}") from None
-        resolved[name] = grid
-    if profile not in resolved:
-        raise ParamsError(f"{params_file}: no profile {profile!r}; defined: {', '.join(resolved)}")
-    return resolved[profile]
-
-
-def _synthetic_keys() -> set[str]:
-    """Keyword arguments of make_synthetic_dataset (any, if the module cannot be inspected)."""
-    import inspect
-
-    try:
-        from gbla.data.synthetic import make_synthetic_dataset
-    except ImportError:
-        return {"num_users", "num_items", "seed"}
-    params = inspect.signature(make_synthetic_dataset).parameters
-    return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-
-
-def _check_runtime(src: _Source, path: tuple, grid: Grid) -> None:
-    d = grid.dask
-    if d["cluster"] not in CLUSTERS:
-        raise src.error(path + ("dask", "cluster"), f"must be one of {CLUSTERS}, got {d['cluster']!r}")
-    for key in ("runs_per_gpu", "cpu_workers", "runs_per_cpu_worker"):
-        if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1:
-            raise src.error(path + ("dask", key), f"must be a positive integer, got {d[key]!r}")
-    if d["gpus"] != "auto" and not (isinstance(d["gpus"], list) and all(isinstance(g, (int, str)) for g in d["gpus"])):
-        raise src.error(path + ("dask", "gpus"), f"must be 'auto' or a list of device ids, got {d['gpus']!r}")
-    if not isinstance(d["slurm"], dict):
-        raise src.error(path + ("dask", "slurm"), "expected a mapping of dask_jobqueue.SLURMCluster options")
-    if not isinstance(grid.runtime["reports"], list):
-        raise src.error(path + ("runtime", "reports"), "expected a list of notebook paths")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,20 +63,25 @@ _EXEC_TIED_TO_PARENT = (
 
 
 @dataclass(frozen=True)
-class RunTask:
+class GroupTask:
+    """The pending seeds of one (dataset, variant), trained together by one notebook execution."""
     dataset: str
     variant: str
-    seed: int
-    config_hash: str
-    run_dir: str
+    seeds: tuple[int, ...]
+    config_hashes: tuple[str, ...]
+    variant_dir: str
     notebook: str
     parameters: dict
     cpu_threads: int
     cell_timeout_s: int | None = None
+    stop_at: float | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.dataset}/{self.variant}/seed{self.seed}"
+        return f"{self.dataset}/{self.variant}/seeds {','.join(map(str, self.seeds))}"
+
+    def run_dirs(self) -> list[Path]:
+        return [Path(self.variant_dir) / f"seed{s}" for s in self.seeds]
 
 
 def _ansi_free(text: str) -> str:
@@ -463,51 +111,71 @@ def _tail(path: Path, n: int = 40) -> str:
         return ""
 
 
-def execute_run(task: RunTask) -> dict:
-    """Execute notebooks/train.ipynb for one run with papermill (a subprocess) into its run dir.
+def _seed_outcomes(task: GroupTask, base: dict, outcome: str, **extra) -> list[dict]:
+    return [{**base, "seed": seed, "config_hash": h, "run_dir": str(d), "outcome": outcome, **extra}
+            for seed, h, d in zip(task.seeds, task.config_hashes, task.run_dirs())]
 
-    Never raises for a failed run: the failure is written to error.json and returned as an outcome.
-    """
-    run_dir = Path(task.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # an earlier failure no longer describes this run
-    threads = str(task.cpu_threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", _EXEC_TIED_TO_PARENT, "-m", "papermill", task.notebook,
-           str(run_dir / NOTEBOOK_FILE), "--kernel", KERNEL_NAME, "--cwd", str(run_dir), "--log-output",
-           "--no-progress-bar", "--parameters_yaml", yaml.safe_dump(task.parameters, sort_keys=False)]
-    if task.cell_timeout_s:
-        cmd += ["--execution-timeout", str(int(task.cell_timeout_s))]
-    outcome = {"dataset": task.dataset, "variant": task.variant, "seed": task.seed,
-               "config_hash": task.config_hash, "run_dir": str(run_dir), "host": os.uname().nodename,
-               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+def execute_group(task: GroupTask) -> list[dict]:
+    """Execute notebooks/train.ipynb for one group with papermill (a subprocess): the executed notebook
+    and the group's log go to the variant folder, each finished seed's results to its own folder.
+
+    Returns one outcome per seed: ran, failed (error.json in its folder), paused (stopped at the
+    deadline; its checkpoint resumes it next time) or not-run (no time left to start). Never raises
+    for a failed run."""
+    variant_dir = Path(task.variant_dir)
+    variant_dir.mkdir(parents=True, exist_ok=True)
+    base = {"dataset": task.dataset, "variant": task.variant, "host": os.uname().nodename,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "group_seeds": list(task.seeds)}
     try:
         from distributed import get_worker
 
-        outcome["worker"] = str(get_worker().name)
+        base["worker"] = str(get_worker().name)
     except (ImportError, ValueError):
-        outcome["worker"] = None
+        base["worker"] = None
+    if task.stop_at is not None and task.stop_at - time.time() < MIN_GROUP_START_S:
+        return _seed_outcomes(task, base, "not-run")
+    for run_dir in task.run_dirs():  # an earlier failure no longer describes this run
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    threads = str(task.cpu_threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    notebook_out = variant_dir / NOTEBOOK_FILE
+    log_path = variant_dir / LOG_FILE
+    cmd = [sys.executable, "-c", _EXEC_TIED_TO_PARENT, "-m", "papermill", task.notebook, str(notebook_out),
+           "--kernel", KERNEL_NAME, "--cwd", str(variant_dir), "--log-output", "--no-progress-bar",
+           "--parameters_yaml", yaml.safe_dump({**task.parameters, "stop_at": task.stop_at}, sort_keys=False)]
+    if task.cell_timeout_s:
+        cmd += ["--execution-timeout", str(int(task.cell_timeout_s))]
     start = time.time()
-    with open(run_dir / LOG_FILE, "w") as log:
-        log.write(f"# {_now()} {task.label} config {task.config_hash} on {outcome['host']} "
-                  f"worker {outcome['worker']} CUDA_VISIBLE_DEVICES={outcome['cuda_visible_devices']}\n")
+    with open(log_path, "w") as log:
+        log.write(f"# {_now()} {task.label} configs {' '.join(task.config_hashes)} on {base['host']} "
+                  f"worker {base['worker']} CUDA_VISIBLE_DEVICES={base['cuda_visible_devices']}\n")
         log.flush()
         # a session of its own: a Ctrl-C in the terminal reaches the grid, which shuts the workers down
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir,
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=variant_dir,
                               start_new_session=True)
-    outcome["wall_s"] = round(time.time() - start, 2)
-    if proc.returncode == 0 and is_done(run_dir, task.config_hash):
-        return {**outcome, "outcome": "ran"}
-    found = notebook_error(run_dir / NOTEBOOK_FILE)
-    if found:
-        error, tb = found
-    elif proc.returncode == 0:
-        error, tb = (f"the notebook finished but {run_dir}/metrics.json does not have config hash "
-                     f"{task.config_hash}", "")
-    else:
-        error, tb = f"papermill exited with code {proc.returncode}", _tail(run_dir / LOG_FILE)
-    record_failure(run_dir, task.config_hash, error, tb, log=str(run_dir / LOG_FILE))
-    return {**outcome, "outcome": "failed", "error": error}
+    base["wall_s"] = round(time.time() - start, 2)
+    found = notebook_error(notebook_out)
+    outcomes = []
+    for seed, config_hash, run_dir in zip(task.seeds, task.config_hashes, task.run_dirs()):
+        entry = {**base, "seed": seed, "config_hash": config_hash, "run_dir": str(run_dir)}
+        if proc.returncode == 0 and is_done(run_dir, config_hash):
+            shutil.copyfile(log_path, run_dir / LOG_FILE)  # the group's log, beside each seed's results
+            outcomes.append({**entry, "outcome": "ran"})
+            continue
+        if proc.returncode == 0 and not found and task.stop_at is not None and any(variant_dir.glob("checkpoint-*.pt")):
+            outcomes.append({**entry, "outcome": "paused"})
+            continue
+        if found:
+            error, tb = found
+        elif proc.returncode == 0:
+            error, tb = (f"the notebook finished but {run_dir}/metrics.json does not have config hash "
+                         f"{config_hash}", "")
+        else:
+            error, tb = f"papermill exited with code {proc.returncode}", _tail(log_path)
+        record_failure(run_dir, config_hash, error, tb, log=str(log_path), notebook=str(notebook_out))
+        outcomes.append({**entry, "outcome": "failed", "error": error})
+    return outcomes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,39 +290,52 @@ def start_cluster(grid: Grid, kind: str, gpus: list[str] | None = None):
 # ---------------------------------------------------------------------------------------------
 # the grid
 
-def make_task(grid: Grid, config: RunConfig, cpu_threads: int, overrides: dict | None = None) -> RunTask:
+def make_group_task(grid: Grid, configs: list[RunConfig], cpu_threads: int, overrides: dict | None = None,
+                    stop_at: float | None = None) -> GroupTask:
     overrides = overrides or {}
     runs_root = grid.runs_root
     processed_root = overrides.get("processed_root") or grid.processed_root
+    first = configs[0]
     parameters = {
-        "dataset": config.dataset, "variant": config.variant, "seed": config.seed,
+        "dataset": first.dataset, "variant": first.variant, "seeds": [c.seed for c in configs],
         "params_file": str(grid.params_file.resolve()), "profile": grid.profile,
         "processed_root": str(processed_root) if processed_root else None,
         "runs_root": str(runs_root),
         "device": overrides.get("device") or grid.runtime["device"],
         "backend": overrides.get("backend") or grid.runtime["backend"],
-        "expected_config_hash": config.config_hash(), "progress": False}
-    return RunTask(dataset=config.dataset, variant=config.variant, seed=config.seed,
-                   config_hash=config.config_hash(),
-                   run_dir=str(run_dir_for(runs_root, config.dataset, config.variant, config.seed)),
-                   notebook=str(TRAIN_NOTEBOOK), parameters=parameters, cpu_threads=cpu_threads,
-                   cell_timeout_s=grid.runtime.get("cell_timeout_s"))
+        "expected_config_hashes": {c.seed: c.config_hash() for c in configs}, "progress": False}
+    return GroupTask(dataset=first.dataset, variant=first.variant, seeds=tuple(c.seed for c in configs),
+                     config_hashes=tuple(c.config_hash() for c in configs),
+                     variant_dir=str(variant_dir_for(runs_root, first.dataset, first.variant)),
+                     notebook=str(TRAIN_NOTEBOOK), parameters=parameters, cpu_threads=cpu_threads,
+                     cell_timeout_s=grid.runtime.get("cell_timeout_s"), stop_at=stop_at)
 
 
-def _failed_outcome(task: RunTask, exc: BaseException) -> dict:
-    """A task that died outside execute_run (e.g. its worker was killed): record it like any failure."""
-    record_failure(task.run_dir, task.config_hash, exc)
-    return {"dataset": task.dataset, "variant": task.variant, "seed": task.seed, "config_hash": task.config_hash,
-            "run_dir": task.run_dir, "outcome": "failed", "error": f"{type(exc).__name__}: {exc}"}
+def group_configs(configs: list[RunConfig]) -> list[list[RunConfig]]:
+    """Configs grouped by (dataset, variant), in first-appearance order: one group = one task."""
+    groups: dict[tuple[str, str], list[RunConfig]] = {}
+    for c in configs:
+        groups.setdefault((c.dataset, c.variant), []).append(c)
+    return list(groups.values())
 
 
-def dispatch(grid: Grid, tasks: list[RunTask], kind: str, *, total: int, done_before: int,
+def _failed_outcomes(task: GroupTask, exc: BaseException) -> list[dict]:
+    """A task that died outside execute_group (e.g. its worker was killed): record it like any failure."""
+    outcomes = []
+    for seed, config_hash, run_dir in zip(task.seeds, task.config_hashes, task.run_dirs()):
+        record_failure(run_dir, config_hash, exc)
+        outcomes.append({"dataset": task.dataset, "variant": task.variant, "seed": seed, "config_hash": config_hash,
+                         "run_dir": str(run_dir), "outcome": "failed", "error": f"{type(exc).__name__}: {exc}"})
+    return outcomes
+
+
+def dispatch(grid: Grid, tasks: list[GroupTask], kind: str, *, total: int, done_before: int,
              gpus: list[str] | None = None, log=print) -> tuple[list[dict], bool]:
-    """Run the tasks on a Dask cluster, with a progress bar over the whole grid.
+    """Run the group tasks on a Dask cluster, with a progress bar over the grid's runs.
 
-    Returns (outcomes in finish order, interrupted). On Ctrl-C / SIGTERM the cluster is shut down,
-    which ends the running notebooks (their runs stay not done); finished runs are already on disk.
-    """
+    Returns (per-seed outcomes in finish order, interrupted). On Ctrl-C / SIGTERM the cluster is shut
+    down, which ends the running notebooks (their runs stay not done, their checkpoints stay);
+    finished runs are already on disk."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -666,8 +347,8 @@ def dispatch(grid: Grid, tasks: list[RunTask], kind: str, *, total: int, done_be
             log(f"Dask dashboard: {client.dashboard_link}")
         futures = {}
         for task in tasks:
-            fut = client.submit(execute_run, task, key=f"run-{task.label}-{task.config_hash}", pure=False,
-                                retries=0)
+            fut = client.submit(execute_group, task, key=f"group-{task.label}-{task.config_hashes[0]}",
+                                pure=False, retries=0)
             futures[fut] = task
         failed = 0
         with tqdm(total=total, initial=done_before, desc=f"grid {grid.profile}", unit="run",
@@ -675,15 +356,20 @@ def dispatch(grid: Grid, tasks: list[RunTask], kind: str, *, total: int, done_be
             for fut in as_completed(futures):
                 task = futures[fut]
                 try:
-                    outcome = fut.result()
-                except Exception as exc:  # noqa: BLE001 - any error of one run must not stop the grid
-                    outcome = _failed_outcome(task, exc)
-                outcomes.append(outcome)
-                if outcome["outcome"] == "failed":
-                    failed += 1
-                    bar.write(f"FAILED {task.label}: {outcome.get('error')}  (log: {task.run_dir}/{LOG_FILE})")
+                    group_outcomes = fut.result()
+                except Exception as exc:  # noqa: BLE001 - any error of one group must not stop the grid
+                    group_outcomes = _failed_outcomes(task, exc)
+                outcomes += group_outcomes
+                for o in group_outcomes:
+                    if o["outcome"] == "failed":
+                        failed += 1
+                        bar.write(f"FAILED {task.dataset}/{task.variant}/seed{o['seed']}: {o.get('error')}  "
+                                  f"(log: {task.variant_dir}/{LOG_FILE})")
+                paused = [o["seed"] for o in group_outcomes if o["outcome"] == "paused"]
+                if paused:
+                    bar.write(f"paused {task.label} at the time budget; the same command resumes it")
                 bar.set_postfix(failed=failed, refresh=False)
-                bar.update(1)
+                bar.update(sum(o["outcome"] in ("ran", "failed") for o in group_outcomes))
     except KeyboardInterrupt:
         interrupted = True
         log("\ninterrupted: finished runs are kept; run the same command again to do the rest")
@@ -751,8 +437,11 @@ def results_table(frame) -> str:
 
 def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: str | None = None,
              runs_per_gpu: int | None = None, gpus: list[str] | None = None, dry_run: bool = False,
-             aggregate: bool = True, overrides: dict | None = None, log=print) -> dict:
-    """Expand, skip what is done, dispatch the rest, write summary.json, run the reports."""
+             aggregate: bool = True, overrides: dict | None = None, time_budget_s: float | None = None,
+             log=print) -> dict:
+    """Expand, skip what is done, dispatch the rest (one task per (dataset, variant): its pending
+    seeds), write summary.json, run the reports. time_budget_s: groups still training when it runs
+    out write a checkpoint and stop (outcome "paused"); the same call later resumes them."""
     started, t0 = _now(), time.time()
     kind = cluster or grid.dask["cluster"]
     if runs_per_gpu is not None:
@@ -765,9 +454,10 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     done = [c for c in configs if is_done(run_dir_for(runs_root, c.dataset, c.variant, c.seed), c.config_hash())]
     done_keys = {(c.dataset, c.variant, c.seed) for c in done}
     todo = [c for c in configs if (c.dataset, c.variant, c.seed) not in done_keys]
-    # seed-major: an interrupted grid still has every variant of the first seeds
+    # dataset-major, then the profile's variant order (sa, hybrid first): one group per variant
     order = {v: i for i, v in enumerate(grid.variant_names)}
-    todo.sort(key=lambda c: (c.seed, c.dataset, order.get(c.variant, 0)))
+    datasets_order = {d: i for i, d in enumerate(datasets or grid.datasets)}
+    todo.sort(key=lambda c: (datasets_order.get(c.dataset, 0), order.get(c.variant, 0), c.seed))
     log(f"grid {grid.profile} ({grid.params_file}): {len(configs)} runs = {len(set(c.dataset for c in configs))} "
         f"datasets x {len(set(c.variant for c in configs))} variants x {len(set(c.seed for c in configs))} seeds; "
         f"{len(done)} done, {len(todo)} to run on {plan.description}")
@@ -782,30 +472,35 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
         return {"profile": grid.profile, "total": len(configs), "done": len(done), "to_run": len(todo)}
 
     check_datasets(sorted({c.dataset for c in todo}), processed_root)
-    tasks = [make_task(grid, c, plan.cpu_threads, overrides) for c in todo]
+    stop_at = t0 + time_budget_s if time_budget_s is not None else None
+    tasks = [make_group_task(grid, group, plan.cpu_threads, overrides, stop_at) for group in group_configs(todo)]
     outcomes, interrupted = [], False
     if tasks:
         outcomes, interrupted = dispatch(grid, tasks, kind, total=len(configs), done_before=len(done),
                                          gpus=gpus, log=log)
     ran = [o for o in outcomes if o["outcome"] == "ran"]
     failed = [o for o in outcomes if o["outcome"] == "failed"]
+    paused = [o for o in outcomes if o["outcome"] == "paused"]
     finished = {(o["dataset"], o["variant"], o["seed"]) for o in outcomes}
     runs = [{"dataset": c.dataset, "variant": c.variant, "seed": c.seed, "config_hash": c.config_hash(),
              "outcome": "skipped", "run_dir": str(run_dir_for(runs_root, c.dataset, c.variant, c.seed))}
             for c in done]
     runs += outcomes
-    runs += [{"dataset": t.dataset, "variant": t.variant, "seed": t.seed, "config_hash": t.config_hash,
-              "outcome": "not-run", "run_dir": t.run_dir}
-             for t in tasks if (t.dataset, t.variant, t.seed) not in finished]
+    runs += [{"dataset": t.dataset, "variant": t.variant, "seed": seed, "config_hash": h,
+              "outcome": "not-run", "run_dir": str(d)}
+             for t in tasks for seed, h, d in zip(t.seeds, t.config_hashes, t.run_dirs())
+             if (t.dataset, t.variant, seed) not in finished]
     summary = {"profile": grid.profile, "params_file": str(grid.params_file), "commit": git_commit(),
                "cluster": plan.description, "started_at": started, "finished_at": _now(),
                "wall_s": round(time.time() - t0, 1), "interrupted": interrupted,
                "counts": {"total": len(configs), "skipped": len(done), "ran": len(ran), "failed": len(failed),
-                          "not_run": len(runs) - len(done) - len(ran) - len(failed)},
+                          "paused": len(paused),
+                          "not_run": len(runs) - len(done) - len(ran) - len(failed) - len(paused)},
+               "groups": len(tasks), "time_budget_s": time_budget_s,
                "runs": runs, "reports": []}
     summary_path = runs_root / "summary.json"
     atomic_write_json(summary_path, summary)
-    if aggregate and not interrupted:
+    if aggregate and not interrupted and not paused:
         summary["reports"] = run_reports(grid, grid.runtime["reports"], log=log)
         summary["wall_s"] = round(time.time() - t0, 1)
         atomic_write_json(summary_path, summary)
@@ -816,7 +511,8 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     log("")
     c = summary["counts"]
     log(f"summary: {c['total']} runs: {c['skipped']} skipped (done before), {c['ran']} ran, {c['failed']} failed"
-        + (f", {c['not_run']} not run (interrupted)" if c["not_run"] else "") + f"  [{summary['wall_s']} s]")
+        + (f", {c['paused']} paused at the time budget (checkpointed)" if c["paused"] else "")
+        + (f", {c['not_run']} not run" if c["not_run"] else "") + f"  [{summary['wall_s']} s]")
     for o in failed:
         log(f"  FAILED {o['dataset']}/{o['variant']}/seed{o['seed']}: {o.get('error')}")
         log(f"         see {o['run_dir']}/{ERROR_FILE}, {NOTEBOOK_FILE}, {LOG_FILE}")
@@ -848,6 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs-root", help="where run folders go (default outputs/runs)")
     ap.add_argument("--dry-run", action="store_true", help="list what would run; run nothing")
     ap.add_argument("--no-aggregate", action="store_true", help="skip the aggregation notebooks")
+    ap.add_argument("--time-budget", type=float, metavar="SECONDS",
+                    help="stop after about this long: running groups checkpoint and pause, groups not started "
+                         "stay to do; the same command resumes them")
     args = ap.parse_args(argv)
     try:
         grid = load_grid(args.params, args.profile)
@@ -863,12 +562,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run_grid(grid, datasets=args.datasets, variants=args.variants, seeds=args.seeds,
                            cluster=args.cluster, runs_per_gpu=args.runs_per_gpu, gpus=gpus, dry_run=args.dry_run,
-                           aggregate=not args.no_aggregate, overrides=overrides)
+                           aggregate=not args.no_aggregate, overrides=overrides, time_budget_s=args.time_budget)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary.get("interrupted"):
         return 130
+    if summary.get("counts", {}).get("paused") or summary.get("counts", {}).get("not_run"):
+        return 3  # not an error: the time budget ran out; the same command goes on
     return 1 if summary.get("counts", {}).get("failed") else 0
 
 

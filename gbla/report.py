@@ -633,6 +633,32 @@ def plot_learning_curves(histories: pd.DataFrame, quantities=("train_loss", "val
     return grid
 
 
+def plot_group_curves(histories: pd.DataFrame, runs: pd.DataFrame, *, title: str = ""):
+    """One variant's seeds: training loss and validation Recall@10 per epoch, one line per seed, a
+    dotted line at each seed's best epoch (what a group's train notebook shows)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    _theme()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    quantities = (("train_loss", "training loss"), ("valid_recall@10", "validation Recall@10"))
+    palette = dict(zip(sorted(runs["seed"]), sns.color_palette(n_colors=len(runs))))
+    for ax, (column, label) in zip(axes, quantities):
+        if column in histories:
+            data = histories.dropna(subset=[column])
+            sns.lineplot(data=data, x="epoch", y=column, hue="seed", palette=palette, ax=ax, legend=ax is axes[1])
+        if column.startswith("valid"):
+            for row in runs.itertuples():
+                ax.axvline(row.best_epoch, color=palette[row.seed], linestyle=":", linewidth=1)
+            ax.set_ylim(bottom=0)
+        ax.set(title=label, xlabel="epoch", ylabel=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"{title}: {len(runs)} seeds (dotted: each seed's best epoch)")
+    fig.tight_layout()
+    return fig
+
+
 # ============================================================================= latency (layer_speed.json)
 
 LAYER_SPEED_FILE = REPO_ROOT / "outputs" / "bench" / "layer_speed.json"

@@ -1,15 +1,20 @@
-"""Run directories: how one training run is written to disk, and how runs are read back.
+"""Run directories: how training runs are written to disk, and how runs are read back.
 
-    outputs/runs/<dataset>/<variant>/seed<k>/
-        train.ipynb            the executed papermill notebook (kept also when the run fails)
-        run.log                papermill's log of the run (cell outputs as they came)
-        metrics.json           config, its hash, provenance, valid/test metrics, history (written LAST)
-        per_user_test.parquet  user, target, rank (int8; 1..10, 0 = miss)
-        error.json             only for failed runs: status, config_hash, error, traceback
+    outputs/runs/<dataset>/<variant>/
+        train.ipynb            the executed papermill notebook of the last group of seeds trained
+                               together (kept also when it fails); shows every seed's curves
+        run.log                papermill's log of that group (cell outputs as they came)
+        checkpoint-<key>.pt    a paused or interrupted group's state (git-ignored; removed when done)
+        seed<k>/
+            metrics.json           config, its hash, provenance, valid/test metrics, history (written LAST)
+            per_user_test.parquet  user, target, rank (int8; 1..10, 0 = miss)
+            run.log                a copy of the log of the group that trained it
+            error.json             only for failed runs: status, config_hash, error, traceback
 
 A run is done iff metrics.json exists with status "ok" and the config hash the grid expects.
-Every file is written to a temporary name and renamed, metrics.json last, so an interrupted run
-never looks complete and a failed rerun never damages a finished result of the same config.
+A run folder is written as a unit: its files go to a fresh temporary folder, which then replaces the
+old one (metrics.json is written last inside it), so an interrupted run never looks complete, a
+folder is never half old, half new, and a failed rerun never damages a finished result.
 """
 from __future__ import annotations
 
@@ -39,13 +44,39 @@ METRIC_NAMES = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 # config) | missing (never ran, or interrupted)
 STATUSES = ("ok", "failed", "stale", "missing")
 SYNTHETIC = "synthetic"
+# where a hand run of notebooks/train.ipynb writes unless told otherwise (git-ignored), so that it
+# never overwrites the grid's results in outputs/runs
+SCRATCH_RUNS_ROOT = "outputs/scratch/runs"
 
 
 # ---------------------------------------------------------------------------------------------
 # paths and atomic writes
 
 def run_dir_for(root: str | os.PathLike, dataset: str, variant: str, seed: int) -> Path:
-    return Path(root) / dataset / variant / f"seed{int(seed)}"
+    return variant_dir_for(root, dataset, variant) / f"seed{int(seed)}"
+
+
+def variant_dir_for(root: str | os.PathLike, dataset: str, variant: str) -> Path:
+    return Path(root) / dataset / variant
+
+
+def checkpoint_path(variant_dir: str | os.PathLike, configs) -> Path:
+    """The checkpoint of a group: named by its configs' hashes, so another group never resumes it."""
+    import hashlib
+
+    key = hashlib.sha256(" ".join(c.config_hash() for c in configs).encode()).hexdigest()[:12]
+    return Path(variant_dir) / f"checkpoint-{key}.pt"
+
+
+def check_expected_hashes(configs, expected: dict | None) -> None:
+    """The grid passes {seed: config hash}; refuse to train a config it did not expect."""
+    if expected is None:
+        return
+    expected = {int(k): v for k, v in expected.items()}
+    for c in configs:
+        if expected.get(c.seed) != c.config_hash():
+            raise ValueError(f"seed {c.seed}: this notebook builds config {c.config_hash()}, the grid expected "
+                             f"{expected.get(c.seed)}: the params file changed while the grid was running?")
 
 
 def _tmp_name(path: Path) -> Path:
@@ -97,7 +128,8 @@ def _read_json(path: Path) -> dict:
 def git_commit(repo: str | os.PathLike = REPO_ROOT) -> str:
     """The checked-out commit, with "-dirty" appended when tracked files have uncommitted changes.
 
-    "unknown" outside a git checkout (e.g. a copy of the tree on a GPU machine).
+    Outside a git checkout (e.g. a copy of the tree sent to a GPU machine) it is $GBLA_COMMIT, which
+    whoever copied the tree sets to the commit copied, or "unknown".
     """
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -105,7 +137,7 @@ def git_commit(repo: str | os.PathLike = REPO_ROOT) -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("GBLA_COMMIT") or "unknown"
     return sha + ("-dirty" if dirty else "")
 
 
@@ -125,7 +157,8 @@ def _metric_dict(metrics: dict, where: str) -> dict[str, float]:
 
 def save_run_result(result, run_dir: str | os.PathLike, *, data_fingerprint: str, commit: str,
                     extra: dict | None = None) -> Path:
-    """Write per_user_test.parquet, then metrics.json (last, atomically); remove a stale error.json.
+    """Write the run folder as a unit (per_user_test.parquet, then metrics.json); a stale error.json or
+    an older result in that folder goes with the old folder.
 
     `result` is a gbla.train.RunResult. `extra` adds keys to metrics.json (e.g. the notebook's
     parameters); it cannot overwrite the contract's keys. Returns the path of metrics.json.
@@ -133,7 +166,7 @@ def save_run_result(result, run_dir: str | os.PathLike, *, data_fingerprint: str
     import pandas as pd
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     config = result.config
     if result.config_hash != config.config_hash():
         raise ValueError(f"result.config_hash {result.config_hash} does not match its config "
@@ -149,12 +182,6 @@ def save_run_result(result, run_dir: str | os.PathLike, *, data_fingerprint: str
     frame = pd.DataFrame({"user": np.asarray(per_user["user"], dtype=np.int64),
                           "target": np.asarray(per_user["target"], dtype=np.int64),
                           "rank": rank.astype(np.int8)})
-    tmp = _tmp_name(run_dir / PER_USER_FILE)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, run_dir / PER_USER_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
 
     metrics = {
         "status": "ok",
@@ -180,8 +207,28 @@ def save_run_result(result, run_dir: str | os.PathLike, *, data_fingerprint: str
         if key in metrics:
             raise ValueError(f"extra key {key!r} would overwrite a metrics.json field")
         metrics[key] = value
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)
-    return atomic_write_json(run_dir / METRICS_FILE, metrics)
+    return _replace_dir(run_dir, lambda tmp: (frame.to_parquet(tmp / PER_USER_FILE, index=False),
+                                              atomic_write_json(tmp / METRICS_FILE, metrics)))
+
+
+def _replace_dir(run_dir: Path, write) -> Path:
+    """Write a run folder as a unit: `write(tmp)` fills a fresh hidden folder beside it, which then
+    takes the folder's place (the old folder is renamed away first and deleted after). An
+    interruption leaves either the old folder or the new one (or a hidden leftover), never a mix."""
+    import shutil
+
+    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = run_dir.with_name(f".{run_dir.name}.old-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if run_dir.exists():
+            os.replace(run_dir, old)
+        os.replace(tmp, run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return run_dir / METRICS_FILE
 
 
 def record_failure(run_dir: str | os.PathLike, config_hash: str, error: str | BaseException,
@@ -285,7 +332,7 @@ def collect_runs(runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, expected: Ite
 
     runs_root = Path(runs_root)
     if expected is None and params_file is not None:
-        from gbla.grid import load_grid  # grid imports runs; import late to avoid a cycle
+        from gbla.params import load_grid
         expected = load_grid(params_file, profile or "full").expand()
     rows = []
     if expected is not None:

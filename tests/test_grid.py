@@ -270,7 +270,8 @@ def test_smoke_grid_runs_records_the_failure_and_goes_on(smoke):
         assert set(metrics["test"]) == set(runs.METRIC_NAMES) and metrics["epochs_trained"] == 1
         assert metrics["device"] == "cpu" and metrics["data_fingerprint"] != "unknown"
         assert len(runs.load_per_user(run_dir)) == 120
-        nb = nbformat.read(run_dir / "train.ipynb", as_version=4)  # the executed notebook, parameters injected
+        # the group's executed notebook (parameters injected) sits in the variant folder
+        nb = nbformat.read(run_dir.parent / "train.ipynb", as_version=4)
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
         assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
                    for c in nb.cells if c.cell_type == "code" for o in c.outputs), "no learning-curve figure"
@@ -279,11 +280,12 @@ def test_smoke_grid_runs_records_the_failure_and_goes_on(smoke):
     broken = runs.run_dir_for(root, "synthetic", "broken", 0)
     failure = json.loads((broken / "error.json").read_text())
     assert failure["status"] == "failed" and failure["config_hash"] == g.run_config("synthetic", "broken", 0).config_hash()
-    assert "negative dimension" in failure["error"] and "train_and_evaluate" in failure["traceback"]
-    assert (broken / "train.ipynb").is_file() and not (broken / "metrics.json").exists()
+    assert "negative dimension" in failure["error"] and "train_group" in failure["traceback"]
+    assert (broken.parent / "train.ipynb").is_file() and not (broken / "metrics.json").exists()
 
     summary = json.loads((root / "summary.json").read_text())
-    assert summary["counts"] == {"total": 3, "skipped": 0, "ran": 2, "failed": 1, "not_run": 0}
+    assert summary["counts"] == {"total": 3, "skipped": 0, "ran": 2, "failed": 1, "paused": 0, "not_run": 0}
+    assert summary["groups"] == 3
     assert {r["outcome"] for r in summary["runs"]} == {"ran", "failed"}
     assert all(r["worker"] is not None for r in summary["runs"])  # they ran on Dask workers
 
@@ -328,3 +330,29 @@ def test_rerun_skips_done_and_redoes_deleted_and_changed_runs(smoke):
     assert runs.load_run_metrics(hybrid_dir)["config_hash"] == new_hash
     assert runs.load_run_metrics(hybrid_dir)["config"]["model"]["gbla"]["gate"] == "recency"
     assert runs.is_done(sa_dir, G.load_grid(params, "smoke").run_config("synthetic", "sa", 0).config_hash())
+
+
+@pytest.mark.timeout(400)
+def test_a_partly_done_group_trains_only_its_missing_seeds(smoke):
+    """sa/seed0 is done: a grid over seeds 0 and 1 trains sa/seed1 alone (a group of one) and leaves
+    seed 0's folder untouched; hybrid trains seeds 0 and 1 ... only what is missing."""
+    root, params = smoke["runs"], smoke["params"]
+    sa0 = runs.run_dir_for(root, "synthetic", "sa", 0)
+    if not (sa0 / "metrics.json").is_file():
+        pytest.skip("needs the smoke grid's sa/seed0")
+    stamp = (sa0 / "metrics.json").stat().st_mtime_ns
+    out = _grid_cli(params, "--seeds", "0", "1", "--variants", "sa", "--no-aggregate")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 runs: 1 skipped (done before), 1 ran, 0 failed" in out.stdout, out.stdout
+    assert (sa0 / "metrics.json").stat().st_mtime_ns == stamp
+    metrics = runs.load_run_metrics(runs.run_dir_for(root, "synthetic", "sa", 1))
+    assert metrics["group_seeds"] == [1]
+    assert "Executing Cell" in (runs.run_dir_for(root, "synthetic", "sa", 1) / "run.log").read_text()
+
+
+def test_group_configs_keeps_one_task_per_variant():
+    g = G.load_grid(PARAMS, "smoke")
+    configs = g.expand(seeds=[0, 1])
+    groups = G.group_configs(configs)
+    assert [(grp[0].variant, [c.seed for c in grp]) for grp in groups] == [
+        (v, [0, 1]) for v in g.variant_names]

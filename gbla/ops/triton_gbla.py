@@ -140,8 +140,8 @@ def _state_kernel(
     NEED_KSUM: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """Partial S = sum_j k'_j v'_j^T (and s = sum_j k'_j) over one chunk of TILES*BLOCK_L tokens."""
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)   # rows x heads on axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)
+    pid_c = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     cols = tl.arange(0, E)
@@ -165,10 +165,10 @@ def _state_kernel(
         acc = _mm_acc(tl.trans(kp), vv, acc, LOWP, DOT_PREC)
         if NEED_KSUM:
             ksum += tl.sum(kp, axis=0)
-    out = spart_ptr + (pid_c * tl.num_programs(1) + pid_bh) * E * E
+    out = spart_ptr + (pid_c * tl.num_programs(0) + pid_bh) * E * E
     tl.store(out + cols[:, None] * E + cols[None, :], acc)
     if NEED_KSUM:
-        tl.store(kspart_ptr + (pid_c * tl.num_programs(1) + pid_bh) * E + cols, ksum)
+        tl.store(kspart_ptr + (pid_c * tl.num_programs(0) + pid_bh) * E + cols, ksum)
 
 
 @triton.jit
@@ -180,8 +180,8 @@ def _output_kernel(
     HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """o_i for one chunk of queries, from the reduced state S (and s for "none")."""
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)   # rows x heads on axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)
+    pid_c = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     cols = tl.arange(0, E)
@@ -231,8 +231,8 @@ def _bwd_query_kernel(
     HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """dq, dz per query; partial dS = sum_i p_i dnum_i^T, ds = sum_i dd_i p_i, dw over one chunk."""
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)   # rows x heads on axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)
+    pid_c = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     cols = tl.arange(0, E)
@@ -294,7 +294,7 @@ def _bwd_query_kernel(
         dq = dp * _dphi(qq)
         tl.store(dq_ptr + b * sob + h * soh + offs, dq.to(dq_ptr.dtype.element_ty), mask=in_seq)
         dS = _mm_acc(tl.trans(p), dnum, dS, LOWP, DOT_PREC)
-    part = pid_c * tl.num_programs(1) + pid_bh
+    part = pid_c * tl.num_programs(0) + pid_bh
     tl.store(dspart_ptr + part * E * E + cols[:, None] * E + cols[None, :], dS)
     if NORM == 0:
         tl.store(dkspart_ptr + part * E + cols, dks)
@@ -311,8 +311,8 @@ def _bwd_key_kernel(
     HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """dk'_j = dS v'_j + ds, dv'_j = dS^T k'_j, then through the mask, key weight and phi."""
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)   # rows x heads on axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)
+    pid_c = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     cols = tl.arange(0, E)
@@ -452,7 +452,7 @@ class _GBLAAttention(torch.autograd.Function):
         f32 = dict(device=q.device, dtype=torch.float32)
         s_part = torch.empty(nc, B * H, E, E, **f32)
         ks_part = torch.empty(nc, B * H, E, **f32) if norm_code == 0 else s_part
-        _state_kernel[(nc, B * H)](
+        _state_kernel[(B * H, nc)](
             k, v, lw, m, s_part, ks_part, *_strides4(k), *_strides4(v), *lw_strides, *m_strides,
             L, H, kc["TILES"], E=E, BLOCK_L=kc["BLOCK_L"], HAS_LW=has_lw, HAS_MASK=has_mask,
             NEED_KSUM=norm_code == 0, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
@@ -460,7 +460,7 @@ class _GBLAAttention(torch.autograd.Function):
         ksum = _sum_partials(ks_part) if norm_code == 0 else state
         out = torch.empty((B, L, H, E), device=q.device, dtype=q.dtype)
         kc = cfg["output"]
-        _output_kernel[(kc["n_chunks"], B * H)](
+        _output_kernel[(B * H, kc["n_chunks"])](
             q, zz, m, state, ksum, nw, n_real, out, *_strides4(q), *z_strides, *m_strides, *_strides4(out),
             L, H, kc["TILES"], eps, E=E, BLOCK_L=kc["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
             HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
@@ -498,7 +498,7 @@ class _GBLAAttention(torch.autograd.Function):
         dks_part = torch.empty(nc, B * H, E, **f32) if norm_code == 0 else ds_part
         dnw_part = torch.empty(nc, B * H, E, **f32) if has_nw else ds_part
         # dq/dk/dv/dz are allocated contiguous, so they share one set of strides
-        _bwd_query_kernel[(nc, B * H)](
+        _bwd_query_kernel[(B * H, nc)](
             q, zz, g, m, state, ksum if norm_code == 0 else state, nw, n_real,
             dq, dz, ds_part, dks_part, dnw_part,
             *_strides4(q), *z_strides, *_strides4(g), *m_strides, *_strides4(dq),
@@ -507,7 +507,7 @@ class _GBLAAttention(torch.autograd.Function):
         dstate = _sum_partials(ds_part)
         dksum = _sum_partials(dks_part) if norm_code == 0 else dstate
         kc = cfg["bwd_key"]
-        _bwd_key_kernel[(kc["n_chunks"], B * H)](
+        _bwd_key_kernel[(B * H, kc["n_chunks"])](
             k, v, lw, m, dstate, dksum, dk, dv, dlw,
             *_strides4(k), *_strides4(v), *lw_strides, *m_strides, *_strides4(dk),
             *(dlw.stride() if has_lw else (0, 0, 0)),
