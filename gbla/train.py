@@ -280,12 +280,12 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
             train_step.optimizer.load_state_dict(ckpt["optimizer"])
             train_step.steps_done = ckpt["steps_done"]
             states = [SeedState(**st) for st in ckpt["states"]]
-            torch.set_rng_state(ckpt["cpu_rng"])
+            torch.set_rng_state(ckpt["cpu_rng"].cpu())  # map_location moved every tensor to `dev`
             if dev.type == "cuda" and ckpt["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), dev)
             for g, state in zip(seed_generators, ckpt["seed_generators"]):
-                g.set_state(state)
-            order_generator.set_state(ckpt["order_generator"])
+                g.set_state(state.cpu())
+            order_generator.set_state(ckpt["order_generator"].cpu())
             start_epoch = ckpt["epoch"] + 1
             train_s, eval_s, n_evals = ckpt["train_s"], ckpt["eval_s"], ckpt["n_evals"]
             log(f"[{label}] resumed from {checkpoint_path} after epoch {ckpt['epoch']}")
