@@ -128,16 +128,18 @@ def _read_json(path: Path) -> dict:
 def git_commit(repo: str | os.PathLike = REPO_ROOT) -> str:
     """The checked-out commit, with "-dirty" appended when tracked files have uncommitted changes.
 
-    Outside a git checkout (e.g. a copy of the tree sent to a GPU machine) it is $GBLA_COMMIT, which
-    whoever copied the tree sets to the commit copied, or "unknown".
+    $GBLA_COMMIT, when set, wins: whoever copies the tree to another machine (where .git may be
+    missing or stale) sets it to the commit copied. "unknown" without either.
     """
+    if os.environ.get("GBLA_COMMIT"):
+        return os.environ["GBLA_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("GBLA_COMMIT") or "unknown"
+        return "unknown"
     return sha + ("-dirty" if dirty else "")
 
 
