@@ -357,7 +357,9 @@ def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=stats.MET
 # ============================================================================= published numbers
 
 def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
-    """params/published.yaml as a long table: source, citation, compare_with, dataset, metric, value.
+    """params/published.yaml as a long table: source, paper, citation, compare_with, dataset, metric,
+    published. `paper` (optional in the file; default: the source's name) groups the rows of one
+    publication, e.g. its SA baseline and its hybrid.
 
     null entries (numbers we do not have) stay as NaN rows so the table shows they are unknown.
     """
@@ -379,10 +381,10 @@ def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
                 if value is not None and not isinstance(value, (int, float)):
                     raise ValueError(f"{path}: sources.{name}.metrics.{dataset}.{metric} must be a number or null, "
                                      f"got {value!r}")
-                rows.append({"source": name, "citation": source["citation"], "compare_with": source["compare_with"],
-                             "dataset": dataset, "metric": metric,
+                rows.append({"source": name, "paper": source.get("paper") or name, "citation": source["citation"],
+                             "compare_with": source["compare_with"], "dataset": dataset, "metric": metric,
                              "published": math.nan if value is None else float(value)})
-    return pd.DataFrame(rows, columns=["source", "citation", "compare_with", "dataset", "metric", "published"])
+    return pd.DataFrame(rows, columns=["source", "paper", "citation", "compare_with", "dataset", "metric", "published"])
 
 
 def published_comparison(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:

@@ -228,8 +228,14 @@ def test_published_numbers_side_by_side(grid):
     assert tiger["published"] == 0.0648
     assert tiger["ours_mean"] == pytest.approx(np.mean([metric_of(runs, "sa", s) for s in (0, 1, 2)]))
     assert tiger["ours_over_published"] == pytest.approx(tiger["ours_mean"] / 0.0648)
-    gbla = table[table["source"] == "gbla_paper"]
-    assert len(gbla) == 12 and gbla["published"].isna().all()   # unknown, shown as unknown
+    # the GBLA paper's Amazon table: its Tiger beside our sa, its Tiger+GBLA beside our hybrid
+    hybrid = table[(table["source"] == "gbla_hybrid") & (table["dataset"] == "beauty") & (table["metric"] == "recall@10")].iloc[0]
+    assert hybrid["compare_with"] == "hybrid" and hybrid["published"] == 0.0611 and hybrid["paper"] == "GBLA"
+    assert hybrid["ours_mean"] == pytest.approx(np.mean([metric_of(runs, "hybrid", s) for s in (0, 2)]))
+    gbla_tiger = table[(table["source"] == "gbla_tiger") & (table["metric"] == "ndcg@10")].set_index("dataset")
+    assert gbla_tiger["published"].to_dict() == {"beauty": 0.0355, "toys": 0.0333, "sports": 0.0188}
+    assert (gbla_tiger["compare_with"] == "sa").all()
+    assert len(table) == 3 * 3 * len(METRICS) and table["published"].notna().all()
     sports = table[(table["source"] == "tiger") & (table["dataset"] == "sports")]
     assert sports["ours_mean"].isna().all()                      # we have no sports runs here
 
