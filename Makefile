@@ -6,25 +6,67 @@
 #   make bench                      GPU speed benchmarks (needs CUDA)
 # GPU users: pick a CUDA build of torch, e.g.
 #   make install TORCH_SPEC='torch==2.11.0' TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# Machines without internet (README "Air-gapped GPU machines"): on a machine with internet
+#   make wheelhouse WHEELHOUSE=wh PYTHON_VERSION=3.12 PLATFORM=manylinux_2_28_x86_64
+# then, on the offline machine, with its Python that already has torch:
+#   make install WHEELHOUSE=wh PYTHON=/path/to/python3
+# `make install` remembers its settings in $(VENV)/install.mk; later targets reuse them (a setting
+# given on the command line wins, and a changed one reinstalls).
 SHELL := /bin/bash
-PYTHON ?= python3
 VENV ?= .venv
+-include $(VENV)/install.mk
+PYTHON ?= python3
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
-EXTRAS ?= all
+# a folder of wheels (`make wheelhouse`): install from it with no network, into a venv that sees the
+# packages of $(PYTHON) (its torch, numpy, ...); empty: install from the package index
+WHEELHOUSE ?=
+EXTRAS ?= $(if $(WHEELHOUSE),run,all)
 PROFILE ?= full
-STAMP := $(VENV)/.installed-$(EXTRAS)
+# the stamp names the install settings, so changing any of them reinstalls
+INSTALL_KEY := $(shell printf '%s\n' '$(TORCH_SPEC)' '$(TORCH_INDEX_URL)' '$(EXTRAS)' '$(WHEELHOUSE)' | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(EXTRAS)-$(INSTALL_KEY)
 
-.PHONY: install test data ablations lab bench clean-venv
+# make wheelhouse: the target interpreter and platform (empty: this machine's), what to download
+# (extras of pyproject.toml) and what the target already has. A package named in WHEELHOUSE_SKIP
+# (fnmatch patterns) is left out with everything it depends on; the default is what a PyTorch GPU
+# image has for certain. WHEELHOUSE_CONSTRAINTS: the target's `pip list --format=freeze` output,
+# which pins the resolution to the target's versions and leaves out all it lists (the exact way).
+PYTHON_VERSION ?=
+PLATFORM ?=
+WHEELHOUSE_EXTRAS ?= run
+WHEELHOUSE_SKIP ?= torch triton numpy pandas scipy matplotlib seaborn pyarrow pyyaml tqdm
+WHEELHOUSE_CONSTRAINTS ?=
+# pip that resolves (default: that of a `python$(PYTHON_VERSION)` on PATH, else $(PYTHON)'s)
+WHEELHOUSE_PIP ?=
+
+.PHONY: install test data ablations lab bench wheelhouse clean-venv
 
 $(STAMP): pyproject.toml
+ifeq ($(strip $(WHEELHOUSE)),)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+else
+	@test -d "$(WHEELHOUSE)" || { echo "WHEELHOUSE=$(WHEELHOUSE) is not a folder (make wheelhouse builds one)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@grep -qi '^include-system-site-packages *= *true' $(VENV)/pyvenv.cfg || { echo "$(VENV) does not see \
+	the system's packages (torch, ...): make clean-venv, then make install WHEELHOUSE=$(WHEELHOUSE) again"; exit 1; }
+	$(PY) -m pip install -q --disable-pip-version-check --no-index --find-links "$(WHEELHOUSE)" -e ".[$(EXTRAS)]"
+endif
+	@rm -f $(VENV)/.installed-*
+	@printf '%s ?= %s\n' TORCH_SPEC '$(TORCH_SPEC)' TORCH_INDEX_URL '$(TORCH_INDEX_URL)' EXTRAS '$(EXTRAS)' \
+	    WHEELHOUSE '$(WHEELHOUSE)' > $(VENV)/install.mk
 	@touch $@
 
 install: $(STAMP)
+
+# wheels to run the grid on a machine without internet (README "Air-gapped GPU machines")
+wheelhouse:
+	$(PYTHON) tools/wheelhouse.py --dest "$(or $(WHEELHOUSE),wheelhouse)" --extras "$(WHEELHOUSE_EXTRAS)" \
+	    --python-version "$(PYTHON_VERSION)" --platform "$(PLATFORM)" --skip "$(WHEELHOUSE_SKIP)" \
+	    --constraints "$(WHEELHOUSE_CONSTRAINTS)" --pip "$(WHEELHOUSE_PIP)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

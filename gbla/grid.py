@@ -382,7 +382,7 @@ def dispatch(grid: Grid, tasks: list[GroupTask], kind: str, *, total: int, done_
 def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
     """Execute the aggregation notebooks into reports_root (<stem>-<profile>.ipynb) and render HTML."""
     import papermill as pm
-    from nbconvert import HTMLExporter
+    from gbla.report import render_html
 
     results = []
     reports_root = grid.reports_root
@@ -409,7 +409,7 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
             entry.update(status="failed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}")
             log(f"report FAILED: {entry['error']}")
         if out.is_file():
-            body, _ = HTMLExporter().from_filename(str(out))
+            body = render_html(out)
             atomic_write_text(html, body)
         results.append(entry)
     return results

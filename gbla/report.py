@@ -357,7 +357,9 @@ def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=stats.MET
 # ============================================================================= published numbers
 
 def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
-    """params/published.yaml as a long table: source, citation, compare_with, dataset, metric, value.
+    """params/published.yaml as a long table: source, paper, citation, compare_with, dataset, metric,
+    published. `paper` (optional in the file; default: the source's name) groups the rows of one
+    publication, e.g. its SA baseline and its hybrid.
 
     null entries (numbers we do not have) stay as NaN rows so the table shows they are unknown.
     """
@@ -379,10 +381,10 @@ def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
                 if value is not None and not isinstance(value, (int, float)):
                     raise ValueError(f"{path}: sources.{name}.metrics.{dataset}.{metric} must be a number or null, "
                                      f"got {value!r}")
-                rows.append({"source": name, "citation": source["citation"], "compare_with": source["compare_with"],
-                             "dataset": dataset, "metric": metric,
+                rows.append({"source": name, "paper": source.get("paper") or name, "citation": source["citation"],
+                             "compare_with": source["compare_with"], "dataset": dataset, "metric": metric,
                              "published": math.nan if value is None else float(value)})
-    return pd.DataFrame(rows, columns=["source", "citation", "compare_with", "dataset", "metric", "published"])
+    return pd.DataFrame(rows, columns=["source", "paper", "citation", "compare_with", "dataset", "metric", "published"])
 
 
 def published_comparison(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
@@ -410,10 +412,18 @@ class Report:
     notes: list = field(default_factory=list)
 
 
+# comparisons beyond "every variant against each reference": (variant, reference) pairs of equal depth
+DEPTH_PAIRS = (("hybrid-1to2-6L", "sa-6L"),)
+
+
 def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=stats.METRICS,
-                 equivalence_pairs=(("hybrid", "sa"),), tost_margin: float = 0.05, n_bootstrap: int = 10_000,
+                 equivalence_pairs=(("hybrid", "sa"),) + DEPTH_PAIRS, pairs=DEPTH_PAIRS,
+                 tost_margin: float = 0.05, n_bootstrap: int = 10_000,
                  seed: int = 0, confidence: float = 0.95, published_file=DEFAULT_PUBLISHED,
                  progress: bool = True) -> Report:
+    """Every table of the report. `pairs` adds (variant, reference) comparisons to the
+    every-variant-against-each-reference ones (each its own Holm family); pairs and equivalence pairs
+    whose variants are both absent from `runs` (not in this grid) are left out."""
     metrics = tuple(metrics)
     for m in metrics:
         stats.parse_metric(m)
@@ -427,13 +437,19 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=sta
         published = pd.DataFrame()
         notes.append(f"no published numbers: {published_file} not found")
     histories = runs_io.load_histories(runs) if not runs.empty else pd.DataFrame()
-    parameters = {"references": list(references), "metrics": list(metrics),
+    in_grid = set(runs["variant"]) if not runs.empty else set()
+    equivalence_pairs = [tuple(p) for p in equivalence_pairs if set(p) & in_grid]
+    pairs = [tuple(p) for p in pairs if set(p) & in_grid and p[1] not in references]
+    parameters = {"references": list(references), "metrics": list(metrics), "pairs": [list(p) for p in pairs],
                   "equivalence_pairs": [list(p) for p in equivalence_pairs], "tost_margin": tost_margin,
                   "n_bootstrap": n_bootstrap, "seed": seed, "confidence": confidence}
+    kw = dict(confidence=confidence, n_bootstrap=n_bootstrap, seed=seed, ranks=ranks)
+    comparisons = [compare(runs, references, metrics, progress=progress, **kw)]
+    comparisons += [compare(runs[runs["variant"].isin(p)], (p[1],), metrics, **kw) for p in pairs]
+    comparisons = [c for c in comparisons if not c.empty]
     return Report(
         parameters=parameters, runs=runs, status=status_table(runs), summary=summary,
-        comparisons=compare(runs, references, metrics, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed,
-                            ranks=ranks, progress=progress),
+        comparisons=pd.concat(comparisons, ignore_index=True) if comparisons else compare(runs.iloc[:0]),
         equivalence=equivalence(runs, equivalence_pairs, metrics, margin=tost_margin, ranks=ranks),
         published=published, histories=histories, notes=notes)
 
@@ -494,6 +510,427 @@ def _jsonable(x):
     if isinstance(x, np.bool_):
         return bool(x)
     return x
+
+
+def provenance(runs: pd.DataFrame, *, command: str | None = None) -> str:
+    """One line naming what the numbers come from: devices, commits of the runs, the report's
+    commit, the command and the date (UTC)."""
+    ok = runs[runs["status"] == "ok"] if not runs.empty else runs
+    def listing(col):
+        if ok.empty or col not in ok.columns:
+            return "n/a"
+        values = ok[col].dropna().astype(str)
+        return ", ".join(f"{v} ({n})" for v, n in values.value_counts().items()) or "n/a"
+    dates = ok["created_at"].dropna().astype(str) if not ok.empty and "created_at" in ok.columns else pd.Series([], dtype=str)
+    span = "n/a" if not len(dates) else dates.min()[:10] if dates.min()[:10] == dates.max()[:10] else \
+        f"{dates.min()[:10]} to {dates.max()[:10]}"
+    return (f"Runs: {len(ok)} finished; device {listing('device')}; commit {listing('commit')}; trained {span}. "
+            f"Report: commit {runs_io.git_commit()}, {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+            + (f", `{command}`" if command else "") + ".")
+
+
+# ============================================================================= findings (the results section)
+
+# the questions the grid asks, by variant name (params/ablations.yaml); absent variants are reported as not run
+COMPONENT_VARIANTS = ("hybrid-no-conv", "hybrid-no-gate", "hybrid-rmsnorm", "hybrid-denominator", "hybrid-plain-la",
+                      "hybrid-recency-gate")
+# SA:GBLA ratio of the four-layer encoders, most SA first
+RATIO_VARIANTS = {"sa": (4, 0), "hybrid": (2, 2), "ratio-1to1": (2, 2), "ratio-1to3": (1, 3), "all-gbla": (0, 4)}
+METRIC_LABELS = {"recall@5": "Recall@5", "recall@10": "Recall@10", "ndcg@5": "NDCG@5", "ndcg@10": "NDCG@10"}
+
+
+def _label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _num(x, digits: int = 4) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:+.1f}%".replace("-", "−")
+
+
+def _p(x) -> str:
+    """p-values to 3 significant digits."""
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    return f"{x:.3g}" if x >= 0.001 else f"{x:.2e}"
+
+
+def _pct_ci(row) -> str:
+    """'−2.7% [−5.1, −0.3]' of a comparisons row (seed level)."""
+    if not np.isfinite(row["pct"]):
+        return "n/a"
+    if not (np.isfinite(row["pct_ci_low"]) and np.isfinite(row["pct_ci_high"])):
+        return f"{_pct(row['pct'])} (no CI: {int(row['n_paired_seeds'])} paired seed)"
+    return f"{_pct(row['pct'])} [{_pct(row['pct_ci_low'])[:-1]}, {_pct(row['pct_ci_high'])[:-1]}]"
+
+
+def _seeds_of(summary: pd.DataFrame, dataset: str, variant: str) -> tuple[int, int]:
+    row = summary[(summary["dataset"] == dataset) & (summary["variant"] == variant)]
+    return (0, 0) if row.empty else (int(row["n_ok"].iloc[0]), int(row["n_expected"].iloc[0]))
+
+
+def _comparison(comparisons: pd.DataFrame, dataset, variant, reference, metric):
+    c = comparisons
+    if c.empty:
+        return None
+    row = c[(c["dataset"] == dataset) & (c["variant"] == variant) & (c["reference"] == reference) & (c["metric"] == metric)]
+    return None if row.empty else row.iloc[0]
+
+
+def _verdict(row, alpha: float) -> str:
+    """'−8.1% [−12.0, −4.2], p_Holm = 0.003' with whether it is significant."""
+    if row is None:
+        return "not compared"
+    if not np.isfinite(row["pct"]):
+        return f"not compared ({row['reason'] or 'no paired seeds'})"
+    text = f"{_pct_ci(row)}, p_Holm = {_p(row['p_ttest_holm'])}"
+    if np.isfinite(row["p_ttest_holm"]):
+        return text + (" (significant)" if row["p_ttest_holm"] <= alpha else " (not significant)")
+    return text + f" (no test: {row['reason']})" if row["reason"] else text
+
+
+def _availability(summary, dataset, variants) -> tuple[list, list]:
+    """([variants with no finished seed], [variants with some seeds missing, as 'name (k/n)'])."""
+    none, partial = [], []
+    for v in variants:
+        k, n = _seeds_of(summary, dataset, v)
+        if k == 0:
+            none.append(v)
+        elif k < n:
+            partial.append(f"{v} ({k}/{n} seeds)")
+    return none, partial
+
+
+def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 0.05) -> pd.DataFrame:
+    """The results in sentences, one row per (dataset, topic), each sentence carrying its numbers.
+
+    Topics: `equivalence` (does hybrid match sa within the TOST margin), `components` (which
+    component's removal or replacement changes the metric vs hybrid: seed-level paired t, Holm),
+    `ratio` (sa, hybrid, ratio-1to1, ratio-1to3, all-gbla: means, differences vs sa, and Spearman's rho
+    of the number of GBLA layers with the per-seed metric), `depth` (hybrid-1to2-6L vs sa-6L),
+    `bidirectional` (sa-causal vs sa), `published` (the GBLA paper's Tiger+GBLA-vs-Tiger gap beside
+    ours), `not_run` (variants without finished seeds or with missing seeds). A topic whose variants
+    are not in the grid at all says so. Statistics are the seed-level ones (what retraining varies).
+    """
+    from scipy import stats as sps
+
+    rows = []
+    summary, comparisons, eq, runs = rep.summary, rep.comparisons, rep.equivalence, rep.runs
+    margin_pct = 100 * rep.parameters.get("tost_margin", 0.05)
+    datasets = list(pd.unique(summary["dataset"])) if not summary.empty else []
+    grid_variants = {d: list(pd.unique(summary.loc[summary["dataset"] == d, "variant"])) for d in datasets}
+
+    def mean_of(d, v, m):
+        r = summary[(summary["dataset"] == d) & (summary["variant"] == v) & (summary["metric"] == m)]
+        return (math.nan, math.nan, math.nan) if r.empty else (r["mean"].iloc[0], r["ci_low"].iloc[0], r["ci_high"].iloc[0])
+
+    def add(d, topic, text):
+        rows.append({"dataset": d, "topic": topic, "text": text})
+
+    for d in datasets:
+        present = grid_variants[d]
+        # --- hybrid vs sa: equivalence
+        if {"hybrid", "sa"} <= set(present):
+            parts = []
+            for m in metrics:
+                c = _comparison(comparisons, d, "hybrid", "sa", m)
+                e = eq[(eq["dataset"] == d) & (eq["variant"] == "hybrid") & (eq["reference"] == "sa") &
+                       (eq["metric"] == m) & (eq["level"] == "seeds")] if not eq.empty else eq
+                hy, sa = mean_of(d, "hybrid", m)[0], mean_of(d, "sa", m)[0]
+                head = f"{_label(m)} {_num(hy)} vs {_num(sa)}"
+                if c is None or not np.isfinite(c["pct"]):
+                    parts.append(f"{head} (not compared: {c['reason'] if c is not None else 'no runs'})")
+                    continue
+                if e.empty or e["equivalent"].iloc[0] is None or pd.isna(e["equivalent"].iloc[0]):
+                    why = e["reason"].iloc[0] if not e.empty else "no TOST"
+                    parts.append(f"{head}, {_pct_ci(c)}: equivalence not tested ({why})")
+                    continue
+                r = e.iloc[0]
+                ci90 = f"90% CI {_pct(stats.percent_of(r['ci90_low'], r['reference_mean']))[:-1]} to " \
+                       f"{_pct(stats.percent_of(r['ci90_high'], r['reference_mean']))}"
+                verdict = "equivalent" if bool(r["equivalent"]) else "equivalence not shown"
+                parts.append(f"{head}, {_pct_ci(c)}: {verdict} within ±{margin_pct:g}% "
+                             f"(TOST p = {_p(r['p_tost'])}, {ci90}, {int(r['n'])} seeds)")
+            add(d, "equivalence", "Hybrid (SA, GBLA, GBLA, SA) vs all-SA: " + "; ".join(parts) + ".")
+        else:
+            add(d, "equivalence", "Hybrid vs all-SA: not in this grid.")
+
+        # --- components vs hybrid
+        comps = [v for v in COMPONENT_VARIANTS if v in present]
+        if comps and "hybrid" in present:
+            sig, nonsig, untested = [], [], []
+            for v in comps:
+                for m in metrics:
+                    c = _comparison(comparisons, d, v, "hybrid", m)
+                    if c is None or not np.isfinite(c["p_ttest_holm"]):
+                        untested.append(f"{v} {_label(m)}")
+                        continue
+                    item = f"{v} {_label(m)} {_pct_ci(c)} (p_Holm = {_p(c['p_ttest_holm'])})"
+                    (sig if c["p_ttest_holm"] <= alpha else nonsig).append(item)
+            text = "Components, each variant vs hybrid (paired t over seeds, Holm): "
+            text += ("significant: " + "; ".join(sig) if sig else "no change is significant")
+            if nonsig:
+                text += ". Not significant: " + "; ".join(nonsig)
+            if untested:
+                text += ". Not tested (too few paired seeds): " + ", ".join(untested)
+            add(d, "components", text + ".")
+        else:
+            add(d, "components", "Component ablations (hybrid-no-conv, ..., hybrid-recency-gate): not in this grid.")
+
+        # --- SA:GBLA ratio
+        ratio = [v for v in RATIO_VARIANTS if v in present]
+        if len(ratio) >= 2:
+            parts = []
+            for m in metrics[:1]:
+                for v in ratio:
+                    mean, lo, hi = mean_of(d, v, m)
+                    sa_, gb = RATIO_VARIANTS[v]
+                    ci = f" ± {_num((hi - lo) / 2)}" if np.isfinite(lo) else ""
+                    vs = "" if v == "sa" else f", {_pct_ci(c)} vs sa" if (c := _comparison(comparisons, d, v, "sa", m)) is not None \
+                        and np.isfinite(c["pct"]) else ""
+                    sig = ""
+                    if v != "sa" and c is not None and np.isfinite(c.get("p_ttest_holm", math.nan)):
+                        sig = ", significant" if c["p_ttest_holm"] <= alpha else ""
+                    parts.append(f"{v} ({sa_}:{gb}) {_num(mean)}{ci}{vs}{sig}")
+                ok = runs[(runs["dataset"] == d) & (runs["status"] == "ok") & runs["variant"].isin(ratio)]
+                trend = ""
+                if ok["variant"].nunique() >= 2 and len(ok) >= 3:
+                    x = ok["variant"].map(lambda v: RATIO_VARIANTS[v][1]).to_numpy(float)
+                    y = ok[f"test_{m}"].to_numpy(float)
+                    rho, p = sps.spearmanr(x, y)
+                    if np.isfinite(rho):
+                        trend = (f" Spearman's rho between the number of GBLA layers and per-seed {_label(m)}: "
+                                 f"{rho:+.2f} (p = {_p(p)}, {len(ok)} runs).")
+                add(d, "ratio", f"SA:GBLA ratio, {_label(m)} mean ± 95% CI half-width: " + "; ".join(parts) + "." + trend)
+        else:
+            add(d, "ratio", "SA:GBLA ratio series (sa, hybrid, ratio-1to1, ratio-1to3, all-gbla): not in this grid.")
+
+        # --- six layers
+        if {"hybrid-1to2-6L", "sa-6L"} & set(present):
+            parts = [f"{_label(m)} {_verdict(_comparison(comparisons, d, 'hybrid-1to2-6L', 'sa-6L', m), alpha)}"
+                     for m in metrics]
+            add(d, "depth", "Six layers, the paper's 1:2 pattern (hybrid-1to2-6L) vs SA x 6: " + "; ".join(parts) + ".")
+        else:
+            add(d, "depth", "Six layers (hybrid-1to2-6L vs sa-6L): not in this grid.")
+
+        # --- bidirectional vs causal
+        if {"sa", "sa-causal"} <= set(present):
+            parts = [f"{_label(m)} {_verdict(_comparison(comparisons, d, 'sa-causal', 'sa', m), alpha)}" for m in metrics]
+            add(d, "bidirectional", "Causal vs bidirectional self-attention (sa-causal vs sa): " + "; ".join(parts) + ".")
+        else:
+            add(d, "bidirectional", "Causal vs bidirectional self-attention (sa-causal vs sa): not in this grid.")
+
+        # --- published gap
+        gaps = published_gaps(rep.published, comparisons)
+        g = gaps[gaps["dataset"] == d] if not gaps.empty else gaps
+        if not g.empty:
+            parts = []
+            for m in metrics:
+                r = g[g["metric"] == m]
+                if r.empty:
+                    continue
+                r = r.iloc[0]
+                ours = "not yet measured" if not np.isfinite(r["ours_pct"]) else (
+                    f"{_pct(r['ours_pct'])}" + (f" [{_pct(r['ours_pct_ci_low'])[:-1]}, {_pct(r['ours_pct_ci_high'])[:-1]}]"
+                                                if np.isfinite(r["ours_pct_ci_low"]) else ""))
+                parts.append(f"{_label(m)} {_pct(r['published_pct'])} ({_num(r['published_variant'])} vs "
+                             f"{_num(r['published_reference'])}), ours {ours}")
+            add(d, "published", f"The {g['paper'].iloc[0]} paper's hybrid vs its all-SA Tiger (mean of its runs): "
+                + "; ".join(parts) + ".")
+
+        # --- what is not run yet
+        none, partial = _availability(summary, d, present)
+        wanted = [v for v in ("sa", "sa-causal", "hybrid", *COMPONENT_VARIANTS, *RATIO_VARIANTS, "sa-6L", "hybrid-1to2-6L")
+                  if v not in present]
+        bits = []
+        if none:
+            bits.append("no finished run: " + ", ".join(none))
+        if partial:
+            bits.append("incomplete: " + ", ".join(partial))
+        if wanted:
+            bits.append("not in this grid: " + ", ".join(dict.fromkeys(wanted)))
+        add(d, "not_run", ("Not yet run — " + "; ".join(bits) + ".") if bits else "Every variant of the grid has all its seeds.")
+    return pd.DataFrame(rows, columns=["dataset", "topic", "text"])
+
+
+def findings_markdown(table: pd.DataFrame) -> str:
+    """The findings as Markdown: a heading per dataset, a bullet per topic."""
+    if table.empty:
+        return "*No finished runs: nothing to report yet.*"
+    out = []
+    for d, g in table.groupby("dataset", sort=False):
+        out.append(f"**{d}**\n")
+        out += [f"- {t}" for t in g["text"]]
+        out.append("")
+    return "\n".join(out)
+
+
+def published_gaps(published: pd.DataFrame, comparisons: pd.DataFrame, variant: str = "hybrid",
+                   reference: str = "sa") -> pd.DataFrame:
+    """Per paper with both a `reference` and a `variant` row: its gap in % of its reference, beside
+    ours (the seed-level comparison of our variant vs our reference, with its 95% CI)."""
+    cols = ["paper", "dataset", "metric", "published_variant", "published_reference", "published_pct",
+            "ours_pct", "ours_pct_ci_low", "ours_pct_ci_high", "ours_p_ttest"]
+    if published is None or published.empty or "paper" not in published.columns:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for (paper, d, m), g in published.groupby(["paper", "dataset", "metric"], sort=False):
+        v = g.loc[g["compare_with"] == variant, "published"]
+        r = g.loc[g["compare_with"] == reference, "published"]
+        if v.empty or r.empty:
+            continue
+        c = _comparison(comparisons, d, variant, reference, m)
+        rows.append({"paper": paper, "dataset": d, "metric": m, "published_variant": v.iloc[0],
+                     "published_reference": r.iloc[0], "published_pct": stats.percent_of(v.iloc[0] - r.iloc[0], r.iloc[0]),
+                     "ours_pct": c["pct"] if c is not None else math.nan,
+                     "ours_pct_ci_low": c["pct_ci_low"] if c is not None else math.nan,
+                     "ours_pct_ci_high": c["pct_ci_high"] if c is not None else math.nan,
+                     "ours_p_ttest": c["p_ttest"] if c is not None else math.nan})
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ============================================================================= paper-style tables
+
+def main_table(rep: "Report", metrics=None, *, reference: str = "sa", alpha: float = 0.05,
+               digits: int = 4) -> pd.DataFrame:
+    """Variants as rows, (dataset, metric) as columns, 'mean ± 95% CI half-width' cells with markers:
+    ▲/▼ differs from `reference` (paired t over seeds, Holm p <= alpha; up = higher), ≈ equivalent to
+    its TOST reference within the margin (seed level), (k/n) when seeds are missing, – when none finished."""
+    summary = rep.summary
+    if summary.empty:
+        return pd.DataFrame()
+    metrics = list(metrics or pd.unique(summary["metric"]))
+    comps, eq = rep.comparisons, rep.equivalence
+    variants = list(pd.unique(summary["variant"]))
+    datasets = list(pd.unique(summary["dataset"]))
+    cells = {}
+    for d in datasets:
+        for m in metrics:
+            col = {}
+            for v in variants:
+                r = summary[(summary["dataset"] == d) & (summary["variant"] == v) & (summary["metric"] == m)]
+                if r.empty:
+                    col[v] = ""
+                    continue
+                r = r.iloc[0]
+                if r["n_ok"] == 0:
+                    col[v] = "–"
+                    continue
+                text = f"{r['mean']:.{digits}f}"
+                if np.isfinite(r["ci_low"]):
+                    text += f" ± {(r['ci_high'] - r['ci_low']) / 2:.{digits}f}"
+                c = _comparison(comps, d, v, reference, m) if v != reference else None
+                if c is not None and np.isfinite(c["p_ttest_holm"]) and c["p_ttest_holm"] <= alpha:
+                    text += " ▲" if c["diff"] > 0 else " ▼"
+                if not eq.empty:
+                    e = eq[(eq["dataset"] == d) & (eq["variant"] == v) & (eq["metric"] == m) & (eq["level"] == "seeds")]
+                    if len(e) and e["equivalent"].iloc[0] is not None and not pd.isna(e["equivalent"].iloc[0]) \
+                            and bool(e["equivalent"].iloc[0]):
+                        text += " ≈"
+                if r["n_ok"] < r["n_expected"]:
+                    text += f" ({int(r['n_ok'])}/{int(r['n_expected'])})"
+                col[v] = text
+            cells[(d, _label(m))] = col
+    table = pd.DataFrame(cells, index=variants)
+    table.columns = pd.MultiIndex.from_tuples(table.columns, names=["dataset", "metric"])
+    table.index.name = "variant"
+    return table
+
+
+def style_main_table(table: pd.DataFrame):
+    """The main table for HTML: compact, no wrapping inside cells, a rule between datasets."""
+    return (table.style
+            .set_table_styles([{"selector": "th, td", "props": "font-size: 0.85em; padding: 2px 6px; white-space: nowrap"},
+                               {"selector": "th.col_heading.level0", "props": "text-align: center; border-bottom: 1px solid #999"}])
+            .set_properties(**{"text-align": "right"}))
+
+
+def detail_table(comparisons: pd.DataFrame, reference: str, dataset: str | None = None) -> pd.DataFrame:
+    """Comparisons against one reference, compact enough for a page: differences in % of the reference
+    mean to one decimal with their 95% CI, p-values to 3 significant digits, Holm-adjusted beside."""
+    t = comparisons[comparisons["reference"] == reference] if not comparisons.empty else comparisons
+    if dataset is not None and not t.empty:
+        t = t[t["dataset"] == dataset]
+    if t.empty:
+        return pd.DataFrame()
+
+    def ci(r, prefix):
+        if not np.isfinite(r[prefix]):
+            return "n/a"
+        lo, hi = r[f"{prefix}_ci_low"], r[f"{prefix}_ci_high"]
+        return f"{r[prefix]:+.1f} [{lo:+.1f}, {hi:+.1f}]" if np.isfinite(lo) and np.isfinite(hi) else f"{r[prefix]:+.1f}"
+
+    out = pd.DataFrame({
+        "variant": t["variant"], "metric": t["metric"].map(_label),
+        "seeds": t["n_paired_seeds"].astype(int),
+        "Δ% [95% CI] (seeds)": [ci(r, "pct") for _, r in t.iterrows()],
+        "p (t)": t["p_ttest"].map(_p), "p Holm (t)": t["p_ttest_holm"].map(_p),
+        "users": t["n_users"].map(lambda n: "n/a" if pd.isna(n) else f"{int(n):,}"),
+        "Δ% [95% CI] (users)": [ci(r, "user_pct") for _, r in t.iterrows()],
+        "p (perm.)": t["p_perm"].map(_p), "p Holm (perm.)": t["p_perm_holm"].map(_p),
+        "note": t["reason"].fillna(""),
+    })
+    if dataset is None:
+        out.insert(0, "dataset", t["dataset"])
+    return out.reset_index(drop=True)
+
+
+def style_detail_table(table: pd.DataFrame, alpha: float = 0.05):
+    def significant(v):
+        try:
+            return "background-color: #c7e9c0" if float(v) <= alpha else ""
+        except ValueError:
+            return ""
+    holm = [c for c in table.columns if c.startswith("p Holm")]
+    return (table.style.map(significant, subset=holm).hide(axis="index")
+            .set_table_styles([{"selector": "th, td", "props": "font-size: 0.8em; padding: 1px 5px"},
+                               {"selector": "td", "props": "white-space: nowrap"}]))
+
+
+def equivalence_table(equivalence: pd.DataFrame) -> pd.DataFrame:
+    """The TOST table, formatted: differences and margins in % of the reference mean (one decimal)."""
+    if equivalence.empty:
+        return pd.DataFrame()
+    e = equivalence
+    pct = lambda col: [_pct(stats.percent_of(x, m))[:-1] if np.isfinite(x) else "n/a"  # noqa: E731
+                       for x, m in zip(e[col], e["reference_mean"])]
+    return pd.DataFrame({
+        "dataset": e["dataset"], "pair": e["variant"] + " vs " + e["reference"], "metric": e["metric"].map(_label),
+        "level": e["level"], "n": e["n"], "margin ±%": e["margin_pct"].map(lambda x: f"{x:g}"),
+        "Δ%": pct("diff"), "90% CI low %": pct("ci90_low"), "90% CI high %": pct("ci90_high"),
+        "p (TOST)": e["p_tost"].map(_p),
+        "equivalent": e["equivalent"].map(lambda x: "n/a" if x is None or pd.isna(x) else ("yes" if x else "no")),
+        "note": e["reason"].fillna(""),
+    }).reset_index(drop=True)
+
+
+# ============================================================================= HTML
+
+def render_html(ipynb_path, *, hide_code: bool = True) -> str:
+    """An executed notebook as standalone HTML, the way a report is read: code cells' inputs and
+    prompts hidden (hide_code; the .ipynb keeps them) and progress-bar output on stderr dropped."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(str(ipynb_path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.get("outputs", [])
+                            if not (o.get("output_type") == "stream" and o.get("name") == "stderr"
+                                    and _looks_like_progress(o.get("text", "")))]
+    exporter = HTMLExporter(exclude_input=hide_code, exclude_input_prompt=hide_code, exclude_output_prompt=hide_code)
+    body, _ = exporter.from_notebook_node(nb)
+    return body
+
+
+def _looks_like_progress(text: str) -> bool:
+    """tqdm-style bars ('comparisons:  40%|####  | 4/10 [...]') and carriage-return redraws."""
+    import re
+    lines = [ln for ln in re.split(r"[\r\n]+", text) if ln.strip()]
+    return bool(lines) and all(re.search(r"\d+%\|.*\|\s*\d+/\d+", ln) or re.search(r"\d+/\d+ \[", ln) for ln in lines)
 
 
 # ============================================================================= display helpers
@@ -565,7 +1002,7 @@ def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level:
 
     grid.map_dataframe(draw)
     grid.set_titles(row_template="{row_name}", col_template="{col_name}")
-    grid.set_axis_labels(f"% of {reference} mean", "")
+    grid.set_axis_labels(f"% of {reference} mean", "variant")
     level = "per-user bootstrap" if user_level else "seed-level t"
     band = f"; band: ±{margin_pct:g}%" if margin_pct else ""
     grid.figure.suptitle(f"Difference vs {reference} with 95% {level} CI (hollow: no CI{band})", y=1.03)
@@ -606,8 +1043,11 @@ def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall
 
     grid.map_dataframe(draw)
     grid.set_titles(row_template="{row_name}", col_template="{col_name}")
-    grid.set_axis_labels("", f"{split} value")
-    grid.figure.suptitle("Mean over seeds with 95% t-CI; dots: seeds; (n/N): seeds present/expected", y=1.03)
+    grid.set_axis_labels("variant", f"{split} metric value")
+    for ax in grid.axes.flat:
+        ax.set_ylim(bottom=0)
+    grid.figure.suptitle(f"Test metrics per variant: mean over seeds with 95% t-CI; dots: seeds; "
+                         f"(n/N): seeds present/expected", y=1.03)
     return grid
 
 
@@ -625,10 +1065,18 @@ def plot_learning_curves(histories: pd.DataFrame, quantities=("train_loss", "val
                           var_name="quantity", value_name="value").dropna(subset=["value"])
     if long.empty:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     grid = sns.relplot(data=long, x="epoch", y="value", hue="variant", row="quantity", col="dataset",
                        kind="line", errorbar="sd", facet_kws={"sharey": False, "margin_titles": True},
                        height=3, aspect=1.4)
     grid.set_titles(row_template="{row_name}", col_template="{col_name}")
+    for (quantity, _), ax in grid.axes_dict.items():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(quantity.replace("_", " "))
+        if quantity.startswith(("valid_", "test_")):   # metrics start at 0; the loss keeps its range
+            ax.set_ylim(bottom=0)
     grid.figure.suptitle("Learning curves (mean over seeds, band = sd)", y=1.02)
     return grid
 

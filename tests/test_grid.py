@@ -19,7 +19,7 @@ from gbla.config import GBLAOptions
 PARAMS = runs.REPO_ROOT / "params" / "ablations.yaml"
 ISSUE_VARIANTS = ["sa", "sa-causal", "hybrid", "hybrid-no-conv", "hybrid-no-gate", "hybrid-rmsnorm",
                   "hybrid-denominator", "hybrid-plain-la", "hybrid-recency-gate", "ratio-1to1", "ratio-1to3",
-                  "all-gbla"]
+                  "all-gbla", "sa-6L", "hybrid-1to2-6L"]
 
 
 # ------------------------------------------------------------------------------ the real params file
@@ -27,10 +27,13 @@ ISSUE_VARIANTS = ["sa", "sa-causal", "hybrid", "hybrid-no-conv", "hybrid-no-gate
 def test_full_profile_is_the_paper_grid():
     g = G.load_grid(PARAMS, "full")
     configs = g.expand()
-    assert len(configs) == 180
+    assert len(configs) == 210
     assert g.datasets == ["beauty", "sports", "toys"] and g.seeds == [0, 1, 2, 3, 4]
     assert g.variant_names == ISSUE_VARIANTS
-    assert len({c.config_hash() for c in configs}) == 180
+    assert len({c.config_hash() for c in configs}) == 210
+    # file order is run order: per dataset the 12 four-layer variants first, then the six-layer pair
+    beauty = [c.variant for c in configs if c.dataset == "beauty" and c.seed == 0]
+    assert beauty == ISSUE_VARIANTS and beauty[-2:] == ["sa-6L", "hybrid-1to2-6L"]
     by_variant = {c.variant: c.model for c in configs if c.dataset == "beauty" and c.seed == 0}
     assert by_variant["sa"].encoder_layout == ("sa",) * 4
     assert by_variant["sa-causal"].encoder_layout == ("sa_causal",) * 4
@@ -41,6 +44,9 @@ def test_full_profile_is_the_paper_grid():
     assert by_variant["hybrid-recency-gate"].gbla == GBLAOptions(gate="recency")
     assert by_variant["ratio-1to3"].encoder_layout == ("sa", "gbla", "gbla", "gbla")
     assert by_variant["all-gbla"].encoder_layout == ("gbla",) * 4
+    assert by_variant["sa-6L"].encoder_layout == ("sa",) * 6
+    assert by_variant["hybrid-1to2-6L"].encoder_layout == ("sa", "gbla", "gbla") * 2
+    assert by_variant["hybrid-1to2-6L"].gbla == GBLAOptions()
     m = by_variant["sa"]  # GRID's TIGER size
     assert (m.d_model, m.num_heads, m.head_dim, m.d_ff, m.num_decoder_layers, m.dropout) == (128, 6, 64, 1024, 4, 0.15)
 
@@ -66,7 +72,7 @@ def test_adding_a_variant_is_one_entry_and_changes_nothing_else(tmp_path):
     data["variants"].append({"name": "hybrid-k2", "encoder_layout": ["sa", "gbla", "gbla", "sa"],
                              "gbla": {"conv_kernel_size": 2}})
     after = G.load_grid(_dump(tmp_path, data), "full").expand()
-    assert len(after) == 195
+    assert len(after) == 225
     assert {(c.dataset, c.variant, c.seed): c.config_hash() for c in after if c.variant != "hybrid-k2"} == before
     assert {c.model.gbla.conv_kernel_size for c in after if c.variant == "hybrid-k2"} == {2}
 

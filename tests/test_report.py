@@ -228,8 +228,14 @@ def test_published_numbers_side_by_side(grid):
     assert tiger["published"] == 0.0648
     assert tiger["ours_mean"] == pytest.approx(np.mean([metric_of(runs, "sa", s) for s in (0, 1, 2)]))
     assert tiger["ours_over_published"] == pytest.approx(tiger["ours_mean"] / 0.0648)
-    gbla = table[table["source"] == "gbla_paper"]
-    assert len(gbla) == 12 and gbla["published"].isna().all()   # unknown, shown as unknown
+    # the GBLA paper's Amazon table: its Tiger beside our sa, its Tiger+GBLA beside our hybrid
+    hybrid = table[(table["source"] == "gbla_hybrid") & (table["dataset"] == "beauty") & (table["metric"] == "recall@10")].iloc[0]
+    assert hybrid["compare_with"] == "hybrid" and hybrid["published"] == 0.0611 and hybrid["paper"] == "GBLA"
+    assert hybrid["ours_mean"] == pytest.approx(np.mean([metric_of(runs, "hybrid", s) for s in (0, 2)]))
+    gbla_tiger = table[(table["source"] == "gbla_tiger") & (table["metric"] == "ndcg@10")].set_index("dataset")
+    assert gbla_tiger["published"].to_dict() == {"beauty": 0.0355, "toys": 0.0333, "sports": 0.0188}
+    assert (gbla_tiger["compare_with"] == "sa").all()
+    assert len(table) == 3 * 3 * len(METRICS) and table["published"].notna().all()
     sports = table[(table["source"] == "tiger") & (table["dataset"] == "sports")]
     assert sports["ours_mean"].isna().all()                      # we have no sports runs here
 
@@ -313,3 +319,143 @@ def test_load_layer_speed_errors_name_the_file(tmp_path):
     bad.write_text(json.dumps({"meta": {}, "rows": [{"level": "layer", "impl": "x"}]}))
     with pytest.raises(ValueError, match=r"bad.json: rows\[0\] lacks fields"):
         report.load_layer_speed(bad)
+
+
+# --------------------------------------------------------------------------- findings and paper-style tables
+
+def write_ablation_grid(root, n_users=1500, seeds=4):
+    """beauty: users share a base of ranks (so paired differences are small); a variant redraws 15% of
+    them at its hit rate and misses more where its rate is lower. Missing: hybrid-no-conv seed 3."""
+    rng = np.random.default_rng(0)
+    plan = {"sa": 0.30, "sa-causal": 0.20, "hybrid": 0.30, "hybrid-no-gate": 0.15, "hybrid-no-conv": 0.30,
+            "ratio-1to3": 0.20, "all-gbla": 0.12, "sa-6L": 0.30, "hybrid-1to2-6L": 0.30}
+    base = fixture_ranks(rng, n_users, 0.3)
+    for variant, rate in plan.items():
+        for s in range(seeds):
+            if variant == "hybrid-no-conv" and s == seeds - 1:
+                continue
+            r = base.copy()
+            redraw = rng.random(n_users) < 0.15
+            r[redraw] = fixture_ranks(rng, int(redraw.sum()), rate)
+            r[rng.random(n_users) < 0.3 - rate] = 0
+            write_run(root, "beauty", variant, s, r)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ablation_report(tmp_path_factory):
+    root = write_ablation_grid(tmp_path_factory.mktemp("ablation") / "runs")
+    return report.build_report(report.load_runs(root), n_bootstrap=300, progress=False)
+
+
+def _finding(table, topic):
+    return table.loc[table["topic"] == topic, "text"].iloc[0]
+
+
+def test_findings_state_each_result_with_its_numbers(ablation_report):
+    rep = ablation_report
+    table = report.findings(rep)
+    assert list(table["topic"]) == ["equivalence", "components", "ratio", "depth", "bidirectional", "published",
+                                    "not_run"]
+    c = rep.comparisons.set_index(["variant", "reference", "metric"])
+    eq = rep.equivalence[(rep.equivalence["level"] == "seeds") & (rep.equivalence["variant"] == "hybrid")]
+    eq = eq.set_index("metric")
+    # hybrid vs sa: the verdict and the numbers are those of the TOST table
+    text = _finding(table, "equivalence")
+    verdict = "equivalent within ±5%" if eq.loc["recall@10", "equivalent"] else "equivalence not shown within ±5%"
+    assert f"Recall@10 {rep.summary.set_index(['variant', 'metric']).loc[('hybrid', 'recall@10'), 'mean']:.4f}" in text
+    assert verdict in text.split(";")[0] and f"TOST p = {report._p(eq.loc['recall@10', 'p_tost'])}" in text
+    # components: no gate is a large, Holm-significant loss; no conv is not
+    text = _finding(table, "components")
+    sig, _, rest = text.partition("Not significant")
+    no_gate = c.loc[("hybrid-no-gate", "hybrid", "recall@10")]
+    assert no_gate["p_ttest_holm"] <= 0.05 and no_gate["pct"] < -10
+    assert f"hybrid-no-gate Recall@10 {report._pct_ci(no_gate)} (p_Holm = {report._p(no_gate['p_ttest_holm'])})" in sig
+    assert "hybrid-no-conv Recall@10" in rest and "hybrid-no-conv" not in sig
+    # the ratio series: all five named layouts that ran, with SA:GBLA, and a negative rank correlation
+    text = _finding(table, "ratio")
+    assert "sa (4:0)" in text and "all-gbla (0:4)" in text and "ratio-1to3 (1:3)" in text
+    assert "ratio-1to1" not in text   # not in this grid
+    rho = float(text.split("Recall@10: ")[1].split(" ")[0].replace("−", "-"))
+    assert rho < -0.5
+    assert "hybrid-1to2-6L" in _finding(table, "depth") and "p_Holm = " in _finding(table, "depth")
+    causal = c.loc[("sa-causal", "sa", "recall@10")]
+    assert f"Recall@10 {report._pct_ci(causal)}" in _finding(table, "bidirectional")
+    assert "(significant)" in _finding(table, "bidirectional").split(";")[0]
+    # the paper's gap beside ours: Tiger+GBLA 0.0611 vs Tiger 0.0641 on Beauty is -4.7%
+    assert "Recall@10 −4.7% (0.0611 vs 0.0641), ours " in _finding(table, "published")
+    missing = _finding(table, "not_run")
+    assert "hybrid-no-conv (3/4 seeds)" in missing and "hybrid-plain-la" in missing and "ratio-1to1" in missing
+    md = report.findings_markdown(table)
+    assert md.startswith("**beauty**") and md.count("\n- ") == len(table)
+
+
+def test_findings_of_a_grid_without_the_ablations_say_so(grid):
+    _, runs = grid
+    table = report.findings(report.build_report(runs, n_bootstrap=100, progress=False))
+    assert "not in this grid" in _finding(table, "components") and "not in this grid" in _finding(table, "depth")
+    assert "not in this grid" in _finding(table, "bidirectional")
+    assert "hybrid (2/3 seeds)" in _finding(table, "not_run")
+    empty = report.build_report(runs.iloc[:0], n_bootstrap=10, progress=False)
+    assert report.findings_markdown(report.findings(empty)).startswith("*No finished runs")
+
+
+def test_main_table_cells_and_markers(ablation_report):
+    rep = ablation_report
+    table = report.main_table(rep)
+    assert list(table.index[:2]) and table.columns.nlevels == 2
+    assert set(table.columns.get_level_values("metric")) == {"Recall@5", "Recall@10", "NDCG@5", "NDCG@10"}
+    s = rep.summary.set_index(["variant", "metric"]).loc[("all-gbla", "recall@10")]
+    cell = table.loc["all-gbla", ("beauty", "Recall@10")]
+    assert cell.startswith(f"{s['mean']:.4f} ± {(s['ci_high'] - s['ci_low']) / 2:.4f}") and "▼" in cell
+    assert "▲" not in table.loc["sa"].str.cat() and "▼" not in table.loc["sa"].str.cat()
+    eq = rep.equivalence.set_index(["variant", "level", "metric"])
+    assert ("≈" in table.loc["hybrid", ("beauty", "Recall@10")]) == bool(eq.loc[("hybrid", "seeds", "recall@10"), "equivalent"])
+    assert table.loc["hybrid-no-conv", ("beauty", "NDCG@10")].endswith("(3/4)")
+    assert report.style_main_table(table).to_html()
+
+
+def test_detail_table_fits_a_page(ablation_report):
+    detail = report.detail_table(ablation_report.comparisons, "hybrid", "beauty")
+    assert "dataset" not in detail.columns and len(detail.columns) == 11
+    row = detail[(detail["variant"] == "hybrid-no-gate") & (detail["metric"] == "Recall@10")].iloc[0]
+    c = ablation_report.comparisons
+    ref = c[(c["variant"] == "hybrid-no-gate") & (c["reference"] == "hybrid") & (c["metric"] == "recall@10")].iloc[0]
+    assert row["Δ% [95% CI] (seeds)"] == f"{ref['pct']:+.1f} [{ref['pct_ci_low']:+.1f}, {ref['pct_ci_high']:+.1f}]"
+    assert row["p (t)"] == f"{ref['p_ttest']:.3g}" or row["p (t)"] == f"{ref['p_ttest']:.2e}"
+    assert report._p(0.012345) == "0.0123" and report._p(0.5) == "0.5" and report._p(math.nan) == "n/a"
+    assert report.style_detail_table(detail).to_html()
+    assert not report.equivalence_table(ablation_report.equivalence).empty
+
+
+def test_depth_pair_is_compared_and_tested_for_equivalence(ablation_report):
+    c = ablation_report.comparisons
+    six = c[c["reference"] == "sa-6L"]
+    assert set(six["variant"]) == {"hybrid-1to2-6L"} and len(six) == len(METRICS)
+    assert (six["n_paired_seeds"] == 4).all()
+    eq = ablation_report.equivalence
+    assert {("hybrid", "sa"), ("hybrid-1to2-6L", "sa-6L")} == set(zip(eq["variant"], eq["reference"]))
+
+
+def test_render_html_hides_code_and_progress_bars(tmp_path):
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Heading kept"),
+                nbformat.v4.new_code_cell("SECRET_CODE_LINE = 1", outputs=[
+                    nbformat.v4.new_output("stream", name="stderr", text="comparisons:  40%|####      | 4/10 [00:01<00:02]\r"
+                                                                          "comparisons: 100%|##########| 10/10 [00:02<00:00]\n"),
+                    nbformat.v4.new_output("stream", name="stderr", text="UserWarning: kept warning\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="printed result\n")])]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    html = report.render_html(path)
+    assert "Heading kept" in html and "printed result" in html and "kept warning" in html
+    assert "SECRET_CODE_LINE" not in html and "10/10" not in html
+    assert "SECRET_CODE_LINE" in report.render_html(path, hide_code=False)
+
+
+def test_provenance_names_device_commit_command_and_date(grid):
+    _, runs = grid
+    line = report.provenance(runs, command="make ablations PROFILE=smoke")
+    assert "8 finished" in line and "device cpu (8)" in line and "commit fixture (8)" in line
+    assert "trained 2025-01-01" in line and "`make ablations PROFILE=smoke`" in line and "UTC" in line

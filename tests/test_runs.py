@@ -133,7 +133,7 @@ def test_collect_runs_keeps_missing_failed_and_stale_rows(tmp_path):
 
 def test_collect_runs_from_a_params_profile(tmp_path):
     frame = runs.collect_runs(tmp_path, params_file=runs.REPO_ROOT / "params" / "ablations.yaml", profile="full")
-    assert len(frame) == 180 and set(frame.status) == {"missing"}
+    assert len(frame) == 210 and set(frame.status) == {"missing"}
     assert math.isnan(frame["valid_ndcg@10"].iloc[0])
 
 
