@@ -3,6 +3,8 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -148,9 +150,31 @@ def test_load_dataset(tmp_path):
     assert runs.dataset_available("synthetic", tmp_path) and not runs.dataset_available("beauty", tmp_path)
 
 
-def test_git_commit_names_the_checkout():
-    commit = runs.git_commit()
-    assert commit == "unknown" or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
+def _git(repo, *args) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
+def test_git_commit_names_the_checkout(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "tracked.txt").write_text("one\n")
+    _git(repo, "add", "tracked.txt")
+    _git(repo, "commit", "-q", "-m", "first")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert re.fullmatch(r"[0-9a-f]{40}", head)
+    assert runs.git_commit(repo) == head
+    (repo / "untracked.txt").write_text("new file\n")   # untracked files do not make a checkout dirty
+    assert runs.git_commit(repo) == head
+    (repo / "tracked.txt").write_text("two\n")
+    assert runs.git_commit(repo) == head + "-dirty"
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    assert runs.git_commit(outside) == "unknown"
 
 
 def test_atomic_write_replaces_whole_files(tmp_path):
