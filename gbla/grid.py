@@ -36,8 +36,8 @@ import yaml
 
 from gbla.config import LAYER_TYPES, GBLAOptions, ModelConfig, RunConfig, TrainConfig
 from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, REPO_ROOT, _now, atomic_write_json,
-                       atomic_write_text, collect_runs, dataset_available, dataset_path, git_commit, is_done,
-                       record_failure, run_dir_for)
+                       atomic_write_text, collect_runs, dataset_available, dataset_path, expected_data_fingerprint,
+                       git_commit, is_done, record_failure, run_dir_for)
 
 DEFAULT_PARAMS = REPO_ROOT / "params" / "ablations.yaml"
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
@@ -762,7 +762,12 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     configs = grid.expand(datasets, variants, seeds)
     runs_root = grid.runs_root
     plan = plan_cluster(grid, kind, gpus)
-    done = [c for c in configs if is_done(run_dir_for(runs_root, c.dataset, c.variant, c.seed), c.config_hash())]
+    processed_root = (overrides or {}).get("processed_root") or grid.processed_root
+    # a result counts as done only if it was trained on the data a new run would get now
+    fingerprints = {d: expected_data_fingerprint(d, processed_root, synthetic=grid.synthetic)
+                    for d in {c.dataset for c in configs}}
+    done = [c for c in configs if is_done(run_dir_for(runs_root, c.dataset, c.variant, c.seed), c.config_hash(),
+                                          fingerprints[c.dataset])]
     done_keys = {(c.dataset, c.variant, c.seed) for c in done}
     todo = [c for c in configs if (c.dataset, c.variant, c.seed) not in done_keys]
     # seed-major: an interrupted grid still has every variant of the first seeds
@@ -772,7 +777,10 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
         f"datasets x {len(set(c.variant for c in configs))} variants x {len(set(c.seed for c in configs))} seeds; "
         f"{len(done)} done, {len(todo)} to run on {plan.description}")
     log(f"runs: {runs_root}")
-    processed_root = (overrides or {}).get("processed_root") or grid.processed_root
+    other_data = [c for c in todo if is_done(run_dir_for(runs_root, c.dataset, c.variant, c.seed), c.config_hash())]
+    if other_data:
+        log(f"{len(other_data)} runs have results trained on other data than the processed data there now "
+            f"(fingerprints {fingerprints}): stale, to be run again")
     if dry_run:
         for c in todo:
             log(f"  would run {c.dataset}/{c.variant}/seed{c.seed} (config {c.config_hash()})")
@@ -810,7 +818,7 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
         summary["wall_s"] = round(time.time() - t0, 1)
         atomic_write_json(summary_path, summary)
 
-    frame = collect_runs(runs_root, configs)
+    frame = collect_runs(runs_root, configs, data_fingerprints=fingerprints)
     log("")
     log(results_table(frame))
     log("")

@@ -164,6 +164,28 @@ def test_dry_run_lists_what_would_run(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_result_trained_on_other_data_is_not_done(tmp_path):
+    """Same config, other processed data (e.g. rebuilt with another embedding model): stale, run again."""
+    from gbla.train import RunResult
+
+    g = G.load_grid(PARAMS, "smoke")
+    cfg = g.expand()[0]
+    current = runs.expected_data_fingerprint(cfg.dataset, synthetic=g.synthetic)
+    result = RunResult(config=cfg, config_hash=cfg.config_hash(), device="cpu", wall_time_s=1.0, epochs_trained=1,
+                       best_epoch=1, history=[], valid_metrics=dict.fromkeys(runs.METRIC_NAMES, 0.1),
+                       test_metrics=dict.fromkeys(runs.METRIC_NAMES, 0.1),
+                       test_per_user={"user": [0], "target": [1], "rank": [1]}, timings={})
+    run_dir = runs.run_dir_for(tmp_path, cfg.dataset, cfg.variant, cfg.seed)
+    logged = []
+    for fingerprint, done in ((current, 1), ("other-data", 0)):
+        runs.save_run_result(result, run_dir, data_fingerprint=fingerprint, commit="c")
+        logged.clear()
+        plan = G.run_grid(G.load_grid(PARAMS, "smoke"), datasets=[cfg.dataset], variants=[cfg.variant],
+                          seeds=[cfg.seed], dry_run=True, overrides={"runs_root": str(tmp_path)}, log=logged.append)
+        assert plan["done"] == done and plan["to_run"] == 1 - done
+    assert any("trained on other data" in line for line in logged)
+
+
 # ------------------------------------------------------------------------------ clusters
 
 def test_cluster_plans():

@@ -18,7 +18,8 @@ METRICS = stats.METRICS
 
 # --------------------------------------------------------------------------- fixture writer
 
-def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3, config=None):
+def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3, config=None,
+              data_fingerprint="fixture"):
     """A finished run exactly as the contract lays it out; test metrics are the per-user means."""
     run_dir = root / dataset / variant / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +35,7 @@ def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3, con
                 "valid_ndcg@10": 0.04 * e} for e in range(1, epochs + 1)]
     (run_dir / "metrics.json").write_text(json.dumps({
         "status": "ok", "dataset": dataset, "variant": variant, "seed": seed, "config": config.to_dict(),
-        "config_hash": config.config_hash(), "data_fingerprint": "fixture", "commit": "fixture",
+        "config_hash": config.config_hash(), "data_fingerprint": data_fingerprint, "commit": "fixture",
         "device": "cpu", "created_at": "2025-01-01T00:00:00+00:00", "wall_time_s": 1.0,
         "epochs_trained": epochs, "best_epoch": epochs,
         "valid": {m: v * 0.9 for m, v in test.items()}, "test": test, "timings": {}, "history": history}))
