@@ -32,9 +32,10 @@ test: $(STAMP)
 data: $(STAMP)
 	$(PY) -m gbla.data.build --all
 
-# the smoke profile runs on a synthetic dataset; every other profile needs the processed data
+# the smoke profile runs on a synthetic dataset; every other profile needs the processed data:
+# only datasets not built yet are built (a build with other settings, e.g. another embedding model, is kept)
 ablations: $(STAMP)
-	$(if $(filter smoke,$(PROFILE)),,$(PY) -m gbla.data.build --all)
+	$(if $(filter smoke,$(PROFILE)),,$(PY) -m gbla.data.build --all --if-missing)
 	$(PY) -m gbla.grid --profile $(PROFILE)
 
 lab: $(STAMP)
