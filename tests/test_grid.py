@@ -108,6 +108,8 @@ BASE = textwrap.dedent("""\
     ("  - name: sa\n", "  - nam: sa\n", 4, "variants[0].nam", "unknown variant field 'nam'"),
     ("[sa, hyb]", "[sa, hybrid]", 13, "profiles.smoke.variants[1]", "unknown variant 'hybrid'"),
     ("lr: 0.001", "lr: fast", 10, "train.lr", "must be float"),
+    ("[synthetic]", "[synthetc]", 1, "datasets[0]", "unknown dataset 'synthetc'; known datasets: beauty, sports, "
+                                                    "toys, synthetic"),
     ("lr: 0.001", "learning_rate: 0.001", 10, "train.learning_rate", "unknown train field"),
     ("seeds: [0, 1]", "seeds: [0, one]", 2, "seeds[1]", "non-negative integer"),
     ("seeds: [0, 1]", "seeds: [0, 0]", 2, "seeds", "duplicate seeds"),
@@ -184,6 +186,13 @@ def test_a_result_trained_on_other_data_is_not_done(tmp_path):
                           seeds=[cfg.seed], dry_run=True, overrides={"runs_root": str(tmp_path)}, log=logged.append)
         assert plan["done"] == done and plan["to_run"] == 1 - done
     assert any("trained on other data" in line for line in logged)
+
+
+def test_unknown_dataset_on_the_command_line_lists_the_known_ones(capsys):
+    assert G.main(["--params", str(PARAMS), "--profile", "full", "--datasets", "beuty", "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: unknown dataset 'beuty'; known datasets: beauty, sports, toys, synthetic"
+    assert "make data" not in captured.out + captured.err
 
 
 # ------------------------------------------------------------------------------ clusters
