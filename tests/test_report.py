@@ -307,6 +307,30 @@ def test_speedups_vs_best_sdpa(tmp_path):
     plt.close("all")
 
 
+def test_speedups_compare_eager_with_eager_and_graph_with_graph(tmp_path):
+    """Eager GBLA over graphed SDPA mixed launch overhead into the speedup (and disagreed with
+    layer_speed.md, which compared like with like); both now come from one function."""
+    rows = []
+    for impl, ms in (("sa-flash", 2.0), ("sa-flash+graph", 1.0), ("gbla-triton", 1.0), ("gbla-triton+graph", 0.25)):
+        rows.append({"level": "layer", "impl": impl, "L": 4096, "B": 8, "pass": "fwd", "median_ms": ms,
+                     "peak_mem_mib": 1.0, "error": None})
+    path = tmp_path / "layer_speed.json"
+    path.write_text(json.dumps({"meta": {"device": "fixture"}, "rows": rows}))
+    sp = report.speedups_vs_sdpa(report.load_layer_speed(path)[1]).set_index("impl")
+    assert sp.loc["gbla-triton", "best_sdpa"] == "sa-flash" and sp.loc["gbla-triton", "speedup"] == pytest.approx(2.0)
+    assert sp.loc["gbla-triton+graph", "best_sdpa"] == "sa-flash+graph"
+    assert sp.loc["gbla-triton+graph", "speedup"] == pytest.approx(4.0)
+
+    from gbla.bench import layer_speed
+
+    layer_speed.render(path)
+    md = (tmp_path / "layer_speed.md").read_text()
+    assert "| gbla-triton | fwd | best of sa-flash | 2.0 |" in md
+    assert "| gbla-triton+graph | fwd | best of sa-flash+graph | 4.0 |" in md
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
 def test_load_layer_speed_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="layer_speed.json"):
         report.load_layer_speed(tmp_path / "layer_speed.json")
