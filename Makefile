@@ -3,6 +3,8 @@
 #   make data                       build the processed Beauty / Sports / Toys datasets
 #   make ablations [PROFILE=smoke]  run the ablation grid, then the aggregation notebooks
 #   make lab                        JupyterLab with this project's environment
+#                                   (headless / root: no browser and --allow-root are added by themselves;
+#                                    any other options: make lab LAB_ARGS="--no-browser --ip=0.0.0.0 --port 8899")
 #   make bench                      GPU speed benchmarks (needs CUDA)
 # GPU users: pick a CUDA build of torch, e.g.
 #   make install TORCH_SPEC='torch==2.11.0' TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
@@ -15,6 +17,8 @@ TORCH_INDEX_URL ?=
 EXTRAS ?= all
 PROFILE ?= full
 STAMP := $(VENV)/.installed-$(EXTRAS)
+# JupyterLab refuses to run as root and opens a browser: without a display there is none to open
+LAB_ARGS ?= $(if $(DISPLAY)$(WAYLAND_DISPLAY),,--no-browser) $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: install test data ablations lab bench clean-venv
 
@@ -39,7 +43,7 @@ ablations: $(STAMP)
 	$(PY) -m gbla.grid --profile $(PROFILE)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m gbla.bench.layer_speed

@@ -21,3 +21,30 @@ def test_environment_yml_matches_pyproject():
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     listed = {_name(r) for r in pip_section if not r.startswith("-e")}
     assert listed == wanted, f"only in pyproject: {wanted - listed}; only in environment.yml: {listed - wanted}"
+
+
+def _make_lab(*args, env=None) -> str:
+    """The command `make lab` would run (make -n prints it without running anything)."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "LAB_ARGS")} | (env or {})
+    out = subprocess.run(["make", "-n", "lab", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return next(line for line in out.splitlines() if "jupyter lab" in line)
+
+
+def test_make_lab_works_headless_and_as_root():
+    import os
+
+    headless = _make_lab()
+    assert "--no-browser" in headless
+    assert ("--allow-root" in headless) == (os.geteuid() == 0)
+    assert "--no-browser" not in _make_lab(env={"DISPLAY": ":0"})
+    custom = _make_lab("LAB_ARGS=--no-browser --ip=0.0.0.0 --port 8899")
+    assert custom.endswith("jupyter lab notebooks/ --no-browser --ip=0.0.0.0 --port 8899")
