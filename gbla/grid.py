@@ -626,7 +626,9 @@ def start_cluster(grid: Grid, kind: str, gpus: list[str] | None = None):
         cluster.scale(jobs=jobs)
         return cluster, Client(cluster)
     gpus = _visible_gpus(d["gpus"]) if gpus is None else gpus
-    common = dict(processes=True, dashboard_address=":0" if _has_bokeh() else None,
+    # ":0" (a free port) even without bokeh: the scheduler always serves HTTP, and None means port 8787,
+    # which warns "Port 8787 is already in use" whenever another cluster or grid holds it
+    common = dict(processes=True, dashboard_address=":0",
                   silence_logs=logging.ERROR, memory_limit=0,
                   host="127.0.0.1")
     if gpus:
@@ -714,6 +716,32 @@ def dispatch(grid: Grid, tasks: list[RunTask], kind: str, *, total: int, done_be
     return outcomes, interrupted
 
 
+def ipc_kernel_manager_class():
+    """A jupyter_client kernel manager that talks to the kernel over Unix sockets in a private
+    temporary folder instead of TCP on localhost: nothing else on the machine can connect, and the
+    kernel does not log "Kernel is running over TCP without encryption" into every report.
+    Pass it to papermill: pm.execute_notebook(..., kernel_manager_class=ipc_kernel_manager_class())."""
+    import shutil
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._ipc_dir = tempfile.mkdtemp(prefix="gbla-kernel-")
+            self.transport, self.ip = "ipc", os.path.join(self._ipc_dir, "k")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+        cleanup_resources = _async_cleanup_resources
+
+    return IPCKernelManager
+
+
 def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
     """Execute the aggregation notebooks into reports_root (<stem>-<profile>.ipynb) and render HTML."""
     import papermill as pm
@@ -739,7 +767,8 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
         log(f"report: {src.relative_to(REPO_ROOT) if src.is_relative_to(REPO_ROOT) else src} -> {out}")
         try:
             pm.execute_notebook(str(src), str(out), parameters=params, kernel_name=KERNEL_NAME,
-                                cwd=str(reports_root), progress_bar=False)
+                                cwd=str(reports_root), progress_bar=False,
+                                kernel_manager_class=ipc_kernel_manager_class())
         except Exception as exc:  # noqa: BLE001 - keep the executed notebook (it shows the error) and go on
             entry.update(status="failed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}")
             log(f"report FAILED: {entry['error']}")

@@ -239,6 +239,53 @@ def test_local_gpu_cluster_pins_one_device_per_worker():
     assert sorted(threads.values()) == [2, 2]
 
 
+@pytest.mark.timeout(120)
+def test_local_cluster_does_not_warn_when_port_8787_is_taken():
+    """Without bokeh the dashboard was "off" but the scheduler still served HTTP on 8787, so a second
+    grid (or anything else on 8787) printed "Port 8787 is already in use" into every log."""
+    import socket
+    import warnings
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 8787))
+        holder.listen()
+    except OSError:
+        pass  # already taken by something else: just as good for this test
+    try:
+        g = G.load_grid(PARAMS, "smoke")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cluster, client = G.start_cluster(g, "local", gpus=[])
+            client.close()
+            cluster.close()
+    finally:
+        holder.close()
+    assert not [w for w in caught if "already in use" in str(w.message)]
+
+
+@pytest.mark.timeout(180)
+def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd):
+    """A rendered report shows results: no "IProgress not found" (tqdm.auto without ipywidgets) in
+    its outputs, no "Kernel is running over TCP without encryption" from its kernel."""
+    nb_path = tmp_path / "probe.ipynb"
+    params = nbformat.v4.new_code_cell("runs_root = None")
+    params.metadata["tags"] = ["parameters"]
+    probe = nbformat.v4.new_code_cell("import warnings\nwarnings.simplefilter('always')\nimport gbla.train\nprint('ok')")
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, probe], metadata={"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}}), nb_path)
+    g = G.load_grid(PARAMS, "smoke")
+    g.runtime["reports_root"] = str(tmp_path / "reports")
+    [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
+    assert result["status"] == "ok", result
+    nb = nbformat.read(result["ipynb"], as_version=4)
+    shown = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "ok" in shown and "IProgress" not in shown and "Warning" not in shown, shown
+    err = capfd.readouterr().err
+    assert "without encryption" not in err and "already in use" not in err, err
+    assert not list(Path(__import__("tempfile").gettempdir()).glob("gbla-kernel-*/k-*"))  # sockets cleaned up
+
+
 # ------------------------------------------------------------------------------ end to end
 
 REPORT_NB = """\
