@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import math
 import os
 import re
 import signal
@@ -884,6 +886,64 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     return summary
 
 
+# CPU seconds per training step of the paper-size model (batch 256): measured 13 s (encoder input 25
+# tokens) to 24 s (41 tokens) per eager `sa` step with 2 torch threads on a shared, loaded 2-core x86
+# machine; 10 s is a round, optimistic yardstick for the warning below, not a benchmark. On an H100 one
+# Beauty run to early stopping took ~7 min (outputs/pilot).
+CPU_SECONDS_PER_STEP = 10.0
+
+
+def train_examples(dataset: str, processed_root: Path | None, synthetic: dict) -> int:
+    """Training examples of a dataset: from its meta.json when built, else from the published counts
+    (leave-one-out on 5-core data: interactions - 3 x users)."""
+    from gbla.data.amazon import PUBLISHED_COUNTS
+    from gbla.runs import load_dataset
+
+    if dataset == SYNTHETIC:
+        return len(load_dataset(dataset, synthetic=synthetic).train)
+    meta = dataset_path(dataset, processed_root) / "meta.json"
+    if meta.is_file():
+        stats = json.loads(meta.read_text()).get("stats", {})
+        if "train_examples" in stats:
+            return int(stats["train_examples"])
+    users, _, interactions = PUBLISHED_COUNTS[dataset]
+    return interactions - 3 * users
+
+
+def check_cpu_cost(grid: Grid, configs: list[RunConfig], *, processed_root: Path | None, device: str | None,
+                   gpus: list[str] | None, cluster: str | None, allow_cpu: bool, dry_run: bool,
+                   runs_root: str | None = None) -> str | None:
+    """None when the runs may start; else why not. Runs on real data without a GPU take CPU-days each,
+    so they start only with --allow-cpu; the message says what they would cost (from the profile)."""
+    if all(c.dataset == SYNTHETIC for c in configs) or (cluster or grid.dask["cluster"]) == "slurm":
+        return None
+    device = device or grid.runtime["device"]
+    on_cpu = device == "cpu" or (device == "auto" and plan_cluster(grid, "local", gpus).kind == "local-cpu")
+    if not on_cpu:
+        return None
+    runs_root = Path(runs_root) if runs_root else grid.runs_root
+    fingerprints = {d: expected_data_fingerprint(d, processed_root, synthetic=grid.synthetic)
+                    for d in {c.dataset for c in configs}}
+    configs = [c for c in configs if not is_done(run_dir_for(runs_root, c.dataset, c.variant, c.seed),
+                                                 c.config_hash(), fingerprints[c.dataset])]
+    if not configs:
+        return None
+    n_train = {d: train_examples(d, processed_root, grid.synthetic) for d in {c.dataset for c in configs}}
+    steps = 0
+    for c in configs:
+        n = min(n_train[c.dataset], c.train.max_train_examples or n_train[c.dataset])
+        steps += math.ceil(n / c.train.batch_size) * c.train.max_epochs
+    hours = steps * CPU_SECONDS_PER_STEP / 3600
+    estimate = (f"{len(configs)} runs on CPU (no GPU visible, or device cpu): up to {steps:,} training steps "
+                f"(max_epochs of each run x its batches per epoch; early stopping usually ends a run sooner), "
+                f"~{hours:,.0f} CPU-hours at ~{CPU_SECONDS_PER_STEP:g} s per step")
+    if allow_cpu or dry_run:
+        print(f"note: {estimate}", file=sys.stderr)
+        return None
+    return (f"{estimate}. Run them on a GPU machine (or --cluster slurm), narrow them (--datasets/--variants/"
+            f"--seeds), try `--profile smoke`, or pass --allow-cpu to start them anyway.")
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -906,6 +966,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs-root", help="where run folders go (default outputs/runs)")
     ap.add_argument("--dry-run", action="store_true", help="list what would run; run nothing")
     ap.add_argument("--no-aggregate", action="store_true", help="skip the aggregation notebooks")
+    ap.add_argument("--allow-cpu", action="store_true",
+                    help="run a grid on real data even without a GPU (CPU-days per run; see the estimate)")
     args = ap.parse_args(argv)
     try:
         grid = load_grid(args.params, args.profile)
@@ -919,6 +981,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "processed_root": str(Path(args.processed_root).resolve()) if args.processed_root else None,
                  "runs_root": str(Path(args.runs_root).resolve()) if args.runs_root else None}
     try:
+        refused = check_cpu_cost(grid, grid.expand(args.datasets, args.variants, args.seeds),
+                                 processed_root=Path(overrides["processed_root"]) if overrides["processed_root"]
+                                 else grid.processed_root, device=args.device, gpus=gpus, cluster=args.cluster,
+                                 allow_cpu=args.allow_cpu, dry_run=args.dry_run, runs_root=overrides["runs_root"])
+        if refused:
+            print(f"error: {refused}", file=sys.stderr)
+            return 2
         summary = run_grid(grid, datasets=args.datasets, variants=args.variants, seeds=args.seeds,
                            cluster=args.cluster, runs_per_gpu=args.runs_per_gpu, gpus=gpus, dry_run=args.dry_run,
                            aggregate=not args.no_aggregate, overrides=overrides)

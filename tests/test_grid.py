@@ -406,3 +406,34 @@ def test_rerun_skips_done_and_redoes_deleted_and_changed_runs(smoke):
     assert runs.load_run_metrics(hybrid_dir)["config_hash"] == new_hash
     assert runs.load_run_metrics(hybrid_dir)["config"]["model"]["gbla"]["gate"] == "recency"
     assert runs.is_done(sa_dir, G.load_grid(params, "smoke").run_config("synthetic", "sa", 0).config_hash())
+
+
+# ------------------------------------------------------------------------------ CPU cost guard
+
+def test_real_data_grid_without_a_gpu_needs_allow_cpu(tmp_path, capsys):
+    """`--profile full` on a machine without GPUs used to plan 180 CPU runs without a word."""
+    processed = tmp_path / "processed"
+    (processed / "beauty").mkdir(parents=True)
+    (processed / "beauty" / "meta.json").write_text(json.dumps({"stats": {"train_examples": 1000},
+                                                                "provenance": {"fingerprint": "fp"}}))
+    data = yaml.safe_load(PARAMS.read_text())
+    data["runtime"].update(runs_root=str(tmp_path / "runs"), processed_root=str(processed))
+    data["train"].update(batch_size=100, max_epochs=7)
+    path = _dump(tmp_path, data)
+    args = ["--params", str(path), "--profile", "full", "--datasets", "beauty", "--variants", "sa", "hybrid",
+            "--seeds", "0", "--gpus", "none"]
+    assert G.main(args) == 2
+    err = capsys.readouterr().err
+    # 2 runs x 7 epochs x ceil(1000 / 100) batches
+    assert "2 runs on CPU" in err and "up to 140 training steps" in err and "--allow-cpu" in err, err
+    assert not (tmp_path / "runs").exists()                    # nothing started
+    assert G.main(args + ["--dry-run"]) == 0                   # a dry run only shows the estimate
+    assert "up to 140 training steps" in capsys.readouterr().err
+    g = G.load_grid(path, "full")
+    configs = g.expand(["beauty"], ["sa"], [0])
+    kw = dict(processed_root=processed, device=None, gpus=[], cluster=None, dry_run=False)
+    assert G.check_cpu_cost(g, configs, allow_cpu=True, **kw) is None
+    assert G.check_cpu_cost(g, configs, allow_cpu=False, **kw)
+    assert G.check_cpu_cost(g, configs, allow_cpu=False, **{**kw, "gpus": ["0"]}) is None    # a GPU is there
+    assert G.check_cpu_cost(G.load_grid(PARAMS, "smoke"), G.load_grid(PARAMS, "smoke").expand(),
+                            allow_cpu=False, **kw) is None                                   # synthetic: cheap
