@@ -3,9 +3,11 @@
 #   make data                       build the processed Beauty / Sports / Toys datasets
 #   make ablations [PROFILE=smoke]  run the ablation grid, then the aggregation notebooks
 #   make lab                        JupyterLab with this project's environment
+#                                   (headless / root: no browser and --allow-root are added by themselves;
+#                                    any other options: make lab LAB_ARGS="--no-browser --ip=0.0.0.0 --port 8899")
 #   make bench                      GPU speed benchmarks (needs CUDA)
 # GPU users: pick a CUDA build of torch, e.g.
-#   make install TORCH_SPEC='torch==2.11.0' TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+#   make install TORCH_SPEC='torch==2.11.0' TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 CONSTRAINTS=
 # Machines without internet (README "Air-gapped GPU machines"): on a machine with internet
 #   make wheelhouse WHEELHOUSE=wh PYTHON_VERSION=3.12 PLATFORM=manylinux_2_28_x86_64
 # then, on the offline machine, with its Python that already has torch:
@@ -24,9 +26,14 @@ TORCH_INDEX_URL ?=
 WHEELHOUSE ?=
 EXTRAS ?= $(if $(WHEELHOUSE),run,all)
 PROFILE ?= full
+# pip constraints pinning the numerical stack (README "What is bit-reproducible"); with another torch
+# than the pinned one (e.g. a CUDA build of another version) pass CONSTRAINTS= (empty)
+CONSTRAINTS ?= constraints.txt
 # the stamp names the install settings, so changing any of them reinstalls
-INSTALL_KEY := $(shell printf '%s\n' '$(TORCH_SPEC)' '$(TORCH_INDEX_URL)' '$(EXTRAS)' '$(WHEELHOUSE)' | cksum | cut -d' ' -f1)
+INSTALL_KEY := $(shell printf '%s\n' '$(TORCH_SPEC)' '$(TORCH_INDEX_URL)' '$(EXTRAS)' '$(WHEELHOUSE)' '$(CONSTRAINTS)' | cksum | cut -d' ' -f1)
 STAMP := $(VENV)/.installed-$(EXTRAS)-$(INSTALL_KEY)
+# JupyterLab refuses to run as root and opens a browser: without a display there is none to open
+LAB_ARGS ?= $(if $(DISPLAY)$(WAYLAND_DISPLAY),,--no-browser) $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # make wheelhouse: the target interpreter and platform (empty: this machine's), what to download
 # (extras of pyproject.toml) and what the target already has. A package named in WHEELHOUSE_SKIP
@@ -43,11 +50,11 @@ WHEELHOUSE_PIP ?=
 
 .PHONY: install test data ablations lab bench wheelhouse clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 ifeq ($(strip $(WHEELHOUSE)),)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
 else
 	@test -d "$(WHEELHOUSE)" || { echo "WHEELHOUSE=$(WHEELHOUSE) is not a folder (make wheelhouse builds one)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -57,7 +64,7 @@ else
 endif
 	@rm -f $(VENV)/.installed-*
 	@printf '%s ?= %s\n' TORCH_SPEC '$(TORCH_SPEC)' TORCH_INDEX_URL '$(TORCH_INDEX_URL)' EXTRAS '$(EXTRAS)' \
-	    WHEELHOUSE '$(WHEELHOUSE)' > $(VENV)/install.mk
+	    WHEELHOUSE '$(WHEELHOUSE)' CONSTRAINTS '$(CONSTRAINTS)' > $(VENV)/install.mk
 	@touch $@
 
 install: $(STAMP)
@@ -74,13 +81,14 @@ test: $(STAMP)
 data: $(STAMP)
 	$(PY) -m gbla.data.build --all
 
-# the smoke profile runs on a synthetic dataset; every other profile needs the processed data
+# the smoke profile runs on a synthetic dataset; every other profile needs the processed data:
+# only datasets not built yet are built (a build with other settings, e.g. another embedding model, is kept)
 ablations: $(STAMP)
-	$(if $(filter smoke,$(PROFILE)),,$(PY) -m gbla.data.build --all)
+	$(if $(filter smoke,$(PROFILE)),,$(PY) -m gbla.data.build --all --if-missing)
 	$(PY) -m gbla.grid --profile $(PROFILE)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m gbla.bench.layer_speed

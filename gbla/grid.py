@@ -19,7 +19,9 @@ must be on a file system the compute nodes share (the workers run this venv's py
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -36,9 +38,10 @@ import yaml
 
 from gbla.config import RunConfig
 from gbla.params import CLUSTERS, DEFAULT_PARAMS, Grid, ParamsError, load_grid  # noqa: F401  (re-exported)
-from gbla.runs import (ERROR_FILE, variant_dir_for, LOG_FILE, NOTEBOOK_FILE, REPO_ROOT, _now, atomic_write_json,
-                       atomic_write_text, collect_runs, dataset_available, dataset_path, git_commit, is_done,
-                       record_failure, run_dir_for)
+from gbla.params import KNOWN_DATASETS, SYNTHETIC, check_dataset_names  # noqa: F401  (re-exported)
+from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, REPO_ROOT, _now, atomic_write_json, atomic_write_text,
+                       collect_runs, dataset_available, dataset_path, expected_data_fingerprint, git_commit, is_done,
+                       record_failure, run_dir_for, variant_dir_for)
 
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
 # with a deadline (--time-budget), a group is not started with less than this many seconds left
@@ -75,6 +78,7 @@ class GroupTask:
     cpu_threads: int
     cell_timeout_s: int | None = None
     stop_at: float | None = None
+    data_fingerprint: str | None = None   # the processed data's; a result on other data is not done
 
     @property
     def label(self) -> str:
@@ -159,7 +163,7 @@ def execute_group(task: GroupTask) -> list[dict]:
     outcomes = []
     for seed, config_hash, run_dir in zip(task.seeds, task.config_hashes, task.run_dirs()):
         entry = {**base, "seed": seed, "config_hash": config_hash, "run_dir": str(run_dir)}
-        if proc.returncode == 0 and is_done(run_dir, config_hash):
+        if proc.returncode == 0 and is_done(run_dir, config_hash, task.data_fingerprint):
             shutil.copyfile(log_path, run_dir / LOG_FILE)  # the group's log, beside each seed's results
             outcomes.append({**entry, "outcome": "ran"})
             continue
@@ -273,7 +277,9 @@ def start_cluster(grid: Grid, kind: str, gpus: list[str] | None = None):
         cluster.scale(jobs=jobs)
         return cluster, Client(cluster)
     gpus = _visible_gpus(d["gpus"]) if gpus is None else gpus
-    common = dict(processes=True, dashboard_address=":0" if _has_bokeh() else None,
+    # ":0" (a free port) even without bokeh: the scheduler always serves HTTP, and None means port 8787,
+    # which warns "Port 8787 is already in use" whenever another cluster or grid holds it
+    common = dict(processes=True, dashboard_address=":0",
                   silence_logs=logging.ERROR, memory_limit=0,
                   host="127.0.0.1")
     if gpus:
@@ -291,7 +297,7 @@ def start_cluster(grid: Grid, kind: str, gpus: list[str] | None = None):
 # the grid
 
 def make_group_task(grid: Grid, configs: list[RunConfig], cpu_threads: int, overrides: dict | None = None,
-                    stop_at: float | None = None) -> GroupTask:
+                    stop_at: float | None = None, data_fingerprint: str | None = None) -> GroupTask:
     overrides = overrides or {}
     runs_root = grid.runs_root
     processed_root = overrides.get("processed_root") or grid.processed_root
@@ -308,7 +314,8 @@ def make_group_task(grid: Grid, configs: list[RunConfig], cpu_threads: int, over
                      config_hashes=tuple(c.config_hash() for c in configs),
                      variant_dir=str(variant_dir_for(runs_root, first.dataset, first.variant)),
                      notebook=str(TRAIN_NOTEBOOK), parameters=parameters, cpu_threads=cpu_threads,
-                     cell_timeout_s=grid.runtime.get("cell_timeout_s"), stop_at=stop_at)
+                     cell_timeout_s=grid.runtime.get("cell_timeout_s"), stop_at=stop_at,
+                     data_fingerprint=data_fingerprint)
 
 
 def group_configs(configs: list[RunConfig]) -> list[list[RunConfig]]:
@@ -379,6 +386,31 @@ def dispatch(grid: Grid, tasks: list[GroupTask], kind: str, *, total: int, done_
     return outcomes, interrupted
 
 
+def ipc_kernel_manager_class():
+    """A jupyter_client kernel manager that talks to the kernel over Unix sockets in a private
+    temporary folder instead of TCP on localhost: nothing else on the machine can connect, and the
+    kernel does not log "Kernel is running over TCP without encryption" into every report.
+    Pass it to papermill: pm.execute_notebook(..., kernel_manager_class=ipc_kernel_manager_class())."""
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._ipc_dir = tempfile.mkdtemp(prefix="gbla-kernel-")
+            self.transport, self.ip = "ipc", os.path.join(self._ipc_dir, "k")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+        cleanup_resources = _async_cleanup_resources
+
+    return IPCKernelManager
+
+
 def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
     """Execute the aggregation notebooks into reports_root (<stem>-<profile>.ipynb) and render HTML."""
     import papermill as pm
@@ -404,7 +436,8 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
         log(f"report: {src.relative_to(REPO_ROOT) if src.is_relative_to(REPO_ROOT) else src} -> {out}")
         try:
             pm.execute_notebook(str(src), str(out), parameters=params, kernel_name=KERNEL_NAME,
-                                cwd=str(reports_root), progress_bar=False)
+                                cwd=str(reports_root), progress_bar=False,
+                                kernel_manager_class=ipc_kernel_manager_class())
         except Exception as exc:  # noqa: BLE001 - keep the executed notebook (it shows the error) and go on
             entry.update(status="failed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}")
             log(f"report FAILED: {entry['error']}")
@@ -451,7 +484,12 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     configs = grid.expand(datasets, variants, seeds)
     runs_root = grid.runs_root
     plan = plan_cluster(grid, kind, gpus)
-    done = [c for c in configs if is_done(run_dir_for(runs_root, c.dataset, c.variant, c.seed), c.config_hash())]
+    processed_root = (overrides or {}).get("processed_root") or grid.processed_root
+    # a result counts as done only if it was trained on the data a new run would get now
+    fingerprints = {d: expected_data_fingerprint(d, processed_root, synthetic=grid.synthetic)
+                    for d in {c.dataset for c in configs}}
+    done = [c for c in configs if is_done(run_dir_for(runs_root, c.dataset, c.variant, c.seed), c.config_hash(),
+                                          fingerprints[c.dataset])]
     done_keys = {(c.dataset, c.variant, c.seed) for c in done}
     todo = [c for c in configs if (c.dataset, c.variant, c.seed) not in done_keys]
     # dataset-major, then the profile's variant order (sa, hybrid first): one group per variant
@@ -462,7 +500,10 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
         f"datasets x {len(set(c.variant for c in configs))} variants x {len(set(c.seed for c in configs))} seeds; "
         f"{len(done)} done, {len(todo)} to run on {plan.description}")
     log(f"runs: {runs_root}")
-    processed_root = (overrides or {}).get("processed_root") or grid.processed_root
+    other_data = [c for c in todo if is_done(run_dir_for(runs_root, c.dataset, c.variant, c.seed), c.config_hash())]
+    if other_data:
+        log(f"{len(other_data)} runs have results trained on other data than the processed data there now "
+            f"(fingerprints {fingerprints}): stale, to be run again")
     if dry_run:
         for c in todo:
             log(f"  would run {c.dataset}/{c.variant}/seed{c.seed} (config {c.config_hash()})")
@@ -473,7 +514,8 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
 
     check_datasets(sorted({c.dataset for c in todo}), processed_root)
     stop_at = t0 + time_budget_s if time_budget_s is not None else None
-    tasks = [make_group_task(grid, group, plan.cpu_threads, overrides, stop_at) for group in group_configs(todo)]
+    tasks = [make_group_task(grid, group, plan.cpu_threads, overrides, stop_at, fingerprints[group[0].dataset])
+             for group in group_configs(todo)]
     outcomes, interrupted = [], False
     if tasks:
         outcomes, interrupted = dispatch(grid, tasks, kind, total=len(configs), done_before=len(done),
@@ -505,7 +547,7 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
         summary["wall_s"] = round(time.time() - t0, 1)
         atomic_write_json(summary_path, summary)
 
-    frame = collect_runs(runs_root, configs)
+    frame = collect_runs(runs_root, configs, data_fingerprints=fingerprints)
     log("")
     log(results_table(frame))
     log("")
@@ -520,6 +562,64 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
         log(f"  report {r['status']}: {r.get('html') or r['notebook']}" + (f" ({r['error']})" if r.get("error") else ""))
     log(f"summary written to {summary_path}")
     return summary
+
+
+# CPU seconds per training step of the paper-size model (batch 256): measured 13 s (encoder input 25
+# tokens) to 24 s (41 tokens) per eager `sa` step with 2 torch threads on a shared, loaded 2-core x86
+# machine; 10 s is a round, optimistic yardstick for the warning below, not a benchmark. On an H100 one
+# Beauty run to early stopping took ~7 min (outputs/pilot).
+CPU_SECONDS_PER_STEP = 10.0
+
+
+def train_examples(dataset: str, processed_root: Path | None, synthetic: dict) -> int:
+    """Training examples of a dataset: from its meta.json when built, else from the published counts
+    (leave-one-out on 5-core data: interactions - 3 x users)."""
+    from gbla.data.amazon import PUBLISHED_COUNTS
+    from gbla.runs import load_dataset
+
+    if dataset == SYNTHETIC:
+        return len(load_dataset(dataset, synthetic=synthetic).train)
+    meta = dataset_path(dataset, processed_root) / "meta.json"
+    if meta.is_file():
+        stats = json.loads(meta.read_text()).get("stats", {})
+        if "train_examples" in stats:
+            return int(stats["train_examples"])
+    users, _, interactions = PUBLISHED_COUNTS[dataset]
+    return interactions - 3 * users
+
+
+def check_cpu_cost(grid: Grid, configs: list[RunConfig], *, processed_root: Path | None, device: str | None,
+                   gpus: list[str] | None, cluster: str | None, allow_cpu: bool, dry_run: bool,
+                   runs_root: str | None = None) -> str | None:
+    """None when the runs may start; else why not. Runs on real data without a GPU take CPU-days each,
+    so they start only with --allow-cpu; the message says what they would cost (from the profile)."""
+    if all(c.dataset == SYNTHETIC for c in configs) or (cluster or grid.dask["cluster"]) == "slurm":
+        return None
+    device = device or grid.runtime["device"]
+    on_cpu = device == "cpu" or (device == "auto" and plan_cluster(grid, "local", gpus).kind == "local-cpu")
+    if not on_cpu:
+        return None
+    runs_root = Path(runs_root) if runs_root else grid.runs_root
+    fingerprints = {d: expected_data_fingerprint(d, processed_root, synthetic=grid.synthetic)
+                    for d in {c.dataset for c in configs}}
+    configs = [c for c in configs if not is_done(run_dir_for(runs_root, c.dataset, c.variant, c.seed),
+                                                 c.config_hash(), fingerprints[c.dataset])]
+    if not configs:
+        return None
+    n_train = {d: train_examples(d, processed_root, grid.synthetic) for d in {c.dataset for c in configs}}
+    steps = 0
+    for c in configs:
+        n = min(n_train[c.dataset], c.train.max_train_examples or n_train[c.dataset])
+        steps += math.ceil(n / c.train.batch_size) * c.train.max_epochs
+    hours = steps * CPU_SECONDS_PER_STEP / 3600
+    estimate = (f"{len(configs)} runs on CPU (no GPU visible, or device cpu): up to {steps:,} training steps "
+                f"(max_epochs of each run x its batches per epoch; early stopping usually ends a run sooner), "
+                f"~{hours:,.0f} CPU-hours at ~{CPU_SECONDS_PER_STEP:g} s per step")
+    if allow_cpu or dry_run:
+        print(f"note: {estimate}", file=sys.stderr)
+        return None
+    return (f"{estimate}. Run them on a GPU machine (or --cluster slurm), narrow them (--datasets/--variants/"
+            f"--seeds), try `--profile smoke`, or pass --allow-cpu to start them anyway.")
 
 
 def _raise_interrupt(signum, frame):
@@ -547,6 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, metavar="SECONDS",
                     help="stop after about this long: running groups checkpoint and pause, groups not started "
                          "stay to do; the same command resumes them")
+    ap.add_argument("--allow-cpu", action="store_true",
+                    help="run a grid on real data even without a GPU (CPU-days per run; see the estimate)")
     args = ap.parse_args(argv)
     try:
         grid = load_grid(args.params, args.profile)
@@ -560,6 +662,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "processed_root": str(Path(args.processed_root).resolve()) if args.processed_root else None,
                  "runs_root": str(Path(args.runs_root).resolve()) if args.runs_root else None}
     try:
+        refused = check_cpu_cost(grid, grid.expand(args.datasets, args.variants, args.seeds),
+                                 processed_root=Path(overrides["processed_root"]) if overrides["processed_root"]
+                                 else grid.processed_root, device=args.device, gpus=gpus, cluster=args.cluster,
+                                 allow_cpu=args.allow_cpu, dry_run=args.dry_run, runs_root=overrides["runs_root"])
+        if refused:
+            print(f"error: {refused}", file=sys.stderr)
+            return 2
         summary = run_grid(grid, datasets=args.datasets, variants=args.variants, seeds=args.seeds,
                            cluster=args.cluster, runs_per_gpu=args.runs_per_gpu, gpus=gpus, dry_run=args.dry_run,
                            aggregate=not args.no_aggregate, overrides=overrides, time_budget_s=args.time_budget)

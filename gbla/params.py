@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from gbla.config import LAYER_TYPES, GBLAOptions, ModelConfig, RunConfig, TrainConfig
+from gbla.data.amazon import DATASETS as AMAZON_DATASETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = REPO_ROOT / "params" / "ablations.yaml"
@@ -34,6 +35,16 @@ DASK_DEFAULTS: dict[str, Any] = {
     "slurm": {}}
 CLUSTERS = ("local", "slurm")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names become folder names
+SYNTHETIC = "synthetic"
+# what `make data` can build, plus the generated dataset: a typo must not send the user to `make data`
+KNOWN_DATASETS = (*AMAZON_DATASETS, SYNTHETIC)
+
+
+def check_dataset_names(names: Iterable[str]) -> None:
+    unknown = [d for d in names if d not in KNOWN_DATASETS]
+    if unknown:
+        raise ValueError(f"unknown dataset{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"known datasets: {', '.join(KNOWN_DATASETS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +172,16 @@ def _name_list(src: _Source, path: tuple, value: Any, what: str) -> list[str]:
     return list(value)
 
 
+def _dataset_list(src: _Source, path: tuple, value: Any) -> list[str]:
+    names = _name_list(src, path, value, "dataset")
+    for i, name in enumerate(names):
+        try:
+            check_dataset_names([name])
+        except ValueError as e:
+            raise src.error(path + (i,), str(e)) from None
+    return names
+
+
 def _seed_list(src: _Source, path: tuple, value: Any) -> list[int]:
     if not isinstance(value, list) or not value:
         raise src.error(path, "expected a non-empty list of integer seeds")
@@ -252,6 +273,7 @@ class Grid:
     def expand(self, datasets: Sequence[str] | None = None, variants: Sequence[str] | None = None,
                seeds: Sequence[int] | None = None) -> list[RunConfig]:
         """Every run of the profile (optionally narrowed), dataset-major, then variant, then seed."""
+        check_dataset_names(datasets or [])
         unknown = [v for v in (variants or []) if v not in self.variants]
         if unknown:
             raise ValueError(f"{self.params_file}: unknown variants {unknown}; defined: {', '.join(self.variants)}")
@@ -300,7 +322,7 @@ def load_grid(params_file: str | os.PathLike = DEFAULT_PARAMS, profile: str = "f
     for required in ("datasets", "seeds", "variants", "profiles"):
         if required not in data:
             raise src.error((), f"missing required key {required!r}")
-    datasets = _name_list(src, ("datasets",), data["datasets"], "dataset")
+    datasets = _dataset_list(src, ("datasets",), data["datasets"])
     seeds = _seed_list(src, ("seeds",), data["seeds"])
     model = _check_fields(src, ("model",), data.get("model"), ModelConfig, exclude=("encoder_layout", "gbla"),
                           what="model field")
@@ -337,7 +359,7 @@ def load_grid(params_file: str | os.PathLike = DEFAULT_PARAMS, profile: str = "f
         p_dask = _known_keys(src, path + ("dask",), prof.get("dask"), DASK_DEFAULTS, "dask option")
         grid = Grid(
             params_file=params_file, profile=name,
-            datasets=_name_list(src, path + ("datasets",), prof["datasets"], "dataset")
+            datasets=_dataset_list(src, path + ("datasets",), prof["datasets"])
             if "datasets" in prof else datasets,
             seeds=_seed_list(src, path + ("seeds",), prof["seeds"]) if "seeds" in prof else seeds,
             variant_names=p_variants, variants=variants,

@@ -11,7 +11,9 @@
             run.log                a copy of the log of the group that trained it
             error.json             only for failed runs: status, config_hash, error, traceback
 
-A run is done iff metrics.json exists with status "ok" and the config hash the grid expects.
+A run is done iff metrics.json exists with status "ok", the config hash the grid expects and (when
+the grid knows it) the fingerprint of the processed data it would train on now: a result trained on
+other data (e.g. semantic IDs from another embedding model) is "stale", never mixed into the report.
 A run folder is written as a unit: its files go to a fresh temporary folder, which then replaces the
 old one (metrics.json is written last inside it), so an interrupted run never looks complete, a
 folder is never half old, half new, and a failed rerun never damages a finished result.
@@ -26,7 +28,7 @@ import traceback as traceback_module
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -41,7 +43,7 @@ LOG_FILE = "run.log"
 
 METRIC_NAMES = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 # status of a run in the expected grid (collect_runs): ok | failed | stale (a result of an older
-# config) | missing (never ran, or interrupted)
+# config, or trained on other data) | missing (never ran, or interrupted)
 STATUSES = ("ok", "failed", "stale", "missing")
 SYNTHETIC = "synthetic"
 # where a hand run of notebooks/train.ipynb writes unless told otherwise (git-ignored), so that it
@@ -259,15 +261,24 @@ def load_failure(run_dir: str | os.PathLike) -> dict | None:
     return _read_json(path) if path.is_file() else None
 
 
-def is_done(run_dir: str | os.PathLike, config_hash: str) -> bool:
-    metrics = load_run_metrics(run_dir)
-    return bool(metrics) and metrics.get("status") == "ok" and metrics.get("config_hash") == config_hash
+def _data_matches(metrics: dict, data_fingerprint: str | None) -> bool:
+    return data_fingerprint is None or metrics.get("data_fingerprint") == data_fingerprint
 
 
-def run_status(run_dir: str | os.PathLike, config_hash: str | None = None) -> str:
-    """ok | failed | stale | missing for the run expected to have `config_hash` (None: any config)."""
+def is_done(run_dir: str | os.PathLike, config_hash: str, data_fingerprint: str | None = None) -> bool:
+    """metrics.json says ok for `config_hash` and, when `data_fingerprint` is given, for that data."""
     metrics = load_run_metrics(run_dir)
-    if metrics and metrics.get("status") == "ok" and config_hash in (None, metrics.get("config_hash")):
+    return (bool(metrics) and metrics.get("status") == "ok" and metrics.get("config_hash") == config_hash
+            and _data_matches(metrics, data_fingerprint))
+
+
+def run_status(run_dir: str | os.PathLike, config_hash: str | None = None,
+               data_fingerprint: str | None = None) -> str:
+    """ok | failed | stale | missing for the run expected to have `config_hash` (None: any config),
+    trained on the processed data with `data_fingerprint` (None: any data)."""
+    metrics = load_run_metrics(run_dir)
+    if (metrics and metrics.get("status") == "ok" and config_hash in (None, metrics.get("config_hash"))
+            and _data_matches(metrics, data_fingerprint)):
         return "ok"
     failure = load_failure(run_dir)
     if failure and config_hash in (None, failure.get("config_hash")):
@@ -275,6 +286,18 @@ def run_status(run_dir: str | os.PathLike, config_hash: str | None = None) -> st
     if metrics:
         return "stale"
     return "missing"
+
+
+def expected_data_fingerprint(name: str, processed_root: str | os.PathLike | None = None, *,
+                              synthetic: dict | None = None) -> str | None:
+    """The fingerprint of the data a run of dataset `name` would train on now, or None when that data
+    is not there (then runs cannot be checked against it). Reads only meta.json for processed data."""
+    if name == SYNTHETIC:
+        return load_dataset(name, synthetic=synthetic).provenance.get("fingerprint")
+    meta = dataset_path(name, processed_root) / "meta.json"
+    if not meta.is_file():
+        return None
+    return _read_json(meta).get("provenance", {}).get("fingerprint")
 
 
 def load_per_user(run_dir: str | os.PathLike) -> "pd.DataFrame":
@@ -297,9 +320,10 @@ def load_history(run_dir: str | os.PathLike) -> "pd.DataFrame":
     return pd.DataFrame(metrics.get("history", []))
 
 
-def _row(dataset: str, variant: str, seed: int, run_dir: Path, expected_hash: str | None) -> dict:
+def _row(dataset: str, variant: str, seed: int, run_dir: Path, expected_hash: str | None,
+         expected_fingerprint: str | None = None) -> dict:
     row: dict[str, Any] = {"dataset": dataset, "variant": variant, "seed": int(seed),
-                           "status": run_status(run_dir, expected_hash),
+                           "status": run_status(run_dir, expected_hash, expected_fingerprint),
                            "config_hash": expected_hash, "run_dir": str(run_dir)}
     metrics = load_run_metrics(run_dir)
     if row["status"] == "ok":
@@ -318,29 +342,47 @@ def _row(dataset: str, variant: str, seed: int, run_dir: Path, expected_hash: st
             row["error"] = load_failure(run_dir).get("error")
         if row["status"] == "stale":
             row["stale_config_hash"] = metrics.get("config_hash")
+            row["stale_data_fingerprint"] = metrics.get("data_fingerprint")
+            reasons = [what for what, differs in (
+                ("config", expected_hash is not None and metrics.get("config_hash") != expected_hash),
+                ("data", not _data_matches(metrics, expected_fingerprint))) if differs]
+            row["stale_reason"] = "+".join(reasons) or f"status {metrics.get('status')!r}"
     return row
 
 
 def collect_runs(runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, expected: Iterable | None = None, *,
-                 params_file: str | os.PathLike | None = None, profile: str | None = None) -> "pd.DataFrame":
+                 params_file: str | os.PathLike | None = None, profile: str | None = None,
+                 data_fingerprints: Mapping[str, str | None] | None = None) -> "pd.DataFrame":
     """One row per run: dataset, variant, seed, status, config_hash, valid_*/test_* metrics, ...
 
     With `expected` (RunConfigs) or `params_file` + `profile` (the grid they expand to), there is one
     row per expected run, and runs that did not finish show up with status "missing" (or "failed",
     "stale") and NaN metrics: nothing is silently dropped. Without them, every run directory found
     under runs_root is listed (status ok or failed).
+
+    `data_fingerprints` maps dataset -> fingerprint of its current processed data (see
+    expected_data_fingerprint); a run trained on other data is then "stale" (stale_reason "data").
+    With `params_file` and no `data_fingerprints`, they are read from the profile's processed_root
+    (datasets not built there are not checked).
     """
     import pandas as pd
 
     runs_root = Path(runs_root)
     if expected is None and params_file is not None:
         from gbla.params import load_grid
-        expected = load_grid(params_file, profile or "full").expand()
+
+        grid = load_grid(params_file, profile or "full")
+        expected = grid.expand()
+        if data_fingerprints is None:
+            data_fingerprints = {d: expected_data_fingerprint(d, grid.processed_root, synthetic=grid.synthetic)
+                                 for d in grid.datasets}
+    data_fingerprints = data_fingerprints or {}
     rows = []
     if expected is not None:
         for cfg in expected:
             run_dir = run_dir_for(runs_root, cfg.dataset, cfg.variant, cfg.seed)
-            rows.append(_row(cfg.dataset, cfg.variant, cfg.seed, run_dir, cfg.config_hash()))
+            rows.append(_row(cfg.dataset, cfg.variant, cfg.seed, run_dir, cfg.config_hash(),
+                             data_fingerprints.get(cfg.dataset)))
     else:
         found = sorted({p.parent for name in (METRICS_FILE, ERROR_FILE)
                         for p in runs_root.glob(f"*/*/seed*/{name}")})

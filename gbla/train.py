@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bar: tqdm.auto warns "IProgress not found" in kernels without ipywidgets
 
 from gbla.config import RunConfig
 from gbla.evaluate import SIDTrie, metrics_from_ranks, rank_targets

@@ -1,5 +1,6 @@
 """End-to-end build (tiny inputs, fake encoder), skip-if-identical, the CLI, and download via file://."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -35,10 +36,19 @@ def test_build_from_raw_then_skip_then_rebuild(tmp_path):
     assert set(prov["source_files"]) == {"reviews_Beauty_5.json.gz", "meta_Beauty.json.gz"}
     assert set(prov["timings"]) >= {"parse_s", "embed_s", "semantic_ids_s", "total_s"}
     assert len(prov["fingerprint"]) == 12 and prov["fingerprint"] == meta["provenance"]["fingerprint"]
+    env = prov["environment"]    # what a build on another machine must be compared against
+    import numpy, sklearn
+    assert env["packages"]["numpy"] == numpy.__version__ and env["packages"]["scikit-learn"] == sklearn.__version__
+    assert env["cpu"] and env["python"] and {"torch", "sentence-transformers"} <= set(env["packages"])
+    assert "environment" not in json.dumps(prov["params"])   # versions are recorded, not part of the key
 
     again, logs = _build(tmp_path, out, raw=True)                   # identical inputs and parameters
     assert any("skipping" in m for m in logs) and again["skipped"] and "skipped" not in meta
-    _, logs = _build(tmp_path, out, raw=True, seed=1)                # a parameter changed -> rebuilt
+    before = (out / "meta.json").read_text()
+    with pytest.raises(build.BuildConflict, match=r"other settings \(seed 0 there, 1 requested\).*--force"):
+        _build(tmp_path, out, raw=True, seed=1)                      # a parameter changed: never replaced silently
+    assert (out / "meta.json").read_text() == before
+    _, logs = _build(tmp_path, out, raw=True, seed=1, force=True)   # ... unless asked
     assert not any("skipping" in m for m in logs)
     assert load_processed(out).provenance["params"]["seed"] == 1
     _, logs = _build(tmp_path, out, raw=True, seed=1, force=True)
@@ -58,7 +68,9 @@ def test_build_from_mirror_and_source_change(tmp_path):
     assert ds.item_asins[:5] == ["A0", "A1", "A2", "A3", "A4"]
     seqs[0] = "u0 A0 A2 A1 A3 A4"                                  # source changed -> not skipped
     write_mirror(tmp_path / "src", sequences=seqs, items=[{"asin": f"A{i}", "title": f"t{i}"} for i in range(9)])
-    _, logs = _build(tmp_path, out)
+    with pytest.raises(build.BuildConflict, match=r"source sequences.txt changed"):
+        _build(tmp_path, out)
+    _, logs = _build(tmp_path, out, force=True)
     assert not any("skipping" in m for m in logs)
     assert load_processed(out).test.target[0] == ds.item_asins.index("A4")
 
@@ -74,14 +86,35 @@ def test_failed_build_leaves_previous_result(tmp_path):
     assert (out / "meta.json").read_text() == before
 
 
-def test_cli_rejects_unknown_dataset_and_missing_source(tmp_path, capsys):
-    with pytest.raises(ValueError, match="unknown dataset 'movies'"):
-        build.main(["--dataset", "movies", "--no-report"])
-    with pytest.raises(FileNotFoundError, match="source file missing for dataset 'toys'.*--source-dir"):
-        build.main(["--dataset", "toys", "--source-dir", str(tmp_path), "--out-root", str(tmp_path / "o"),
-                    "--no-report"])
-    with pytest.raises(FileNotFoundError, match="gbla.data.download"):
-        build.main(["--dataset", "toys", "--raw", "--source-dir", str(tmp_path), "--no-report"])
+def test_cli_errors_are_one_line_without_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GBLA_DEBUG", raising=False)
+    cases = [(["--dataset", "movies"], "unknown dataset 'movies'; known datasets: beauty, sports, toys"),
+             (["--dataset", "toys", "--source-dir", str(tmp_path), "--out-root", str(tmp_path / "o")],
+              "source file missing for dataset 'toys'"),
+             (["--dataset", "toys", "--raw", "--source-dir", str(tmp_path)], "gbla.data.download")]
+    for args, message in cases:
+        assert build.main(args + ["--no-report"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(ValueError, match="unknown dataset 'movies'"):   # --debug: the exception itself
+        build.main(["--dataset", "movies", "--no-report", "--debug"])
+
+
+def test_cli_bad_input_line_as_a_user_sees_it(tmp_path):
+    """`python -m gbla.data.build` on a malformed source: file, line and field in one line, exit code 2."""
+    import subprocess
+    import sys
+
+    write_mirror(tmp_path / "src", items=['{"asin": "A", "title": "ok"}', '{"asin": "B", "title": '])
+    cmd = [sys.executable, "-m", "gbla.data.build", "--dataset", "beauty", "--source-dir", str(tmp_path / "src"),
+           "--out-root", str(tmp_path / "out"), "--no-report", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "GBLA_DEBUG"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'src' / 'beauty' / 'items.jsonl'}, line 2: "
+                                                + proc.stderr.split(", line 2: ", 1)[1].strip()]
+    debug = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, "GBLA_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
 def test_report_tables(tmp_path):
@@ -92,6 +125,7 @@ def test_report_tables(tmp_path):
     md = report.read_text()
     assert "| beauty | 12 | 10 | 84 | 7.00 | 7 | 7..7 |" in md and "collision rate" in md
     assert meta["provenance"]["fingerprint"] in md
+    assert "## Environment of each build" in md and f"numpy {np.__version__}" in md
 
 
 def test_cli_writes_report_only_when_something_was_built(tmp_path, monkeypatch):
@@ -146,3 +180,48 @@ def test_download_missing_url_leaves_nothing(tmp_path):
     assert list(out.iterdir()) == []
     with pytest.raises(ValueError, match="unknown dataset"):
         download.main(["--dataset", "garden", "--out", str(out)])
+
+
+def test_cli_all_writes_its_report_beside_the_data_not_into_tracked_files(tmp_path, monkeypatch):
+    """`make data` must leave a fresh clone clean: its report goes next to the (git-ignored) data."""
+    import subprocess
+
+    from gbla.data import text
+    from gbla.data.processed import REPO_ROOT, default_processed_dir
+
+    monkeypatch.setattr(text, "embed_texts", lambda texts, *a, **k: (
+        FakeEncoder()(list(texts)).astype(np.float32),
+        {"model_id": "fake", "cache_key": "k", "cache_file": "k.npy", "cached": False}))
+    seqs = [f"u{u} " + " ".join(f"A{(u + j) % 9}" for j in range(5)) for u in range(9)]
+    for name in ("beauty", "sports", "toys"):
+        write_mirror(tmp_path / "src", name, sequences=seqs, items=[{"asin": f"A{i}", "title": f"t{i}"} for i in range(9)])
+    out = tmp_path / "out"
+    assert build.main(["--all", "--source-dir", str(tmp_path / "src"), "--out-root", str(out), "--codebook-size", "4",
+                       "--no-progress"]) == 0
+    assert "| toys | 9 | 9 | 45 |" in (out / build.REPORT_NAME).read_text()
+
+    monkeypatch.delenv("GBLA_PROCESSED_DIR", raising=False)
+    default_report = default_processed_dir("beauty").parent / build.REPORT_NAME
+    relative = default_report.relative_to(REPO_ROOT)
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(relative)], cwd=REPO_ROOT,
+                             capture_output=True).returncode == 0
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(relative)], cwd=REPO_ROOT).returncode == 0
+    assert ignored and not tracked, f"{relative} would be modified by every build"
+
+
+def test_if_missing_builds_only_absent_datasets(tmp_path, capsys):
+    write_raw(tmp_path / "src")
+    out = tmp_path / "out" / "beauty"
+    _build(tmp_path, out, raw=True, seed=1)           # a build with other settings than the CLI's defaults
+    before = (out / "meta.json").read_text()
+    args = ["--dataset", "beauty", "--raw", "--source-dir", str(tmp_path / "src"), "--out-root",
+            str(tmp_path / "out"), "--codebook-size", "4", "--no-report", "--no-progress"]
+    assert build.main(args + ["--if-missing"]) == 0      # present: left alone, whatever its settings
+    assert "left as it is (--if-missing)" in capsys.readouterr().out
+    assert (out / "meta.json").read_text() == before
+    assert build.main(args) == 2                         # without it: the conflict, and how to proceed
+    err = capsys.readouterr().err
+    assert "seed 1 there, 0 requested" in err and "--force" in err
+    assert (out / "meta.json").read_text() == before

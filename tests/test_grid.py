@@ -114,6 +114,8 @@ BASE = textwrap.dedent("""\
     ("  - name: sa\n", "  - nam: sa\n", 4, "variants[0].nam", "unknown variant field 'nam'"),
     ("[sa, hyb]", "[sa, hybrid]", 13, "profiles.smoke.variants[1]", "unknown variant 'hybrid'"),
     ("lr: 0.001", "lr: fast", 10, "train.lr", "must be float"),
+    ("[synthetic]", "[synthetc]", 1, "datasets[0]", "unknown dataset 'synthetc'; known datasets: beauty, sports, "
+                                                    "toys, synthetic"),
     ("lr: 0.001", "learning_rate: 0.001", 10, "train.learning_rate", "unknown train field"),
     ("seeds: [0, 1]", "seeds: [0, one]", 2, "seeds[1]", "non-negative integer"),
     ("seeds: [0, 1]", "seeds: [0, 0]", 2, "seeds", "duplicate seeds"),
@@ -170,6 +172,35 @@ def test_dry_run_lists_what_would_run(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_result_trained_on_other_data_is_not_done(tmp_path):
+    """Same config, other processed data (e.g. rebuilt with another embedding model): stale, run again."""
+    from gbla.train import RunResult
+
+    g = G.load_grid(PARAMS, "smoke")
+    cfg = g.expand()[0]
+    current = runs.expected_data_fingerprint(cfg.dataset, synthetic=g.synthetic)
+    result = RunResult(config=cfg, config_hash=cfg.config_hash(), device="cpu", wall_time_s=1.0, epochs_trained=1,
+                       best_epoch=1, history=[], valid_metrics=dict.fromkeys(runs.METRIC_NAMES, 0.1),
+                       test_metrics=dict.fromkeys(runs.METRIC_NAMES, 0.1),
+                       test_per_user={"user": [0], "target": [1], "rank": [1]}, timings={})
+    run_dir = runs.run_dir_for(tmp_path, cfg.dataset, cfg.variant, cfg.seed)
+    logged = []
+    for fingerprint, done in ((current, 1), ("other-data", 0)):
+        runs.save_run_result(result, run_dir, data_fingerprint=fingerprint, commit="c")
+        logged.clear()
+        plan = G.run_grid(G.load_grid(PARAMS, "smoke"), datasets=[cfg.dataset], variants=[cfg.variant],
+                          seeds=[cfg.seed], dry_run=True, overrides={"runs_root": str(tmp_path)}, log=logged.append)
+        assert plan["done"] == done and plan["to_run"] == 1 - done
+    assert any("trained on other data" in line for line in logged)
+
+
+def test_unknown_dataset_on_the_command_line_lists_the_known_ones(capsys):
+    assert G.main(["--params", str(PARAMS), "--profile", "full", "--datasets", "beuty", "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: unknown dataset 'beuty'; known datasets: beauty, sports, toys, synthetic"
+    assert "make data" not in captured.out + captured.err
+
+
 # ------------------------------------------------------------------------------ clusters
 
 def test_cluster_plans():
@@ -212,6 +243,53 @@ def test_local_gpu_cluster_pins_one_device_per_worker():
         cluster.close()
     assert sorted(seen.values()) == ["3", "5"]
     assert sorted(threads.values()) == [2, 2]
+
+
+@pytest.mark.timeout(120)
+def test_local_cluster_does_not_warn_when_port_8787_is_taken():
+    """Without bokeh the dashboard was "off" but the scheduler still served HTTP on 8787, so a second
+    grid (or anything else on 8787) printed "Port 8787 is already in use" into every log."""
+    import socket
+    import warnings
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 8787))
+        holder.listen()
+    except OSError:
+        pass  # already taken by something else: just as good for this test
+    try:
+        g = G.load_grid(PARAMS, "smoke")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cluster, client = G.start_cluster(g, "local", gpus=[])
+            client.close()
+            cluster.close()
+    finally:
+        holder.close()
+    assert not [w for w in caught if "already in use" in str(w.message)]
+
+
+@pytest.mark.timeout(180)
+def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd):
+    """A rendered report shows results: no "IProgress not found" (tqdm.auto without ipywidgets) in
+    its outputs, no "Kernel is running over TCP without encryption" from its kernel."""
+    nb_path = tmp_path / "probe.ipynb"
+    params = nbformat.v4.new_code_cell("runs_root = None")
+    params.metadata["tags"] = ["parameters"]
+    probe = nbformat.v4.new_code_cell("import warnings\nwarnings.simplefilter('always')\nimport gbla.train\nprint('ok')")
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, probe], metadata={"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}}), nb_path)
+    g = G.load_grid(PARAMS, "smoke")
+    g.runtime["reports_root"] = str(tmp_path / "reports")
+    [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
+    assert result["status"] == "ok", result
+    nb = nbformat.read(result["ipynb"], as_version=4)
+    shown = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "ok" in shown and "IProgress" not in shown and "Warning" not in shown, shown
+    err = capfd.readouterr().err
+    assert "without encryption" not in err and "already in use" not in err, err
+    assert not list(Path(__import__("tempfile").gettempdir()).glob("gbla-kernel-*/k-*"))  # sockets cleaned up
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -362,3 +440,34 @@ def test_group_configs_keeps_one_task_per_variant():
     groups = G.group_configs(configs)
     assert [(grp[0].variant, [c.seed for c in grp]) for grp in groups] == [
         (v, [0, 1]) for v in g.variant_names]
+
+
+# ------------------------------------------------------------------------------ CPU cost guard
+
+def test_real_data_grid_without_a_gpu_needs_allow_cpu(tmp_path, capsys):
+    """`--profile full` on a machine without GPUs used to plan 180 CPU runs without a word."""
+    processed = tmp_path / "processed"
+    (processed / "beauty").mkdir(parents=True)
+    (processed / "beauty" / "meta.json").write_text(json.dumps({"stats": {"train_examples": 1000},
+                                                                "provenance": {"fingerprint": "fp"}}))
+    data = yaml.safe_load(PARAMS.read_text())
+    data["runtime"].update(runs_root=str(tmp_path / "runs"), processed_root=str(processed))
+    data["train"].update(batch_size=100, max_epochs=7)
+    path = _dump(tmp_path, data)
+    args = ["--params", str(path), "--profile", "full", "--datasets", "beauty", "--variants", "sa", "hybrid",
+            "--seeds", "0", "--gpus", "none"]
+    assert G.main(args) == 2
+    err = capsys.readouterr().err
+    # 2 runs x 7 epochs x ceil(1000 / 100) batches
+    assert "2 runs on CPU" in err and "up to 140 training steps" in err and "--allow-cpu" in err, err
+    assert not (tmp_path / "runs").exists()                    # nothing started
+    assert G.main(args + ["--dry-run"]) == 0                   # a dry run only shows the estimate
+    assert "up to 140 training steps" in capsys.readouterr().err
+    g = G.load_grid(path, "full")
+    configs = g.expand(["beauty"], ["sa"], [0])
+    kw = dict(processed_root=processed, device=None, gpus=[], cluster=None, dry_run=False)
+    assert G.check_cpu_cost(g, configs, allow_cpu=True, **kw) is None
+    assert G.check_cpu_cost(g, configs, allow_cpu=False, **kw)
+    assert G.check_cpu_cost(g, configs, allow_cpu=False, **{**kw, "gpus": ["0"]}) is None    # a GPU is there
+    assert G.check_cpu_cost(G.load_grid(PARAMS, "smoke"), G.load_grid(PARAMS, "smoke").expand(),
+                            allow_cpu=False, **kw) is None                                   # synthetic: cheap

@@ -18,7 +18,8 @@ METRICS = stats.METRICS
 
 # --------------------------------------------------------------------------- fixture writer
 
-def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3, config=None):
+def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3, config=None,
+              data_fingerprint="fixture"):
     """A finished run exactly as the contract lays it out; test metrics are the per-user means."""
     run_dir = root / dataset / variant / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +35,7 @@ def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3, con
                 "valid_ndcg@10": 0.04 * e} for e in range(1, epochs + 1)]
     (run_dir / "metrics.json").write_text(json.dumps({
         "status": "ok", "dataset": dataset, "variant": variant, "seed": seed, "config": config.to_dict(),
-        "config_hash": config.config_hash(), "data_fingerprint": "fixture", "commit": "fixture",
+        "config_hash": config.config_hash(), "data_fingerprint": data_fingerprint, "commit": "fixture",
         "device": "cpu", "created_at": "2025-01-01T00:00:00+00:00", "wall_time_s": 1.0,
         "epochs_trained": epochs, "best_epoch": epochs,
         "valid": {m: v * 0.9 for m, v in test.items()}, "test": test, "timings": {}, "history": history}))
@@ -308,6 +309,30 @@ def test_speedups_vs_best_sdpa(tmp_path):
     assert g["best_sdpa"] == "sa-flash" and g["speedup"] == pytest.approx(1.024 / (0.05 + 0.2048))
     assert "sa-cudnn" not in set(sp["impl"])   # errored rows are not timings
     assert report.plot_latency(rows) is not None and report.plot_speedup(sp) is not None
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+def test_speedups_compare_eager_with_eager_and_graph_with_graph(tmp_path):
+    """Eager GBLA over graphed SDPA mixed launch overhead into the speedup (and disagreed with
+    layer_speed.md, which compared like with like); both now come from one function."""
+    rows = []
+    for impl, ms in (("sa-flash", 2.0), ("sa-flash+graph", 1.0), ("gbla-triton", 1.0), ("gbla-triton+graph", 0.25)):
+        rows.append({"level": "layer", "impl": impl, "L": 4096, "B": 8, "pass": "fwd", "median_ms": ms,
+                     "peak_mem_mib": 1.0, "error": None})
+    path = tmp_path / "layer_speed.json"
+    path.write_text(json.dumps({"meta": {"device": "fixture"}, "rows": rows}))
+    sp = report.speedups_vs_sdpa(report.load_layer_speed(path)[1]).set_index("impl")
+    assert sp.loc["gbla-triton", "best_sdpa"] == "sa-flash" and sp.loc["gbla-triton", "speedup"] == pytest.approx(2.0)
+    assert sp.loc["gbla-triton+graph", "best_sdpa"] == "sa-flash+graph"
+    assert sp.loc["gbla-triton+graph", "speedup"] == pytest.approx(4.0)
+
+    from gbla.bench import layer_speed
+
+    layer_speed.render(path)
+    md = (tmp_path / "layer_speed.md").read_text()
+    assert "| gbla-triton | fwd | best of sa-flash | 2.0 |" in md
+    assert "| gbla-triton+graph | fwd | best of sa-flash+graph | 4.0 |" in md
     import matplotlib.pyplot as plt
     plt.close("all")
 

@@ -1,8 +1,11 @@
 """The run-directory contract (gbla/runs.py): what a run writes, when it counts as done, how runs are read."""
+import dataclasses
 import json
 import math
 import os
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -131,6 +134,54 @@ def test_collect_runs_keeps_missing_failed_and_stale_rows(tmp_path):
     assert runs.collect_runs(tmp_path / "nothing").empty
 
 
+def test_a_run_on_other_data_is_stale_not_done(tmp_path):
+    result = make_result()
+    h = result.config_hash
+    run_dir = runs.run_dir_for(tmp_path, "synthetic", "sa", 0)
+    runs.save_run_result(result, run_dir, data_fingerprint="minilm-build", commit="c")
+    # the old call signatures still ignore the data
+    assert runs.is_done(run_dir, h) and runs.run_status(run_dir, h) == "ok"
+    assert runs.is_done(run_dir, h, "minilm-build") and runs.run_status(run_dir, h, "minilm-build") == "ok"
+    assert not runs.is_done(run_dir, h, "t5-build")
+    assert runs.run_status(run_dir, h, "t5-build") == "stale"
+    assert runs.run_status(run_dir, None, "t5-build") == "stale"
+
+    frame = runs.collect_runs(tmp_path, [result.config], data_fingerprints={"synthetic": "t5-build"})
+    row = frame.iloc[0]
+    assert row["status"] == "stale" and row["stale_reason"] == "data"
+    assert row["stale_data_fingerprint"] == "minilm-build" and math.isnan(row["test_recall@10"])
+    other = make_result(max_epochs=9).config   # another config on other data: both reasons named
+    row = runs.collect_runs(tmp_path, [other], data_fingerprints={"synthetic": "t5-build"}).iloc[0]
+    assert row["status"] == "stale" and row["stale_reason"] == "config+data"
+    # a dataset whose current data is unknown (not built here) is not checked
+    assert runs.collect_runs(tmp_path, [result.config], data_fingerprints={}).iloc[0]["status"] == "ok"
+
+
+def test_collect_runs_from_params_checks_the_current_data(tmp_path):
+    from gbla.grid import load_grid
+
+    params = runs.REPO_ROOT / "params" / "ablations.yaml"
+    grid = load_grid(params, "smoke")
+    cfg = grid.expand()[0]
+    current = runs.expected_data_fingerprint(cfg.dataset, synthetic=grid.synthetic)
+    assert current == runs.load_dataset(cfg.dataset, synthetic=grid.synthetic).provenance["fingerprint"]
+    result = make_result()
+    result = dataclasses.replace(result, config=cfg, config_hash=cfg.config_hash())
+    for fingerprint, status in ((current, "ok"), ("built-from-other-data", "stale")):
+        runs.save_run_result(result, runs.run_dir_for(tmp_path, cfg.dataset, cfg.variant, cfg.seed),
+                             data_fingerprint=fingerprint, commit="c")
+        frame = runs.collect_runs(tmp_path, params_file=params, profile="smoke").set_index(
+            ["dataset", "variant", "seed"])
+        assert frame.loc[(cfg.dataset, cfg.variant, cfg.seed), "status"] == status
+
+
+def test_expected_data_fingerprint_reads_meta_json(tmp_path):
+    assert runs.expected_data_fingerprint("beauty", tmp_path) is None   # not built: cannot be checked
+    (tmp_path / "beauty").mkdir()
+    (tmp_path / "beauty" / "meta.json").write_text(json.dumps({"provenance": {"fingerprint": "abc"}}))
+    assert runs.expected_data_fingerprint("beauty", tmp_path) == "abc"
+
+
 def test_collect_runs_from_a_params_profile(tmp_path):
     frame = runs.collect_runs(tmp_path, params_file=runs.REPO_ROOT / "params" / "ablations.yaml", profile="full")
     assert len(frame) == 210 and set(frame.status) == {"missing"}
@@ -148,9 +199,31 @@ def test_load_dataset(tmp_path):
     assert runs.dataset_available("synthetic", tmp_path) and not runs.dataset_available("beauty", tmp_path)
 
 
-def test_git_commit_names_the_checkout():
-    commit = runs.git_commit()
-    assert commit == "unknown" or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
+def _git(repo, *args) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
+def test_git_commit_names_the_checkout(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "tracked.txt").write_text("one\n")
+    _git(repo, "add", "tracked.txt")
+    _git(repo, "commit", "-q", "-m", "first")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert re.fullmatch(r"[0-9a-f]{40}", head)
+    assert runs.git_commit(repo) == head
+    (repo / "untracked.txt").write_text("new file\n")   # untracked files do not make a checkout dirty
+    assert runs.git_commit(repo) == head
+    (repo / "tracked.txt").write_text("two\n")
+    assert runs.git_commit(repo) == head + "-dirty"
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    assert runs.git_commit(outside) == "unknown"
 
 
 def test_atomic_write_replaces_whole_files(tmp_path):

@@ -450,22 +450,18 @@ def render(json_path: Path):
             mem = sub.pivot_table(index=["impl", "pass"], columns="L", values="peak_mem_mib")
             lines += ["## layer level: peak memory (MiB, inputs and weights included)", "",
                       md_table(mem, ".0f"), ""]
-            sp = []
-            for p in ("fwd", "fwd+bwd"):
-                t = table.xs(p, level="pass")
-                for suffix in ("", "+graph"):
-                    sdpa_rows = [i for i in t.index if i.startswith("sa-") and i.endswith(suffix) and (suffix or "+" not in i)]
-                    if not sdpa_rows:
-                        continue
-                    sdpa = t.loc[sdpa_rows].min()
-                    for impl in ("gbla-triton" + suffix, "gbla-torch-compile" + suffix):
-                        if impl in t.index:
-                            sp.append({"impl": impl, "pass": p, "vs": "best of " + "/".join(sdpa_rows),
-                                       **(sdpa / t.loc[impl]).to_dict()})
-            if sp:
+            # the same numbers as the latency notebook: one shared function, like compared with like
+            from gbla.report import speedups_vs_sdpa, timing_kind
+
+            sp = speedups_vs_sdpa(df.assign(error=df["error"] if "error" in df else None))
+            sp = sp[sp["impl"].str.replace(r"\+.*", "", regex=True).isin(["gbla-triton", "gbla-torch-compile"])]
+            if not sp.empty:
+                sdpa_impls = sorted(i for i in sub["impl"].unique() if i.startswith("sa-"))
+                sp = sp.assign(vs=["best of " + "/".join(i for i in sdpa_impls if timing_kind(i) == t)
+                                   for t in sp["timing"]])
+                table_sp = sp.pivot_table(index=["impl", "pass", "vs"], columns="L", values="speedup", sort=False)
                 lines += ["## speedup of the GBLA layer over the best SDPA backend at each L "
-                          "(eager vs eager, CUDA graph vs CUDA graph)", "",
-                          md_table(pd.DataFrame(sp).set_index(["impl", "pass", "vs"]), ".1f"), ""]
+                          "(eager vs eager, CUDA graph vs CUDA graph)", "", md_table(table_sp, ".1f"), ""]
             if "host_ms" in sub:
                 host = sub.pivot_table(index=["impl", "pass"], columns="L", values="host_ms")
                 lines += ["## layer level: host (CPU) time to issue one call, ms (eager rows: when it exceeds the "

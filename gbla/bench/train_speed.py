@@ -203,6 +203,7 @@ def profile_steps(step, batches, path: Path, n: int = 3) -> dict:
             break
         except Exception:
             continue
+    path.parent.mkdir(parents=True, exist_ok=True)   # --out may name a folder that does not exist yet
     path.write_text(table)
     print(table[:6000], flush=True)
     return {"kernels_per_step": len(kernels) / n, "kernel_busy_ms_per_step": busy_us / 1000 / n}

