@@ -54,14 +54,15 @@ def load_configs(params: str, profile: str, dataset: str, variant: str, seeds: l
     return [grid.run_config(dataset, variant, s) for s in seeds]
 
 
-def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool) -> dict:
-    """Steady-state examples/s of the graphed step for a model of len(configs) seeds."""
+def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode: str = "cuda_graph") -> dict:
+    """Steady-state examples/s of the training step (`mode`, gbla.train.STEP_MODES) for a model of
+    len(configs) seeds; warm-up (and compilation, for the compile modes) is timed apart."""
     S, tc = len(configs), configs[0].train
     model = TIGER(configs[0].model, data.codebook_sizes, backend=backend, num_seeds=S)
     model.init_seeds([c.seed for c in configs]).to(dev)
     sids = torch.as_tensor(data.sids, device=dev)
     train = to_device_split(data.train, model, sids, tc.max_history, dev)
-    mode = "cuda_graph" if dev.type == "cuda" else "eager"
+    mode = mode if dev.type == "cuda" else "eager"
     step = TrainStep(model, train, tc, mode, dev.type == "cuda")
     groups = length_bucket_groups(train.enc_tokens, tc.length_buckets, tc.max_history, tc.batch_size)
     gens = [torch.Generator().manual_seed(c.seed) for c in configs]
@@ -162,19 +163,21 @@ def markdown(result: dict) -> str:
              f"triton {m['triton']}). Examples per second of the CUDA-graph training step in steady "
              f"state (all seeds' examples counted), {m['steps']} steps over real epoch batches; validation "
              f"pass = beam search over every validation user, all seeds of the model at once.", "",
-             "| variant | path | code | seeds | batch/seed | ms/step | examples/s | x single (baseline) | valid pass s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | path | code | step mode | seeds | batch/seed | ms/step | examples/s | x single (baseline) | valid pass s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["variant"]: r["examples_per_s"] for r in result["rows"] if r.get("code") == "baseline"
             and r.get("examples_per_s")}
     for r in result["rows"]:
         if r.get("error"):
-            lines.append(f"| {r.get('variant')} | {r['path']} | {r.get('code')} | | | error: {r['error'][:80]} | | | |")
+            lines.append(f"| {r.get('variant')} | {r['path']} | {r.get('code')} | {r.get('mode', '')} | | | "
+                         f"error: {r['error'][:80]} | | | |")
             continue
         ratio = r["examples_per_s"] / base[r["variant"]] if r["variant"] in base else None
-        lines.append(f"| {r['variant']} | {r['path']} | {r.get('code')} ({r.get('commit', '')[:7]}) | {r['seeds']} | "
+        lines.append(f"| {r['variant']} | {r['path']} | {r.get('code')} ({r.get('commit', '')[:7]}) | "
+                     f"{r.get('mode', 'cuda_graph')} | {r['seeds']} | "
                      f"{r['batch_size_per_seed']} | {r['ms_per_step']:.2f} | {r['examples_per_s']:,.0f} | "
-                     f"{'' if ratio is None else f'{ratio:.2f}x'} | "
-                     f"{'' if r.get('valid_eval_s') is None else f'{r['valid_eval_s']:.2f}'} |")
+                     f"{'' if ratio is None else format(ratio, '.2f') + 'x'} | "
+                     f"{'' if r.get('valid_eval_s') is None else format(r['valid_eval_s'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--baseline-src", help="source tree of an older checkout to time its single-run step")
     ap.add_argument("--profile", action="store_true", help="kernel table of eager multi-seed steps")
+    ap.add_argument("--paths", nargs="+", default=["single", "multi_seed"], choices=["single", "multi_seed"])
+    ap.add_argument("--modes", nargs="+", default=["cuda_graph"],
+                    help="step modes to time (gbla.train.STEP_MODES), e.g. cuda_graph compile_cuda_graph")
     ap.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench"))
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -217,13 +223,15 @@ def main(argv=None) -> int:
         print(f"baseline: {time.perf_counter() - t0:.0f} s", flush=True)
         save()
     for variant in args.variants:
-        for path, k in (("single", 1), ("multi_seed", args.seeds)):
+        for (path, k), mode in [(p, m) for p in (("single", 1), ("multi_seed", args.seeds)) if p[0] in args.paths
+                                for m in args.modes]:
             configs = load_configs(args.params, args.profile_name, args.dataset, variant, list(range(k)))
             row = {"path": path, "seeds": k, "batch_size_per_seed": configs[0].train.batch_size,
                    "dataset": args.dataset, "variant": variant, "code": "this", "commit": meta["commit"],
-                   "device": meta["device"], "config_hashes": [c.config_hash() for c in configs]}
+                   "device": meta["device"], "config_hashes": [c.config_hash() for c in configs], "mode": mode}
             try:
-                measured = measure(configs, data, dev, args.steps, args.backend, eval_pass=True)
+                measured = measure(configs, data, dev, args.steps, args.backend, eval_pass=mode == args.modes[0],
+                                   mode=mode)
                 measured.pop("_step"), measured.pop("_batches")
                 row.update(measured)
             except Exception as err:  # noqa: BLE001 - a failing row is a result too; the others still run
