@@ -292,7 +292,8 @@ def causal_conv1d_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch
     if B == 0 or L == 0:
         return torch.zeros_like(x)
     weight = weight.contiguous()
-    mask_u8 = mask.view(torch.uint8) if mask is not None else None
+    # a copy, not .view(torch.uint8): torch.compile (Inductor) cannot lower a bool-to-uint8 view
+    mask_u8 = mask.to(torch.uint8) if mask is not None else None
     return _CausalConv1dSiLU.apply(x, weight, bias, mask_u8)
 
 

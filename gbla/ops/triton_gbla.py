@@ -552,7 +552,7 @@ def gbla_attention_triton(
     if L == 0 or B == 0:
         return torch.zeros_like(q)
     if mask is not None:
-        mask_u8 = mask.view(torch.uint8)
+        mask_u8 = mask.to(torch.uint8)  # a copy, not a view: torch.compile cannot lower a bool-to-uint8 view
         n_real = mask.sum(dim=1).clamp(min=1).to(torch.float32)
     else:
         mask_u8 = None
