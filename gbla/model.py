@@ -175,6 +175,20 @@ class TIGER(nn.Module):
             init_seed_slice(self, i, seed)
         return self
 
+    @torch.no_grad()
+    def keep_seed_slots(self, slots) -> "TIGER":
+        """Keep only the seed slots `slots` (in that order): every weight is sliced along its seed
+        axis, so later steps compute nothing for the seeds dropped (a group drops seeds that have
+        stopped early). The kept seeds' weights are unchanged."""
+        slots = list(slots)
+        index = torch.as_tensor(slots, dtype=torch.long, device=self.level_mask.device)
+        for p in self.parameters():
+            p.data = p.data.index_select(0, index.to(p.device)).clone()
+        for module in self.modules():
+            if hasattr(module, "num_seeds"):
+                module.num_seeds = len(slots)
+        return self
+
     def _per_seed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, ...) tokens shared by every seed -> (S, B, ...); (S, B, ...) stays."""
         return tokens.expand(self.num_seeds, *tokens.shape) if tokens.dim() == 2 else tokens

@@ -252,18 +252,21 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
     steps_per_epoch = sum(len(idx) // batch_size for _, idx in groups)
     real_tokens = int((train.enc_tokens != PAD).sum())
     token_slots = sum(enc_len * (len(idx) // batch_size) * batch_size for enc_len, idx in groups)
-    train_step = TrainStep(model, train, tc, step_mode, use_autocast)
     seed_generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     order_generator = torch.Generator().manual_seed(BUCKET_ORDER_SEED)
     states = [SeedState() for _ in seeds]
     config_hashes = [c.config_hash() for c in configs]
     start_epoch, train_s, eval_s, n_evals = 1, 0.0, 0.0, 0
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    # the model's seed slots: slots[j] = index (into configs) of the seed in slot j; seeds that have
+    # stopped early are dropped from the model (TIGER.keep_seed_slots), so they cost nothing after
+    slots = list(range(S))
+    examples_trained, resumed_train_s = 0, 0.0
 
     def save_checkpoint(epoch: int) -> None:
         payload = {"format": CHECKPOINT_FORMAT, "config_hashes": config_hashes, "epoch": epoch,
                    "model": model.state_dict(), "optimizer": train_step.optimizer.state_dict(),
-                   "steps_done": train_step.steps_done, "states": [vars(st) for st in states],
+                   "steps_done": train_step.steps_done, "states": [vars(st) for st in states], "slots": slots,
                    "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda"
                    else None, "seed_generators": [g.get_state() for g in seed_generators],
                    "order_generator": order_generator.get_state(), "train_s": train_s, "eval_s": eval_s,
@@ -273,24 +276,32 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
         torch.save(payload, tmp)
         os.replace(tmp, checkpoint_path)
 
+    ckpt = None
     if checkpoint_path is not None and checkpoint_path.is_file():
         ckpt = torch.load(checkpoint_path, map_location=dev, weights_only=False)
-        if ckpt.get("format") == CHECKPOINT_FORMAT and ckpt.get("config_hashes") == config_hashes:
-            model.load_state_dict(ckpt["model"])
-            train_step.optimizer.load_state_dict(ckpt["optimizer"])
-            train_step.steps_done = ckpt["steps_done"]
-            states = [SeedState(**st) for st in ckpt["states"]]
-            torch.set_rng_state(ckpt["cpu_rng"].cpu())  # map_location moved every tensor to `dev`
-            if dev.type == "cuda" and ckpt["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), dev)
-            for g, state in zip(seed_generators, ckpt["seed_generators"]):
-                g.set_state(state.cpu())
-            order_generator.set_state(ckpt["order_generator"].cpu())
-            start_epoch = ckpt["epoch"] + 1
-            train_s, eval_s, n_evals = ckpt["train_s"], ckpt["eval_s"], ckpt["n_evals"]
-            log(f"[{label}] resumed from {checkpoint_path} after epoch {ckpt['epoch']}")
-        else:
+        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("config_hashes") != config_hashes:
             log(f"[{label}] {checkpoint_path} belongs to another group (seeds or config differ); starting afresh")
+            ckpt = None
+    if ckpt is not None:
+        slots = list(ckpt["slots"])
+        if slots != list(range(S)):
+            model.keep_seed_slots(slots)
+    train_step = TrainStep(model, train, tc, step_mode, use_autocast)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        train_step.optimizer.load_state_dict(ckpt["optimizer"])
+        train_step.steps_done = ckpt["steps_done"]
+        states = [SeedState(**st) for st in ckpt["states"]]
+        torch.set_rng_state(ckpt["cpu_rng"].cpu())  # map_location moved every tensor to `dev`
+        if dev.type == "cuda" and ckpt["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), dev)
+        for g, state in zip(seed_generators, ckpt["seed_generators"]):
+            g.set_state(state.cpu())
+        order_generator.set_state(ckpt["order_generator"].cpu())
+        start_epoch = ckpt["epoch"] + 1
+        train_s, eval_s, n_evals = ckpt["train_s"], ckpt["eval_s"], ckpt["n_evals"]
+        resumed_train_s = train_s
+        log(f"[{label}] resumed from {checkpoint_path} after epoch {ckpt['epoch']}")
         del ckpt
 
     def sync():
@@ -309,13 +320,14 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
     bar = tqdm(range(start_epoch, tc.max_epochs + 1), desc=label, disable=not progress, leave=False,
                initial=start_epoch - 1, total=tc.max_epochs)
     for epoch in bar:
-        active = [i for i, st in enumerate(states) if st.stopped_at is None]
+        active = list(slots)  # every seed still in the model is still training
         t0 = epoch_start = time.perf_counter()
         model.train()
-        loss_sum = torch.zeros(S, device=dev)
-        for enc_len, idx in epoch_batches(groups, batch_size, seed_generators, order_generator):
+        loss_sum = torch.zeros(len(slots), device=dev)
+        for enc_len, idx in epoch_batches(groups, batch_size, [seed_generators[i] for i in slots], order_generator):
             loss_sum += train_step(idx, enc_len)
-        losses = (loss_sum / steps_per_epoch).tolist()
+        losses = dict(zip(slots, (loss_sum / steps_per_epoch).tolist()))
+        examples_trained += len(slots) * steps_per_epoch * batch_size
         epoch_time = time.perf_counter() - t0
         train_s += epoch_time
         bad = [seeds[i] for i in active if not np.isfinite(losses[i])]
@@ -329,13 +341,13 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
                                  batch_size=eval_batch_size, autocast=use_autocast).cpu()
             eval_s += time.perf_counter() - t0
             n_evals += 1
-            for i in active:
-                metrics, st = metrics_from_ranks(ranks[i]), states[i]
+            for j, i in enumerate(slots):
+                metrics, st = metrics_from_ranks(ranks[j]), states[i]
                 records[i].update({f"valid_{k}": v for k, v in metrics.items()})
                 if metrics["recall@10"] > st.best_recall:
                     st.best_recall, st.best_epoch, st.best_valid, st.evals_without_gain = (
                         metrics["recall@10"], epoch, metrics, 0)
-                    st.best_weights = seed_slice(model, i)
+                    st.best_weights = seed_slice(model, j)
                 else:
                     st.evals_without_gain += 1
             bar.set_postfix(best=" ".join(f"{states[i].best_recall:.4f}@{states[i].best_epoch}" for i in active))
@@ -352,6 +364,11 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
         if all(st.stopped_at is not None for st in states):
             finished = True
             break
+        keep = [j for j, i in enumerate(slots) if states[i].stopped_at is None]
+        if len(keep) < len(slots):  # drop the seeds that stopped: the rest train on without them
+            model.keep_seed_slots(keep)
+            train_step = train_step.for_slots(keep)
+            slots = [slots[j] for j in keep]
         if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s and \
                 all(st.best_weights is not None for st in states):
             stopped_by_time = finished = True
@@ -376,6 +393,9 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
         for st in states:
             st.stopped_at = st.stopped_at or epoch
 
+    # every seed's best weights in one model of all S seeds, tested together
+    train_step = None  # frees its graphs and optimizer state before the test pass
+    model = TIGER(first.model, data.codebook_sizes, backend=backend, num_seeds=S).to(dev)
     for i, st in enumerate(states):
         load_seed_slice(model, i, st.best_weights)
     t0 = time.perf_counter()
@@ -389,8 +409,8 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
         "group_seeds": S, "group_wall_s": wall, "setup_s": setup_s, "train_s": train_s, "eval_s": eval_s,
         "test_eval_s": test_eval_s, "group_epochs": max(st.stopped_at for st in states),
         "epoch_time_s": train_s / max(1, epochs_run + start_epoch - 1),
-        # examples of all seeds per second of training (the group's throughput)
-        "examples_per_s": S * steps_per_epoch * batch_size * max(1, epochs_run + start_epoch - 1) / max(train_s, 1e-9),
+        # examples of all seeds per second of training in this process (the group's throughput)
+        "examples_per_s": examples_trained / max(train_s - resumed_train_s, 1e-9),
         "valid_eval_s": eval_s / max(1, n_evals), "stopped_by_time_limit": float(stopped_by_time),
         "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch - 1,
         # real encoder tokens over encoder token slots computed per epoch (the rest is padding)
@@ -439,7 +459,7 @@ class TrainStep:
     def __init__(self, model, train: DeviceSplit, tc, mode: str, use_autocast: bool):
         if mode not in STEP_MODES:
             raise ValueError(f"step_mode must be one of {STEP_MODES}, got {mode!r}")
-        self.model, self.train, self.mode, self.use_autocast = model, train, mode, use_autocast
+        self.model, self.train, self.tc, self.mode, self.use_autocast = model, train, tc, mode, use_autocast
         self.label_smoothing = tc.label_smoothing
         self.warmup_steps, self.base_lr, self.steps_done = tc.warmup_steps, tc.lr, 0
         self.graphed = mode in ("cuda_graph", "compile_cuda_graph")
@@ -451,6 +471,18 @@ class TrainStep:
         self.loss_fn = torch.compile(model.loss) if mode in ("compile", "compile_cuda_graph") else model.loss
         self.graphs: dict[int, tuple] = {}       # enc_len -> (graph, static_idx, static_loss)
         self.calls: dict[int, int] = {}          # enc_len -> steps taken at that length
+
+    def for_slots(self, slots) -> "TrainStep":
+        """This step for a model that has just kept only seed slots `slots` (TIGER.keep_seed_slots):
+        the AdamW state of those slots carried over (sliced along the seed axis), graphs recaptured."""
+        step = TrainStep(self.model, self.train, self.tc, self.mode, self.use_autocast)
+        step.steps_done = self.steps_done
+        for p in self.model.parameters():
+            old = self.optimizer.state.get(p)
+            if old:
+                step.optimizer.state[p] = {k: (v[slots].clone() if torch.is_tensor(v) and v.dim() > 0 else
+                                               v.clone() if torch.is_tensor(v) else v) for k, v in old.items()}
+        return step
 
     def _set_lr(self):
         if self.warmup_steps <= 0:
