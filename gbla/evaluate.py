@@ -63,12 +63,15 @@ class SIDTrie:
 
 
 @torch.no_grad()
-def beam_search(model, enc_tokens: torch.Tensor, trie: SIDTrie, beam_size: int, top_k: int = 10
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def beam_search(model, enc_tokens: torch.Tensor, trie: SIDTrie, beam_size: int, top_k: int = 10, *,
+                use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k items (S, B, top_k) of each of the model's S seeds, in descending order of SID
     log-probability, and their scores; -1 / -inf where fewer than top_k valid items exist.
     enc_tokens: (B, L), the same users for every seed, or (S, B, L). The caller puts the model in
-    eval mode. The seeds' beams are independent rows: the search runs on S * B rows at once."""
+    eval mode. The seeds' beams are independent rows: the search runs on S * B rows at once.
+    use_cache: decode one token per beam and level with the decoder's self-attention cache
+    (TIGER.decode_step; the cache follows the beams as they are re-ranked), instead of the whole
+    prefix again at every level (the reference the tests compare it with)."""
     if beam_size < top_k:
         raise ValueError(f"beam_size ({beam_size}) must be >= top_k ({top_k})")
     device = enc_tokens.device
@@ -80,10 +83,15 @@ def beam_search(model, enc_tokens: torch.Tensor, trie: SIDTrie, beam_size: int, 
     dec_tokens = torch.full((S, B, 1), BOS, dtype=torch.long, device=device)  # (S, B * K, t)
     scores = torch.zeros(R, 1, device=device)                                 # (R, K) log-probs so far
     prefix = torch.zeros(R, 1, dtype=torch.long, device=device)               # (R, K) trie node, -1 = dead
+    caches = [None] * len(model.decoder)
     for level, size in enumerate(trie.codebook_sizes):
         K = scores.shape[1]
         start = vocab.level_starts[level]
-        logits = model.decode(dec_tokens, kvs, memory_mask)[:, :, -1, start:start + size]
+        if use_cache:
+            logits, caches = model.decode_step(dec_tokens[..., -1:], kvs, memory_mask, caches, level)
+            logits = logits[:, :, start:start + size]
+        else:
+            logits = model.decode(dec_tokens, kvs, memory_mask)[:, :, -1, start:start + size]
         logp = F.log_softmax(logits.float(), dim=-1).view(R, K, size)
         child = trie.next_id[level][prefix.clamp(min=0)]                     # (R, K, size)
         alive = (child >= 0) & (prefix >= 0)[..., None]
@@ -96,6 +104,9 @@ def beam_search(model, enc_tokens: torch.Tensor, trie: SIDTrie, beam_size: int, 
         previous = dec_tokens.reshape(R, K, t).gather(1, beam[..., None].expand(-1, -1, t))
         new_token = (digit + start + vocab.digit_offset)[..., None]
         dec_tokens = torch.cat([previous, new_token], dim=2).view(S, B * new_k, t + 1)
+        if use_cache:  # cache row (row, beam) -> the rows of the beams that continue it
+            source = (torch.arange(R, device=device)[:, None] * K + beam).reshape(-1)
+            caches = [(k.index_select(0, source), v.index_select(0, source)) for k, v in caches]
     items, scores = prefix[:, :top_k], scores[:, :top_k]
     if items.shape[1] < top_k:  # a tiny catalogue with fewer valid items than top_k
         pad = top_k - items.shape[1]

@@ -221,6 +221,24 @@ class SelfAttentionLayer(nn.Module):
                                            num_buckets=self.num_buckets, max_distance=self.max_distance)
         return self.relative_bias[:, buckets].permute(0, 3, 1, 2)
 
+    def step(self, x: torch.Tensor, cache: tuple | None, position: int) -> tuple[torch.Tensor, tuple]:
+        """Causal decoding one position at a time: x (S, R, 1, D) is the token at `position` of each
+        row, cache the keys and values of positions 0..position-1 ((S*R, H, position, E) each, None at
+        0). Returns its output (S, R, 1, D), as forward() gives at that position of the whole prefix,
+        and the cache extended by it. Evaluation only (no dropout)."""
+        if not self.causal:
+            raise ValueError("step() decodes causally; this layer is bidirectional")
+        S, R = x.shape[:2]
+        H, E = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(S * R, 1, 3, H, E).permute(2, 0, 3, 1, 4)   # (S*R, H, 1, E) each
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        bias = None
+        if self.relative_bias is not None:
+            bias = self.position_bias(position + 1, x.device)[:, :, position:position + 1, :]
+        y = small_attention(q, k, v, allowed=None, bias=bias, num_seeds=S, dropout_p=0.0)  # keys <= position
+        return self.out(y.transpose(1, 2).reshape(S, R, 1, H * E)), (k, v)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x, mask, unstacked = as_stacked(x, mask, self.num_seeds)
         S, B, L, _ = x.shape

@@ -149,6 +149,13 @@ class DecoderBlock(nn.Module):
         x = x + self.dropout(self.cross_attn(self.norm2(x), kv, memory_mask))
         return x + self.dropout(self.ffn(self.norm3(x)))
 
+    def step(self, x, kv, memory_mask, cache, position: int):
+        """One decoding position (x (S, R, 1, D)) with the self-attention cache of the earlier ones."""
+        h, cache = self.self_attn.step(self.norm1(x), cache, position)
+        x = x + self.dropout(h)
+        x = x + self.dropout(self.cross_attn(self.norm2(x), kv, memory_mask))
+        return x + self.dropout(self.ffn(self.norm3(x))), cache
+
 
 class TIGER(nn.Module):
     def __init__(self, cfg: ModelConfig, codebook_sizes, *, backend: str = "auto", num_seeds: int = 1):
@@ -213,6 +220,20 @@ class TIGER(nn.Module):
             x = block(x, kv, memory_mask)
         logits = self.head(self.decoder_norm(x)).float()
         return logits + self.level_mask[: dec_tokens.shape[-1]]
+
+    def decode_step(self, tokens: torch.Tensor, kvs, memory_mask, caches, position: int):
+        """Incremental decode(): tokens (S, R, 1) are each row's token at `position`, caches the
+        decoder blocks' self-attention caches of the earlier positions ([None] * blocks at 0).
+        Returns the logits for the next digit (S, R, V), as decode() gives at that position of the
+        whole prefix, and the extended caches. Beam search decodes this way: each level computes one
+        token per beam instead of the whole prefix again."""
+        x = self.dropout(self.embed(tokens))
+        new_caches = []
+        for block, kv, cache in zip(self.decoder, kvs, caches):
+            x, cache = block.step(x, kv, memory_mask, cache, position)
+            new_caches.append(cache)
+        logits = self.head(self.decoder_norm(x)).float()[:, :, 0]
+        return logits + self.level_mask[position], new_caches
 
     def forward(self, enc_tokens: torch.Tensor, target_sids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (S, B, 4, V) for the target SIDs (S, B, 4) (or (B, 4) shared)."""

@@ -141,3 +141,25 @@ def test_tiny_catalogue_pads_missing_items():
     items, scores = (t[0] for t in beam_search(model, enc, SIDTrie(data.sids, data.codebook_sizes), beam_size=10))
     assert (items[:, :6] >= 0).all() and (items[:, 6:] == -1).all() and torch.isneginf(scores[:, 6:]).all()
     assert all(sorted(r[:6]) == list(range(6)) for r in items.tolist())
+
+
+@pytest.mark.parametrize("num_seeds", [1, 3])
+def test_cached_beam_search_equals_the_full_prefix_search(num_seeds):
+    """Decoding one token per level with the self-attention cache (beams re-ranked between levels)
+    gives the items and scores of re-decoding the whole prefix at every level."""
+    data = make_synthetic_dataset(num_users=25, num_items=40, seed=5)
+    cfg = ModelConfig(encoder_layout=("sa", "gbla"), d_model=16, num_heads=2, head_dim=8, d_ff=32,
+                      num_decoder_layers=2, dropout=0.1, num_user_buckets=5)
+    model = TIGER(cfg, data.codebook_sizes, backend="torch", num_seeds=num_seeds)
+    model.init_seeds(range(num_seeds)).double().eval()
+    with torch.no_grad():
+        model.head.weight.mul_(50)
+        for block in model.decoder:   # position effects visible in the decoder's self-attention
+            block.self_attn.relative_bias.normal_(0, 1.0)
+    enc = model.vocab.encoder_tokens(torch.as_tensor(data.test.user), torch.as_tensor(data.test.history),
+                                     torch.as_tensor(data.sids))
+    trie = SIDTrie(data.sids, data.codebook_sizes)
+    items, scores = beam_search(model, enc, trie, beam_size=12)
+    ref_items, ref_scores = beam_search(model, enc, trie, beam_size=12, use_cache=False)
+    assert torch.equal(items, ref_items)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-10, atol=1e-10)
