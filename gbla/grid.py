@@ -145,11 +145,10 @@ def execute_group(task: GroupTask) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     notebook_out = variant_dir / NOTEBOOK_FILE
     log_path = variant_dir / LOG_FILE
-    cmd = [sys.executable, "-c", _EXEC_TIED_TO_PARENT, "-m", "papermill", task.notebook, str(notebook_out),
-           "--kernel", KERNEL_NAME, "--cwd", str(variant_dir), "--log-output", "--no-progress-bar",
-           "--parameters_yaml", yaml.safe_dump({**task.parameters, "stop_at": task.stop_at}, sort_keys=False)]
-    if task.cell_timeout_s:
-        cmd += ["--execution-timeout", str(int(task.cell_timeout_s))]
+    cmd = [sys.executable, "-c", _EXEC_TIED_TO_PARENT, "-c", "from gbla.grid import execute_notebook_main; "
+           "execute_notebook_main()", task.notebook, str(notebook_out), str(variant_dir),
+           yaml.safe_dump({**task.parameters, "stop_at": task.stop_at}, sort_keys=False),
+           str(int(task.cell_timeout_s)) if task.cell_timeout_s else ""]
     start = time.time()
     with open(log_path, "w") as log:
         log.write(f"# {_now()} {task.label} configs {' '.join(task.config_hashes)} on {base['host']} "
@@ -384,6 +383,20 @@ def dispatch(grid: Grid, tasks: list[GroupTask], kind: str, *, total: int, done_
         client.close()
         cluster.close()
     return outcomes, interrupted
+
+
+def execute_notebook_main() -> None:
+    """The papermill subprocess of a group: argv = notebook, output, cwd, parameters (YAML), cell
+    timeout in seconds (or ""). Like the papermill command line (cell outputs logged to stdout as they
+    come), but with the kernel on private Unix sockets (ipc_kernel_manager_class). Exit code 1 on a
+    failed cell; the executed notebook is written either way."""
+    import papermill as pm
+
+    notebook, output, cwd, parameters, timeout = sys.argv[1:6]
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    pm.execute_notebook(notebook, output, parameters=yaml.safe_load(parameters), kernel_name=KERNEL_NAME, cwd=cwd,
+                        log_output=True, progress_bar=False, execution_timeout=int(timeout) if timeout else None,
+                        kernel_manager_class=ipc_kernel_manager_class())
 
 
 def ipc_kernel_manager_class():
