@@ -308,6 +308,7 @@ def make_group_task(grid: Grid, configs: list[RunConfig], cpu_threads: int, over
         "runs_root": str(runs_root),
         "device": overrides.get("device") or grid.runtime["device"],
         "backend": overrides.get("backend") or grid.runtime["backend"],
+        "step_mode": overrides.get("step_mode") or grid.runtime["step_mode"],
         "expected_config_hashes": {c.seed: c.config_hash() for c in configs}, "progress": False}
     return GroupTask(dataset=first.dataset, variant=first.variant, seeds=tuple(c.seed for c in configs),
                      config_hashes=tuple(c.config_hash() for c in configs),
@@ -653,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--gpus", help="comma-separated GPU ids to use, or 'none' for CPU only (default: all visible)")
     ap.add_argument("--device", help="override runtime.device (auto | cuda | cpu)")
     ap.add_argument("--backend", help="override runtime.backend (auto | torch | triton)")
+    ap.add_argument("--step-mode", help="override runtime.step_mode (auto | eager | cuda_graph | compile_cuda_graph)")
     ap.add_argument("--processed-root", help="folder holding the processed datasets")
     ap.add_argument("--runs-root", help="where run folders go (default outputs/runs)")
     ap.add_argument("--dry-run", action="store_true", help="list what would run; run nothing")
@@ -671,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpus = None
     if args.gpus is not None:
         gpus = [] if args.gpus.strip().lower() in ("none", "") else [g.strip() for g in args.gpus.split(",")]
-    overrides = {"device": args.device, "backend": args.backend,
+    overrides = {"device": args.device, "backend": args.backend, "step_mode": args.step_mode,
                  "processed_root": str(Path(args.processed_root).resolve()) if args.processed_root else None,
                  "runs_root": str(Path(args.runs_root).resolve()) if args.runs_root else None}
     try:

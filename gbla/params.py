@@ -28,7 +28,7 @@ TOP_LEVEL_KEYS = {"datasets", "seeds", "model", "train", "variants", "synthetic"
 PROFILE_KEYS = {"description", "datasets", "seeds", "variants", "model", "train", "synthetic", "runtime", "dask"}
 VARIANT_KEYS = {"name", "description", "encoder_layout", "gbla", "model"}
 RUNTIME_DEFAULTS: dict[str, Any] = {
-    "device": "auto", "backend": "auto", "processed_root": None, "runs_root": "outputs/runs",
+    "device": "auto", "backend": "auto", "step_mode": "auto", "processed_root": None, "runs_root": "outputs/runs",
     "reports_root": "outputs/reports", "cell_timeout_s": None, "reports": ["notebooks/aggregate.ipynb"]}
 DASK_DEFAULTS: dict[str, Any] = {
     "cluster": "local", "gpus": "auto", "runs_per_gpu": 2, "cpu_workers": 1, "runs_per_cpu_worker": 2,
