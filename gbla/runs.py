@@ -217,18 +217,25 @@ def save_run_result(result, run_dir: str | os.PathLike, *, data_fingerprint: str
 
 def _replace_dir(run_dir: Path, write) -> Path:
     """Write a run folder as a unit: `write(tmp)` fills a fresh hidden folder beside it, which then
-    takes the folder's place (the old folder is renamed away first and deleted after). An
-    interruption leaves either the old folder or the new one (or a hidden leftover), never a mix."""
+    takes the folder's place (the old folder is renamed away first, put back if the swap fails, and
+    deleted once the new one is in place). An interruption leaves the old folder or the new one, never
+    a mix; only a hard kill between the two renames leaves the old one under its hidden name."""
     import shutil
 
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     old = run_dir.with_name(f".{run_dir.name}.old-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
+    moved_away = False
     try:
         write(tmp)
         if run_dir.exists():
             os.replace(run_dir, old)
+            moved_away = True
         os.replace(tmp, run_dir)
+    except BaseException:
+        if moved_away and not run_dir.exists():
+            os.replace(old, run_dir)  # the new folder did not arrive: the old one goes back
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,40 @@ def test_interrupted_save_never_looks_done_and_keeps_the_old_result(tmp_path, mo
     assert runs.load_run_metrics(run_dir)["config_hash"] == old.config_hash  # ... the old file is intact
     assert runs.run_status(run_dir, new.config_hash) == "stale"
     assert not list(run_dir.glob(".*tmp*"))
+
+
+def test_a_run_folder_is_replaced_as_a_unit(tmp_path, monkeypatch):
+    """A rerun into a folder leaves nothing of the old run beside the new one (never half old, half
+    new), and a save interrupted after the new folder was filled leaves the old folder whole."""
+    run_dir = tmp_path / "run"
+    old = make_result(max_epochs=3)
+    runs.save_run_result(old, run_dir, data_fingerprint="x", commit="y")
+    (run_dir / "run.log").write_text("log of the old run")
+    runs.record_failure(run_dir, "ffffffffffff", "an older failure")
+    old_ranks = runs.load_per_user(run_dir)["rank"].tolist()
+
+    new = make_result(max_epochs=5, ranks=(2, 2, 2, 2))
+    real_replace = os.replace
+
+    crashed = []
+
+    def crash_on_swap(src, dst):
+        if Path(dst) == run_dir and not crashed:
+            crashed.append(src)
+            raise KeyboardInterrupt  # interrupted with the new folder complete, before the swap
+        real_replace(src, dst)
+
+    monkeypatch.setattr(runs.os, "replace", crash_on_swap)
+    with pytest.raises(KeyboardInterrupt):
+        runs.save_run_result(new, run_dir, data_fingerprint="x", commit="y")
+    monkeypatch.undo()
+    assert runs.load_run_metrics(run_dir)["config_hash"] == old.config_hash
+    assert runs.load_per_user(run_dir)["rank"].tolist() == old_ranks and (run_dir / "run.log").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no leftovers
+
+    runs.save_run_result(new, run_dir, data_fingerprint="x", commit="y")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.json", "per_user_test.parquet"]
+    assert runs.load_per_user(run_dir)["rank"].tolist() == [2, 2, 2, 2] and runs.is_done(run_dir, new.config_hash)
 
 
 def test_status_transitions(tmp_path):
