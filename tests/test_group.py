@@ -3,7 +3,6 @@
 Stacked training (K seeds in one TIGER) against separate models on the same per-seed data order
 (fp32, dropout off): the same losses and the same updated weights; a seed's initial weights and data
 order do not depend on its group; checkpoints resume to the uninterrupted result."""
-import dataclasses
 
 import numpy as np
 import pytest
