@@ -39,9 +39,9 @@ import yaml
 from gbla.config import RunConfig
 from gbla.params import CLUSTERS, DEFAULT_PARAMS, Grid, ParamsError, load_grid  # noqa: F401  (re-exported)
 from gbla.params import KNOWN_DATASETS, SYNTHETIC, check_dataset_names  # noqa: F401  (re-exported)
-from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, REPO_ROOT, _now, atomic_write_json, atomic_write_text,
-                       collect_runs, dataset_available, dataset_path, expected_data_fingerprint, git_commit, is_done,
-                       record_failure, run_dir_for, variant_dir_for)
+from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
+from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, collect_runs, dataset_available, dataset_path,
+                       expected_data_fingerprint, is_done, record_failure, run_dir_for, variant_dir_for)
 
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
 # with a deadline (--time-budget), a group is not started with less than this many seconds left

@@ -18,10 +18,10 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from gbla.common import REPO_ROOT
 from gbla.config import LAYER_TYPES, GBLAOptions, ModelConfig, RunConfig, TrainConfig
 from gbla.data.amazon import DATASETS as AMAZON_DATASETS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = REPO_ROOT / "params" / "ablations.yaml"
 
 TOP_LEVEL_KEYS = {"datasets", "seeds", "model", "train", "variants", "synthetic", "runtime", "dask", "profiles"}

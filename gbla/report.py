@@ -23,8 +23,7 @@ import pandas as pd
 
 from gbla import runs as runs_io
 from gbla import stats
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_path, atomic_write_json, git_commit
 DEFAULT_PUBLISHED = REPO_ROOT / "params" / "published.yaml"
 
 
@@ -112,7 +111,7 @@ def problem_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 # ============================================================================= mean +- CI over seeds
 
-def summarize(runs: pd.DataFrame, metrics=stats.METRICS, *, split: str = "test",
+def summarize(runs: pd.DataFrame, metrics=METRIC_NAMES, *, split: str = "test",
               confidence: float = 0.95) -> pd.DataFrame:
     """Per dataset, variant and metric: mean and t-CI over the ok seeds, n_ok of n_expected."""
     columns = ["dataset", "variant", "metric", "n_ok", "n_expected", "mean", "std", "ci_low", "ci_high",
@@ -202,7 +201,7 @@ COMPARISON_COLUMNS = [
     "user_pct_ci_low", "user_pct_ci_high", "p_perm", "p_perm_holm", "reason"]
 
 
-def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=stats.METRICS, *, split: str = "test",
+def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAMES, *, split: str = "test",
             confidence: float = 0.95, n_bootstrap: int = 10_000, seed: int = 0,
             ranks: PerUserRanks | None = None, progress: bool = False) -> pd.DataFrame:
     """Every variant against every reference, per dataset and metric.
@@ -293,7 +292,7 @@ EQUIVALENCE_COLUMNS = ["dataset", "metric", "variant", "reference", "level", "n"
                        "equivalent", "reason"]
 
 
-def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=stats.METRICS, *, margin: float = 0.05,
+def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=METRIC_NAMES, *, margin: float = 0.05,
                 split: str = "test", alpha: float = 0.05, ranks: PerUserRanks | None = None) -> pd.DataFrame:
     """TOST of "variant matches reference" within +-margin x (reference mean over the paired seeds).
 
@@ -416,7 +415,7 @@ class Report:
 DEPTH_PAIRS = (("hybrid-1to2-6L", "sa-6L"),)
 
 
-def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=stats.METRICS,
+def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=METRIC_NAMES,
                  equivalence_pairs=(("hybrid", "sa"),) + DEPTH_PAIRS, pairs=DEPTH_PAIRS,
                  tost_margin: float = 0.05, n_bootstrap: int = 10_000,
                  seed: int = 0, confidence: float = 0.95, published_file=DEFAULT_PUBLISHED,
@@ -455,9 +454,8 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=sta
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def write_report(report: Report, output_dir, *, runs_root=None, params_file=None, profile=None) -> dict:
@@ -479,7 +477,7 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
     not_ok = problem_runs(report.runs)
     summary = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": runs_io.git_commit(),
+        "commit": git_commit(),
         "runs_root": str(resolve(runs_root)) if runs_root is not None else None,
         "params_file": str(resolve(params_file)) if params_file is not None else None,
         "profile": profile,
@@ -490,7 +488,7 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
         "notes": report.notes,
         "files": {k: p.name for k, p in paths.items()},
     }
-    paths["report"] = runs_io.atomic_write_json(output_dir / "report.json", _jsonable(summary))
+    paths["report"] = atomic_write_json(output_dir / "report.json", _jsonable(summary))
     return paths
 
 
@@ -525,7 +523,7 @@ def provenance(runs: pd.DataFrame, *, command: str | None = None) -> str:
     span = "n/a" if not len(dates) else dates.min()[:10] if dates.min()[:10] == dates.max()[:10] else \
         f"{dates.min()[:10]} to {dates.max()[:10]}"
     return (f"Runs: {len(ok)} finished; device {listing('device')}; commit {listing('commit')}; trained {span}. "
-            f"Report: commit {runs_io.git_commit()}, {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+            f"Report: commit {git_commit()}, {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
             + (f", `{command}`" if command else "") + ".")
 
 

@@ -11,9 +11,10 @@ from scipy import stats as sps
 matplotlib.use("Agg")
 
 from gbla import report, stats  # noqa: E402
+from gbla.common import METRIC_NAMES  # noqa: E402
 from gbla.config import RunConfig  # noqa: E402
 
-METRICS = stats.METRICS
+METRICS = METRIC_NAMES
 
 
 # --------------------------------------------------------------------------- fixture writer

@@ -3,9 +3,6 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -197,38 +194,3 @@ def test_load_dataset(tmp_path):
         runs.load_dataset("beauty", tmp_path)
     assert str(tmp_path / "beauty") in str(err.value)
     assert runs.dataset_available("synthetic", tmp_path) and not runs.dataset_available("beauty", tmp_path)
-
-
-def _git(repo, *args) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
-def test_git_commit_names_the_checkout(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    (repo / "tracked.txt").write_text("one\n")
-    _git(repo, "add", "tracked.txt")
-    _git(repo, "commit", "-q", "-m", "first")
-    head = _git(repo, "rev-parse", "HEAD")
-    assert re.fullmatch(r"[0-9a-f]{40}", head)
-    assert runs.git_commit(repo) == head
-    (repo / "untracked.txt").write_text("new file\n")   # untracked files do not make a checkout dirty
-    assert runs.git_commit(repo) == head
-    (repo / "tracked.txt").write_text("two\n")
-    assert runs.git_commit(repo) == head + "-dirty"
-    outside = tmp_path / "not-a-repo"
-    outside.mkdir()
-    assert runs.git_commit(outside) == "unknown"
-
-
-def test_atomic_write_replaces_whole_files(tmp_path):
-    path = tmp_path / "a" / "x.json"
-    runs.atomic_write_json(path, {"a": np.int64(3), "b": np.float32(0.5), "c": np.arange(2)})
-    assert json.loads(path.read_text()) == {"a": 3, "b": 0.5, "c": [0, 1]}
-    runs.atomic_write_text(path, "new")
-    assert path.read_text() == "new" and [p.name for p in path.parent.iterdir()] == ["x.json"]

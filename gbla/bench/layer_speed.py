@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from gbla.common import atomic_write_json, frame_markdown, git_commit
 
 D_MODEL, HEADS, HEAD_DIM, TOKENS = 512, 8, 64, 32768
 LENGTHS = (1024, 4096, 16384, 32768, 65536)
@@ -64,17 +64,7 @@ class Results:
         self.save()
 
     def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
-        os.replace(tmp, self.path)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
+        atomic_write_json(self.path, {"meta": self.meta, "rows": self.rows}, indent=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,14 +407,6 @@ def encoder_section(results: Results, lengths, layouts):
 # ------------------------------------------------------------------------------------------------
 # report: markdown table and plots
 # ------------------------------------------------------------------------------------------------
-def md_table(df, floatfmt=".3f") -> str:
-    """A DataFrame as a GitHub markdown table (index included), without the optional tabulate package."""
-    df = df.reset_index()
-    cells = [[f"{v:{floatfmt}}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
-    head = [str(c) for c in df.columns]
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in cells])
-
-
 def render(json_path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -445,11 +427,11 @@ def render(json_path: Path):
         if sub.empty:
             continue
         table = sub.pivot_table(index=["impl", "pass"], columns="L", values="median_ms")
-        lines += [f"## {level} level: median ms", "", md_table(table), ""]
+        lines += [f"## {level} level: median ms", "", frame_markdown(table), ""]
         if level == "layer":
             mem = sub.pivot_table(index=["impl", "pass"], columns="L", values="peak_mem_mib")
             lines += ["## layer level: peak memory (MiB, inputs and weights included)", "",
-                      md_table(mem, ".0f"), ""]
+                      frame_markdown(mem, ".0f"), ""]
             # the same numbers as the latency notebook: one shared function, like compared with like
             from gbla.report import speedups_vs_sdpa, timing_kind
 
@@ -461,14 +443,14 @@ def render(json_path: Path):
                                    for t in sp["timing"]])
                 table_sp = sp.pivot_table(index=["impl", "pass", "vs"], columns="L", values="speedup", sort=False)
                 lines += ["## speedup of the GBLA layer over the best SDPA backend at each L "
-                          "(eager vs eager, CUDA graph vs CUDA graph)", "", md_table(table_sp, ".1f"), ""]
+                          "(eager vs eager, CUDA graph vs CUDA graph)", "", frame_markdown(table_sp, ".1f"), ""]
             if "host_ms" in sub:
                 host = sub.pivot_table(index=["impl", "pass"], columns="L", values="host_ms")
                 lines += ["## layer level: host (CPU) time to issue one call, ms (eager rows: when it exceeds the "
-                          "GPU time above, the eager timing is launch-bound)", "", md_table(host), ""]
+                          "GPU time above, the eager timing is launch-bound)", "", frame_markdown(host), ""]
     err = df[df["error"].notna()]
     if not err.empty:
-        lines += ["## failed measurements", "", md_table(err[["level", "impl", "L", "pass", "error"]].set_index("level")), ""]
+        lines += ["## failed measurements", "", frame_markdown(err[["level", "impl", "L", "pass", "error"]].set_index("level")), ""]
     if "core" in meta:
         cb = meta["copy_bandwidth"]["bytes_per_s"]
         lines += [f"## core kernel roofline (copy bandwidth measured in the same run: {cb / 1e12:.2f} TB/s)", "",
@@ -488,10 +470,10 @@ def render(json_path: Path):
         if "conv" in meta:
             conv = pd.DataFrame(meta["conv"]).T
             lines += ["", "## causal Conv1D + SiLU (B*L = 32768, C = 1536, bf16), ms", "",
-                      md_table(conv[[c for c in conv.columns if c.endswith("_ms")]]), ""]
+                      frame_markdown(conv[[c for c in conv.columns if c.endswith("_ms")]]), ""]
         if "conv_sweep" in meta:
             lines += ["Conv backward variants, graphed fwd+bwd at L = 32768 (side by side in this run):", "",
-                      md_table(pd.DataFrame(meta["conv_sweep"]).set_index("fast_path")), "",
+                      frame_markdown(pd.DataFrame(meta["conv_sweep"]).set_index("fast_path")), "",
                       f"kept: `{meta['conv_chosen']}`"]
         lines.append("")
     (out_dir / "layer_speed.md").write_text("\n".join(lines) + "\n")

@@ -10,7 +10,7 @@
 Variants: sa = (sa, sa, sa, sa); hybrid = (sa, gbla, gbla, sa) with conv + token gate + gated RMSNorm
 (the GBLAOptions defaults). Data: default_processed_dir(dataset) (env GBLA_PROCESSED_DIR moves it).
 Every result is a JSON file under --out, written to a temporary name and renamed. The commit is
-taken from env GBLA_COMMIT (the GPU machine's copy of the tree has no .git), else from git.
+gbla.common.git_commit's (env GBLA_COMMIT names it in a copy of the tree without .git).
 Timings: CUDA-synchronised wall clock around whole steps / epochs / evaluations (what a run costs).
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gbla.common import atomic_write_json, git_commit
 from gbla.config import ModelConfig, RunConfig, TrainConfig
 from gbla.data.processed import default_processed_dir, load_processed
 from gbla.evaluate import metrics_from_ranks, rank_targets, SIDTrie
@@ -73,13 +73,7 @@ def run_config(dataset: str, variant: str, seed: int, **train) -> RunConfig:
 
 
 def meta(command: str) -> dict:
-    commit = os.environ.get("GBLA_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = "unknown"
-    info = {"commit": commit, "dirty": os.environ.get("GBLA_DIRTY", "unknown"), "command": command,
+    info = {"commit": git_commit(), "command": command,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
     try:
         import triton
@@ -88,13 +82,6 @@ def meta(command: str) -> dict:
         info["triton"] = None
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return info
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
-    tmp.rename(path)
 
 
 def sync():
@@ -166,7 +153,7 @@ def bench_steps(args) -> None:
             row["error"] = f"{type(err).__name__}: {err}"[:500]
         print(row, flush=True)
         result["rows"].append(row)
-        write_json(out, result)
+        atomic_write_json(out, result)
         if mode == args.modes.split(",")[0] and backend == args.backends.split(",")[0]:
             # evaluation cost: one full validation pass (all users, beam search) per eval batch size
             valid = to_device_split(data.valid, model, sids, cfg.train.max_history, dev)
@@ -182,7 +169,7 @@ def bench_steps(args) -> None:
                         "recall@10_after_warmup": metrics_from_ranks(ranks)["recall@10"]}
                 print(erow, flush=True)
                 result["eval"].append(erow)
-                write_json(out, result)
+                atomic_write_json(out, result)
         del model, step
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
@@ -234,7 +221,7 @@ def full_run(args) -> dict:
               "valid": res.valid_metrics, "test": res.test_metrics, "timings": res.timings,
               "history": res.history, "test_rank_counts": np.bincount(res.test_per_user["rank"], minlength=11).tolist()}
     name = args.name or f"run_{args.dataset}_{args.variant}_seed{args.seed}.json"
-    write_json(Path(args.out) / name, record)
+    atomic_write_json(Path(args.out) / name, record)
     print(json.dumps({k: record[k] for k in ("variant", "seed", "wall_time_s", "epochs_trained", "best_epoch",
                                              "valid", "test")}), flush=True)
     return record
@@ -264,7 +251,7 @@ def concurrency(args) -> None:
                "errors": [e for e, p in zip(errors, procs) if p.returncode != 0]}
         print({k: v for k, v in row.items() if k != "errors"}, row["errors"][:1], flush=True)
         result["rows"].append(row)
-        write_json(out, result)
+        atomic_write_json(out, result)
         for f in tmp.glob("*.json"):
             f.unlink()
         tmp.rmdir()

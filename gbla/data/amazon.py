@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gbla.data.processed import REPO_ROOT
+from gbla.common import REPO_ROOT
 
 # dataset name -> category name of the 2014 release
 DATASETS = {"beauty": "Beauty", "sports": "Sports_and_Outdoors", "toys": "Toys_and_Games"}

@@ -26,10 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gbla.common import REPO_ROOT, to_json
+
 FORMAT_VERSION = 1
 MAX_HISTORY = 20
 PAD = -1
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SPLIT_NAMES = ("train", "valid", "test")
 
 
@@ -190,7 +191,7 @@ def save_processed(ds: ProcessedDataset, path: str | os.PathLike) -> Path:
         meta = {"format_version": FORMAT_VERSION, "name": ds.name, "num_users": int(ds.num_users),
                 "num_items": int(ds.num_items), "codebook_sizes": [int(c) for c in ds.codebook_sizes],
                 "max_history": int(ds.train.history.shape[1]), "stats": ds.stats, "provenance": ds.provenance}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
+        (tmp / "meta.json").write_text(to_json(meta, sort_keys=True))
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)
@@ -202,14 +203,6 @@ def save_processed(ds: ProcessedDataset, path: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def read_meta(path: str | os.PathLike) -> dict | None:
