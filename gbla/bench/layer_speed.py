@@ -157,8 +157,8 @@ def core_inputs(B, L, seed=0):
 def core_section(meta: dict, lengths, sweep: bool):
     """Roofline of the fused core at the layer benchmark's sizes, a launch-parameter sweep at
     L = 32768, and a per-kernel time breakdown from the profiler."""
-    from gbla.ops import triton_gbla
-    from gbla.ops.reference import gbla_attention_reference
+    from gbla.ops import gbla_attention
+    from gbla.ops.gbla import triton as gbla_kernels  # its launch tables (CONFIG_OVERRIDE) for the sweep
 
     copy = copy_bandwidth()
     meta["copy_bandwidth"] = copy
@@ -173,10 +173,10 @@ def core_section(meta: dict, lengths, sweep: bool):
 
         def fwd():
             with torch.no_grad():
-                return triton_gbla.gbla_attention_triton(q, k, v, **kw)
+                return gbla_attention(q, k, v, backend="triton", **kw)
 
         def fwd_bwd():
-            torch.autograd.backward(triton_gbla.gbla_attention_triton(q, k, v, **kw), dy)
+            torch.autograd.backward(gbla_attention(q, k, v, backend="triton", **kw), dy)
             for t in leaves:
                 t.grad = None
 
@@ -187,7 +187,8 @@ def core_section(meta: dict, lengths, sweep: bool):
 
     # accuracy at scale: Triton core vs the fp32 torch reference on the same bf16 inputs
     fwd, fwd_bwd, _, _, (q, k, v, kw) = op_fns(1, 32768)
-    ref = gbla_attention_reference(q.detach(), k.detach(), v.detach(), **{n: t.detach() if torch.is_tensor(t) else t for n, t in kw.items()})
+    ref = gbla_attention(q.detach(), k.detach(), v.detach(), backend="torch",
+                         **{n: t.detach() if torch.is_tensor(t) else t for n, t in kw.items()})
     out = fwd()
     meta["core_rel_err_L32768"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     del ref, out
@@ -197,18 +198,18 @@ def core_section(meta: dict, lengths, sweep: bool):
         # forward kernels are judged by the graphed forward, the backward ones by the graphed
         # forward+backward, at L = 32768 (B = 1, the headline size)
         results = []
-        base = dict(triton_gbla.CONFIG_OVERRIDE)
+        base = dict(gbla_kernels.CONFIG_OVERRIDE)
         candidates = [dict(block_l=bl, num_warps=w, num_stages=st, programs_per_sm=p)
                       for bl, w, st, p in ((64, 4, 2, 4), (64, 4, 3, 4), (64, 4, 4, 4), (128, 4, 2, 4), (128, 8, 2, 4),
                                            (128, 8, 3, 4), (32, 4, 3, 4), (64, 8, 2, 4), (64, 4, 2, 2), (64, 4, 2, 8),
                                            (128, 4, 3, 2), (64, 4, 3, 8), (32, 4, 2, 8))]
         fwd, fwd_bwd, fb, bb, _ = op_fns(1, 32768)
         chosen = {}
-        for kernel in triton_gbla.KERNELS:
+        for kernel in gbla_kernels.KERNELS:
             best = (float("inf"), None)
             for cand in candidates:
-                triton_gbla.CONFIG_OVERRIDE.clear()
-                triton_gbla.CONFIG_OVERRIDE.update({**base, **{k: {**v} for k, v in chosen.items()}, kernel: cand})
+                gbla_kernels.CONFIG_OVERRIDE.clear()
+                gbla_kernels.CONFIG_OVERRIDE.update({**base, **{k: {**v} for k, v in chosen.items()}, kernel: cand})
                 fn = fwd if kernel in ("state", "output") else fwd_bwd
                 try:
                     fwd_bwd()
@@ -221,11 +222,11 @@ def core_section(meta: dict, lengths, sweep: bool):
             chosen[kernel] = {k: v for k, v in results[best[1]].items() if k in candidates[0]}
         meta["chosen_config"] = chosen
         print("  chosen per kernel (lowest graphed time at L = 32768):", chosen, flush=True)
-        triton_gbla.CONFIG_OVERRIDE.clear()
-        triton_gbla.CONFIG_OVERRIDE.update({**base, **chosen})
+        gbla_kernels.CONFIG_OVERRIDE.clear()
+        gbla_kernels.CONFIG_OVERRIDE.update({**base, **chosen})
         meta["core_sweep"] = results
 
-    meta["launch_config_L32768"] = triton_gbla.launch_config(1, 32768, HEADS, HEAD_DIM, torch.device("cuda"))
+    meta["launch_config_L32768"] = gbla_kernels.launch_config(1, 32768, HEADS, HEAD_DIM, torch.device("cuda"))
     for L in lengths:
         B = max(1, TOKENS // L)
         fwd, fwd_bwd, fb, bb, _ = op_fns(B, L)
@@ -268,9 +269,12 @@ def conv_section(meta: dict, sweep: bool = False):
     """Triton fused conv+SiLU vs the torch reference on the layer's qkv tensor (B*L = 32768, C = 3 D);
     with sweep, first the backward's variants side by side (graphed fwd+bwd at L = 32768), keeping
     the fastest for the rest of the run."""
-    from gbla.ops import triton_conv
-    from gbla.ops.conv import causal_conv1d_silu_reference
-    from gbla.ops.triton_conv import causal_conv1d_silu_triton
+    from functools import partial
+
+    from gbla.ops import causal_conv1d_silu
+    from gbla.ops.conv import triton as conv_kernels  # its launch table (CONFIG_OVERRIDE) for the sweep
+    causal_conv1d_silu_reference = partial(causal_conv1d_silu, backend="torch")
+    causal_conv1d_silu_triton = partial(causal_conv1d_silu, backend="triton")
     out = {}
     if sweep:
         x = torch.randn(1, TOKENS, 3 * D_MODEL, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -283,16 +287,16 @@ def conv_section(meta: dict, sweep: bool = False):
             x.grad = w.grad = b.grad = None
         rows = []
         for fast, bt, nw in ((False, 32, 4), (False, 16, 8), (True, 16, 8), (True, 32, 8), (True, 16, 4), (True, 32, 4)):
-            triton_conv.CONFIG_OVERRIDE.clear()
-            triton_conv.CONFIG_OVERRIDE.update(fast_path=fast, bwd_block_t=bt, bwd_num_warps=nw)
+            conv_kernels.CONFIG_OVERRIDE.clear()
+            conv_kernels.CONFIG_OVERRIDE.update(fast_path=fast, bwd_block_t=bt, bwd_num_warps=nw)
             conv_fwd_bwd()
             rows.append(dict(fast_path=fast, bwd_block_t=bt, bwd_num_warps=nw,
                              graph_fwd_bwd_ms=bench_ms(cuda_graph_replay(conv_fwd_bwd))))
             print("  conv sweep", rows[-1], flush=True)
         best = min(rows, key=lambda r: r["graph_fwd_bwd_ms"])
-        triton_conv.CONFIG_OVERRIDE.clear()
-        triton_conv.CONFIG_OVERRIDE.update({k: best[k] for k in ("fast_path", "bwd_block_t", "bwd_num_warps")})
-        meta["conv_sweep"], meta["conv_chosen"] = rows, dict(triton_conv.CONFIG_OVERRIDE)
+        conv_kernels.CONFIG_OVERRIDE.clear()
+        conv_kernels.CONFIG_OVERRIDE.update({k: best[k] for k in ("fast_path", "bwd_block_t", "bwd_num_warps")})
+        meta["conv_sweep"], meta["conv_chosen"] = rows, dict(conv_kernels.CONFIG_OVERRIDE)
         del x, w, b, dy
     for L in (1024, 32768):
         B = TOKENS // L
