@@ -22,6 +22,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 METRIC_NAMES = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
+def repo_path(path) -> Path | None:
+    """Absolute paths as given; relative paths are relative to the repository root (so a notebook
+    opened from notebooks/ and papermill started from the root read the same files). None or "": None."""
+    if path is None or str(path) == "":
+        return None
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 # ---------------------------------------------------------------------------------------------
 # provenance
 

@@ -7,11 +7,10 @@
 Missing, failed and stale runs stay in every table as rows with NaN metrics and a count of the seeds
 present / expected; a comparison that lacks paired seeds is NaN with the reason spelled out.
 Statistics come from gbla.stats; see its docstring for what the seed-level and user-level tests ask.
-The latency half (load_layer_speed, speedups_vs_sdpa, plot_latency) reads outputs/bench/layer_speed.json.
+Benchmark results (outputs/bench) are reported by gbla.bench.latency.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -23,17 +22,10 @@ import pandas as pd
 
 from gbla import runs as runs_io
 from gbla import stats
-from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_path, atomic_write_json, git_commit
+from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_path, atomic_write_json, git_commit, repo_path
 DEFAULT_PUBLISHED = REPO_ROOT / "params" / "published.yaml"
 
 
-def resolve(path) -> Path | None:
-    """Absolute paths as given; relative paths are relative to the repository root (so a notebook
-    opened from notebooks/ and papermill started from the root read the same files)."""
-    if path is None or str(path) == "":
-        return None
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 # ============================================================================= runs table
@@ -47,8 +39,8 @@ def load_runs(runs_root, params_file=None, profile: str | None = None, *, expect
     `expected` (an iterable of RunConfigs) gives the grid directly. Column `expected_by` says which
     ("params" or "folder").
     """
-    runs_root = resolve(runs_root)
-    params_file = resolve(params_file)
+    runs_root = repo_path(runs_root)
+    params_file = repo_path(params_file)
     if expected is not None:
         table = runs_io.collect_runs(runs_root, list(expected))
         table["expected_by"] = "params"
@@ -364,7 +356,7 @@ def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
     """
     import yaml
 
-    path = resolve(path)
+    path = repo_path(path)
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -429,7 +421,7 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=MET
     ranks = PerUserRanks()
     summary = summarize(runs, metrics, confidence=confidence)
     notes = []
-    published_file = resolve(published_file)
+    published_file = repo_path(published_file)
     if published_file is not None and published_file.is_file():
         published = published_comparison(summary, load_published(published_file))
     else:
@@ -463,7 +455,7 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
 
     Returns {name: path}. Each file is written to a temporary name and renamed.
     """
-    output_dir = resolve(output_dir)
+    output_dir = repo_path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in ("status", "summary", "comparisons", "equivalence", "published"):
@@ -478,8 +470,8 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
     summary = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "runs_root": str(resolve(runs_root)) if runs_root is not None else None,
-        "params_file": str(resolve(params_file)) if params_file is not None else None,
+        "runs_root": str(repo_path(runs_root)) if runs_root is not None else None,
+        "params_file": str(repo_path(params_file)) if params_file is not None else None,
         "profile": profile,
         "parameters": report.parameters,
         "runs": {"expected": int(len(report.runs)), **{k: int(v) for k, v in counts.items()}},
@@ -1103,100 +1095,3 @@ def plot_group_curves(histories: pd.DataFrame, runs: pd.DataFrame, *, title: str
     fig.suptitle(f"{title}: {len(runs)} seeds (dotted: each seed's best epoch)")
     fig.tight_layout()
     return fig
-
-
-# ============================================================================= latency (layer_speed.json)
-
-LAYER_SPEED_FILE = REPO_ROOT / "outputs" / "bench" / "layer_speed.json"
-_ROW_FIELDS = ("level", "impl", "L", "B", "pass", "median_ms")
-
-
-def load_layer_speed(path=LAYER_SPEED_FILE) -> tuple[dict, pd.DataFrame]:
-    """(meta, rows) of the benchmark JSON; FileNotFoundError when absent, ValueError naming bad rows."""
-    path = resolve(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the benchmark first (`make bench` on a GPU machine)")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict) or "rows" not in doc:
-        raise ValueError(f"{path}: expected an object with 'meta' and 'rows'")
-    for i, row in enumerate(doc["rows"]):
-        missing = [k for k in _ROW_FIELDS if k not in row]
-        if missing:
-            raise ValueError(f"{path}: rows[{i}] lacks fields {missing}")
-    rows = pd.DataFrame(doc["rows"])
-    for col in ("peak_mem_mib", "error"):
-        if col not in rows.columns:
-            rows[col] = None
-    if not rows.empty:
-        rows["median_ms"] = pd.to_numeric(rows["median_ms"], errors="coerce")
-    return doc.get("meta", {}), rows
-
-
-def timing_kind(impl: str) -> str:
-    """How a benchmark row was timed: "eager", or the suffix after "+" (e.g. "graph" for CUDA-graph replays)."""
-    return impl.split("+", 1)[1] if "+" in impl else "eager"
-
-
-def speedups_vs_sdpa(rows: pd.DataFrame) -> pd.DataFrame:
-    """Layer level: each implementation's time next to the fastest working SDPA implementation
-    ("sa-*") at the same (pass, L, B) timed the same way (eager with eager, "+graph" CUDA-graph
-    replays with "+graph"): a graph replay has no launch overhead, so eager GBLA over graphed SDPA
-    would mix two effects. speedup = best SDPA ms / impl ms (> 1: faster than SDPA).
-    gbla.bench.layer_speed's markdown table is made from this same function."""
-    columns = ["pass", "L", "B", "impl", "timing", "median_ms", "best_sdpa", "best_sdpa_ms", "speedup"]
-    ok = rows[(rows["level"] == "layer") & rows["error"].isna() & rows["median_ms"].notna()]
-    ok = ok.assign(timing=[timing_kind(i) for i in ok["impl"]])
-    sdpa = ok[ok["impl"].str.startswith("sa-")]
-    if sdpa.empty:
-        return pd.DataFrame(columns=columns)
-    keys = ["pass", "L", "B", "timing"]
-    best = (sdpa.sort_values("median_ms").groupby(keys, as_index=False).first()
-            .rename(columns={"impl": "best_sdpa", "median_ms": "best_sdpa_ms"})[keys + ["best_sdpa", "best_sdpa_ms"]])
-    out = ok.merge(best, on=keys, how="left")
-    out["speedup"] = out["best_sdpa_ms"] / out["median_ms"]
-    return out[columns].sort_values(["pass", "B", "impl", "L"]).reset_index(drop=True)
-
-
-def plot_latency(rows: pd.DataFrame):
-    """log-log median time vs sequence length L, one line per implementation; panels: level x pass."""
-    import seaborn as sns
-
-    from matplotlib.ticker import NullFormatter
-
-    ok = rows[rows["error"].isna() & rows["median_ms"].notna()]
-    if ok.empty:
-        return None
-    _theme()
-    # one panel per (level, batch size): lines never average over different B
-    ok = ok.assign(panel=[f"{lv}, B={b}" for lv, b in zip(ok["level"], ok["B"])])
-    grid = sns.relplot(data=ok, x="L", y="median_ms", hue="impl", style="impl", markers=True, dashes=False,
-                       row="panel", col="pass", kind="line", errorbar=None,
-                       facet_kws={"sharey": False, "margin_titles": True}, height=3.2, aspect=1.3)
-    grid.set(xscale="log", yscale="log")
-    for ax in grid.axes.flat:
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
-    grid.set_axis_labels("sequence length L", "median time (ms)")
-    return grid
-
-
-def plot_speedup(speedups: pd.DataFrame):
-    """Speedup over the best SDPA per L (log x); the line at 1 is parity."""
-    import seaborn as sns
-
-    data = speedups[~speedups["impl"].str.startswith("sa-")] if not speedups.empty else speedups
-    if data.empty:
-        return None
-    _theme()
-    grid = sns.relplot(data=data, x="L", y="speedup", hue="impl", style="impl", markers=True, dashes=False,
-                       row="B", col="pass", kind="line", errorbar=None, height=3.2, aspect=1.3,
-                       facet_kws={"margin_titles": True})
-    grid.set(xscale="log")
-    grid.set_titles(row_template="B={row_name}", col_template="{col_name}")
-    for ax in grid.axes.flat:
-        ax.axhline(1.0, color="black", lw=1)
-    grid.set_axis_labels("sequence length L", "speedup vs best SDPA (x)")
-    return grid

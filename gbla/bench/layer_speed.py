@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import sys
 import time
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from gbla.common import atomic_write_json, frame_markdown, git_commit
+from gbla.bench.latency import render
+from gbla.common import atomic_write_json, git_commit
 
 D_MODEL, HEADS, HEAD_DIM, TOKENS = 512, 8, 64, 32768
 LENGTHS = (1024, 4096, 16384, 32768, 65536)
@@ -406,92 +406,6 @@ def encoder_section(results: Results, lengths, layouts):
             measure(results, "encoder", name, L, B, "fwd", fwd)
         del encoder
         torch.cuda.empty_cache()
-
-
-# ------------------------------------------------------------------------------------------------
-# report: markdown table and plots
-# ------------------------------------------------------------------------------------------------
-def render(json_path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import pandas as pd
-    import seaborn as sns
-
-    data = json.loads(json_path.read_text())
-    meta, df = data["meta"], pd.DataFrame(data["rows"])
-    out_dir = json_path.parent
-    lines = [f"# Layer and encoder speed ({meta.get('device')})", "",
-             f"torch {meta.get('torch')}, triton {meta.get('triton')}, commit `{meta.get('commit')}`, "
-             f"{meta.get('date')}; command: `{meta.get('command')}`", "",
-             "bf16, D=512, H=8, E=64, B*L = 32768 tokens (B = 1 at L = 65536); median ms (CUDA events, "
-             "triton.testing.do_bench); fwd = inference (no_grad).", ""]
-    ok = df[df["median_ms"].notna()]
-    for level in ("layer", "encoder"):
-        sub = ok[ok["level"] == level]
-        if sub.empty:
-            continue
-        table = sub.pivot_table(index=["impl", "pass"], columns="L", values="median_ms")
-        lines += [f"## {level} level: median ms", "", frame_markdown(table), ""]
-        if level == "layer":
-            mem = sub.pivot_table(index=["impl", "pass"], columns="L", values="peak_mem_mib")
-            lines += ["## layer level: peak memory (MiB, inputs and weights included)", "",
-                      frame_markdown(mem, ".0f"), ""]
-            # the same numbers as the latency notebook: one shared function, like compared with like
-            from gbla.report import speedups_vs_sdpa, timing_kind
-
-            sp = speedups_vs_sdpa(df.assign(error=df["error"] if "error" in df else None))
-            sp = sp[sp["impl"].str.replace(r"\+.*", "", regex=True).isin(["gbla-triton", "gbla-torch-compile"])]
-            if not sp.empty:
-                sdpa_impls = sorted(i for i in sub["impl"].unique() if i.startswith("sa-"))
-                sp = sp.assign(vs=["best of " + "/".join(i for i in sdpa_impls if timing_kind(i) == t)
-                                   for t in sp["timing"]])
-                table_sp = sp.pivot_table(index=["impl", "pass", "vs"], columns="L", values="speedup", sort=False)
-                lines += ["## speedup of the GBLA layer over the best SDPA backend at each L "
-                          "(eager vs eager, CUDA graph vs CUDA graph)", "", frame_markdown(table_sp, ".1f"), ""]
-            if "host_ms" in sub:
-                host = sub.pivot_table(index=["impl", "pass"], columns="L", values="host_ms")
-                lines += ["## layer level: host (CPU) time to issue one call, ms (eager rows: when it exceeds the "
-                          "GPU time above, the eager timing is launch-bound)", "", frame_markdown(host), ""]
-    err = df[df["error"].notna()]
-    if not err.empty:
-        lines += ["## failed measurements", "", frame_markdown(err[["level", "impl", "L", "pass", "error"]].set_index("level")), ""]
-    if "core" in meta:
-        cb = meta["copy_bandwidth"]["bytes_per_s"]
-        lines += [f"## core kernel roofline (copy bandwidth measured in the same run: {cb / 1e12:.2f} TB/s)", "",
-                  "bytes = q, k, v, z read + o written (bf16) + key weights (fp32); fwd+bwd adds dy read and "
-                  "dq, dk, dv, dz, dlw written. Graph = CUDA-graph replay (GPU time only).", "",
-                  "| L | B | fwd us | fwd / copy | fwd us (graph) | fwd / copy (graph) | fwd+bwd us | "
-                  "fwd+bwd us (graph) | fwd+bwd / copy (graph) |", "|---|---|---|---|---|---|---|---|---|"]
-        for L, c in meta["core"].items():
-            lines.append(f"| {L} | {c['B']} | {c['fwd_ms'] * 1e3:.1f} | {c['fwd_frac_of_copy']:.1%} | "
-                         f"{c.get('graph_fwd_ms', float('nan')) * 1e3:.1f} | {c.get('graph_fwd_frac_of_copy', float('nan')):.1%} | "
-                         f"{c['fwd_bwd_ms'] * 1e3:.1f} | {c.get('graph_fwd_bwd_ms', float('nan')) * 1e3:.1f} | "
-                         f"{c.get('graph_fwd_bwd_frac_of_copy', float('nan')):.1%} |")
-        if "chosen_config" in meta:
-            lines += ["", f"Launch configuration chosen by the sweep in this run: `{meta['chosen_config']}`"]
-        if "launch_config_L32768" in meta:
-            lines += ["", f"Core launch configuration in effect (L = 32768): `{meta['launch_config_L32768']}`"]
-        if "conv" in meta:
-            conv = pd.DataFrame(meta["conv"]).T
-            lines += ["", "## causal Conv1D + SiLU (B*L = 32768, C = 1536, bf16), ms", "",
-                      frame_markdown(conv[[c for c in conv.columns if c.endswith("_ms")]]), ""]
-        if "conv_sweep" in meta:
-            lines += ["Conv backward variants, graphed fwd+bwd at L = 32768 (side by side in this run):", "",
-                      frame_markdown(pd.DataFrame(meta["conv_sweep"]).set_index("fast_path")), "",
-                      f"kept: `{meta['conv_chosen']}`"]
-        lines.append("")
-    (out_dir / "layer_speed.md").write_text("\n".join(lines) + "\n")
-
-    sns.set_theme(style="whitegrid")
-    for level, fname in (("layer", "layer_speed.png"), ("encoder", "encoder_speed.png")):
-        sub = ok[ok["level"] == level]
-        if sub.empty:
-            continue
-        g = sns.relplot(data=sub, x="L", y="median_ms", hue="impl", col="pass", kind="line", marker="o",
-                        height=4, aspect=1.2, facet_kws={"sharey": False})
-        g.set(xscale="log", yscale="log", xlabel="history length L (B*L = 32768 tokens)", ylabel="median ms")
-        g.figure.suptitle(f"{level} speed, {meta.get('device')}", y=1.03)
-        g.savefig(out_dir / fname, dpi=120, bbox_inches="tight")
 
 
 # ------------------------------------------------------------------------------------------------

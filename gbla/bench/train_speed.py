@@ -7,8 +7,10 @@
     python -m gbla.bench.train_speed concurrency --procs 1,2,4,8 --epochs 2 --out DIR
                                                             # N processes on one GPU, fixed-epoch runs
 
-Variants: sa = (sa, sa, sa, sa); hybrid = (sa, gbla, gbla, sa) with conv + token gate + gated RMSNorm
-(the GBLAOptions defaults). Data: default_processed_dir(dataset) (env GBLA_PROCESSED_DIR moves it).
+Variants and settings are those of the params file (--params, profile --profile-name, default the
+`full` profile of params/ablations.yaml): sa, hybrid, ... exactly as the grid trains them; flags such
+as --batch-size or --max-epochs override the profile's train settings. Data:
+default_processed_dir(dataset) (env GBLA_PROCESSED_DIR moves it).
 Every result is a JSON file under --out, written to a temporary name and renamed. The commit is
 gbla.common.git_commit's (env GBLA_COMMIT names it in a copy of the tree without .git).
 Timings: CUDA-synchronised wall clock around whole steps / epochs / evaluations (what a run costs).
@@ -27,15 +29,13 @@ import numpy as np
 import torch
 
 from gbla.common import atomic_write_json, git_commit
-from gbla.config import ModelConfig, RunConfig, TrainConfig
+from gbla.config import RunConfig
 from gbla.data.processed import default_processed_dir, load_processed
 from gbla.evaluate import metrics_from_ranks, rank_targets, SIDTrie
 from gbla.model import PAD, TIGER
+from gbla.params import DEFAULT_PARAMS, load_grid
 from gbla.train import (BUCKET_ORDER_SEED, TrainStep, epoch_batches, length_bucket_groups, to_device_split,
                         train_and_evaluate)
-
-VARIANTS = {"sa": ("sa", "sa", "sa", "sa"), "hybrid": ("sa", "gbla", "gbla", "sa"),
-            "sa_causal": ("sa_causal",) * 4}
 
 
 def parse_buckets(text: str | None):
@@ -67,9 +67,10 @@ def sdpa_diagnostics(dev) -> dict:
     return out
 
 
-def run_config(dataset: str, variant: str, seed: int, **train) -> RunConfig:
-    return RunConfig(dataset, variant, seed, model=ModelConfig(encoder_layout=VARIANTS[variant]),
-                     train=TrainConfig(**train))
+def run_config(args, variant: str, seed: int, **train) -> RunConfig:
+    """The params file's config of (args.dataset, variant, seed), `train` overriding its train settings."""
+    grid = load_grid(args.params, args.profile_name)
+    return grid.run_config(args.dataset, variant, seed, train_overrides=train)
 
 
 def meta(command: str) -> dict:
@@ -102,7 +103,7 @@ def bench_steps(args) -> None:
     cases = [(v, b, m) for v in args.variants.split(",") for b in args.backends.split(",")
              for m in args.modes.split(",") if not (v == "sa" and b != args.backends.split(",")[0])]
     for variant, backend, mode in cases:
-        cfg = run_config(args.dataset, variant, 0)
+        cfg = run_config(args, variant, 0)
         torch.manual_seed(0)
         model = TIGER(cfg.model, data.codebook_sizes, backend=backend).to(dev)
         sids = torch.as_tensor(data.sids, device=dev)
@@ -207,7 +208,7 @@ def full_run(args) -> dict:
             train_kw[key] = getattr(args, key)
     if args.length_buckets is not None:
         train_kw["length_buckets"] = parse_buckets(args.length_buckets)
-    cfg = run_config(args.dataset, args.variant, args.seed, **train_kw)
+    cfg = run_config(args, args.variant, args.seed, **train_kw)
     t0 = time.perf_counter()
     res = train_and_evaluate(cfg, data, backend=args.backend, step_mode=args.step_mode,
                              progress=not args.no_progress, eval_batch_size=args.eval_batch_size,
@@ -239,6 +240,7 @@ def concurrency(args) -> None:
         procs = [subprocess.Popen([sys.executable, "-m", "gbla.bench.train_speed", "run", "--dataset", args.dataset,
                                    "--variant", args.variant, "--seed", str(i), "--max-epochs", str(args.epochs),
                                    "--eval-every", str(args.epochs), "--patience", "1000", "--no-progress",
+                                   "--params", args.params, "--profile-name", args.profile_name,
                                    "--out", str(tmp), "--name", f"p{i}.json"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(n)]
         errors = [p.communicate()[1][-800:] for p in procs]
@@ -257,25 +259,26 @@ def concurrency(args) -> None:
         tmp.rmdir()
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("steps", "run", "concurrency"):
         p = sub.add_parser(name)
         p.add_argument("--dataset", default="beauty")
         p.add_argument("--out", default="outputs/bench")
+        p.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file whose variants and settings are used")
+        p.add_argument("--profile-name", default="full", help="profile of the params file")
     steps = sub.choices["steps"]
     steps.add_argument("--variants", default="sa,hybrid")
     steps.add_argument("--backends", default="auto,torch")
     steps.add_argument("--modes", default="eager,cuda_graph,compile")
-    steps.add_argument("--warmup", type=int, default=10)
     steps.add_argument("--steps", type=int, default=100)
     steps.add_argument("--batch-size", type=int, default=None)
     steps.add_argument("--profile", action="store_true", help="kernel count and top kernels of eager steps")
     for p in (steps, sub.choices["run"]):
         p.add_argument("--length-buckets", default=None, help="'none' or e.g. '3,6,10' (default: the config's)")
     run = sub.choices["run"]
-    run.add_argument("--variant", default="sa", choices=sorted(VARIANTS))
+    run.add_argument("--variant", default="sa", help="a variant of the params file")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--backend", default="auto")
     run.add_argument("--step-mode", default="auto")
@@ -288,8 +291,12 @@ def main(argv=None):
     conc = sub.choices["concurrency"]
     conc.add_argument("--procs", default="1,2,4,8")
     conc.add_argument("--epochs", type=int, default=2)
-    conc.add_argument("--variant", default="hybrid", choices=sorted(VARIANTS))
-    args = parser.parse_args(argv)
+    conc.add_argument("--variant", default="hybrid", help="a variant of the params file")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     {"steps": bench_steps, "run": full_run, "concurrency": concurrency}[args.cmd](args)
 
 

@@ -155,9 +155,10 @@ def _load_square(ptr, pid_bh, cols, E: tl.constexpr):
 def _inv_count(nreal_ptr, b, L, HAS_MASK: tl.constexpr):
     """1 / N, N = real tokens of row b (at least 1; all L without a mask)."""
     if HAS_MASK:
-        return 1.0 / tl.load(nreal_ptr + b)
+        inv_n = 1.0 / tl.load(nreal_ptr + b)
     else:
-        return 1.0 / L
+        inv_n = 1.0 / L
+    return inv_n
 
 
 @triton.jit
