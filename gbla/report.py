@@ -186,6 +186,51 @@ def _user_means(paired: list, metric: str) -> tuple[np.ndarray, np.ndarray]:
     return np.bincount(inverse, v) / counts, np.bincount(inverse, r) / counts
 
 
+@dataclass
+class _Pair:
+    """A variant and a reference on one dataset: their finished runs, the seeds both finished, and
+    (test split) each paired seed's per-user ranks, or why there are none. compare() and
+    equivalence() both test over this pairing."""
+    variant: str
+    reference: str
+    v_rows: pd.DataFrame          # the variant's ok runs, indexed by seed
+    r_rows: pd.DataFrame          # the reference's
+    seeds: list
+    paired: list | None = None    # _paired_user_ranks, when the per-user results are there
+    user_reason: str = ""         # why `paired` is None
+
+    @classmethod
+    def of(cls, ok: pd.DataFrame, dataset: str, variant: str, reference: str, *, split: str,
+           ranks: PerUserRanks, reference_in_grid: bool = True) -> "_Pair":
+        """`ok`: the finished runs (status ok) of every dataset."""
+        ok = ok[ok["dataset"] == dataset]
+        v_rows = ok[ok["variant"] == variant].set_index("seed")
+        r_rows = ok[ok["variant"] == reference].set_index("seed")
+        pair = cls(variant, reference, v_rows, r_rows, sorted(set(v_rows.index) & set(r_rows.index)))
+        if not reference_in_grid:
+            pair.user_reason = f"reference {reference!r} is not in the grid for {dataset}"
+        elif split != "test":
+            pair.user_reason = "per-user results exist for the test split only"
+        elif pair.seeds:
+            try:
+                pair.paired = _paired_user_ranks(ranks, v_rows["run_dir"].to_dict(), r_rows["run_dir"].to_dict(),
+                                                 pair.seeds)
+            except FileNotFoundError as e:
+                pair.user_reason = f"per-user results missing: {e}"
+        return pair
+
+    def values(self, column: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """(variant values, reference values) of `column` over the paired seeds, and the reference's mean."""
+        if not self.seeds:
+            return np.array([]), np.array([]), math.nan
+        r_vals = self.r_rows.loc[self.seeds, column].to_numpy(dtype=float)
+        return self.v_rows.loc[self.seeds, column].to_numpy(dtype=float), r_vals, float(r_vals.mean())
+
+    @property
+    def no_seeds_reason(self) -> str:
+        return f"no paired seeds ({self.variant}: {len(self.v_rows)} ok, {self.reference}: {len(self.r_rows)} ok)"
+
+
 COMPARISON_COLUMNS = [
     "dataset", "metric", "reference", "variant", "n_paired_seeds", "paired_seeds", "reference_mean",
     "variant_mean", "diff", "diff_ci_low", "diff_ci_high", "pct", "pct_ci_low", "pct_ci_high", "t",
@@ -218,27 +263,12 @@ def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAME
         from tqdm import tqdm  # plain text bar: no ipywidgets needed in notebooks
         tasks = tqdm(tasks, desc="comparisons")
     for dataset, reference, variant in tasks:
-        g = ok[ok["dataset"] == dataset]
-        v_rows = g[g["variant"] == variant].set_index("seed")
-        r_rows = g[g["variant"] == reference].set_index("seed")
-        seeds = sorted(set(v_rows.index) & set(r_rows.index))
-        paired = None
-        user_reason = ""
-        if reference not in set(runs.loc[runs["dataset"] == dataset, "variant"]):
-            user_reason = f"reference {reference!r} is not in the grid for {dataset}"
-        elif split == "test" and seeds:
-            try:
-                paired = _paired_user_ranks(ranks, v_rows["run_dir"].to_dict(), r_rows["run_dir"].to_dict(), seeds)
-            except FileNotFoundError as e:
-                user_reason = f"per-user results missing: {e}"
-        elif split != "test":
-            user_reason = "per-user results exist for the test split only"
+        pair = _Pair.of(ok, dataset, variant, reference, split=split, ranks=ranks,
+                        reference_in_grid=reference in set(runs.loc[runs["dataset"] == dataset, "variant"]))
+        seeds, paired = pair.seeds, pair.paired
         for metric in metrics:
-            col = f"{split}_{metric}"
-            v_vals = v_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
-            r_vals = r_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
+            v_vals, r_vals, ref_mean = pair.values(f"{split}_{metric}")
             tt = stats.paired_ttest(v_vals, r_vals, confidence)
-            ref_mean = float(r_vals.mean()) if seeds else math.nan
             row = {"dataset": dataset, "metric": metric, "reference": reference, "variant": variant,
                    "n_paired_seeds": len(seeds), "paired_seeds": ",".join(map(str, seeds)),
                    "reference_mean": ref_mean, "variant_mean": float(v_vals.mean()) if seeds else math.nan,
@@ -249,8 +279,7 @@ def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAME
                    "t": tt["t"], "p_ttest": tt["p"]}
             reasons = []
             if not seeds:
-                n_v, n_r = len(v_rows), len(r_rows)
-                reasons.append(f"no paired seeds ({variant}: {n_v} ok, {reference}: {n_r} ok)")
+                reasons.append(pair.no_seeds_reason)
             elif tt["reason"]:
                 reasons.append(f"t-test: {tt['reason']}")
             if paired is not None:
@@ -262,8 +291,8 @@ def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAME
                            user_pct_ci_high=boot["pct_ci_high"], p_perm=perm["p"])
                 if boot["reason"] or perm["reason"]:
                     reasons.append(f"per-user: {boot['reason'] or perm['reason']}")
-            elif user_reason and seeds:
-                reasons.append(user_reason)
+            elif pair.user_reason and seeds:
+                reasons.append(pair.user_reason)
             row["reason"] = "; ".join(reasons)
             rows.append(row)
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
@@ -295,24 +324,11 @@ def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=METRIC_NA
     rows = []
     ok = runs[runs["status"] == "ok"] if not runs.empty else runs
     for dataset in (pd.unique(runs["dataset"]) if not runs.empty else []):
-        g = ok[ok["dataset"] == dataset]
         for variant, reference in pairs:
-            v_rows = g[g["variant"] == variant].set_index("seed")
-            r_rows = g[g["variant"] == reference].set_index("seed")
-            seeds = sorted(set(v_rows.index) & set(r_rows.index))
-            paired, user_reason = None, ""
-            if split != "test":
-                user_reason = "per-user results exist for the test split only"
-            elif seeds:
-                try:
-                    paired = _paired_user_ranks(ranks, v_rows["run_dir"].to_dict(), r_rows["run_dir"].to_dict(), seeds)
-                except FileNotFoundError as e:
-                    user_reason = f"per-user results missing: {e}"
+            pair = _Pair.of(ok, dataset, variant, reference, split=split, ranks=ranks)
+            seeds, paired = pair.seeds, pair.paired
             for metric in metrics:
-                col = f"{split}_{metric}"
-                v_vals = v_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
-                r_vals = r_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
-                ref_mean = float(r_vals.mean()) if seeds else math.nan
+                v_vals, r_vals, ref_mean = pair.values(f"{split}_{metric}")
                 abs_margin = margin * ref_mean if seeds else math.nan
                 base = {"dataset": dataset, "metric": metric, "variant": variant, "reference": reference,
                         "reference_mean": ref_mean, "margin": abs_margin, "margin_pct": 100 * margin}
@@ -322,13 +338,11 @@ def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=METRIC_NA
                     levels["users"] = uv - ur
                 for level in ("seeds", "users"):
                     if level not in levels:
-                        reason = (f"no paired seeds ({variant}: {len(v_rows)} ok, {reference}: {len(r_rows)} ok)"
-                                  if not seeds else user_reason)
+                        reason = pair.no_seeds_reason if not seeds else pair.user_reason
                         rows.append({**base, "level": level, "n": 0, "diff": math.nan, "reason": reason})
                         continue
                     if not seeds:
-                        res = {"n": 0, "diff": math.nan,
-                               "reason": f"no paired seeds ({variant}: {len(v_rows)} ok, {reference}: {len(r_rows)} ok)"}
+                        res = {"n": 0, "diff": math.nan, "reason": pair.no_seeds_reason}
                     elif not (abs_margin > 0):
                         res = {"n": len(levels[level]), "reason": f"reference mean {ref_mean} gives no positive margin"}
                     else:
