@@ -15,6 +15,10 @@ Runs execute on a Dask cluster: locally one worker per GPU (pinned with CUDA_VIS
 LocalCluster; with `--cluster slurm` a dask_jobqueue.SLURMCluster (one job = one worker = one GPU)
 fed through exactly the same submit code. On Slurm the repo, its .venv and the runs/reports folders
 must be on a file system the compute nodes share (the workers run this venv's python).
+
+This module is longer than 500 lines: the command line, the schedule, the clusters (local and Slurm)
+and the papermill execution are the one path every run takes (params parsing is gbla.params), tested
+end to end in tests/test_grid.py.
 """
 from __future__ import annotations
 

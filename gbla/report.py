@@ -8,6 +8,10 @@ Missing, failed and stale runs stay in every table as rows with NaN metrics and 
 present / expected; a comparison that lacks paired seeds is NaN with the reason spelled out.
 Statistics come from gbla.stats; see its docstring for what the seed-level and user-level tests ask.
 Benchmark results (outputs/bench) are reported by gbla.bench.latency.
+
+This module is longer than 500 lines: every table, finding and figure of the report is computed from
+the one runs table and its pairing, and the notebooks (train.ipynb's curves too) address them as one
+namespace, gbla.report.*.
 """
 from __future__ import annotations
 
