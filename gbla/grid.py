@@ -579,10 +579,10 @@ def train_examples(dataset: str, processed_root: Path | None, synthetic: dict) -
     """Training examples of a dataset: from its meta.json when built, else from the published counts
     (leave-one-out on 5-core data: interactions - 3 x users)."""
     from gbla.data.amazon import PUBLISHED_COUNTS
-    from gbla.runs import load_dataset
+    from gbla.runs import load_processed_dataset
 
     if dataset == SYNTHETIC:
-        return len(load_dataset(dataset, synthetic=synthetic).train)
+        return len(load_processed_dataset(dataset, synthetic=synthetic).train)
     meta = dataset_path(dataset, processed_root) / "meta.json"
     if meta.is_file():
         stats = json.loads(meta.read_text()).get("stats", {})
@@ -639,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", help="only these variants")
     ap.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     ap.add_argument("--cluster", choices=CLUSTERS, help="local (default) or slurm (dask-jobqueue)")
-    ap.add_argument("--runs-per-gpu", "--workers-per-gpu", dest="runs_per_gpu", type=int,
+    ap.add_argument("--runs-per-gpu", dest="runs_per_gpu", type=int,
                     help="concurrent runs per GPU worker (per CPU worker without GPUs)")
     ap.add_argument("--gpus", help="comma-separated GPU ids to use, or 'none' for CPU only (default: all visible)")
     ap.add_argument("--device", help="override runtime.device (auto | cuda | cpu)")

@@ -146,7 +146,7 @@ def test_missing_folder_and_unknown_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="no mirror folder for dataset 'toys'"):
         amazon.load_mirror("toys", tmp_path)
     for call in (lambda: amazon.load_mirror("beuty", tmp_path), lambda: amazon.raw_file_names("movies"),
-                 lambda: amazon.load_dataset("Beauty")):
+                 lambda: amazon.load_raw_dataset("Beauty")):
         with pytest.raises(ValueError, match="unknown dataset .* known datasets: beauty, sports, toys"):
             call()
 

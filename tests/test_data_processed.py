@@ -8,7 +8,7 @@ import pytest
 
 from gbla import common
 from gbla.data import processed
-from gbla.data.processed import (PAD, ProcessedDataset, compute_fingerprint, default_processed_dir,
+from gbla.data.processed import (PAD_ITEM, ProcessedDataset, compute_fingerprint, default_processed_dir,
                                  leave_one_out_split, load_processed, save_processed)
 
 
@@ -23,7 +23,7 @@ def test_split_by_hand():
     assert valid.target.tolist() == [14] and _history(valid, 0) == [10, 11, 12, 13]
     assert train.target.tolist() == [11, 12, 13]
     assert [_history(train, i) for i in range(3)] == [[10], [10, 11], [10, 11, 12]]
-    assert (train.history[0, 1:] == PAD).all()                     # right-padded with -1
+    assert (train.history[0, 1:] == PAD_ITEM).all()                     # right-padded with -1
     assert train.history.shape == (3, 20) and train.history.dtype == np.int64
 
 

@@ -161,7 +161,7 @@ def test_collect_runs_from_params_checks_the_current_data(tmp_path):
     grid = load_grid(params, "smoke")
     cfg = grid.expand()[0]
     current = runs.expected_data_fingerprint(cfg.dataset, synthetic=grid.synthetic)
-    assert current == runs.load_dataset(cfg.dataset, synthetic=grid.synthetic).provenance["fingerprint"]
+    assert current == runs.load_processed_dataset(cfg.dataset, synthetic=grid.synthetic).provenance["fingerprint"]
     result = make_result()
     result = dataclasses.replace(result, config=cfg, config_hash=cfg.config_hash())
     for fingerprint, status in ((current, "ok"), ("built-from-other-data", "stale")):
@@ -185,12 +185,12 @@ def test_collect_runs_from_a_params_profile(tmp_path):
     assert math.isnan(frame["valid_ndcg@10"].iloc[0])
 
 
-def test_load_dataset(tmp_path):
-    ds = runs.load_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
+def test_load_processed_dataset(tmp_path):
+    ds = runs.load_processed_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
     assert ds.num_users == 30 and ds.num_items == 12
-    again = runs.load_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
+    again = runs.load_processed_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
     assert again.provenance["fingerprint"] == ds.provenance["fingerprint"]
     with pytest.raises(FileNotFoundError, match=r"make data") as err:
-        runs.load_dataset("beauty", tmp_path)
+        runs.load_processed_dataset("beauty", tmp_path)
     assert str(tmp_path / "beauty") in str(err.value)
     assert runs.dataset_available("synthetic", tmp_path) and not runs.dataset_available("beauty", tmp_path)

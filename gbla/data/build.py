@@ -187,7 +187,7 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
     timings = {}
     cpu_start, load_start = time.process_time(), os.getloadavg()[0]
     t = time.perf_counter()
-    data = amazon.load_dataset(dataset, source_dir=source_dir, raw=raw, k_core=k_core)
+    data = amazon.load_raw_dataset(dataset, source_dir=source_dir, raw=raw, k_core=k_core)
     item_asins, sequences = data.index()
     timings["parse_s"] = time.perf_counter() - t
 

@@ -30,14 +30,14 @@ from gbla.common import REPO_ROOT, to_json
 
 FORMAT_VERSION = 1
 MAX_HISTORY = 20
-PAD = -1
+PAD_ITEM = -1  # the item index of an empty history slot (the model's padding token is gbla.model.PAD)
 SPLIT_NAMES = ("train", "valid", "test")
 
 
 @dataclass
 class SplitArrays:
     user: np.ndarray         # (n,) int64 user index 0..num_users-1
-    history: np.ndarray      # (n, max_history) int64 item indices, oldest first, left-aligned, PAD (-1) right-padded
+    history: np.ndarray      # (n, max_history) int64 item indices, oldest first, left-aligned, PAD_ITEM (-1) right-padded
     history_len: np.ndarray  # (n,) int64 in 1..max_history
     target: np.ndarray       # (n,) int64 item index
 
@@ -79,7 +79,7 @@ def _examples_at(flat: np.ndarray, starts: np.ndarray, positions: np.ndarray, us
     cols = np.arange(max_history, dtype=np.int64)
     src = positions[:, None] - hist_len[:, None] + cols[None, :]
     inside = cols[None, :] < hist_len[:, None]
-    history = np.where(inside, flat[np.clip(src, 0, len(flat) - 1)], PAD).astype(np.int64)
+    history = np.where(inside, flat[np.clip(src, 0, len(flat) - 1)], PAD_ITEM).astype(np.int64)
     return SplitArrays(user=users.astype(np.int64), history=history, history_len=hist_len,
                        target=flat[positions].astype(np.int64))
 
