@@ -569,8 +569,8 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
 
 
 # CPU seconds per training step of the paper-size model (batch 256): measured 13 s (encoder input 25
-# tokens) to 24 s (41 tokens) per eager `sa` step with 2 torch threads on a shared, loaded 2-core x86
-# machine; 10 s is a round, optimistic yardstick for the warning below, not a benchmark. On an H100 one
+# tokens) to 24 s (41 tokens) per eager `sa` step with 2 torch threads on a 2-core x86-64 machine that
+# other processes loaded; 10 s is a round, optimistic yardstick for the warning below, not a benchmark. On an H100 one
 # Beauty run to early stopping took ~7 min (outputs/pilot).
 CPU_SECONDS_PER_STEP = 10.0
 

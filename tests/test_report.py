@@ -1,4 +1,4 @@
-"""gbla.report on run folders written in the run-directory contract (COMMON.md item 10)."""
+"""gbla.report on run folders written in the run-directory contract (gbla/runs.py's docstring)."""
 import json
 import math
 
