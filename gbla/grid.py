@@ -15,6 +15,10 @@ Runs execute on a Dask cluster: locally one worker per GPU (pinned with CUDA_VIS
 LocalCluster; with `--cluster slurm` a dask_jobqueue.SLURMCluster (one job = one worker = one GPU)
 fed through exactly the same submit code. On Slurm the repo, its .venv and the runs/reports folders
 must be on a file system the compute nodes share (the workers run this venv's python).
+
+This module is longer than 500 lines: the command line, the schedule, the clusters (local and Slurm)
+and the papermill execution are the one path every run takes (params parsing is gbla.params), tested
+end to end in tests/test_grid.py.
 """
 from __future__ import annotations
 
@@ -39,9 +43,9 @@ import yaml
 from gbla.config import RunConfig
 from gbla.params import CLUSTERS, DEFAULT_PARAMS, Grid, ParamsError, load_grid  # noqa: F401  (re-exported)
 from gbla.params import KNOWN_DATASETS, SYNTHETIC, check_dataset_names  # noqa: F401  (re-exported)
-from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, REPO_ROOT, _now, atomic_write_json, atomic_write_text,
-                       collect_runs, dataset_available, dataset_path, expected_data_fingerprint, git_commit, is_done,
-                       record_failure, run_dir_for, variant_dir_for)
+from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
+from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, collect_runs, dataset_available, dataset_path,
+                       expected_data_fingerprint, is_done, record_failure, run_dir_for, variant_dir_for)
 
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
 # with a deadline (--time-budget), a group is not started with less than this many seconds left
@@ -579,8 +583,8 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
 
 
 # CPU seconds per training step of the paper-size model (batch 256): measured 13 s (encoder input 25
-# tokens) to 24 s (41 tokens) per eager `sa` step with 2 torch threads on a shared, loaded 2-core x86
-# machine; 10 s is a round, optimistic yardstick for the warning below, not a benchmark. On an H100 one
+# tokens) to 24 s (41 tokens) per eager `sa` step with 2 torch threads on a 2-core x86-64 machine that
+# other processes loaded; 10 s is a round, optimistic yardstick for the warning below, not a benchmark. On an H100 one
 # Beauty run to early stopping took ~7 min (outputs/pilot).
 CPU_SECONDS_PER_STEP = 10.0
 
@@ -589,10 +593,10 @@ def train_examples(dataset: str, processed_root: Path | None, synthetic: dict) -
     """Training examples of a dataset: from its meta.json when built, else from the published counts
     (leave-one-out on 5-core data: interactions - 3 x users)."""
     from gbla.data.amazon import PUBLISHED_COUNTS
-    from gbla.runs import load_dataset
+    from gbla.runs import load_processed_dataset
 
     if dataset == SYNTHETIC:
-        return len(load_dataset(dataset, synthetic=synthetic).train)
+        return len(load_processed_dataset(dataset, synthetic=synthetic).train)
     meta = dataset_path(dataset, processed_root) / "meta.json"
     if meta.is_file():
         stats = json.loads(meta.read_text()).get("stats", {})
@@ -649,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", help="only these variants")
     ap.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     ap.add_argument("--cluster", choices=CLUSTERS, help="local (default) or slurm (dask-jobqueue)")
-    ap.add_argument("--runs-per-gpu", "--workers-per-gpu", dest="runs_per_gpu", type=int,
+    ap.add_argument("--runs-per-gpu", dest="runs_per_gpu", type=int,
                     help="concurrent runs per GPU worker (per CPU worker without GPUs)")
     ap.add_argument("--gpus", help="comma-separated GPU ids to use, or 'none' for CPU only (default: all visible)")
     ap.add_argument("--device", help="override runtime.device (auto | cuda | cpu)")

@@ -18,10 +18,10 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from gbla.common import REPO_ROOT
 from gbla.config import LAYER_TYPES, GBLAOptions, ModelConfig, RunConfig, TrainConfig
 from gbla.data.amazon import DATASETS as AMAZON_DATASETS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = REPO_ROOT / "params" / "ablations.yaml"
 
 TOP_LEVEL_KEYS = {"datasets", "seeds", "model", "train", "variants", "synthetic", "runtime", "dask", "profiles"}
@@ -259,12 +259,11 @@ class Grid:
     runtime: dict
     dask: dict
 
-    def run_config(self, dataset: str, variant: str, seed: int, *, train_overrides: dict | None = None,
-                   model_overrides: dict | None = None) -> RunConfig:
+    def run_config(self, dataset: str, variant: str, seed: int, *, train_overrides: dict | None = None) -> RunConfig:
         if variant not in self.variants:
             raise KeyError(f"{self.params_file}: no variant {variant!r}; defined: {', '.join(self.variants)}")
         v = self.variants[variant]
-        model = {**self.model, **v.model, **(model_overrides or {}),
+        model = {**self.model, **v.model,
                  "encoder_layout": v.encoder_layout, "gbla": GBLAOptions(**v.gbla)}
         train = {**self.train, **{k: val for k, val in (train_overrides or {}).items() if val is not None}}
         return RunConfig(dataset=dataset, variant=variant, seed=int(seed), model=ModelConfig(**model),

@@ -7,11 +7,14 @@
 Missing, failed and stale runs stay in every table as rows with NaN metrics and a count of the seeds
 present / expected; a comparison that lacks paired seeds is NaN with the reason spelled out.
 Statistics come from gbla.stats; see its docstring for what the seed-level and user-level tests ask.
-The latency half (load_layer_speed, speedups_vs_sdpa, plot_latency) reads outputs/bench/layer_speed.json.
+Benchmark results (outputs/bench) are reported by gbla.bench.latency.
+
+This module is longer than 500 lines: every table, finding and figure of the report is computed from
+the one runs table and its pairing, and the notebooks (train.ipynb's curves too) address them as one
+namespace, gbla.report.*.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -23,18 +26,10 @@ import pandas as pd
 
 from gbla import runs as runs_io
 from gbla import stats
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_path, atomic_write_json, git_commit, repo_path
 DEFAULT_PUBLISHED = REPO_ROOT / "params" / "published.yaml"
 
 
-def resolve(path) -> Path | None:
-    """Absolute paths as given; relative paths are relative to the repository root (so a notebook
-    opened from notebooks/ and papermill started from the root read the same files)."""
-    if path is None or str(path) == "":
-        return None
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 # ============================================================================= runs table
@@ -48,8 +43,8 @@ def load_runs(runs_root, params_file=None, profile: str | None = None, *, expect
     `expected` (an iterable of RunConfigs) gives the grid directly. Column `expected_by` says which
     ("params" or "folder").
     """
-    runs_root = resolve(runs_root)
-    params_file = resolve(params_file)
+    runs_root = repo_path(runs_root)
+    params_file = repo_path(params_file)
     if expected is not None:
         table = runs_io.collect_runs(runs_root, list(expected))
         table["expected_by"] = "params"
@@ -112,7 +107,7 @@ def problem_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 # ============================================================================= mean +- CI over seeds
 
-def summarize(runs: pd.DataFrame, metrics=stats.METRICS, *, split: str = "test",
+def summarize(runs: pd.DataFrame, metrics=METRIC_NAMES, *, split: str = "test",
               confidence: float = 0.95) -> pd.DataFrame:
     """Per dataset, variant and metric: mean and t-CI over the ok seeds, n_ok of n_expected."""
     columns = ["dataset", "variant", "metric", "n_ok", "n_expected", "mean", "std", "ci_low", "ci_high",
@@ -195,6 +190,51 @@ def _user_means(paired: list, metric: str) -> tuple[np.ndarray, np.ndarray]:
     return np.bincount(inverse, v) / counts, np.bincount(inverse, r) / counts
 
 
+@dataclass
+class _Pair:
+    """A variant and a reference on one dataset: their finished runs, the seeds both finished, and
+    (test split) each paired seed's per-user ranks, or why there are none. compare() and
+    equivalence() both test over this pairing."""
+    variant: str
+    reference: str
+    v_rows: pd.DataFrame          # the variant's ok runs, indexed by seed
+    r_rows: pd.DataFrame          # the reference's
+    seeds: list
+    paired: list | None = None    # _paired_user_ranks, when the per-user results are there
+    user_reason: str = ""         # why `paired` is None
+
+    @classmethod
+    def of(cls, ok: pd.DataFrame, dataset: str, variant: str, reference: str, *, split: str,
+           ranks: PerUserRanks, reference_in_grid: bool = True) -> "_Pair":
+        """`ok`: the finished runs (status ok) of every dataset."""
+        ok = ok[ok["dataset"] == dataset]
+        v_rows = ok[ok["variant"] == variant].set_index("seed")
+        r_rows = ok[ok["variant"] == reference].set_index("seed")
+        pair = cls(variant, reference, v_rows, r_rows, sorted(set(v_rows.index) & set(r_rows.index)))
+        if not reference_in_grid:
+            pair.user_reason = f"reference {reference!r} is not in the grid for {dataset}"
+        elif split != "test":
+            pair.user_reason = "per-user results exist for the test split only"
+        elif pair.seeds:
+            try:
+                pair.paired = _paired_user_ranks(ranks, v_rows["run_dir"].to_dict(), r_rows["run_dir"].to_dict(),
+                                                 pair.seeds)
+            except FileNotFoundError as e:
+                pair.user_reason = f"per-user results missing: {e}"
+        return pair
+
+    def values(self, column: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """(variant values, reference values) of `column` over the paired seeds, and the reference's mean."""
+        if not self.seeds:
+            return np.array([]), np.array([]), math.nan
+        r_vals = self.r_rows.loc[self.seeds, column].to_numpy(dtype=float)
+        return self.v_rows.loc[self.seeds, column].to_numpy(dtype=float), r_vals, float(r_vals.mean())
+
+    @property
+    def no_seeds_reason(self) -> str:
+        return f"no paired seeds ({self.variant}: {len(self.v_rows)} ok, {self.reference}: {len(self.r_rows)} ok)"
+
+
 COMPARISON_COLUMNS = [
     "dataset", "metric", "reference", "variant", "n_paired_seeds", "paired_seeds", "reference_mean",
     "variant_mean", "diff", "diff_ci_low", "diff_ci_high", "pct", "pct_ci_low", "pct_ci_high", "t",
@@ -202,7 +242,7 @@ COMPARISON_COLUMNS = [
     "user_pct_ci_low", "user_pct_ci_high", "p_perm", "p_perm_holm", "reason"]
 
 
-def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=stats.METRICS, *, split: str = "test",
+def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAMES, *, split: str = "test",
             confidence: float = 0.95, n_bootstrap: int = 10_000, seed: int = 0,
             ranks: PerUserRanks | None = None, progress: bool = False) -> pd.DataFrame:
     """Every variant against every reference, per dataset and metric.
@@ -227,27 +267,12 @@ def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=stats.METRI
         from tqdm import tqdm  # plain text bar: no ipywidgets needed in notebooks
         tasks = tqdm(tasks, desc="comparisons")
     for dataset, reference, variant in tasks:
-        g = ok[ok["dataset"] == dataset]
-        v_rows = g[g["variant"] == variant].set_index("seed")
-        r_rows = g[g["variant"] == reference].set_index("seed")
-        seeds = sorted(set(v_rows.index) & set(r_rows.index))
-        paired = None
-        user_reason = ""
-        if reference not in set(runs.loc[runs["dataset"] == dataset, "variant"]):
-            user_reason = f"reference {reference!r} is not in the grid for {dataset}"
-        elif split == "test" and seeds:
-            try:
-                paired = _paired_user_ranks(ranks, v_rows["run_dir"].to_dict(), r_rows["run_dir"].to_dict(), seeds)
-            except FileNotFoundError as e:
-                user_reason = f"per-user results missing: {e}"
-        elif split != "test":
-            user_reason = "per-user results exist for the test split only"
+        pair = _Pair.of(ok, dataset, variant, reference, split=split, ranks=ranks,
+                        reference_in_grid=reference in set(runs.loc[runs["dataset"] == dataset, "variant"]))
+        seeds, paired = pair.seeds, pair.paired
         for metric in metrics:
-            col = f"{split}_{metric}"
-            v_vals = v_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
-            r_vals = r_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
+            v_vals, r_vals, ref_mean = pair.values(f"{split}_{metric}")
             tt = stats.paired_ttest(v_vals, r_vals, confidence)
-            ref_mean = float(r_vals.mean()) if seeds else math.nan
             row = {"dataset": dataset, "metric": metric, "reference": reference, "variant": variant,
                    "n_paired_seeds": len(seeds), "paired_seeds": ",".join(map(str, seeds)),
                    "reference_mean": ref_mean, "variant_mean": float(v_vals.mean()) if seeds else math.nan,
@@ -258,8 +283,7 @@ def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=stats.METRI
                    "t": tt["t"], "p_ttest": tt["p"]}
             reasons = []
             if not seeds:
-                n_v, n_r = len(v_rows), len(r_rows)
-                reasons.append(f"no paired seeds ({variant}: {n_v} ok, {reference}: {n_r} ok)")
+                reasons.append(pair.no_seeds_reason)
             elif tt["reason"]:
                 reasons.append(f"t-test: {tt['reason']}")
             if paired is not None:
@@ -271,8 +295,8 @@ def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=stats.METRI
                            user_pct_ci_high=boot["pct_ci_high"], p_perm=perm["p"])
                 if boot["reason"] or perm["reason"]:
                     reasons.append(f"per-user: {boot['reason'] or perm['reason']}")
-            elif user_reason and seeds:
-                reasons.append(user_reason)
+            elif pair.user_reason and seeds:
+                reasons.append(pair.user_reason)
             row["reason"] = "; ".join(reasons)
             rows.append(row)
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
@@ -293,7 +317,7 @@ EQUIVALENCE_COLUMNS = ["dataset", "metric", "variant", "reference", "level", "n"
                        "equivalent", "reason"]
 
 
-def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=stats.METRICS, *, margin: float = 0.05,
+def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=METRIC_NAMES, *, margin: float = 0.05,
                 split: str = "test", alpha: float = 0.05, ranks: PerUserRanks | None = None) -> pd.DataFrame:
     """TOST of "variant matches reference" within +-margin x (reference mean over the paired seeds).
 
@@ -304,24 +328,11 @@ def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=stats.MET
     rows = []
     ok = runs[runs["status"] == "ok"] if not runs.empty else runs
     for dataset in (pd.unique(runs["dataset"]) if not runs.empty else []):
-        g = ok[ok["dataset"] == dataset]
         for variant, reference in pairs:
-            v_rows = g[g["variant"] == variant].set_index("seed")
-            r_rows = g[g["variant"] == reference].set_index("seed")
-            seeds = sorted(set(v_rows.index) & set(r_rows.index))
-            paired, user_reason = None, ""
-            if split != "test":
-                user_reason = "per-user results exist for the test split only"
-            elif seeds:
-                try:
-                    paired = _paired_user_ranks(ranks, v_rows["run_dir"].to_dict(), r_rows["run_dir"].to_dict(), seeds)
-                except FileNotFoundError as e:
-                    user_reason = f"per-user results missing: {e}"
+            pair = _Pair.of(ok, dataset, variant, reference, split=split, ranks=ranks)
+            seeds, paired = pair.seeds, pair.paired
             for metric in metrics:
-                col = f"{split}_{metric}"
-                v_vals = v_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
-                r_vals = r_rows.loc[seeds, col].to_numpy(dtype=float) if seeds else np.array([])
-                ref_mean = float(r_vals.mean()) if seeds else math.nan
+                v_vals, r_vals, ref_mean = pair.values(f"{split}_{metric}")
                 abs_margin = margin * ref_mean if seeds else math.nan
                 base = {"dataset": dataset, "metric": metric, "variant": variant, "reference": reference,
                         "reference_mean": ref_mean, "margin": abs_margin, "margin_pct": 100 * margin}
@@ -331,13 +342,11 @@ def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=stats.MET
                     levels["users"] = uv - ur
                 for level in ("seeds", "users"):
                     if level not in levels:
-                        reason = (f"no paired seeds ({variant}: {len(v_rows)} ok, {reference}: {len(r_rows)} ok)"
-                                  if not seeds else user_reason)
+                        reason = pair.no_seeds_reason if not seeds else pair.user_reason
                         rows.append({**base, "level": level, "n": 0, "diff": math.nan, "reason": reason})
                         continue
                     if not seeds:
-                        res = {"n": 0, "diff": math.nan,
-                               "reason": f"no paired seeds ({variant}: {len(v_rows)} ok, {reference}: {len(r_rows)} ok)"}
+                        res = {"n": 0, "diff": math.nan, "reason": pair.no_seeds_reason}
                     elif not (abs_margin > 0):
                         res = {"n": len(levels[level]), "reason": f"reference mean {ref_mean} gives no positive margin"}
                     else:
@@ -365,7 +374,7 @@ def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
     """
     import yaml
 
-    path = resolve(path)
+    path = repo_path(path)
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -416,7 +425,7 @@ class Report:
 DEPTH_PAIRS = (("hybrid-1to2-6L", "sa-6L"),)
 
 
-def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=stats.METRICS,
+def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=METRIC_NAMES,
                  equivalence_pairs=(("hybrid", "sa"),) + DEPTH_PAIRS, pairs=DEPTH_PAIRS,
                  tost_margin: float = 0.05, n_bootstrap: int = 10_000,
                  seed: int = 0, confidence: float = 0.95, published_file=DEFAULT_PUBLISHED,
@@ -430,7 +439,7 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=sta
     ranks = PerUserRanks()
     summary = summarize(runs, metrics, confidence=confidence)
     notes = []
-    published_file = resolve(published_file)
+    published_file = repo_path(published_file)
     if published_file is not None and published_file.is_file():
         published = published_comparison(summary, load_published(published_file))
     else:
@@ -455,9 +464,8 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=sta
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def write_report(report: Report, output_dir, *, runs_root=None, params_file=None, profile=None) -> dict:
@@ -465,7 +473,7 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
 
     Returns {name: path}. Each file is written to a temporary name and renamed.
     """
-    output_dir = resolve(output_dir)
+    output_dir = repo_path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in ("status", "summary", "comparisons", "equivalence", "published"):
@@ -479,9 +487,9 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
     not_ok = problem_runs(report.runs)
     summary = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": runs_io.git_commit(),
-        "runs_root": str(resolve(runs_root)) if runs_root is not None else None,
-        "params_file": str(resolve(params_file)) if params_file is not None else None,
+        "commit": git_commit(),
+        "runs_root": str(repo_path(runs_root)) if runs_root is not None else None,
+        "params_file": str(repo_path(params_file)) if params_file is not None else None,
         "profile": profile,
         "parameters": report.parameters,
         "runs": {"expected": int(len(report.runs)), **{k: int(v) for k, v in counts.items()}},
@@ -490,7 +498,7 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
         "notes": report.notes,
         "files": {k: p.name for k, p in paths.items()},
     }
-    paths["report"] = runs_io.atomic_write_json(output_dir / "report.json", _jsonable(summary))
+    paths["report"] = atomic_write_json(output_dir / "report.json", _jsonable(summary))
     return paths
 
 
@@ -525,7 +533,7 @@ def provenance(runs: pd.DataFrame, *, command: str | None = None) -> str:
     span = "n/a" if not len(dates) else dates.min()[:10] if dates.min()[:10] == dates.max()[:10] else \
         f"{dates.min()[:10]} to {dates.max()[:10]}"
     return (f"Runs: {len(ok)} finished; device {listing('device')}; commit {listing('commit')}; trained {span}. "
-            f"Report: commit {runs_io.git_commit()}, {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+            f"Report: commit {git_commit()}, {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
             + (f", `{command}`" if command else "") + ".")
 
 
@@ -1105,100 +1113,3 @@ def plot_group_curves(histories: pd.DataFrame, runs: pd.DataFrame, *, title: str
     fig.suptitle(f"{title}: {len(runs)} seeds (dotted: each seed's best epoch)")
     fig.tight_layout()
     return fig
-
-
-# ============================================================================= latency (layer_speed.json)
-
-LAYER_SPEED_FILE = REPO_ROOT / "outputs" / "bench" / "layer_speed.json"
-_ROW_FIELDS = ("level", "impl", "L", "B", "pass", "median_ms")
-
-
-def load_layer_speed(path=LAYER_SPEED_FILE) -> tuple[dict, pd.DataFrame]:
-    """(meta, rows) of the benchmark JSON; FileNotFoundError when absent, ValueError naming bad rows."""
-    path = resolve(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the benchmark first (`make bench` on a GPU machine)")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict) or "rows" not in doc:
-        raise ValueError(f"{path}: expected an object with 'meta' and 'rows'")
-    for i, row in enumerate(doc["rows"]):
-        missing = [k for k in _ROW_FIELDS if k not in row]
-        if missing:
-            raise ValueError(f"{path}: rows[{i}] lacks fields {missing}")
-    rows = pd.DataFrame(doc["rows"])
-    for col in ("peak_mem_mib", "error"):
-        if col not in rows.columns:
-            rows[col] = None
-    if not rows.empty:
-        rows["median_ms"] = pd.to_numeric(rows["median_ms"], errors="coerce")
-    return doc.get("meta", {}), rows
-
-
-def timing_kind(impl: str) -> str:
-    """How a benchmark row was timed: "eager", or the suffix after "+" (e.g. "graph" for CUDA-graph replays)."""
-    return impl.split("+", 1)[1] if "+" in impl else "eager"
-
-
-def speedups_vs_sdpa(rows: pd.DataFrame) -> pd.DataFrame:
-    """Layer level: each implementation's time next to the fastest working SDPA implementation
-    ("sa-*") at the same (pass, L, B) timed the same way (eager with eager, "+graph" CUDA-graph
-    replays with "+graph"): a graph replay has no launch overhead, so eager GBLA over graphed SDPA
-    would mix two effects. speedup = best SDPA ms / impl ms (> 1: faster than SDPA).
-    gbla.bench.layer_speed's markdown table is made from this same function."""
-    columns = ["pass", "L", "B", "impl", "timing", "median_ms", "best_sdpa", "best_sdpa_ms", "speedup"]
-    ok = rows[(rows["level"] == "layer") & rows["error"].isna() & rows["median_ms"].notna()]
-    ok = ok.assign(timing=[timing_kind(i) for i in ok["impl"]])
-    sdpa = ok[ok["impl"].str.startswith("sa-")]
-    if sdpa.empty:
-        return pd.DataFrame(columns=columns)
-    keys = ["pass", "L", "B", "timing"]
-    best = (sdpa.sort_values("median_ms").groupby(keys, as_index=False).first()
-            .rename(columns={"impl": "best_sdpa", "median_ms": "best_sdpa_ms"})[keys + ["best_sdpa", "best_sdpa_ms"]])
-    out = ok.merge(best, on=keys, how="left")
-    out["speedup"] = out["best_sdpa_ms"] / out["median_ms"]
-    return out[columns].sort_values(["pass", "B", "impl", "L"]).reset_index(drop=True)
-
-
-def plot_latency(rows: pd.DataFrame):
-    """log-log median time vs sequence length L, one line per implementation; panels: level x pass."""
-    import seaborn as sns
-
-    from matplotlib.ticker import NullFormatter
-
-    ok = rows[rows["error"].isna() & rows["median_ms"].notna()]
-    if ok.empty:
-        return None
-    _theme()
-    # one panel per (level, batch size): lines never average over different B
-    ok = ok.assign(panel=[f"{lv}, B={b}" for lv, b in zip(ok["level"], ok["B"])])
-    grid = sns.relplot(data=ok, x="L", y="median_ms", hue="impl", style="impl", markers=True, dashes=False,
-                       row="panel", col="pass", kind="line", errorbar=None,
-                       facet_kws={"sharey": False, "margin_titles": True}, height=3.2, aspect=1.3)
-    grid.set(xscale="log", yscale="log")
-    for ax in grid.axes.flat:
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
-    grid.set_axis_labels("sequence length L", "median time (ms)")
-    return grid
-
-
-def plot_speedup(speedups: pd.DataFrame):
-    """Speedup over the best SDPA per L (log x); the line at 1 is parity."""
-    import seaborn as sns
-
-    data = speedups[~speedups["impl"].str.startswith("sa-")] if not speedups.empty else speedups
-    if data.empty:
-        return None
-    _theme()
-    grid = sns.relplot(data=data, x="L", y="speedup", hue="impl", style="impl", markers=True, dashes=False,
-                       row="B", col="pass", kind="line", errorbar=None, height=3.2, aspect=1.3,
-                       facet_kws={"margin_titles": True})
-    grid.set(xscale="log")
-    grid.set_titles(row_template="B={row_name}", col_template="{col_name}")
-    for ax in grid.axes.flat:
-        ax.axhline(1.0, color="black", lw=1)
-    grid.set_axis_labels("sequence length L", "speedup vs best SDPA (x)")
-    return grid

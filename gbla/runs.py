@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import traceback as traceback_module
 import uuid
 from datetime import datetime, timezone
@@ -32,7 +31,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# REPO_ROOT, git_commit and METRIC_NAMES are also read as runs.* by notebooks/train.ipynb
+from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_write_json, git_commit  # noqa: F401
+
 DEFAULT_RUNS_ROOT = REPO_ROOT / "outputs" / "runs"
 
 METRICS_FILE = "metrics.json"
@@ -41,10 +42,6 @@ ERROR_FILE = "error.json"
 NOTEBOOK_FILE = "train.ipynb"
 LOG_FILE = "run.log"
 
-METRIC_NAMES = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
-# status of a run in the expected grid (collect_runs): ok | failed | stale (a result of an older
-# config, or trained on other data) | missing (never ran, or interrupted)
-STATUSES = ("ok", "failed", "stale", "missing")
 SYNTHETIC = "synthetic"
 # where a hand run of notebooks/train.ipynb writes unless told otherwise (git-ignored), so that it
 # never overwrites the grid's results in outputs/runs
@@ -52,7 +49,7 @@ SCRATCH_RUNS_ROOT = "outputs/scratch/runs"
 
 
 # ---------------------------------------------------------------------------------------------
-# paths and atomic writes
+# paths
 
 def run_dir_for(root: str | os.PathLike, dataset: str, variant: str, seed: int) -> Path:
     return variant_dir_for(root, dataset, variant) / f"seed{int(seed)}"
@@ -81,42 +78,6 @@ def check_expected_hashes(configs, expected: dict | None) -> None:
                              f"{expected.get(c.seed)}: the params file changed while the grid was running?")
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary file in the same folder, then rename: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _json_default(x: Any):
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -126,24 +87,6 @@ def _read_json(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # provenance
-
-def git_commit(repo: str | os.PathLike = REPO_ROOT) -> str:
-    """The checked-out commit, with "-dirty" appended when tracked files have uncommitted changes.
-
-    $GBLA_COMMIT, when set, wins: whoever copies the tree to another machine (where .git may be
-    missing or stale) sets it to the commit copied. "unknown" without either.
-    """
-    if os.environ.get("GBLA_COMMIT"):
-        return os.environ["GBLA_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -300,7 +243,7 @@ def expected_data_fingerprint(name: str, processed_root: str | os.PathLike | Non
     """The fingerprint of the data a run of dataset `name` would train on now, or None when that data
     is not there (then runs cannot be checked against it). Reads only meta.json for processed data."""
     if name == SYNTHETIC:
-        return load_dataset(name, synthetic=synthetic).provenance.get("fingerprint")
+        return load_processed_dataset(name, synthetic=synthetic).provenance.get("fingerprint")
     meta = dataset_path(name, processed_root) / "meta.json"
     if not meta.is_file():
         return None
@@ -422,8 +365,8 @@ def load_histories(runs: "pd.DataFrame") -> "pd.DataFrame":
 # ---------------------------------------------------------------------------------------------
 # datasets by name
 
-def load_dataset(name: str, processed_root: str | os.PathLike | None = None, *,
-                 synthetic: dict | None = None):
+def load_processed_dataset(name: str, processed_root: str | os.PathLike | None = None, *,
+                           synthetic: dict | None = None):
     """The ProcessedDataset called `name`.
 
     "synthetic" is generated by gbla.data.synthetic.make_synthetic_dataset(**synthetic) (no files);
@@ -443,6 +386,10 @@ def load_dataset(name: str, processed_root: str | os.PathLike | None = None, *,
             f"(or `python -m gbla.data.build --dataset {name}`), or point processed_root / "
             f"$GBLA_PROCESSED_DIR at the folder that holds it.")
     return load_processed(path)
+
+
+# the name notebooks/train.ipynb still calls (gbla.data.amazon.load_raw_dataset reads the raw files)
+load_dataset = load_processed_dataset
 
 
 def dataset_path(name: str, processed_root: str | os.PathLike | None = None) -> Path:

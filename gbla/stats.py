@@ -24,7 +24,7 @@ import re
 import numpy as np
 from scipy import stats as sps
 
-METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+from gbla.common import METRIC_NAMES, hits_at, ndcg_at
 _METRIC_RE = re.compile(r"^(recall|ndcg)@(\d+)$")
 
 
@@ -39,7 +39,7 @@ def parse_metric(name: str) -> tuple[str, int]:
     """'ndcg@10' -> ('ndcg', 10). Raises ValueError naming the bad metric."""
     m = _METRIC_RE.match(name)
     if not m:
-        raise ValueError(f"unknown metric {name!r}; expected 'recall@K' or 'ndcg@K' (e.g. {METRICS})")
+        raise ValueError(f"unknown metric {name!r}; expected 'recall@K' or 'ndcg@K' (e.g. {METRIC_NAMES})")
     return m.group(1), int(m.group(2))
 
 
@@ -55,11 +55,9 @@ def per_user_metric(rank, metric: str) -> np.ndarray:
         raise ValueError(f"rank must be 1-D, got shape {rank.shape}")
     if rank.size and (rank.min() < 0):
         raise ValueError(f"rank must be >= 0 (0 = miss), got min {rank.min()}")
-    hit = (rank > 0) & (rank <= k)
     if kind == "recall":
-        return hit.astype(np.float64)
-    safe = np.where(hit, rank, 1).astype(np.float64)
-    return np.where(hit, 1.0 / np.log2(safe + 1.0), 0.0)
+        return hits_at(rank, k).astype(np.float64)
+    return ndcg_at(rank, k)
 
 
 # --------------------------------------------------------------------------- over seeds

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-# one thread: on a busy 2-core machine, two OpenMP threads spin-wait for each other and small-model
-# training steps ran ~100x slower (measured: 4.5 s vs 0.03 s per step)
+# one thread: where the cores are few and busy, OpenMP threads spin-wait for each other and small-model
+# training steps ran ~100x slower (measured on a loaded 2-core x86-64 machine: 4.5 s vs 0.03 s per step)
 torch.set_num_threads(1)
 
 

@@ -19,3 +19,24 @@ def test_profile_steps_creates_the_out_folder(tmp_path):
     result = train_speed.profile_steps(step, batches, path)
     assert path.is_file() and calls == [13, 13, 13]
     assert set(result) == {"kernels_per_step", "kernel_busy_ms_per_step"}
+
+
+def test_variants_come_from_the_params_file():
+    """The benchmark trains the grid's configs: sa and hybrid of the `full` profile are the configs its
+    former built-in table gave (default model and train settings, the layouts below), so its earlier
+    measurements and the grid's runs describe the same models."""
+    from gbla.config import ModelConfig, RunConfig, TrainConfig
+
+    ns = train_speed.build_parser().parse_args(["run", "--variant", "hybrid"])
+    for variant, layout in (("sa", ("sa",) * 4), ("hybrid", ("sa", "gbla", "gbla", "sa"))):
+        expected = RunConfig("beauty", variant, 3, model=ModelConfig(encoder_layout=layout),
+                             train=TrainConfig(max_epochs=2))
+        assert train_speed.run_config(ns, variant, 3, max_epochs=2).config_hash() == expected.config_hash()
+    with pytest.raises(KeyError, match="no variant 'sa_causal'"):
+        train_speed.run_config(ns, "sa_causal", 0)
+
+
+def test_steps_has_no_warmup_flag():
+    """Warm-up is per encoder length, until each is past TrainStep.WARMUP_STEPS (and captured): no count to set."""
+    with pytest.raises(SystemExit):
+        train_speed.build_parser().parse_args(["steps", "--warmup", "5"])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from gbla import common
 from gbla.data import amazon
 from gbla.data.amazon import DataFormatError
 from gbla.data.processed import leave_one_out_split
@@ -93,7 +94,7 @@ def test_mirror_drops_unused_items(tmp_path):
 
 def test_default_source_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("GBLA_DATA_DIR", raising=False)
-    assert amazon.default_source_dir() == (amazon.REPO_ROOT.parent / "shared" / "data" / "amazon").resolve()
+    assert amazon.default_source_dir() == (common.REPO_ROOT.parent / "shared" / "data" / "amazon").resolve()
     monkeypatch.setenv("GBLA_DATA_DIR", str(tmp_path))
     assert amazon.default_source_dir() == tmp_path
 
@@ -145,7 +146,7 @@ def test_missing_folder_and_unknown_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="no mirror folder for dataset 'toys'"):
         amazon.load_mirror("toys", tmp_path)
     for call in (lambda: amazon.load_mirror("beuty", tmp_path), lambda: amazon.raw_file_names("movies"),
-                 lambda: amazon.load_dataset("Beauty")):
+                 lambda: amazon.load_raw_dataset("Beauty")):
         with pytest.raises(ValueError, match="unknown dataset .* known datasets: beauty, sports, toys"):
             call()
 

@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from gbla import common
 from gbla.data import processed
-from gbla.data.processed import (PAD, ProcessedDataset, compute_fingerprint, default_processed_dir,
+from gbla.data.processed import (PAD_ITEM, ProcessedDataset, compute_fingerprint, default_processed_dir,
                                  leave_one_out_split, load_processed, save_processed)
 
 
@@ -22,7 +23,7 @@ def test_split_by_hand():
     assert valid.target.tolist() == [14] and _history(valid, 0) == [10, 11, 12, 13]
     assert train.target.tolist() == [11, 12, 13]
     assert [_history(train, i) for i in range(3)] == [[10], [10, 11], [10, 11, 12]]
-    assert (train.history[0, 1:] == PAD).all()                     # right-padded with -1
+    assert (train.history[0, 1:] == PAD_ITEM).all()                     # right-padded with -1
     assert train.history.shape == (3, 20) and train.history.dtype == np.int64
 
 
@@ -125,7 +126,7 @@ def test_load_missing_names_the_folder(tmp_path):
 
 def test_default_processed_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("GBLA_PROCESSED_DIR", raising=False)
-    assert default_processed_dir("beauty") == processed.REPO_ROOT / "outputs" / "processed" / "beauty"
+    assert default_processed_dir("beauty") == common.REPO_ROOT / "outputs" / "processed" / "beauty"
     monkeypatch.setenv("GBLA_PROCESSED_DIR", str(tmp_path))
     assert default_processed_dir("toys") == tmp_path / "toys"
 
@@ -136,4 +137,4 @@ def test_processed_imports_without_build_dependencies():
             "for m in ('polars', 'sklearn', 'sentence_transformers', 'datasets'): sys.modules[m] = None\n"
             "import gbla.data, gbla.data.processed\n"
             "from gbla.data import load_processed, save_processed, leave_one_out_split\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=processed.REPO_ROOT)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=common.REPO_ROOT)

@@ -8,7 +8,8 @@ import pandas as pd
 import papermill as pm
 import pytest
 
-from test_report import bench_rows, fixture_ranks, write_failed, write_run
+from test_bench_latency import bench_rows
+from test_report import fixture_ranks, write_failed, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 AGGREGATE = REPO / "notebooks" / "aggregate.ipynb"

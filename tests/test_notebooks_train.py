@@ -34,7 +34,7 @@ def test_committed_clean():
 @pytest.mark.timeout(300)
 def test_runs_with_its_defaults_and_refuses_an_unexpected_config(tmp_path, monkeypatch):
     """As a user would run it (defaults: synthetic data, smoke profile, two seeds), only cut to one epoch."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel is a subprocess; 2 shared cores, no oversubscription
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel is a subprocess: one thread each, the cores not oversubscribed
     out = tmp_path / "train.ipynb"
     pm.execute_notebook(str(NOTEBOOK), str(out), parameters={"runs_root": str(tmp_path / "runs"), "max_epochs": 1,
                                                              "progress": False},

@@ -1,4 +1,4 @@
-"""Fused Triton causal depthwise Conv1D + SiLU vs the torch reference (gbla/ops/conv.py).
+"""Fused Triton causal depthwise Conv1D + SiLU vs the torch reference (gbla/ops/conv/naive.py).
 
 Interpreter on the CPU (TRITON_INTERPRET=1) as in CI; compared to a float64 evaluation of the
 reference on the same inputs, output and the gradients of x, weight and bias.
@@ -14,7 +14,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not importable on this machine")
 
 from gbla.ops.conv import causal_conv1d_silu, causal_conv1d_silu_reference  # noqa: E402
-from gbla.ops.triton_conv import causal_conv1d_silu_triton  # noqa: E402
+from gbla.ops.conv.triton import causal_conv1d_silu_triton  # noqa: E402
 
 DEVICE = "cuda" if (os.environ.get("GBLA_TEST_CUDA") and torch.cuda.is_available()) else "cpu"
 TOL = {torch.float32: (2e-5, 2e-6), torch.bfloat16: (2e-2, 2e-3)}

@@ -1,7 +1,7 @@
 """The reference GBLA op against an independent, loop-based reading of the formulas (issue 3).
 
 `slow_gbla` below walks batch rows, heads and tokens one at a time in float64, with Python sums
-instead of einsums, so a shared mistake with gbla/ops/reference.py is unlikely.
+instead of einsums, so a shared mistake with gbla/ops/gbla/naive.py is unlikely.
 """
 
 import pytest

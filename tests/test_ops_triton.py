@@ -17,8 +17,8 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not importable on this machine")
 
 from gbla.ops import gbla_attention  # noqa: E402
-from gbla.ops.reference import gbla_attention_reference  # noqa: E402
-from gbla.ops.triton_gbla import gbla_attention_triton  # noqa: E402
+from gbla.ops.gbla.naive import gbla_attention_reference  # noqa: E402
+from gbla.ops.gbla.triton import gbla_attention_triton  # noqa: E402
 
 DEVICE = "cuda" if (os.environ.get("GBLA_TEST_CUDA") and torch.cuda.is_available()) else "cpu"
 # (relative, absolute-per-element) tolerances against the float64 evaluation
@@ -190,7 +190,7 @@ def test_padded_inf_key_weight():
 @pytest.mark.parametrize("lowp", [True, False])
 def test_bf16_operand_and_tf32_paths(lowp, monkeypatch):
     """Both dot-operand choices for 16-bit inputs (bf16 operands vs fp32/tf32 operands) match."""
-    from gbla.ops import triton_gbla
+    from gbla.ops.gbla import triton as triton_gbla
     monkeypatch.setitem(triton_gbla.CONFIG_OVERRIDE, "lowp", lowp)
     for L, E, norm in ((257, 64, "none"), (17, 32, "rmsnorm_gated")):
         tensors, mask, grad_out = make_inputs(3, L, 2, E, torch.bfloat16, True, norm, "pad")
@@ -203,16 +203,16 @@ def test_bf16_operand_and_tf32_paths(lowp, monkeypatch):
 
 def test_sum_partials_over_many_chunks():
     """The partial-state reduction sums every chunk (more chunks than one block of the loop)."""
-    from gbla.ops.triton_gbla import _sum_partials
+    from gbla.ops.utils import sum_partials
     part = torch.randn(70, 3, 5, 7, dtype=torch.float64).float().to(DEVICE)
-    torch.testing.assert_close(_sum_partials(part), part.sum(0), rtol=1e-5, atol=1e-5)
-    assert torch.equal(_sum_partials(part[:1]), part[0])
+    torch.testing.assert_close(sum_partials(part), part.sum(0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(sum_partials(part[:1]), part[0])
 
 
 def test_each_kernel_chunks_independently(monkeypatch):
     """Per-kernel launch overrides (different tiles and chunk counts for each pass) give the same
     result as the shared defaults, output and gradients."""
-    from gbla.ops import triton_gbla
+    from gbla.ops.gbla import triton as triton_gbla
     tensors, mask, grad_out = make_inputs(3, 257, 2, 16, torch.float32, True, "rmsnorm_gated", "pad")
     out_a, g_a = run(gbla_attention_triton, tensors, mask, grad_out, "rmsnorm_gated")
     cfg = triton_gbla.launch_config(3, 257, 2, 16, torch.device(DEVICE))

@@ -1,4 +1,4 @@
-"""gbla.report on run folders written in the run-directory contract (COMMON.md item 10)."""
+"""gbla.report on run folders written in the run-directory contract (gbla/runs.py's docstring)."""
 import json
 import math
 
@@ -11,9 +11,10 @@ from scipy import stats as sps
 matplotlib.use("Agg")
 
 from gbla import report, stats  # noqa: E402
+from gbla.common import METRIC_NAMES  # noqa: E402
 from gbla.config import RunConfig  # noqa: E402
 
-METRICS = stats.METRICS
+METRICS = METRIC_NAMES
 
 
 # --------------------------------------------------------------------------- fixture writer
@@ -284,66 +285,6 @@ def test_figures_draw_on_the_fixture(grid):
     assert report.plot_learning_curves(rep.histories) is not None
     import matplotlib.pyplot as plt
     plt.close("all")
-
-
-# --------------------------------------------------------------------------- latency
-
-def bench_rows():
-    rows = []
-    for L in (64, 256, 1024):
-        for impl, ms in (("sa-flash", 0.001 * L), ("sa-efficient", 0.0012 * L), ("gbla-triton", 0.05 + 0.0002 * L)):
-            rows.append({"level": "layer", "impl": impl, "L": L, "B": 8, "pass": "fwd", "median_ms": ms,
-                         "peak_mem_mib": 10.0, "error": None})
-    rows.append({"level": "layer", "impl": "sa-cudnn", "L": 1024, "B": 8, "pass": "fwd", "median_ms": None,
-                 "peak_mem_mib": None, "error": "not supported"})
-    return rows
-
-
-def test_speedups_vs_best_sdpa(tmp_path):
-    path = tmp_path / "layer_speed.json"
-    path.write_text(json.dumps({"meta": {"device": "fixture"}, "rows": bench_rows()}))
-    meta, rows = report.load_layer_speed(path)
-    assert meta["device"] == "fixture" and len(rows) == 10
-    sp = report.speedups_vs_sdpa(rows)
-    g = sp[(sp["impl"] == "gbla-triton") & (sp["L"] == 1024)].iloc[0]
-    assert g["best_sdpa"] == "sa-flash" and g["speedup"] == pytest.approx(1.024 / (0.05 + 0.2048))
-    assert "sa-cudnn" not in set(sp["impl"])   # errored rows are not timings
-    assert report.plot_latency(rows) is not None and report.plot_speedup(sp) is not None
-    import matplotlib.pyplot as plt
-    plt.close("all")
-
-
-def test_speedups_compare_eager_with_eager_and_graph_with_graph(tmp_path):
-    """Eager GBLA over graphed SDPA mixed launch overhead into the speedup (and disagreed with
-    layer_speed.md, which compared like with like); both now come from one function."""
-    rows = []
-    for impl, ms in (("sa-flash", 2.0), ("sa-flash+graph", 1.0), ("gbla-triton", 1.0), ("gbla-triton+graph", 0.25)):
-        rows.append({"level": "layer", "impl": impl, "L": 4096, "B": 8, "pass": "fwd", "median_ms": ms,
-                     "peak_mem_mib": 1.0, "error": None})
-    path = tmp_path / "layer_speed.json"
-    path.write_text(json.dumps({"meta": {"device": "fixture"}, "rows": rows}))
-    sp = report.speedups_vs_sdpa(report.load_layer_speed(path)[1]).set_index("impl")
-    assert sp.loc["gbla-triton", "best_sdpa"] == "sa-flash" and sp.loc["gbla-triton", "speedup"] == pytest.approx(2.0)
-    assert sp.loc["gbla-triton+graph", "best_sdpa"] == "sa-flash+graph"
-    assert sp.loc["gbla-triton+graph", "speedup"] == pytest.approx(4.0)
-
-    from gbla.bench import layer_speed
-
-    layer_speed.render(path)
-    md = (tmp_path / "layer_speed.md").read_text()
-    assert "| gbla-triton | fwd | best of sa-flash | 2.0 |" in md
-    assert "| gbla-triton+graph | fwd | best of sa-flash+graph | 4.0 |" in md
-    import matplotlib.pyplot as plt
-    plt.close("all")
-
-
-def test_load_layer_speed_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="layer_speed.json"):
-        report.load_layer_speed(tmp_path / "layer_speed.json")
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"meta": {}, "rows": [{"level": "layer", "impl": "x"}]}))
-    with pytest.raises(ValueError, match=r"bad.json: rows\[0\] lacks fields"):
-        report.load_layer_speed(bad)
 
 
 # --------------------------------------------------------------------------- findings and paper-style tables

@@ -3,9 +3,6 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +196,7 @@ def test_collect_runs_from_params_checks_the_current_data(tmp_path):
     grid = load_grid(params, "smoke")
     cfg = grid.expand()[0]
     current = runs.expected_data_fingerprint(cfg.dataset, synthetic=grid.synthetic)
-    assert current == runs.load_dataset(cfg.dataset, synthetic=grid.synthetic).provenance["fingerprint"]
+    assert current == runs.load_processed_dataset(cfg.dataset, synthetic=grid.synthetic).provenance["fingerprint"]
     result = make_result()
     result = dataclasses.replace(result, config=cfg, config_hash=cfg.config_hash())
     for fingerprint, status in ((current, "ok"), ("built-from-other-data", "stale")):
@@ -223,47 +220,12 @@ def test_collect_runs_from_a_params_profile(tmp_path):
     assert math.isnan(frame["valid_ndcg@10"].iloc[0])
 
 
-def test_load_dataset(tmp_path):
-    ds = runs.load_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
+def test_load_processed_dataset(tmp_path):
+    ds = runs.load_processed_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
     assert ds.num_users == 30 and ds.num_items == 12
-    again = runs.load_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
+    again = runs.load_processed_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
     assert again.provenance["fingerprint"] == ds.provenance["fingerprint"]
     with pytest.raises(FileNotFoundError, match=r"make data") as err:
-        runs.load_dataset("beauty", tmp_path)
+        runs.load_processed_dataset("beauty", tmp_path)
     assert str(tmp_path / "beauty") in str(err.value)
     assert runs.dataset_available("synthetic", tmp_path) and not runs.dataset_available("beauty", tmp_path)
-
-
-def _git(repo, *args) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
-def test_git_commit_names_the_checkout(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    (repo / "tracked.txt").write_text("one\n")
-    _git(repo, "add", "tracked.txt")
-    _git(repo, "commit", "-q", "-m", "first")
-    head = _git(repo, "rev-parse", "HEAD")
-    assert re.fullmatch(r"[0-9a-f]{40}", head)
-    assert runs.git_commit(repo) == head
-    (repo / "untracked.txt").write_text("new file\n")   # untracked files do not make a checkout dirty
-    assert runs.git_commit(repo) == head
-    (repo / "tracked.txt").write_text("two\n")
-    assert runs.git_commit(repo) == head + "-dirty"
-    outside = tmp_path / "not-a-repo"
-    outside.mkdir()
-    assert runs.git_commit(outside) == "unknown"
-
-
-def test_atomic_write_replaces_whole_files(tmp_path):
-    path = tmp_path / "a" / "x.json"
-    runs.atomic_write_json(path, {"a": np.int64(3), "b": np.float32(0.5), "c": np.arange(2)})
-    assert json.loads(path.read_text()) == {"a": 3, "b": 0.5, "c": [0, 1]}
-    runs.atomic_write_text(path, "new")
-    assert path.read_text() == "new" and [p.name for p in path.parent.iterdir()] == ["x.json"]

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from gbla.bench.latency import render
+from gbla.common import atomic_write_json, git_commit
 
 D_MODEL, HEADS, HEAD_DIM, TOKENS = 512, 8, 64, 32768
 LENGTHS = (1024, 4096, 16384, 32768, 65536)
@@ -64,17 +64,7 @@ class Results:
         self.save()
 
     def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
-        os.replace(tmp, self.path)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
+        atomic_write_json(self.path, {"meta": self.meta, "rows": self.rows}, indent=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,8 +157,8 @@ def core_inputs(B, L, seed=0):
 def core_section(meta: dict, lengths, sweep: bool):
     """Roofline of the fused core at the layer benchmark's sizes, a launch-parameter sweep at
     L = 32768, and a per-kernel time breakdown from the profiler."""
-    from gbla.ops import triton_gbla
-    from gbla.ops.reference import gbla_attention_reference
+    from gbla.ops import gbla_attention
+    from gbla.ops.gbla import triton as gbla_kernels  # its launch tables (CONFIG_OVERRIDE) for the sweep
 
     copy = copy_bandwidth()
     meta["copy_bandwidth"] = copy
@@ -183,10 +173,10 @@ def core_section(meta: dict, lengths, sweep: bool):
 
         def fwd():
             with torch.no_grad():
-                return triton_gbla.gbla_attention_triton(q, k, v, **kw)
+                return gbla_attention(q, k, v, backend="triton", **kw)
 
         def fwd_bwd():
-            torch.autograd.backward(triton_gbla.gbla_attention_triton(q, k, v, **kw), dy)
+            torch.autograd.backward(gbla_attention(q, k, v, backend="triton", **kw), dy)
             for t in leaves:
                 t.grad = None
 
@@ -197,7 +187,8 @@ def core_section(meta: dict, lengths, sweep: bool):
 
     # accuracy at scale: Triton core vs the fp32 torch reference on the same bf16 inputs
     fwd, fwd_bwd, _, _, (q, k, v, kw) = op_fns(1, 32768)
-    ref = gbla_attention_reference(q.detach(), k.detach(), v.detach(), **{n: t.detach() if torch.is_tensor(t) else t for n, t in kw.items()})
+    ref = gbla_attention(q.detach(), k.detach(), v.detach(), backend="torch",
+                         **{n: t.detach() if torch.is_tensor(t) else t for n, t in kw.items()})
     out = fwd()
     meta["core_rel_err_L32768"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     del ref, out
@@ -207,18 +198,18 @@ def core_section(meta: dict, lengths, sweep: bool):
         # forward kernels are judged by the graphed forward, the backward ones by the graphed
         # forward+backward, at L = 32768 (B = 1, the headline size)
         results = []
-        base = dict(triton_gbla.CONFIG_OVERRIDE)
+        base = dict(gbla_kernels.CONFIG_OVERRIDE)
         candidates = [dict(block_l=bl, num_warps=w, num_stages=st, programs_per_sm=p)
                       for bl, w, st, p in ((64, 4, 2, 4), (64, 4, 3, 4), (64, 4, 4, 4), (128, 4, 2, 4), (128, 8, 2, 4),
                                            (128, 8, 3, 4), (32, 4, 3, 4), (64, 8, 2, 4), (64, 4, 2, 2), (64, 4, 2, 8),
                                            (128, 4, 3, 2), (64, 4, 3, 8), (32, 4, 2, 8))]
         fwd, fwd_bwd, fb, bb, _ = op_fns(1, 32768)
         chosen = {}
-        for kernel in triton_gbla.KERNELS:
+        for kernel in gbla_kernels.KERNELS:
             best = (float("inf"), None)
             for cand in candidates:
-                triton_gbla.CONFIG_OVERRIDE.clear()
-                triton_gbla.CONFIG_OVERRIDE.update({**base, **{k: {**v} for k, v in chosen.items()}, kernel: cand})
+                gbla_kernels.CONFIG_OVERRIDE.clear()
+                gbla_kernels.CONFIG_OVERRIDE.update({**base, **{k: {**v} for k, v in chosen.items()}, kernel: cand})
                 fn = fwd if kernel in ("state", "output") else fwd_bwd
                 try:
                     fwd_bwd()
@@ -231,11 +222,11 @@ def core_section(meta: dict, lengths, sweep: bool):
             chosen[kernel] = {k: v for k, v in results[best[1]].items() if k in candidates[0]}
         meta["chosen_config"] = chosen
         print("  chosen per kernel (lowest graphed time at L = 32768):", chosen, flush=True)
-        triton_gbla.CONFIG_OVERRIDE.clear()
-        triton_gbla.CONFIG_OVERRIDE.update({**base, **chosen})
+        gbla_kernels.CONFIG_OVERRIDE.clear()
+        gbla_kernels.CONFIG_OVERRIDE.update({**base, **chosen})
         meta["core_sweep"] = results
 
-    meta["launch_config_L32768"] = triton_gbla.launch_config(1, 32768, HEADS, HEAD_DIM, torch.device("cuda"))
+    meta["launch_config_L32768"] = gbla_kernels.launch_config(1, 32768, HEADS, HEAD_DIM, torch.device("cuda"))
     for L in lengths:
         B = max(1, TOKENS // L)
         fwd, fwd_bwd, fb, bb, _ = op_fns(B, L)
@@ -278,9 +269,12 @@ def conv_section(meta: dict, sweep: bool = False):
     """Triton fused conv+SiLU vs the torch reference on the layer's qkv tensor (B*L = 32768, C = 3 D);
     with sweep, first the backward's variants side by side (graphed fwd+bwd at L = 32768), keeping
     the fastest for the rest of the run."""
-    from gbla.ops import triton_conv
-    from gbla.ops.conv import causal_conv1d_silu_reference
-    from gbla.ops.triton_conv import causal_conv1d_silu_triton
+    from functools import partial
+
+    from gbla.ops import causal_conv1d_silu
+    from gbla.ops.conv import triton as conv_kernels  # its launch table (CONFIG_OVERRIDE) for the sweep
+    causal_conv1d_silu_reference = partial(causal_conv1d_silu, backend="torch")
+    causal_conv1d_silu_triton = partial(causal_conv1d_silu, backend="triton")
     out = {}
     if sweep:
         x = torch.randn(1, TOKENS, 3 * D_MODEL, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -293,16 +287,16 @@ def conv_section(meta: dict, sweep: bool = False):
             x.grad = w.grad = b.grad = None
         rows = []
         for fast, bt, nw in ((False, 32, 4), (False, 16, 8), (True, 16, 8), (True, 32, 8), (True, 16, 4), (True, 32, 4)):
-            triton_conv.CONFIG_OVERRIDE.clear()
-            triton_conv.CONFIG_OVERRIDE.update(fast_path=fast, bwd_block_t=bt, bwd_num_warps=nw)
+            conv_kernels.CONFIG_OVERRIDE.clear()
+            conv_kernels.CONFIG_OVERRIDE.update(fast_path=fast, bwd_block_t=bt, bwd_num_warps=nw)
             conv_fwd_bwd()
             rows.append(dict(fast_path=fast, bwd_block_t=bt, bwd_num_warps=nw,
                              graph_fwd_bwd_ms=bench_ms(cuda_graph_replay(conv_fwd_bwd))))
             print("  conv sweep", rows[-1], flush=True)
         best = min(rows, key=lambda r: r["graph_fwd_bwd_ms"])
-        triton_conv.CONFIG_OVERRIDE.clear()
-        triton_conv.CONFIG_OVERRIDE.update({k: best[k] for k in ("fast_path", "bwd_block_t", "bwd_num_warps")})
-        meta["conv_sweep"], meta["conv_chosen"] = rows, dict(triton_conv.CONFIG_OVERRIDE)
+        conv_kernels.CONFIG_OVERRIDE.clear()
+        conv_kernels.CONFIG_OVERRIDE.update({k: best[k] for k in ("fast_path", "bwd_block_t", "bwd_num_warps")})
+        meta["conv_sweep"], meta["conv_chosen"] = rows, dict(conv_kernels.CONFIG_OVERRIDE)
         del x, w, b, dy
     for L in (1024, 32768):
         B = TOKENS // L
@@ -412,100 +406,6 @@ def encoder_section(results: Results, lengths, layouts):
             measure(results, "encoder", name, L, B, "fwd", fwd)
         del encoder
         torch.cuda.empty_cache()
-
-
-# ------------------------------------------------------------------------------------------------
-# report: markdown table and plots
-# ------------------------------------------------------------------------------------------------
-def md_table(df, floatfmt=".3f") -> str:
-    """A DataFrame as a GitHub markdown table (index included), without the optional tabulate package."""
-    df = df.reset_index()
-    cells = [[f"{v:{floatfmt}}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
-    head = [str(c) for c in df.columns]
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in cells])
-
-
-def render(json_path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import pandas as pd
-    import seaborn as sns
-
-    data = json.loads(json_path.read_text())
-    meta, df = data["meta"], pd.DataFrame(data["rows"])
-    out_dir = json_path.parent
-    lines = [f"# Layer and encoder speed ({meta.get('device')})", "",
-             f"torch {meta.get('torch')}, triton {meta.get('triton')}, commit `{meta.get('commit')}`, "
-             f"{meta.get('date')}; command: `{meta.get('command')}`", "",
-             "bf16, D=512, H=8, E=64, B*L = 32768 tokens (B = 1 at L = 65536); median ms (CUDA events, "
-             "triton.testing.do_bench); fwd = inference (no_grad).", ""]
-    ok = df[df["median_ms"].notna()]
-    for level in ("layer", "encoder"):
-        sub = ok[ok["level"] == level]
-        if sub.empty:
-            continue
-        table = sub.pivot_table(index=["impl", "pass"], columns="L", values="median_ms")
-        lines += [f"## {level} level: median ms", "", md_table(table), ""]
-        if level == "layer":
-            mem = sub.pivot_table(index=["impl", "pass"], columns="L", values="peak_mem_mib")
-            lines += ["## layer level: peak memory (MiB, inputs and weights included)", "",
-                      md_table(mem, ".0f"), ""]
-            # the same numbers as the latency notebook: one shared function, like compared with like
-            from gbla.report import speedups_vs_sdpa, timing_kind
-
-            sp = speedups_vs_sdpa(df.assign(error=df["error"] if "error" in df else None))
-            sp = sp[sp["impl"].str.replace(r"\+.*", "", regex=True).isin(["gbla-triton", "gbla-torch-compile"])]
-            if not sp.empty:
-                sdpa_impls = sorted(i for i in sub["impl"].unique() if i.startswith("sa-"))
-                sp = sp.assign(vs=["best of " + "/".join(i for i in sdpa_impls if timing_kind(i) == t)
-                                   for t in sp["timing"]])
-                table_sp = sp.pivot_table(index=["impl", "pass", "vs"], columns="L", values="speedup", sort=False)
-                lines += ["## speedup of the GBLA layer over the best SDPA backend at each L "
-                          "(eager vs eager, CUDA graph vs CUDA graph)", "", md_table(table_sp, ".1f"), ""]
-            if "host_ms" in sub:
-                host = sub.pivot_table(index=["impl", "pass"], columns="L", values="host_ms")
-                lines += ["## layer level: host (CPU) time to issue one call, ms (eager rows: when it exceeds the "
-                          "GPU time above, the eager timing is launch-bound)", "", md_table(host), ""]
-    err = df[df["error"].notna()]
-    if not err.empty:
-        lines += ["## failed measurements", "", md_table(err[["level", "impl", "L", "pass", "error"]].set_index("level")), ""]
-    if "core" in meta:
-        cb = meta["copy_bandwidth"]["bytes_per_s"]
-        lines += [f"## core kernel roofline (copy bandwidth measured in the same run: {cb / 1e12:.2f} TB/s)", "",
-                  "bytes = q, k, v, z read + o written (bf16) + key weights (fp32); fwd+bwd adds dy read and "
-                  "dq, dk, dv, dz, dlw written. Graph = CUDA-graph replay (GPU time only).", "",
-                  "| L | B | fwd us | fwd / copy | fwd us (graph) | fwd / copy (graph) | fwd+bwd us | "
-                  "fwd+bwd us (graph) | fwd+bwd / copy (graph) |", "|---|---|---|---|---|---|---|---|---|"]
-        for L, c in meta["core"].items():
-            lines.append(f"| {L} | {c['B']} | {c['fwd_ms'] * 1e3:.1f} | {c['fwd_frac_of_copy']:.1%} | "
-                         f"{c.get('graph_fwd_ms', float('nan')) * 1e3:.1f} | {c.get('graph_fwd_frac_of_copy', float('nan')):.1%} | "
-                         f"{c['fwd_bwd_ms'] * 1e3:.1f} | {c.get('graph_fwd_bwd_ms', float('nan')) * 1e3:.1f} | "
-                         f"{c.get('graph_fwd_bwd_frac_of_copy', float('nan')):.1%} |")
-        if "chosen_config" in meta:
-            lines += ["", f"Launch configuration chosen by the sweep in this run: `{meta['chosen_config']}`"]
-        if "launch_config_L32768" in meta:
-            lines += ["", f"Core launch configuration in effect (L = 32768): `{meta['launch_config_L32768']}`"]
-        if "conv" in meta:
-            conv = pd.DataFrame(meta["conv"]).T
-            lines += ["", "## causal Conv1D + SiLU (B*L = 32768, C = 1536, bf16), ms", "",
-                      md_table(conv[[c for c in conv.columns if c.endswith("_ms")]]), ""]
-        if "conv_sweep" in meta:
-            lines += ["Conv backward variants, graphed fwd+bwd at L = 32768 (side by side in this run):", "",
-                      md_table(pd.DataFrame(meta["conv_sweep"]).set_index("fast_path")), "",
-                      f"kept: `{meta['conv_chosen']}`"]
-        lines.append("")
-    (out_dir / "layer_speed.md").write_text("\n".join(lines) + "\n")
-
-    sns.set_theme(style="whitegrid")
-    for level, fname in (("layer", "layer_speed.png"), ("encoder", "encoder_speed.png")):
-        sub = ok[ok["level"] == level]
-        if sub.empty:
-            continue
-        g = sns.relplot(data=sub, x="L", y="median_ms", hue="impl", col="pass", kind="line", marker="o",
-                        height=4, aspect=1.2, facet_kws={"sharey": False})
-        g.set(xscale="log", yscale="log", xlabel="history length L (B*L = 32768 tokens)", ylabel="median ms")
-        g.figure.suptitle(f"{level} speed, {meta.get('device')}", y=1.03)
-        g.savefig(out_dir / fname, dpi=120, bbox_inches="tight")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@
     python -m gbla.bench.train_speed concurrency --procs 1,2,4,8 --epochs 2 --out DIR
                                                             # N processes on one GPU, fixed-epoch runs
 
-Variants: sa = (sa, sa, sa, sa); hybrid = (sa, gbla, gbla, sa) with conv + token gate + gated RMSNorm
-(the GBLAOptions defaults). Data: default_processed_dir(dataset) (env GBLA_PROCESSED_DIR moves it).
+Variants and settings are those of the params file (--params, profile --profile-name, default the
+`full` profile of params/ablations.yaml): sa, hybrid, ... exactly as the grid trains them; flags such
+as --batch-size or --max-epochs override the profile's train settings. Data:
+default_processed_dir(dataset) (env GBLA_PROCESSED_DIR moves it).
 Every result is a JSON file under --out, written to a temporary name and renamed. The commit is
-taken from env GBLA_COMMIT (the GPU machine's copy of the tree has no .git), else from git.
+gbla.common.git_commit's (env GBLA_COMMIT names it in a copy of the tree without .git).
 Timings: CUDA-synchronised wall clock around whole steps / epochs / evaluations (what a run costs).
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,15 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gbla.config import ModelConfig, RunConfig, TrainConfig
+from gbla.common import atomic_write_json, git_commit
+from gbla.config import RunConfig
 from gbla.data.processed import default_processed_dir, load_processed
 from gbla.evaluate import metrics_from_ranks, rank_targets, SIDTrie
 from gbla.model import PAD, TIGER
+from gbla.params import DEFAULT_PARAMS, load_grid
 from gbla.train import (BUCKET_ORDER_SEED, TrainStep, epoch_batches, length_bucket_groups, to_device_split,
                         train_and_evaluate)
-
-VARIANTS = {"sa": ("sa", "sa", "sa", "sa"), "hybrid": ("sa", "gbla", "gbla", "sa"),
-            "sa_causal": ("sa_causal",) * 4}
 
 
 def parse_buckets(text: str | None):
@@ -67,19 +67,14 @@ def sdpa_diagnostics(dev) -> dict:
     return out
 
 
-def run_config(dataset: str, variant: str, seed: int, **train) -> RunConfig:
-    return RunConfig(dataset, variant, seed, model=ModelConfig(encoder_layout=VARIANTS[variant]),
-                     train=TrainConfig(**train))
+def run_config(args, variant: str, seed: int, **train) -> RunConfig:
+    """The params file's config of (args.dataset, variant, seed), `train` overriding its train settings."""
+    grid = load_grid(args.params, args.profile_name)
+    return grid.run_config(args.dataset, variant, seed, train_overrides=train)
 
 
 def meta(command: str) -> dict:
-    commit = os.environ.get("GBLA_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = "unknown"
-    info = {"commit": commit, "dirty": os.environ.get("GBLA_DIRTY", "unknown"), "command": command,
+    info = {"commit": git_commit(), "command": command,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
     try:
         import triton
@@ -88,13 +83,6 @@ def meta(command: str) -> dict:
         info["triton"] = None
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return info
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
-    tmp.rename(path)
 
 
 def sync():
@@ -115,7 +103,7 @@ def bench_steps(args) -> None:
     cases = [(v, b, m) for v in args.variants.split(",") for b in args.backends.split(",")
              for m in args.modes.split(",") if not (v == "sa" and b != args.backends.split(",")[0])]
     for variant, backend, mode in cases:
-        cfg = run_config(args.dataset, variant, 0)
+        cfg = run_config(args, variant, 0)
         torch.manual_seed(0)
         model = TIGER(cfg.model, data.codebook_sizes, backend=backend).to(dev)
         sids = torch.as_tensor(data.sids, device=dev)
@@ -166,7 +154,7 @@ def bench_steps(args) -> None:
             row["error"] = f"{type(err).__name__}: {err}"[:500]
         print(row, flush=True)
         result["rows"].append(row)
-        write_json(out, result)
+        atomic_write_json(out, result)
         if mode == args.modes.split(",")[0] and backend == args.backends.split(",")[0]:
             # evaluation cost: one full validation pass (all users, beam search) per eval batch size
             valid = to_device_split(data.valid, model, sids, cfg.train.max_history, dev)
@@ -182,7 +170,7 @@ def bench_steps(args) -> None:
                         "recall@10_after_warmup": metrics_from_ranks(ranks)["recall@10"]}
                 print(erow, flush=True)
                 result["eval"].append(erow)
-                write_json(out, result)
+                atomic_write_json(out, result)
         del model, step
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
@@ -220,7 +208,7 @@ def full_run(args) -> dict:
             train_kw[key] = getattr(args, key)
     if args.length_buckets is not None:
         train_kw["length_buckets"] = parse_buckets(args.length_buckets)
-    cfg = run_config(args.dataset, args.variant, args.seed, **train_kw)
+    cfg = run_config(args, args.variant, args.seed, **train_kw)
     t0 = time.perf_counter()
     res = train_and_evaluate(cfg, data, backend=args.backend, step_mode=args.step_mode,
                              progress=not args.no_progress, eval_batch_size=args.eval_batch_size,
@@ -234,7 +222,7 @@ def full_run(args) -> dict:
               "valid": res.valid_metrics, "test": res.test_metrics, "timings": res.timings,
               "history": res.history, "test_rank_counts": np.bincount(res.test_per_user["rank"], minlength=11).tolist()}
     name = args.name or f"run_{args.dataset}_{args.variant}_seed{args.seed}.json"
-    write_json(Path(args.out) / name, record)
+    atomic_write_json(Path(args.out) / name, record)
     print(json.dumps({k: record[k] for k in ("variant", "seed", "wall_time_s", "epochs_trained", "best_epoch",
                                              "valid", "test")}), flush=True)
     return record
@@ -252,6 +240,7 @@ def concurrency(args) -> None:
         procs = [subprocess.Popen([sys.executable, "-m", "gbla.bench.train_speed", "run", "--dataset", args.dataset,
                                    "--variant", args.variant, "--seed", str(i), "--max-epochs", str(args.epochs),
                                    "--eval-every", str(args.epochs), "--patience", "1000", "--no-progress",
+                                   "--params", args.params, "--profile-name", args.profile_name,
                                    "--out", str(tmp), "--name", f"p{i}.json"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(n)]
         errors = [p.communicate()[1][-800:] for p in procs]
@@ -264,31 +253,32 @@ def concurrency(args) -> None:
                "errors": [e for e, p in zip(errors, procs) if p.returncode != 0]}
         print({k: v for k, v in row.items() if k != "errors"}, row["errors"][:1], flush=True)
         result["rows"].append(row)
-        write_json(out, result)
+        atomic_write_json(out, result)
         for f in tmp.glob("*.json"):
             f.unlink()
         tmp.rmdir()
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("steps", "run", "concurrency"):
         p = sub.add_parser(name)
         p.add_argument("--dataset", default="beauty")
         p.add_argument("--out", default="outputs/bench")
+        p.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file whose variants and settings are used")
+        p.add_argument("--profile-name", default="full", help="profile of the params file")
     steps = sub.choices["steps"]
     steps.add_argument("--variants", default="sa,hybrid")
     steps.add_argument("--backends", default="auto,torch")
     steps.add_argument("--modes", default="eager,cuda_graph,compile")
-    steps.add_argument("--warmup", type=int, default=10)
     steps.add_argument("--steps", type=int, default=100)
     steps.add_argument("--batch-size", type=int, default=None)
     steps.add_argument("--profile", action="store_true", help="kernel count and top kernels of eager steps")
     for p in (steps, sub.choices["run"]):
         p.add_argument("--length-buckets", default=None, help="'none' or e.g. '3,6,10' (default: the config's)")
     run = sub.choices["run"]
-    run.add_argument("--variant", default="sa", choices=sorted(VARIANTS))
+    run.add_argument("--variant", default="sa", help="a variant of the params file")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--backend", default="auto")
     run.add_argument("--step-mode", default="auto")
@@ -301,8 +291,12 @@ def main(argv=None):
     conc = sub.choices["concurrency"]
     conc.add_argument("--procs", default="1,2,4,8")
     conc.add_argument("--epochs", type=int, default=2)
-    conc.add_argument("--variant", default="hybrid", choices=sorted(VARIANTS))
-    args = parser.parse_args(argv)
+    conc.add_argument("--variant", default="hybrid", help="a variant of the params file")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     {"steps": bench_steps, "run": full_run, "concurrency": concurrency}[args.cmd](args)
 
 

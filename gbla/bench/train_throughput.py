@@ -34,10 +34,9 @@ import torch
 from gbla.data.processed import default_processed_dir, load_processed
 from gbla.evaluate import SIDTrie, rank_targets
 from gbla.model import TIGER
-from gbla.runs import git_commit
+from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
+from gbla.params import load_grid
 from gbla.train import BUCKET_ORDER_SEED, TrainStep, epoch_batches, length_bucket_groups, to_device_split
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def sync():
@@ -46,10 +45,6 @@ def sync():
 
 
 def load_configs(params: str, profile: str, dataset: str, variant: str, seeds: list[int]):
-    try:
-        from gbla.params import load_grid
-    except ImportError:
-        from gbla.grid import load_grid
     grid = load_grid(params, profile)
     return [grid.run_config(dataset, variant, s) for s in seeds]
 
@@ -203,7 +198,7 @@ def main(argv=None) -> int:
     data = load_processed(default_processed_dir(args.dataset))
     import triton
     meta = {"command": "python -m gbla.bench.train_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": os.environ.get("GBLA_COMMIT") or git_commit(), "dataset": args.dataset,
+            "commit": git_commit(), "dataset": args.dataset,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": triton.__version__, "steps": args.steps,
@@ -211,8 +206,8 @@ def main(argv=None) -> int:
     result = {"meta": meta, "rows": []}
 
     def save():
-        (out / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "train_throughput.md").write_text(markdown(result))
+        atomic_write_json(out / "train_throughput.json", result)
+        atomic_write_text(out / "train_throughput.md", markdown(result))
 
     if args.baseline_src:
         t0 = time.perf_counter()

@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gbla.data.processed import REPO_ROOT
+from gbla.common import REPO_ROOT
 
 # dataset name -> category name of the 2014 release
 DATASETS = {"beauty": "Beauty", "sports": "Sports_and_Outdoors", "toys": "Toys_and_Games"}
@@ -304,7 +304,7 @@ def load_raw(dataset: str, raw_dir: str | os.PathLike, k_core: int = 5) -> RawDa
                       source_files={p.name: sha256_file(p) for p in (reviews_path, meta_path)})
 
 
-def load_dataset(dataset: str, *, source_dir=None, raw: bool = False, k_core: int = 5) -> RawDataset:
+def load_raw_dataset(dataset: str, *, source_dir=None, raw: bool = False, k_core: int = 5) -> RawDataset:
     """One entry point for both formats (raw=True: the 2014 files in source_dir)."""
     check_dataset(dataset)
     if raw:

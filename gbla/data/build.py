@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gbla import common
+from gbla.common import REPO_ROOT, markdown_table
 from gbla.data import amazon
-from gbla.data.processed import (MAX_HISTORY, REPO_ROOT, ProcessedDataset, compute_fingerprint, default_processed_dir,
+from gbla.data.processed import (MAX_HISTORY, ProcessedDataset, compute_fingerprint, default_processed_dir,
                                  leave_one_out_split, read_meta, save_processed)
 
 # bump when a change in this pipeline changes its output for the same inputs and parameters
@@ -64,15 +65,8 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        # only uncommitted changes to the data code make a build "dirty" (others may edit the model meanwhile)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "gbla/data"], cwd=REPO_ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    # only uncommitted changes to the data code make a build "dirty" (others may edit the model meanwhile)
+    return common.git_commit(paths=("gbla/data",))
 
 
 def machine() -> str:
@@ -193,7 +187,7 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
     timings = {}
     cpu_start, load_start = time.process_time(), os.getloadavg()[0]
     t = time.perf_counter()
-    data = amazon.load_dataset(dataset, source_dir=source_dir, raw=raw, k_core=k_core)
+    data = amazon.load_raw_dataset(dataset, source_dir=source_dir, raw=raw, k_core=k_core)
     item_asins, sequences = data.index()
     timings["parse_s"] = time.perf_counter() - t
 
@@ -243,9 +237,7 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
     # timings are known only after saving: rewrite meta.json (atomic replace of one file)
     meta = read_meta(out_dir)
     meta["provenance"]["timings"] = provenance["timings"]
-    tmp = out_dir / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tmp.replace(out_dir / "meta.json")
+    common.atomic_write_json(out_dir / "meta.json", meta, sort_keys=True)
     log(f"[{dataset}] built in {timings['total_s']:.1f} s -> {out_dir} (fingerprint {provenance['fingerprint']})")
     return meta
 
@@ -254,12 +246,6 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
 # tables and the build report
 # ---------------------------------------------------------------------------------------------
 
-def _md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def stats_table(metas: dict[str, dict]) -> str:
     rows = []
     for name, m in metas.items():
@@ -267,7 +253,7 @@ def stats_table(metas: dict[str, dict]) -> str:
         rows.append([name, f"{s['users']:,}", f"{s['items']:,}", f"{s['interactions']:,}",
                      f"{s['mean_seq_len']:.2f}", f"{s['median_seq_len']:g}", f"{s['min_seq_len']}..{s['max_seq_len']}",
                      s["max_dedup_digit"], f"{s['train_examples']:,}", "yes" if s["matches_published"] else "NO"])
-    return _md_table(["dataset", "users", "items", "interactions", "mean len", "median len", "len range",
+    return markdown_table(["dataset", "users", "items", "interactions", "mean len", "median len", "len range",
                       "max dedup digit", "train examples", "= published"], rows)
 
 
@@ -279,7 +265,7 @@ def sid_table(metas: dict[str, dict]) -> str:
                            for lv in r["levels"])
         rows.append([name, f"{r['collision_rate']:.2%}", r["distinct_code_tuples"], r["largest_collision_group"],
                      tuple(m["codebook_sizes"]), usage])
-    return _md_table(["dataset", "collision rate", "distinct 3-code tuples", "largest group", "codebook sizes",
+    return markdown_table(["dataset", "collision rate", "distinct 3-code tuples", "largest group", "codebook sizes",
                       "codes used per level 1 / 2 / 3 (usage, max items per code)"], rows)
 
 
@@ -287,7 +273,7 @@ def timing_table(metas: dict[str, dict]) -> str:
     keys = ["parse_s", "split_s", "embed_s", "semantic_ids_s", "save_s", "total_s", "cpu_s",
             "loadavg_1min_start", "loadavg_1min_end"]
     rows = [[name] + [m["provenance"].get("timings", {}).get(k, "") for k in keys] for name, m in metas.items()]
-    return _md_table(["dataset"] + keys, rows)
+    return markdown_table(["dataset"] + keys, rows)
 
 
 def _short_commit(commit: str) -> str:
@@ -314,7 +300,7 @@ def write_report(metas: dict[str, dict], path: Path, command: str, wall_s: float
         sid_table(metas),
         "## Timings (seconds)", timing_table(metas),
         "## Provenance",
-        _md_table(["dataset", "fingerprint", "build key", "embedding model", "seed", "built at commit",
+        markdown_table(["dataset", "fingerprint", "build key", "embedding model", "seed", "built at commit",
                    "source sha256"],
                   [[n, m["provenance"]["fingerprint"], m["provenance"]["build_key"],
                     m["provenance"]["params"]["embedding_model"], m["provenance"]["params"]["seed"],
@@ -322,17 +308,14 @@ def write_report(metas: dict[str, dict], path: Path, command: str, wall_s: float
                     "<br>".join(f"{f}: `{h[:16]}…`" for f, h in m["provenance"]["source_files"].items())]
                    for n, m in metas.items()]),
         "## Environment of each build (what is and is not bit-reproducible: README)",
-        _md_table(["dataset", "CPU", "torch CPU kernels", "BLAS", "versions"],
+        markdown_table(["dataset", "CPU", "torch CPU kernels", "BLAS", "versions"],
                   [[n, env.get("cpu", "?"), env.get("torch_cpu_capability", "?"),
                     ", ".join(sorted({f"{t.get('internal_api')} {t.get('version')} {t.get('architecture') or ''}".strip()
                                       for t in env.get("threadpools", []) if t.get("internal_api") != "openmp"})),
                     ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)]
                    for n, m in metas.items() for env in [m["provenance"].get("environment", {})]]),
     ]) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    common.atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

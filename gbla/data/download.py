@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from gbla.data.amazon import DATASETS, check_dataset, raw_file_names, sha256_file
-from gbla.data.processed import REPO_ROOT
+from gbla.common import REPO_ROOT, atomic_write_json
 
 BASE_URL = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
 DEFAULT_OUT = REPO_ROOT / "outputs" / "raw"
@@ -59,9 +59,7 @@ def _read_checksums(out: Path) -> dict:
 
 
 def _write_checksums(out: Path, sums: dict) -> None:
-    tmp = out / f".{CHECKSUMS}.tmp"
-    tmp.write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out / CHECKSUMS)
+    atomic_write_json(out / CHECKSUMS, sums, sort_keys=True)
 
 
 def download_dataset(dataset: str, out: str | Path = DEFAULT_OUT, *, base_url: str = BASE_URL,

@@ -26,17 +26,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gbla.common import REPO_ROOT, to_json
+
 FORMAT_VERSION = 1
 MAX_HISTORY = 20
-PAD = -1
-REPO_ROOT = Path(__file__).resolve().parents[2]
+PAD_ITEM = -1  # the item index of an empty history slot (the model's padding token is gbla.model.PAD)
 SPLIT_NAMES = ("train", "valid", "test")
 
 
 @dataclass
 class SplitArrays:
     user: np.ndarray         # (n,) int64 user index 0..num_users-1
-    history: np.ndarray      # (n, max_history) int64 item indices, oldest first, left-aligned, PAD (-1) right-padded
+    history: np.ndarray      # (n, max_history) int64 item indices, oldest first, left-aligned, PAD_ITEM (-1) right-padded
     history_len: np.ndarray  # (n,) int64 in 1..max_history
     target: np.ndarray       # (n,) int64 item index
 
@@ -78,7 +79,7 @@ def _examples_at(flat: np.ndarray, starts: np.ndarray, positions: np.ndarray, us
     cols = np.arange(max_history, dtype=np.int64)
     src = positions[:, None] - hist_len[:, None] + cols[None, :]
     inside = cols[None, :] < hist_len[:, None]
-    history = np.where(inside, flat[np.clip(src, 0, len(flat) - 1)], PAD).astype(np.int64)
+    history = np.where(inside, flat[np.clip(src, 0, len(flat) - 1)], PAD_ITEM).astype(np.int64)
     return SplitArrays(user=users.astype(np.int64), history=history, history_len=hist_len,
                        target=flat[positions].astype(np.int64))
 
@@ -190,7 +191,7 @@ def save_processed(ds: ProcessedDataset, path: str | os.PathLike) -> Path:
         meta = {"format_version": FORMAT_VERSION, "name": ds.name, "num_users": int(ds.num_users),
                 "num_items": int(ds.num_items), "codebook_sizes": [int(c) for c in ds.codebook_sizes],
                 "max_history": int(ds.train.history.shape[1]), "stats": ds.stats, "provenance": ds.provenance}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
+        (tmp / "meta.json").write_text(to_json(meta, sort_keys=True))
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)
@@ -202,14 +203,6 @@ def save_processed(ds: ProcessedDataset, path: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def read_meta(path: str | os.PathLike) -> dict | None:

@@ -3,8 +3,9 @@ digit that tells apart items whose 3 codes coincide (0, 1, 2, ... in item order)
 
 Level l clusters the residuals left after subtracting the centroids chosen at levels < l, so each
 level refines the previous one. scikit-learn's KMeans with a fixed random_state makes it deterministic
-for a seed (on a given machine and thread count). It runs single-threaded by default: on this shared
-2-core machine, threaded BLAS/OpenMP in k-means++ was ~15x slower than one thread (38 s vs 2.2 s per level).
+for a seed (on a given machine and thread count). It runs single-threaded by default: on a 2-core
+x86-64 machine that other processes loaded, threaded BLAS/OpenMP in k-means++ was ~15x slower than one
+thread (38 s vs 2.2 s per level).
 """
 from __future__ import annotations
 

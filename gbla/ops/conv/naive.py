@@ -1,6 +1,5 @@
-"""Causal depthwise Conv1D + SiLU over the sequence axis (GBLA's short-range mixing).
-
-Reference in plain PyTorch. Padded positions are zeroed *before* the convolution so padding never
+"""Causal depthwise Conv1D + SiLU over the sequence axis (GBLA's short-range mixing): the reference in
+plain PyTorch. Padded positions are zeroed *before* the convolution so padding never
 leaks into real tokens, whichever side it is on; outputs at padded positions are zeroed too.
 """
 from __future__ import annotations
@@ -33,19 +32,3 @@ def causal_conv1d_silu_reference(
     if mask is not None:
         y = y * mask[..., None].to(y.dtype)
     return y
-
-
-def causal_conv1d_silu(x, weight, bias=None, mask=None, *, backend: str = "auto"):
-    """Dispatch: "torch" reference, "triton" fused kernel (gbla/ops/triton_conv.py), "auto" = Triton on CUDA."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend in ("auto", "triton"):
-        try:
-            from gbla.ops.triton_conv import causal_conv1d_silu_triton
-        except ImportError as err:
-            if backend == "triton":
-                raise NotImplementedError("backend='triton' needs gbla/ops/triton_conv.py and triton") from err
-            causal_conv1d_silu_triton = None
-        if causal_conv1d_silu_triton is not None and (backend == "triton" or x.is_cuda):
-            return causal_conv1d_silu_triton(x, weight, bias, mask)
-    return causal_conv1d_silu_reference(x, weight, bias, mask)

@@ -1,4 +1,4 @@
-"""Fused Triton forward and backward of the GBLA attention core (same formulas as reference.py).
+"""Fused Triton forward and backward of the GBLA attention core (same formulas as naive.py).
 
 Per batch row b and head h (E = head dim, phi(t) = elu(t) + 1, a_j = exp(key_log_weight_j), m_j = mask):
 
@@ -34,30 +34,53 @@ Backward (g_i = dL/do_i, zero at padded i because those outputs are the constant
 This gives two backward passes: `_bwd_query_kernel` (recomputes p, num from q and the saved S;
 writes dq, dz; reduces dS, ds, dw in per-chunk partials) and `_bwd_key_kernel` (dk, dv, dlw).
 
-Matrix products: for 16-bit inputs the operands are rounded to bf16 (fp32 accumulate; the rounding of
-phi(q), k' and S is of the order of the bf16 output rounding; measured 2e-3 relative error of the
-whole layer against the fp32 reference), or tf32 with CONFIG_OVERRIDE["lowp"] = False; fp32 inputs
-use full fp32 ("ieee") products, so fp32 results match the reference tightly.
+Matrix products (`Operands`): for 16-bit inputs the operands are rounded to bf16 (fp32 accumulate;
+the rounding of phi(q), k' and S is of the order of the bf16 output rounding; measured 2e-3 relative
+error of the whole layer against the fp32 reference), or tf32 with CONFIG_OVERRIDE["lowp"] = False;
+fp32 inputs use full fp32 ("ieee") products, so fp32 results match the reference tightly.
 Written against the Triton 3.6 API (no newer features) and runnable under TRITON_INTERPRET=1.
+
+This module is longer than 500 lines: the derivation above, the four kernels that implement it and
+the autograd function that launches them are one unit, checked against each other when read.
 """
 from __future__ import annotations
 
-import functools
-import os
+import enum
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from gbla.ops.reference import check_gbla_inputs
+from gbla.ops.gbla.naive import check_gbla_inputs
+from gbla.ops.utils import interpreting, num_sms, sum_partials
 
-_NORM_CODE = {"none": 0, "rmsnorm": 1, "rmsnorm_gated": 2}
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+class Norm(enum.IntEnum):
+    """The kernels' NORM: the normalization, as a number a kernel can branch on at compile time."""
+    NONE = 0        # "none": the linear-attention denominator
+    RMS = 1         # "rmsnorm"
+    RMS_GATED = 2   # "rmsnorm_gated"
+
+
+NORM_OF = {"none": Norm.NONE, "rmsnorm": Norm.RMS, "rmsnorm_gated": Norm.RMS_GATED}
+
+
+class Operands(enum.IntEnum):
+    """The kernels' LOWP: how the operands of the matrix products are rounded (fp32 accumulate)."""
+    FP32 = 0          # fp32 operands, multiplied at DOT_PREC ("ieee" for fp32 inputs, "tf32" else)
+    BF16 = 1          # rounded to bf16 (16-bit inputs on a GPU)
+    BF16_AS_FP32 = 2  # the same bf16 rounding, multiplied as fp32 (the Triton 3.9 interpreter's bf16 dot is wrong)
+
+
+# the modes as compile-time constants the kernels can name (a kernel reads only constexpr globals)
+_NORM_NONE: tl.constexpr = tl.constexpr(int(Norm.NONE))
+_NORM_RMS_GATED: tl.constexpr = tl.constexpr(int(Norm.RMS_GATED))
+_BF16: tl.constexpr = tl.constexpr(int(Operands.BF16))
+_BF16_AS_FP32: tl.constexpr = tl.constexpr(int(Operands.BF16_AS_FP32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,11 +99,10 @@ def _dphi(t):
 
 @triton.jit
 def _mm(a, b, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """a @ b, fp32 accumulate. LOWP 0: fp32 operands at DOT_PREC; 1: bf16 operands (16-bit inputs);
-    2: the same bf16 rounding, multiplied as fp32 (the Triton 3.9 interpreter's bf16 dot is wrong)."""
-    if LOWP == 1:
+    """a @ b, fp32 accumulate, operands rounded as LOWP (an `Operands` mode) says."""
+    if LOWP == _BF16:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif LOWP == 2:
+    elif LOWP == _BF16_AS_FP32:
         return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PREC)
@@ -88,9 +110,9 @@ def _mm(a, b, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _mm_acc(a, b, acc, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
-    if LOWP == 1:
+    if LOWP == _BF16:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-    elif LOWP == 2:
+    elif LOWP == _BF16_AS_FP32:
         return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=DOT_PREC)
@@ -100,26 +122,43 @@ def _mm_acc(a, b, acc, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
 def _operand(a, LOWP: tl.constexpr):
     """The rounding _mm applies to an operand, done once: loop-invariant operands (S, dS) are
     converted before the token loop instead of in every iteration (same values)."""
-    if LOWP == 1:
+    if LOWP == _BF16:
         return a.to(tl.bfloat16)
-    elif LOWP == 2:
+    elif LOWP == _BF16_AS_FP32:
         return a.to(tl.bfloat16).to(tl.float32)
     else:
         return a
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, NC, N, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[n] = sum_c part[c, n] over the chunk axis, in a fixed order (deterministic, no atomics).
-    torch's sum over the leading axis took ~11 us for the 8.6 MB of partial states on an H200."""
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c0 in range(0, NC, BLOCK_C):
-        rows = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(part_ptr + rows[:, None] * N + offs[None, :], mask=(rows < NC)[:, None] & (offs < N)[None, :],
-                    other=0.0)
-        acc += tl.sum(x, axis=0)
-    tl.store(out_ptr + offs, acc, mask=offs < N)
+def _program(H):
+    """(row x head, chunk) of this program, and its batch row and head. Rows x heads are on grid
+    axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)."""
+    pid_bh = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    return pid_bh, pid_c, pid_bh // H, pid_bh % H
+
+
+@triton.jit
+def _tile(base, rows, stride_l, cols, L):
+    """A (BLOCK_L, E) tile of one row and head's (L, E) slice in fp32, zero past the sequence end."""
+    return tl.load(base + rows[:, None] * stride_l + cols[None, :], mask=(rows < L)[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_square(ptr, pid_bh, cols, E: tl.constexpr):
+    """The (E, E) fp32 state (S or dS) of one row and head."""
+    return tl.load(ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :])
+
+
+@triton.jit
+def _inv_count(nreal_ptr, b, L, HAS_MASK: tl.constexpr):
+    """1 / N, N = real tokens of row b (at least 1; all L without a mask)."""
+    if HAS_MASK:
+        inv_n = 1.0 / tl.load(nreal_ptr + b)
+    else:
+        inv_n = 1.0 / L
+    return inv_n
 
 
 @triton.jit
@@ -140,10 +179,7 @@ def _state_kernel(
     NEED_KSUM: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """Partial S = sum_j k'_j v'_j^T (and s = sum_j k'_j) over one chunk of TILES*BLOCK_L tokens."""
-    pid_bh = tl.program_id(0)   # rows x heads on axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)
-    pid_c = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, pid_c, b, h = _program(H)
     cols = tl.arange(0, E)
     acc = tl.zeros((E, E), dtype=tl.float32)
     ksum = tl.zeros((E,), dtype=tl.float32)
@@ -152,9 +188,8 @@ def _state_kernel(
     for t in range(0, TILES):
         rows = (pid_c * TILES + t) * BLOCK_L + tl.arange(0, BLOCK_L)
         valid = _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK)
-        in_seq = (rows < L)[:, None]
-        kk = tl.load(k_base + rows[:, None] * skl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
-        vv = tl.load(v_base + rows[:, None] * svl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        kk = _tile(k_base, rows, skl, cols, L)
+        vv = _tile(v_base, rows, svl, cols, L)
         kp = _phi(kk)
         if HAS_LW:
             # padded key weights are replaced before exp(): a padded +inf must not give inf * 0 = nan
@@ -180,19 +215,13 @@ def _output_kernel(
     HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """o_i for one chunk of queries, from the reduced state S (and s for "none")."""
-    pid_bh = tl.program_id(0)   # rows x heads on axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)
-    pid_c = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, pid_c, b, h = _program(H)
     cols = tl.arange(0, E)
-    S = _operand(tl.load(s_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :]), LOWP)
-    if NORM == 0:
+    S = _operand(_load_square(s_ptr, pid_bh, cols, E), LOWP)
+    if NORM == _NORM_NONE:
         ks = tl.load(ks_ptr + pid_bh * E + cols)
     else:
-        if HAS_MASK:
-            inv_n = 1.0 / tl.load(nreal_ptr + b)
-        else:
-            inv_n = 1.0 / L
+        inv_n = _inv_count(nreal_ptr, b, L, HAS_MASK)
         if HAS_NW:
             nw = tl.load(nw_ptr + cols).to(tl.float32)
     q_base = q_ptr + b * sqb + h * sqh
@@ -202,10 +231,10 @@ def _output_kernel(
         rows = (pid_c * TILES + t) * BLOCK_L + tl.arange(0, BLOCK_L)
         valid = _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK)
         in_seq = (rows < L)[:, None]
-        qq = tl.load(q_base + rows[:, None] * sql + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        qq = _tile(q_base, rows, sql, cols, L)
         p = _phi(qq)
         num = _mm(p, S, LOWP, DOT_PREC)
-        if NORM == 0:
+        if NORM == _NORM_NONE:
             den = tl.sum(p * ks[None, :], axis=1) + eps
             o = num / den[:, None]
         else:
@@ -214,8 +243,8 @@ def _output_kernel(
             o = x * r[:, None]
             if HAS_NW:
                 o = o * nw[None, :]
-            if NORM == 2:
-                zz = tl.load(z_base + rows[:, None] * szl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+            if NORM == _NORM_RMS_GATED:
+                zz = _tile(z_base, rows, szl, cols, L)
                 o = o * (zz * tl.sigmoid(zz))
         o = tl.where(valid[:, None], o, 0.0)
         tl.store(o_base + rows[:, None] * sol + cols[None, :], o.to(o_ptr.dtype.element_ty), mask=in_seq)
@@ -231,22 +260,16 @@ def _bwd_query_kernel(
     HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """dq, dz per query; partial dS = sum_i p_i dnum_i^T, ds = sum_i dd_i p_i, dw over one chunk."""
-    pid_bh = tl.program_id(0)   # rows x heads on axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)
-    pid_c = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, pid_c, b, h = _program(H)
     cols = tl.arange(0, E)
-    S = _operand(tl.load(s_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :]), LOWP)
+    S = _operand(_load_square(s_ptr, pid_bh, cols, E), LOWP)
     S_t = tl.trans(S)
     dS = tl.zeros((E, E), dtype=tl.float32)
-    if NORM == 0:
+    if NORM == _NORM_NONE:
         ks = tl.load(ks_ptr + pid_bh * E + cols)
         dks = tl.zeros((E,), dtype=tl.float32)
     else:
-        if HAS_MASK:
-            inv_n = 1.0 / tl.load(nreal_ptr + b)
-        else:
-            inv_n = 1.0 / L
+        inv_n = _inv_count(nreal_ptr, b, L, HAS_MASK)
         if HAS_NW:
             nw = tl.load(nw_ptr + cols).to(tl.float32)
             dnw = tl.zeros((E,), dtype=tl.float32)
@@ -258,12 +281,12 @@ def _bwd_query_kernel(
         valid = _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK)
         in_seq = (rows < L)[:, None]
         offs = rows[:, None] * sol + cols[None, :]
-        qq = tl.load(q_base + rows[:, None] * sql + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
-        g = tl.load(g_base + rows[:, None] * sgl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        qq = _tile(q_base, rows, sql, cols, L)
+        g = _tile(g_base, rows, sgl, cols, L)
         g = tl.where(valid[:, None], g, 0.0)
         p = _phi(qq)
         num = _mm(p, S, LOWP, DOT_PREC)
-        if NORM == 0:
+        if NORM == _NORM_NONE:
             den = tl.sum(p * ks[None, :], axis=1) + eps
             o = num / den[:, None]
             dnum = g / den[:, None]
@@ -275,8 +298,8 @@ def _bwd_query_kernel(
             r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / E + eps)
             y = x * r[:, None]
             gy = g
-            if NORM == 2:
-                zz = tl.load(z_base + rows[:, None] * szl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+            if NORM == _NORM_RMS_GATED:
+                zz = _tile(z_base, rows, szl, cols, L)
                 sig = tl.sigmoid(zz)
                 gate = zz * sig
                 dgate = g * y
@@ -296,7 +319,7 @@ def _bwd_query_kernel(
         dS = _mm_acc(tl.trans(p), dnum, dS, LOWP, DOT_PREC)
     part = pid_c * tl.num_programs(0) + pid_bh
     tl.store(dspart_ptr + part * E * E + cols[:, None] * E + cols[None, :], dS)
-    if NORM == 0:
+    if NORM == _NORM_NONE:
         tl.store(dkspart_ptr + part * E + cols, dks)
     elif HAS_NW:
         tl.store(dnwpart_ptr + part * E + cols, dnw)
@@ -311,14 +334,11 @@ def _bwd_key_kernel(
     HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """dk'_j = dS v'_j + ds, dv'_j = dS^T k'_j, then through the mask, key weight and phi."""
-    pid_bh = tl.program_id(0)   # rows x heads on axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)
-    pid_c = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, pid_c, b, h = _program(H)
     cols = tl.arange(0, E)
-    dS = _operand(tl.load(ds_ptr + pid_bh * E * E + cols[:, None] * E + cols[None, :]), LOWP)
+    dS = _operand(_load_square(ds_ptr, pid_bh, cols, E), LOWP)
     dS_t = tl.trans(dS)
-    if NORM == 0:
+    if NORM == _NORM_NONE:
         dks = tl.load(dks_ptr + pid_bh * E + cols)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
@@ -327,8 +347,8 @@ def _bwd_key_kernel(
         valid = _row_valid(mask_ptr, b, rows, L, smb, sml, HAS_MASK)
         in_seq = (rows < L)[:, None]
         offs = rows[:, None] * sol + cols[None, :]
-        kk = tl.load(k_base + rows[:, None] * skl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
-        vv = tl.load(v_base + rows[:, None] * svl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        kk = _tile(k_base, rows, skl, cols, L)
+        vv = _tile(v_base, rows, svl, cols, L)
         vv = tl.where(valid[:, None], vv, 0.0)
         kp = _phi(kk)
         if HAS_LW:
@@ -337,7 +357,7 @@ def _bwd_key_kernel(
             kp = kp * a[:, None]
         kp = tl.where(valid[:, None], kp, 0.0)
         dkp = _mm(vv, dS_t, LOWP, DOT_PREC)
-        if NORM == 0:
+        if NORM == _NORM_NONE:
             dkp = dkp + dks[None, :]
         dv = _mm(kp, dS, LOWP, DOT_PREC)
         dk = dkp * _dphi(kk)
@@ -353,17 +373,6 @@ def _bwd_key_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _num_sms_cached(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
-
-
 # Benchmarks may set keys here to sweep launch parameters (block_l, num_warps, num_stages,
 # programs_per_sm, lowp); a key holding a dict under a kernel's name ("state", "output", "bwd_query",
 # "bwd_key") overrides that kernel only. Results never depend on them beyond rounding order.
@@ -380,7 +389,7 @@ def launch_config(B: int, L: int, H: int, E: int, device: torch.device) -> dict:
     (row, head, chunk) triples, so B=1, L=65536 is spread across the GPU; each program loops over
     several tiles, so the E x E state is loaded/stored once per chunk, not once per tile. Each kernel
     chunks independently (partials are summed between the passes)."""
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         default = dict(block_l=16, num_warps=4, num_stages=1, programs_per_sm=4)
     else:
         # H100 sweep (outputs/bench/NOTES.md): block 64, 4 warps, 2 stages at E = 64
@@ -389,9 +398,9 @@ def launch_config(B: int, L: int, H: int, E: int, device: torch.device) -> dict:
     shared = {k: v for k, v in CONFIG_OVERRIDE.items() if k not in KERNELS}
     # bf16 dot operands for 16-bit inputs: H100 sweep, core fwd+bwd 0.29 ms vs 0.35 ms with tf32
     cfg = {"lowp": shared.pop("lowp", True)}
-    n_sms = _num_sms(device)
+    n_sms = num_sms(device)
     for kernel in KERNELS:
-        tuned = {} if _interpreting() or device.type != "cuda" else TUNED.get(E, {}).get(kernel, {})
+        tuned = {} if interpreting() or device.type != "cuda" else TUNED.get(E, {}).get(kernel, {})
         kc = {**default, **tuned, **shared, **CONFIG_OVERRIDE.get(kernel, {})}
         n_tiles = triton.cdiv(L, kc["block_l"])
         chunks_wanted = max(1, kc["programs_per_sm"] * n_sms // (B * H))
@@ -401,22 +410,10 @@ def launch_config(B: int, L: int, H: int, E: int, device: torch.device) -> dict:
     return cfg
 
 
-def _sum_partials(part: torch.Tensor) -> torch.Tensor:
-    """part (nc, ...) fp32 contiguous -> sum over nc, shape part.shape[1:] (a Triton kernel: one launch)."""
-    if part.shape[0] == 1:
-        return part[0]
-    out = torch.empty(part.shape[1:], device=part.device, dtype=part.dtype)
-    n = out.numel()
-    block_n = 128
-    _sum_partials_kernel[(triton.cdiv(n, block_n),)](part, out, part.shape[0], n, BLOCK_N=block_n, BLOCK_C=32,
-                                                     num_warps=4)
-    return out
-
-
-def _lowp_code(cfg: dict, dtype: torch.dtype) -> int:
+def _operands(cfg: dict, dtype: torch.dtype) -> Operands:
     if not cfg["lowp"] or dtype == torch.float32:
-        return 0
-    return 2 if _interpreting() else 1
+        return Operands.FP32
+    return Operands.BF16_AS_FP32 if interpreting() else Operands.BF16
 
 
 def _strides4(t):
@@ -427,96 +424,113 @@ def _last_dim_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+@dataclass
+class _Launch:
+    """What the four kernel launches of one call share: the optional inputs (q as a placeholder
+    pointer where one is absent; never read, the kernels' HAS_* constexprs guard it), their strides,
+    and the compile-time modes."""
+    cfg: dict
+    norm: Norm
+    dot_prec: str
+    operands: Operands
+    has_lw: bool
+    has_mask: bool
+    has_nw: bool
+    lw: torch.Tensor
+    m: torch.Tensor
+    zz: torch.Tensor
+    nw: torch.Tensor
+    lw_strides: tuple
+    m_strides: tuple
+    z_strides: tuple
+
+    @classmethod
+    def of(cls, q, key_log_weight, mask_u8, z, norm_weight, norm: Norm, cfg: dict) -> "_Launch":
+        has_lw, has_mask = key_log_weight is not None, mask_u8 is not None
+        has_nw = norm_weight is not None and norm != Norm.NONE
+        gated = norm == Norm.RMS_GATED
+        return cls(cfg=cfg, norm=norm, dot_prec="ieee" if q.dtype == torch.float32 else "tf32",
+                   operands=_operands(cfg, q.dtype), has_lw=has_lw, has_mask=has_mask, has_nw=has_nw,
+                   lw=key_log_weight if has_lw else q, m=mask_u8 if has_mask else q, zz=z if gated else q,
+                   nw=norm_weight if has_nw else q,
+                   lw_strides=key_log_weight.stride() if has_lw else (0, 0, 0),
+                   m_strides=mask_u8.stride() if has_mask else (0, 0),
+                   z_strides=_strides4(z) if gated else (0, 0, 0))
+
+    def grid(self, kernel: str, BH: int) -> tuple[int, int]:
+        """(rows x heads, chunks): rows x heads on axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535)."""
+        return BH, self.cfg[kernel]["n_chunks"]
+
+    def meta(self, kernel: str, E: int) -> dict:
+        """The compile-time arguments and launch options every kernel takes."""
+        kc = self.cfg[kernel]
+        return dict(E=E, BLOCK_L=kc["BLOCK_L"], HAS_MASK=self.has_mask, DOT_PREC=self.dot_prec,
+                    LOWP=int(self.operands), num_warps=kc["num_warps"], num_stages=kc["num_stages"])
+
+
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
 class _GBLAAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, norm_code, eps):
+    def forward(ctx, q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, norm, eps):
         B, L, H, E = q.shape
-        cfg = launch_config(B, L, H, E, q.device)
-        dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        has_lw, has_mask = key_log_weight is not None, mask_u8 is not None
-        has_nw = norm_weight is not None and norm_code > 0
-        dummy = q  # placeholder pointer for absent optional inputs (never read: constexpr-guarded)
-        lw = key_log_weight if has_lw else dummy
-        m = mask_u8 if has_mask else dummy
-        zz = z if norm_code == 2 else dummy
-        nw = norm_weight if has_nw else dummy
-        lw_strides = key_log_weight.stride() if has_lw else (0, 0, 0)
-        m_strides = mask_u8.stride() if has_mask else (0, 0)
-        z_strides = _strides4(z) if norm_code == 2 else (0, 0, 0)
-        lowp = _lowp_code(cfg, q.dtype)
-        kc = cfg["state"]
-        nc = kc["n_chunks"]
+        run = _Launch.of(q, key_log_weight, mask_u8, z, norm_weight, norm, launch_config(B, L, H, E, q.device))
+        need_ksum = norm == Norm.NONE
+        nc = run.cfg["state"]["n_chunks"]
         f32 = dict(device=q.device, dtype=torch.float32)
         s_part = torch.empty(nc, B * H, E, E, **f32)
-        ks_part = torch.empty(nc, B * H, E, **f32) if norm_code == 0 else s_part
-        _state_kernel[(B * H, nc)](
-            k, v, lw, m, s_part, ks_part, *_strides4(k), *_strides4(v), *lw_strides, *m_strides,
-            L, H, kc["TILES"], E=E, BLOCK_L=kc["BLOCK_L"], HAS_LW=has_lw, HAS_MASK=has_mask,
-            NEED_KSUM=norm_code == 0, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
-        state = _sum_partials(s_part)
-        ksum = _sum_partials(ks_part) if norm_code == 0 else state
+        ks_part = torch.empty(nc, B * H, E, **f32) if need_ksum else s_part
+        _state_kernel[run.grid("state", B * H)](
+            k, v, run.lw, run.m, s_part, ks_part, *_strides4(k), *_strides4(v), *run.lw_strides, *run.m_strides,
+            L, H, run.cfg["state"]["TILES"], HAS_LW=run.has_lw, NEED_KSUM=need_ksum, **run.meta("state", E))
+        state = sum_partials(s_part)
+        ksum = sum_partials(ks_part) if need_ksum else state
         out = torch.empty((B, L, H, E), device=q.device, dtype=q.dtype)
-        kc = cfg["output"]
-        _output_kernel[(B * H, kc["n_chunks"])](
-            q, zz, m, state, ksum, nw, n_real, out, *_strides4(q), *z_strides, *m_strides, *_strides4(out),
-            L, H, kc["TILES"], eps, E=E, BLOCK_L=kc["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
+        _output_kernel[run.grid("output", B * H)](
+            q, run.zz, run.m, state, ksum, run.nw, n_real, out, *_strides4(q), *run.z_strides, *run.m_strides,
+            *_strides4(out), L, H, run.cfg["output"]["TILES"], eps, NORM=int(norm), HAS_NW=run.has_nw,
+            **run.meta("output", E))
         ctx.save_for_backward(q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, state,
-                              ksum if norm_code == 0 else None)
-        ctx.cfg, ctx.dot_prec, ctx.norm_code, ctx.eps = cfg, dot_prec, norm_code, eps
+                              ksum if need_ksum else None)
+        ctx.cfg, ctx.norm, ctx.eps = run.cfg, norm, eps
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, key_log_weight, mask_u8, z, norm_weight, n_real, state, ksum = ctx.saved_tensors
-        cfg, dot_prec, norm_code, eps = ctx.cfg, ctx.dot_prec, ctx.norm_code, ctx.eps
+        norm, eps = ctx.norm, ctx.eps
         B, L, H, E = q.shape
         g = _last_dim_contiguous(grad_out)
-        has_lw, has_mask = key_log_weight is not None, mask_u8 is not None
-        has_nw = norm_weight is not None and norm_code > 0
-        dummy = q
-        lw = key_log_weight if has_lw else dummy
-        m = mask_u8 if has_mask else dummy
-        zz = z if norm_code == 2 else dummy
-        nw = norm_weight if has_nw else dummy
-        lw_strides = key_log_weight.stride() if has_lw else (0, 0, 0)
-        m_strides = mask_u8.stride() if has_mask else (0, 0)
-        z_strides = _strides4(z) if norm_code == 2 else (0, 0, 0)
-        lowp = _lowp_code(cfg, q.dtype)
-        kc = cfg["bwd_query"]
-        nc = kc["n_chunks"]
+        run = _Launch.of(q, key_log_weight, mask_u8, z, norm_weight, norm, ctx.cfg)
+        need_ksum = norm == Norm.NONE
+        nc = run.cfg["bwd_query"]["n_chunks"]
         f32 = dict(device=q.device, dtype=torch.float32)
         dq = torch.empty((B, L, H, E), device=q.device, dtype=q.dtype)
         dk = torch.empty((B, L, H, E), device=q.device, dtype=k.dtype)
         dv = torch.empty((B, L, H, E), device=q.device, dtype=v.dtype)
-        dz = torch.empty((B, L, H, E), device=q.device, dtype=z.dtype) if norm_code == 2 else dq
-        dlw = torch.empty((B, L, H), device=q.device, dtype=key_log_weight.dtype) if has_lw else dq
+        dz = torch.empty((B, L, H, E), device=q.device, dtype=z.dtype) if norm == Norm.RMS_GATED else dq
+        dlw = torch.empty((B, L, H), device=q.device, dtype=key_log_weight.dtype) if run.has_lw else dq
         ds_part = torch.empty(nc, B * H, E, E, **f32)
-        dks_part = torch.empty(nc, B * H, E, **f32) if norm_code == 0 else ds_part
-        dnw_part = torch.empty(nc, B * H, E, **f32) if has_nw else ds_part
+        dks_part = torch.empty(nc, B * H, E, **f32) if need_ksum else ds_part
+        dnw_part = torch.empty(nc, B * H, E, **f32) if run.has_nw else ds_part
         # dq/dk/dv/dz are allocated contiguous, so they share one set of strides
-        _bwd_query_kernel[(B * H, nc)](
-            q, zz, g, m, state, ksum if norm_code == 0 else state, nw, n_real,
+        _bwd_query_kernel[run.grid("bwd_query", B * H)](
+            q, run.zz, g, run.m, state, ksum if need_ksum else state, run.nw, n_real,
             dq, dz, ds_part, dks_part, dnw_part,
-            *_strides4(q), *z_strides, *_strides4(g), *m_strides, *_strides4(dq),
-            L, H, kc["TILES"], eps, E=E, BLOCK_L=kc["BLOCK_L"], NORM=norm_code, HAS_NW=has_nw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
-        dstate = _sum_partials(ds_part)
-        dksum = _sum_partials(dks_part) if norm_code == 0 else dstate
-        kc = cfg["bwd_key"]
-        _bwd_key_kernel[(B * H, kc["n_chunks"])](
-            k, v, lw, m, dstate, dksum, dk, dv, dlw,
-            *_strides4(k), *_strides4(v), *lw_strides, *m_strides, *_strides4(dk),
-            *(dlw.stride() if has_lw else (0, 0, 0)),
-            L, H, kc["TILES"], E=E, BLOCK_L=kc["BLOCK_L"], NORM=norm_code, HAS_LW=has_lw,
-            HAS_MASK=has_mask, DOT_PREC=dot_prec, LOWP=lowp, num_warps=kc["num_warps"], num_stages=kc["num_stages"])
+            *_strides4(q), *run.z_strides, *_strides4(g), *run.m_strides, *_strides4(dq),
+            L, H, run.cfg["bwd_query"]["TILES"], eps, NORM=int(norm), HAS_NW=run.has_nw, **run.meta("bwd_query", E))
+        dstate = sum_partials(ds_part)
+        dksum = sum_partials(dks_part) if need_ksum else dstate
+        _bwd_key_kernel[run.grid("bwd_key", B * H)](
+            k, v, run.lw, run.m, dstate, dksum, dk, dv, dlw,
+            *_strides4(k), *_strides4(v), *run.lw_strides, *run.m_strides, *_strides4(dk),
+            *(dlw.stride() if run.has_lw else (0, 0, 0)),
+            L, H, run.cfg["bwd_key"]["TILES"], NORM=int(norm), HAS_LW=run.has_lw, **run.meta("bwd_key", E))
         d_nw = None
-        if has_nw and ctx.needs_input_grad[6]:
-            d_nw = _sum_partials(dnw_part.view(-1, E)).to(norm_weight.dtype)  # torch: 8 us on an H200
-        return (dq, dk, dv, dlw if has_lw else None, None, dz if norm_code == 2 else None, d_nw,
+        if run.has_nw and ctx.needs_input_grad[6]:
+            d_nw = sum_partials(dnw_part.view(-1, E)).to(norm_weight.dtype)  # torch: 8 us on an H200
+        return (dq, dk, dv, dlw if run.has_lw else None, None, dz if norm == Norm.RMS_GATED else None, d_nw,
                 None, None, None)
 
 
@@ -541,14 +555,14 @@ def gbla_attention_triton(
     for name, t in (("q", q), ("k", k), ("v", v), ("z", z)):
         if t is not None and t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"gbla_attention_triton: {name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise RuntimeError("gbla_attention_triton needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU "
                            "interpreter; use backend='torch' on the CPU")
-    norm_code = _NORM_CODE[normalization]
+    norm = NORM_OF[normalization]
     q, k, v, z = (_last_dim_contiguous(t) for t in (q, k, v, z))
-    if norm_code != 2:
+    if norm != Norm.RMS_GATED:
         z = None  # not used by this normalization: no gradient either
-    nw = norm_weight if norm_code > 0 else None
+    nw = norm_weight if norm != Norm.NONE else None
     if L == 0 or B == 0:
         return torch.zeros_like(q)
     if mask is not None:
@@ -557,7 +571,8 @@ def gbla_attention_triton(
     else:
         mask_u8 = None
         n_real = q  # unused: without a mask the kernels divide by L
-    return _GBLAAttention.apply(q, k, v, key_log_weight, mask_u8, z, nw, n_real, norm_code, float(eps))
+    return _GBLAAttention.apply(q, k, v, key_log_weight, mask_u8, z, nw, n_real, norm, float(eps))
 
 
-__all__ = ["gbla_attention_triton", "launch_config", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["gbla_attention_triton", "launch_config", "CONFIG_OVERRIDE", "KERNELS", "Norm", "Operands",
+           "SUPPORTED_HEAD_DIMS"]
