@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gbla.common import hits_at, ndcg_at
 from gbla.model import BOS, PAD
 
 METRIC_KS = (5, 10)
@@ -129,10 +130,8 @@ def metrics_from_ranks(ranks, ks=METRIC_KS) -> dict[str, float]:
     ranks = np.asarray(ranks if not torch.is_tensor(ranks) else ranks.cpu().numpy(), dtype=np.int64)
     if ranks.size == 0:
         raise ValueError("no ranks to average")
-    hits = {k: (ranks >= 1) & (ranks <= k) for k in ks}
-    out = {f"recall@{k}": float(hits[k].mean()) for k in ks}
-    out.update({f"ndcg@{k}": float(np.where(hits[k], 1.0 / np.log2(np.maximum(ranks, 1) + 1.0), 0.0).mean())
-                for k in ks})
+    out = {f"recall@{k}": float(hits_at(ranks, k).mean()) for k in ks}
+    out.update({f"ndcg@{k}": float(ndcg_at(ranks, k).mean()) for k in ks})
     return out
 
 

@@ -388,10 +388,6 @@ def load_processed_dataset(name: str, processed_root: str | os.PathLike | None =
     return load_processed(path)
 
 
-# the name notebooks/train.ipynb still calls (gbla.data.amazon.load_raw_dataset reads the raw files)
-load_dataset = load_processed_dataset
-
-
 def dataset_path(name: str, processed_root: str | os.PathLike | None = None) -> Path:
     from gbla.data.processed import default_processed_dir
 

@@ -27,6 +27,9 @@ seed's early-stopping state, best weights and history) is written atomically eve
 `checkpoint_every_s` seconds, and a later call with the same group resumes from it; `stop_at` (a
 time.time() deadline) makes the group write a checkpoint and return unfinished at the first epoch end
 that would run past it. Imports only torch, numpy (+ tqdm): it runs on any GPU machine.
+
+This module is longer than 500 lines: the group's loop, its checkpoint and resume, the dropping of
+stopped seeds and the graphed TrainStep are one path that every run takes, read best in one place.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm  # text bar: tqdm.auto warns "IProgress not found" in kernels without ipywidgets
 
+from gbla.common import atomic_path
 from gbla.config import RunConfig
 from gbla.evaluate import SIDTrie, metrics_from_ranks, rank_targets
 from gbla.model import PAD, TIGER
@@ -271,10 +275,8 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
                    else None, "seed_generators": [g.get_state() for g in seed_generators],
                    "order_generator": order_generator.get_state(), "train_s": train_s, "eval_s": eval_s,
                    "n_evals": n_evals}
-        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint_path.with_name(f".{checkpoint_path.name}.tmp-{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, checkpoint_path)
+        with atomic_path(checkpoint_path) as tmp:
+            torch.save(payload, tmp)
 
     ckpt = None
     if checkpoint_path is not None and checkpoint_path.is_file():
