@@ -137,7 +137,8 @@ def metrics_from_ranks(ranks, ks=METRIC_KS) -> dict[str, float]:
 
 @torch.no_grad()
 def rank_targets(model, enc_tokens: torch.Tensor, targets: torch.Tensor, trie: SIDTrie, *, beam_size: int,
-                 batch_size: int = 1024, top_k: int = 10, autocast: bool = False) -> torch.Tensor:
+                 batch_size: int = 1024, top_k: int = 10, autocast: bool = False,
+                 use_cache: bool = True) -> torch.Tensor:
     """Per-example rank (S, n) of the target item under beam search for each of the model's S seeds,
     evaluated in batches (every seed ranks the same examples).
 
@@ -156,7 +157,7 @@ def rank_targets(model, enc_tokens: torch.Tensor, targets: torch.Tensor, trie: S
             sel = order[i:i + batch_size]
             width = max(1, int(used[sel].max()))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                items, _ = beam_search(model, enc_tokens[sel, :width], trie, beam_size, top_k)
+                items, _ = beam_search(model, enc_tokens[sel, :width], trie, beam_size, top_k, use_cache=use_cache)
             ranks[:, sel] = ranks_from_topk(items, targets[sel])
     finally:
         model.train(was_training)
