@@ -322,7 +322,7 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
     bar = tqdm(range(start_epoch, tc.max_epochs + 1), desc=label, disable=not progress, leave=False,
                initial=start_epoch - 1, total=tc.max_epochs)
     for epoch in bar:
-        active = list(slots)  # every seed still in the model is still training
+        active = [i for i in slots if states[i].stopped_at is None]  # slots can hold stopped seeds (compile)
         t0 = epoch_start = time.perf_counter()
         model.train()
         loss_sum = torch.zeros(len(slots), device=dev)
@@ -344,6 +344,8 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
             eval_s += time.perf_counter() - t0
             n_evals += 1
             for j, i in enumerate(slots):
+                if i not in active:
+                    continue
                 metrics, st = metrics_from_ranks(ranks[j]), states[i]
                 records[i].update({f"valid_{k}": v for k, v in metrics.items()})
                 if metrics["recall@10"] > st.best_recall:
@@ -367,7 +369,9 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
             finished = True
             break
         keep = [j for j, i in enumerate(slots) if states[i].stopped_at is None]
-        if len(keep) < len(slots):  # drop the seeds that stopped: the rest train on without them
+        # drop the seeds that stopped: the rest train on without them. Not under torch.compile, where
+        # every new seed count would compile the step again (minutes, more than the dropping saves)
+        if len(keep) < len(slots) and "compile" not in step_mode:
             model.keep_seed_slots(keep)
             train_step = train_step.for_slots(keep)
             slots = [slots[j] for j in keep]
