@@ -191,6 +191,7 @@ class TIGER(nn.Module):
         index = torch.as_tensor(slots, dtype=torch.long, device=self.level_mask.device)
         for p in self.parameters():
             p.data = p.data.index_select(0, index.to(p.device)).clone()
+            p.grad = None  # of the old shape; the next step makes new ones
         for module in self.modules():
             if hasattr(module, "num_seeds"):
                 module.num_seeds = len(slots)
