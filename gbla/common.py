@@ -34,9 +34,15 @@ def repo_path(path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 # provenance
 
-def git_commit(repo: str | os.PathLike = REPO_ROOT, *, paths: Sequence[str] = ()) -> str:
-    """The checked-out commit, with "-dirty" appended when tracked files have uncommitted changes
-    (only those under `paths`, when given: e.g. a data build is dirty only if the data code is).
+# results are not code: committed outputs rewritten by a rerun (a group's notebook, a report) do not
+# make the checkout that produces them "dirty"
+RESULTS_PATHSPEC = (".", ":(exclude)outputs")
+
+
+def git_commit(repo: str | os.PathLike = REPO_ROOT, *, paths: Sequence[str] = RESULTS_PATHSPEC) -> str:
+    """The checked-out commit, with "-dirty" appended when tracked files have uncommitted changes:
+    by default any outside outputs/, else only those under `paths` (e.g. a data build is dirty only
+    if the data code is).
 
     $GBLA_COMMIT, when set, wins: whoever copies the tree to another machine (where .git may be
     missing or stale) sets it to the commit copied. "unknown" without either.
@@ -46,7 +52,8 @@ def git_commit(repo: str | os.PathLike = REPO_ROOT, *, paths: Sequence[str] = ()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=repo,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *(paths or ["."])],
+                               cwd=repo,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -35,6 +35,13 @@ def test_git_commit_names_the_checkout(tmp_path, monkeypatch):
     assert common.git_commit(repo) == head
     (repo / "untracked.txt").write_text("new file\n")   # untracked files do not make a checkout dirty
     assert common.git_commit(repo) == head
+    (repo / "outputs").mkdir()
+    (repo / "outputs" / "result.json").write_text("{}\n")
+    _git(repo, "add", "outputs/result.json")
+    _git(repo, "commit", "-q", "-m", "a result")
+    head = _git(repo, "rev-parse", "HEAD")
+    (repo / "outputs" / "result.json").write_text('{"rerun": 1}\n')   # results rewritten: not code
+    assert common.git_commit(repo) == head
     (repo / "tracked.txt").write_text("two\n")
     assert common.git_commit(repo) == head + "-dirty"
     assert common.git_commit(repo, paths=["data"]) == head     # dirty only outside the paths asked about
