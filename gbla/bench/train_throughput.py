@@ -49,19 +49,27 @@ def load_configs(params: str, profile: str, dataset: str, variant: str, seeds: l
     return [grid.run_config(dataset, variant, s) for s in seeds]
 
 
-def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode: str = "cuda_graph") -> dict:
-    """Steady-state examples/s of the training step (`mode`, gbla.train.STEP_MODES) for a model of
-    len(configs) seeds; warm-up (and compilation, for the compile modes) is timed apart."""
-    S, tc = len(configs), configs[0].train
-    model = TIGER(configs[0].model, data.codebook_sizes, backend=backend, num_seeds=S)
+def group_step(configs, data, dev, backend: str, mode: str):
+    """What train_group sets up for these seeds: (model, SIDs on the device, TrainStep, length-bucket
+    groups, one epoch's batches)."""
+    tc = configs[0].train
+    model = TIGER(configs[0].model, data.codebook_sizes, backend=backend, num_seeds=len(configs))
     model.init_seeds([c.seed for c in configs]).to(dev)
     sids = torch.as_tensor(data.sids, device=dev)
     train = to_device_split(data.train, model, sids, tc.max_history, dev)
-    mode = mode if dev.type == "cuda" else "eager"
     step = TrainStep(model, train, tc, mode, dev.type == "cuda")
     groups = length_bucket_groups(train.enc_tokens, tc.length_buckets, tc.max_history, tc.batch_size)
     gens = [torch.Generator().manual_seed(c.seed) for c in configs]
     batches = epoch_batches(groups, tc.batch_size, gens, torch.Generator().manual_seed(BUCKET_ORDER_SEED))
+    return model, sids, step, groups, batches
+
+
+def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode: str = "cuda_graph") -> dict:
+    """Steady-state examples/s of the training step (`mode`, gbla.train.STEP_MODES) for a model of
+    len(configs) seeds; warm-up (and compilation, for the compile modes) is timed apart."""
+    S, tc = len(configs), configs[0].train
+    mode = mode if dev.type == "cuda" else "eager"
+    model, sids, step, groups, batches = group_step(configs, data, dev, backend, mode)
     t0 = time.perf_counter()
     seen: dict[int, int] = {}
     for enc_len, idx in batches:  # warm-up: every encoder length past its eager steps and capture
@@ -95,7 +103,6 @@ def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode:
                          use_cache=use_cache)
             sync()
             row[key] = time.perf_counter() - t0
-    row["_step"], row["_batches"] = step, batches
     return row
 
 
@@ -104,14 +111,7 @@ def profile_eager(configs, data, dev, backend: str, path: Path, n: int = 6) -> d
     from torch.profiler import ProfilerActivity, profile
 
     S, tc = len(configs), configs[0].train
-    model = TIGER(configs[0].model, data.codebook_sizes, backend=backend, num_seeds=S)
-    model.init_seeds([c.seed for c in configs]).to(dev)
-    sids = torch.as_tensor(data.sids, device=dev)
-    train = to_device_split(data.train, model, sids, tc.max_history, dev)
-    step = TrainStep(model, train, tc, "eager", dev.type == "cuda")
-    groups = length_bucket_groups(train.enc_tokens, tc.length_buckets, tc.max_history, tc.batch_size)
-    gens = [torch.Generator().manual_seed(c.seed) for c in configs]
-    batches = epoch_batches(groups, tc.batch_size, gens, torch.Generator().manual_seed(BUCKET_ORDER_SEED))
+    _, _, step, _, batches = group_step(configs, data, dev, backend, "eager")
     for enc_len, idx in batches[:n]:
         step(idx, enc_len)
     sync()
@@ -231,7 +231,6 @@ def main(argv=None) -> int:
             try:
                 measured = measure(configs, data, dev, args.steps, args.backend, eval_pass=mode == args.modes[0],
                                    mode=mode)
-                measured.pop("_step"), measured.pop("_batches")
                 row.update(measured)
             except Exception as err:  # noqa: BLE001 - a failing row is a result too; the others still run
                 row["error"] = f"{type(err).__name__}: {err}"[:500]
