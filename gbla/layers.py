@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gbla.config import GBLAOptions
-from gbla.ops import gbla_attention
+from gbla.ops import gbla_attention, short_attention
 from gbla.ops.conv import causal_conv1d_silu
 
 
@@ -135,40 +135,6 @@ class SeedEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# attention with a relative position bias, written out for short sequences
-# ---------------------------------------------------------------------------------------------
-
-def small_attention(q, k, v, *, allowed: torch.Tensor | None, bias: torch.Tensor | None, num_seeds: int,
-                    dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(E) + bias, masked) v for short sequences, in the inputs' dtype.
-
-    q (S*B, H, Lq, E), k and v (S*B, H, Lk, E); bias (S, H, Lq, Lk) per seed or None; allowed: a bool
-    tensor broadcastable to (S, B, H, Lq, Lk), False = may not attend, or None. Masked scores are set
-    to the dtype's lowest value rather than -inf: a query with no key to look at (a padded position
-    before any real token) then gets a finite average instead of NaN; callers zero its output. For
-    every other query exp(lowest - max) is exactly 0, so masked keys get no weight at all.
-
-    Written out instead of SDPA: with a learned bias that needs a gradient SDPA takes its math path
-    anyway, and building its (B, H, L, L) float mask from bias and padding cost more than the
-    attention itself; here the bias is broadcast over the batch and the padding is one masked_fill.
-    Autocast is off inside: q, k, v arrive in the compute dtype (bf16 under autocast) and the softmax
-    accumulates in fp32 internally while reading and writing that dtype."""
-    SB, H, Lq, E = q.shape
-    Lk = k.shape[2]
-    with torch.autocast(q.device.type, enabled=False):
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(E))
-        scores = scores.view(num_seeds, SB // num_seeds, H, Lq, Lk)
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)[:, None]
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1).view(SB, H, Lq, Lk)
-        if dropout_p > 0:
-            probs = F.dropout(probs, dropout_p, training=True)
-        return torch.matmul(probs, v.to(probs.dtype))
-
-
-# ---------------------------------------------------------------------------------------------
 # relative position bias (T5)
 # ---------------------------------------------------------------------------------------------
 
@@ -198,15 +164,18 @@ class SelfAttentionLayer(nn.Module):
     profile). Scores use the 1/sqrt(head_dim) scale (T5 folds it into the init).
 
     With relative_bias=False and mask=None it calls torch SDPA, which may pick flash/cuDNN kernels
-    (the long-sequence latency benchmark); otherwise small_attention.
+    (the long-sequence latency benchmark); otherwise gbla.ops.short_attention, on q, k, v sliced out
+    of the fused projection as (S*B, L, H, E) views (no copies), its (S*B, L, H, E) output going
+    straight into the output projection. `backend` picks its kernels ("torch", "triton", "auto"); it
+    does not change the result beyond rounding (and the dropout draws).
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, causal: bool = False,
                  relative_bias: bool = True, dropout: float = 0.0, relative_attention_num_buckets: int = 32,
-                 relative_attention_max_distance: int = 128, num_seeds: int = 1):
+                 relative_attention_max_distance: int = 128, num_seeds: int = 1, backend: str = "auto"):
         super().__init__()
         self.num_seeds, self.num_heads, self.head_dim = num_seeds, num_heads, head_dim
-        self.causal, self.dropout = causal, dropout
+        self.causal, self.dropout, self.backend = causal, dropout, backend
         self.qkv = SeedLinear(num_seeds, d_model, 3 * num_heads * head_dim)
         self.out = SeedLinear(num_seeds, num_heads * head_dim, d_model)
         self.num_buckets = relative_attention_num_buckets
@@ -223,40 +192,40 @@ class SelfAttentionLayer(nn.Module):
 
     def step(self, x: torch.Tensor, cache: tuple | None, position: int) -> tuple[torch.Tensor, tuple]:
         """Causal decoding one position at a time: x (S, R, 1, D) is the token at `position` of each
-        row, cache the keys and values of positions 0..position-1 ((S*R, H, position, E) each, None at
+        row, cache the keys and values of positions 0..position-1 ((S*R, position, H, E) each, None at
         0). Returns its output (S, R, 1, D), as forward() gives at that position of the whole prefix,
         and the cache extended by it. Evaluation only (no dropout)."""
         if not self.causal:
             raise ValueError("step() decodes causally; this layer is bidirectional")
         S, R = x.shape[:2]
         H, E = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).view(S * R, 1, 3, H, E).permute(2, 0, 3, 1, 4)   # (S*R, H, 1, E) each
+        q, k, v = self.qkv(x).view(S * R, 1, 3, H, E).unbind(2)             # (S*R, 1, H, E) each
         if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
         bias = None
         if self.relative_bias is not None:
             bias = self.position_bias(position + 1, x.device)[:, :, position:position + 1, :]
-        y = small_attention(q, k, v, allowed=None, bias=bias, num_seeds=S, dropout_p=0.0)  # keys <= position
-        return self.out(y.transpose(1, 2).reshape(S, R, 1, H * E)), (k, v)
+        # the one query is the last position: every cached key is visible, no causal mask needed
+        y = short_attention(q, k, v, bias=bias, num_seeds=S, backend=self.backend)
+        return self.out(y.view(S, R, 1, H * E)), (k, v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x, mask, unstacked = as_stacked(x, mask, self.num_seeds)
         S, B, L, _ = x.shape
         H, E = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).view(S * B, L, 3, H, E).permute(2, 0, 3, 1, 4)   # (S*B, H, L, E) each
+        qkv = self.qkv(x).view(S * B, L, 3, H, E)
         dropout_p = self.dropout if self.training else 0.0
         if self.relative_bias is None and mask is None:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)                                   # (S*B, H, L, E) each
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
+            y = y.transpose(1, 2)                                                  # (S*B, L, H, E)
         else:
-            allowed = None
-            if mask is not None:
-                allowed = mask[:, :, None, None, :]                                # (S, B, 1, 1, Lk)
-            if self.causal:
-                tril = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-                allowed = tril if allowed is None else allowed & tril
+            q, k, v = qkv.unbind(2)                                                # (S*B, L, H, E) views
             bias = self.position_bias(L, x.device) if self.relative_bias is not None else None
-            y = small_attention(q, k, v, allowed=allowed, bias=bias, num_seeds=S, dropout_p=dropout_p)
-        y = self.out(y.transpose(1, 2).reshape(S, B, L, H * E))
+            y = short_attention(q, k, v, key_mask=None if mask is None else mask.reshape(S * B, L),
+                                causal=self.causal, bias=bias, num_seeds=S, dropout_p=dropout_p,
+                                backend=self.backend)
+        y = self.out(y.reshape(S, B, L, H * E))
         if mask is not None:
             y = y * mask[..., None].to(y.dtype)
         return y[0] if unstacked else y

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gbla.config import ModelConfig
-from gbla.layers import (GBLALayer, SeedEmbedding, SeedLinear, SeedRMSNorm, SelfAttentionLayer, init_seed_slice,
-                         small_attention)
+from gbla.layers import GBLALayer, SeedEmbedding, SeedLinear, SeedRMSNorm, SelfAttentionLayer, init_seed_slice
+from gbla.ops import short_attention
 
 PAD, BOS = 0, 1
 
@@ -80,23 +80,26 @@ class FeedForward(nn.Module):
         return self.down(self.dropout(F.relu(self.up(x))))
 
 
-def _self_attention(cfg: ModelConfig, num_seeds: int, causal: bool) -> SelfAttentionLayer:
+def _self_attention(cfg: ModelConfig, num_seeds: int, causal: bool, backend: str) -> SelfAttentionLayer:
     return SelfAttentionLayer(cfg.d_model, cfg.num_heads, cfg.head_dim, causal=causal, dropout=cfg.dropout,
                               relative_attention_num_buckets=cfg.relative_attention_num_buckets,
                               relative_attention_max_distance=cfg.relative_attention_max_distance,
-                              num_seeds=num_seeds)
+                              num_seeds=num_seeds, backend=backend)
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm residual block around one mixing layer (SA or GBLA) and an FFN."""
+    """Pre-norm residual block around one mixing layer (SA or GBLA) and an FFN. `backend` picks the
+    GBLA layer's kernels, `attention_backend` the SA layer's (None: `backend`)."""
 
-    def __init__(self, layer_type: str, cfg: ModelConfig, backend: str, num_seeds: int = 1):
+    def __init__(self, layer_type: str, cfg: ModelConfig, backend: str, num_seeds: int = 1,
+                 attention_backend: str | None = None):
         super().__init__()
         if layer_type == "gbla":
             self.mix = GBLALayer(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.gbla, dropout=cfg.dropout,
                                  backend=backend, num_seeds=num_seeds)
         else:
-            self.mix = _self_attention(cfg, num_seeds, causal=layer_type == "sa_causal")
+            self.mix = _self_attention(cfg, num_seeds, causal=layer_type == "sa_causal",
+                                       backend=backend if attention_backend is None else attention_backend)
         self.norm1, self.norm2 = SeedRMSNorm(num_seeds, cfg.d_model), SeedRMSNorm(num_seeds, cfg.d_model)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -110,36 +113,36 @@ class CrossAttention(nn.Module):
     """Decoder-to-encoder attention. The memory's keys/values are computed once per encoder row; the
     queries of all `beam` decoder rows that share an encoder row attend to it together (queries are
     independent in cross-attention), so beam search never copies the memory. A handful of queries
-    over <= 81 keys: small_attention's two small matmuls (the fused SDPA kernels cost far more at
-    this size, 18% of a training step in a profile)."""
+    over <= 81 keys: gbla.ops.short_attention (the fused SDPA kernels cost far more at this size,
+    18% of a training step in a profile), on q, k, v as (S*B, L, H, E) views of the projections."""
 
-    def __init__(self, cfg: ModelConfig, num_seeds: int):
+    def __init__(self, cfg: ModelConfig, num_seeds: int, backend: str = "auto"):
         super().__init__()
-        self.H, self.E, self.dropout = cfg.num_heads, cfg.head_dim, cfg.dropout
+        self.H, self.E, self.dropout, self.backend = cfg.num_heads, cfg.head_dim, cfg.dropout, backend
         self.q = SeedLinear(num_seeds, cfg.d_model, self.H * self.E)
         self.kv = SeedLinear(num_seeds, cfg.d_model, 2 * self.H * self.E)
         self.out = SeedLinear(num_seeds, self.H * self.E, cfg.d_model)
 
     def memory_kv(self, memory):
         S, B, L, _ = memory.shape
-        k, v = self.kv(memory).view(S * B, L, 2, self.H, self.E).permute(2, 0, 3, 1, 4)
-        return k, v  # (S*B, H, L, E) each
+        k, v = self.kv(memory).view(S * B, L, 2, self.H, self.E).unbind(2)
+        return k, v  # (S*B, L, H, E) views each
 
     def forward(self, x, kv, memory_mask):
         k, v = kv
-        S, B = memory_mask.shape[:2]
+        S, B, L = memory_mask.shape
         _, Bb, t, _ = x.shape                                # Bb = B * beam
-        q = self.q(x).reshape(S * B, (Bb // B) * t, self.H, self.E).transpose(1, 2)
-        y = small_attention(q, k, v, allowed=memory_mask[:, :, None, None, :], bias=None, num_seeds=S,
-                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(S, Bb, t, self.H * self.E))
+        q = self.q(x).view(S * B, (Bb // B) * t, self.H, self.E)
+        y = short_attention(q, k, v, key_mask=memory_mask.reshape(S * B, L), num_seeds=S,
+                            dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        return self.out(y.view(S, Bb, t, self.H * self.E))
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_seeds: int = 1):
+    def __init__(self, cfg: ModelConfig, num_seeds: int = 1, backend: str = "auto"):
         super().__init__()
-        self.self_attn = _self_attention(cfg, num_seeds, causal=True)
-        self.cross_attn = CrossAttention(cfg, num_seeds)
+        self.self_attn = _self_attention(cfg, num_seeds, causal=True, backend=backend)
+        self.cross_attn = CrossAttention(cfg, num_seeds, backend)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds)
         self.norm1, self.norm2, self.norm3 = (SeedRMSNorm(num_seeds, cfg.d_model) for _ in range(3))
         self.dropout = nn.Dropout(cfg.dropout)
@@ -158,16 +161,24 @@ class DecoderBlock(nn.Module):
 
 
 class TIGER(nn.Module):
-    def __init__(self, cfg: ModelConfig, codebook_sizes, *, backend: str = "auto", num_seeds: int = 1):
+    """`backend` picks the kernels of every op ("auto", "torch", "triton"; gbla.ops.backend);
+    `attention_backend` those of the softmax attention alone (SA layers, decoder self- and
+    cross-attention; None: `backend`), so a benchmark can time both attention paths side by side."""
+
+    def __init__(self, cfg: ModelConfig, codebook_sizes, *, backend: str = "auto", num_seeds: int = 1,
+                 attention_backend: str | None = None):
         super().__init__()
         if num_seeds < 1:
             raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
         self.cfg, self.num_seeds = cfg, num_seeds
+        attention_backend = backend if attention_backend is None else attention_backend
         self.vocab = SIDVocab(codebook_sizes, cfg.num_user_buckets)
         self.embed = SeedEmbedding(num_seeds, self.vocab.size, cfg.d_model)
-        self.encoder = nn.ModuleList(EncoderBlock(t, cfg, backend, num_seeds) for t in cfg.encoder_layout)
+        self.encoder = nn.ModuleList(EncoderBlock(t, cfg, backend, num_seeds, attention_backend)
+                                     for t in cfg.encoder_layout)
         self.encoder_norm = SeedRMSNorm(num_seeds, cfg.d_model)
-        self.decoder = nn.ModuleList(DecoderBlock(cfg, num_seeds) for _ in range(cfg.num_decoder_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(cfg, num_seeds, attention_backend)
+                                     for _ in range(cfg.num_decoder_layers))
         self.decoder_norm = SeedRMSNorm(num_seeds, cfg.d_model)
         self.head = SeedLinear(num_seeds, cfg.d_model, self.vocab.num_digit_tokens)
         self.dropout = nn.Dropout(cfg.dropout)

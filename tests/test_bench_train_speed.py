@@ -40,3 +40,35 @@ def test_steps_has_no_warmup_flag():
     """Warm-up is per encoder length, until each is past TrainStep.WARMUP_STEPS (and captured): no count to set."""
     with pytest.raises(SystemExit):
         train_speed.build_parser().parse_args(["steps", "--warmup", "5"])
+
+
+def test_throughput_times_each_attention_backend(tmp_path, monkeypatch):
+    """--attention-backends torch auto: each path and mode is measured once per attention backend, the
+    rows say which, and the markdown table keeps one cell per column (error rows too)."""
+    from types import SimpleNamespace
+
+    from gbla.bench import train_throughput as tt
+
+    calls = []
+
+    def fake_measure(configs, data, dev, steps, backend, eval_pass, mode="cuda_graph", attention_backend=None):
+        calls.append((len(configs), backend, attention_backend))
+        if attention_backend == "torch" and len(configs) == 1:
+            raise RuntimeError("boom")
+        return {"mode": mode, "ms_per_step": 2.0, "examples_per_s": 1000.0, "valid_eval_s": 1.5}
+
+    config = SimpleNamespace(train=SimpleNamespace(batch_size=256), config_hash=lambda: "h")
+    monkeypatch.setattr(tt, "load_processed", lambda path: SimpleNamespace(provenance={"fingerprint": "f"}))
+    monkeypatch.setattr(tt, "load_configs", lambda params, profile, dataset, variant, seeds: [config] * len(seeds))
+    monkeypatch.setattr(tt, "measure", fake_measure)
+    tt.main(["--variants", "sa", "--seeds", "2", "--attention-backends", "torch", "auto", "--backend", "auto",
+             "--out", str(tmp_path)])
+    assert calls == [(1, "auto", "torch"), (1, "auto", "auto"), (2, "auto", "torch"), (2, "auto", "auto")]
+    import json
+    rows = json.loads((tmp_path / "train_throughput.json").read_text())["rows"]
+    assert [(r["path"], r["attention_backend"]) for r in rows] == [
+        ("single", "torch"), ("single", "auto"), ("multi_seed", "torch"), ("multi_seed", "auto")]
+    assert "error" in rows[0] and "error" not in rows[1]
+    table = [line for line in (tmp_path / "train_throughput.md").read_text().splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table
+    assert "| attention |" in table[0]

@@ -3,6 +3,8 @@
     python -m gbla.bench.train_throughput --variants sa hybrid --seeds 5 --out outputs/bench
     python -m gbla.bench.train_throughput ... --baseline-src DIR   # also time an older checkout's
                                                                    # single-run step, same run
+    python -m gbla.bench.train_throughput --paths multi_seed --attention-backends torch auto
+                                   # the softmax attention's reference vs its fused kernels, same run
 
 For each variant of the params file (its `full` profile settings, Beauty by default) and each path,
 "single" (a model of one seed, as one run per process trains) and "multi_seed" (K seeds in one
@@ -13,9 +15,12 @@ validation users, every seed at once). With --baseline-src, the same measurement
 checkout's step (its `gbla.bench.train_speed steps`, in a subprocess on its own source tree) is added
 as path "single" with that commit, so the ratio is taken side by side on one GPU in one run.
 --profile writes a kernel table of a few eager multi-seed steps (where the GPU time goes).
+--attention-backends times each path and mode once per backend of the softmax attention
+(TIGER's attention_backend: SA layers, decoder self- and cross-attention); the other ops keep
+--backend. Without it the attention uses --backend too.
 
 Output: <out>/train_throughput.json and .md (rows: path, seeds, batch_size_per_seed, dataset, variant,
-examples_per_s, ms_per_step, valid_eval_s, device, commit, command, date).
+attention_backend, examples_per_s, ms_per_step, valid_eval_s, device, commit, command, date).
 """
 from __future__ import annotations
 
@@ -49,11 +54,12 @@ def load_configs(params: str, profile: str, dataset: str, variant: str, seeds: l
     return [grid.run_config(dataset, variant, s) for s in seeds]
 
 
-def group_step(configs, data, dev, backend: str, mode: str):
+def group_step(configs, data, dev, backend: str, mode: str, attention_backend: str | None = None):
     """What train_group sets up for these seeds: (model, SIDs on the device, TrainStep, length-bucket
-    groups, one epoch's batches)."""
+    groups, one epoch's batches). attention_backend: the softmax attention's (None: `backend`)."""
     tc = configs[0].train
-    model = TIGER(configs[0].model, data.codebook_sizes, backend=backend, num_seeds=len(configs))
+    model = TIGER(configs[0].model, data.codebook_sizes, backend=backend, num_seeds=len(configs),
+                  attention_backend=attention_backend)
     model.init_seeds([c.seed for c in configs]).to(dev)
     sids = torch.as_tensor(data.sids, device=dev)
     train = to_device_split(data.train, model, sids, tc.max_history, dev)
@@ -64,12 +70,13 @@ def group_step(configs, data, dev, backend: str, mode: str):
     return model, sids, step, groups, batches
 
 
-def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode: str = "cuda_graph") -> dict:
+def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode: str = "cuda_graph",
+            attention_backend: str | None = None) -> dict:
     """Steady-state examples/s of the training step (`mode`, gbla.train.STEP_MODES) for a model of
     len(configs) seeds; warm-up (and compilation, for the compile modes) is timed apart."""
     S, tc = len(configs), configs[0].train
     mode = mode if dev.type == "cuda" else "eager"
-    model, sids, step, groups, batches = group_step(configs, data, dev, backend, mode)
+    model, sids, step, groups, batches = group_step(configs, data, dev, backend, mode, attention_backend)
     t0 = time.perf_counter()
     seen: dict[int, int] = {}
     for enc_len, idx in batches:  # warm-up: every encoder length past its eager steps and capture
@@ -106,12 +113,13 @@ def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode:
     return row
 
 
-def profile_eager(configs, data, dev, backend: str, path: Path, n: int = 6) -> dict:
+def profile_eager(configs, data, dev, backend: str, path: Path, n: int = 6,
+                  attention_backend: str | None = None) -> dict:
     """Kernel table (GPU time per kernel) of n eager multi-seed steps."""
     from torch.profiler import ProfilerActivity, profile
 
     S, tc = len(configs), configs[0].train
-    _, _, step, _, batches = group_step(configs, data, dev, backend, "eager")
+    _, _, step, _, batches = group_step(configs, data, dev, backend, "eager", attention_backend)
     for enc_len, idx in batches[:n]:
         step(idx, enc_len)
     sync()
@@ -162,18 +170,18 @@ def markdown(result: dict) -> str:
              f"state (all seeds' examples counted), {m['steps']} steps over real epoch batches; validation "
              f"pass = beam search over every validation user, all seeds of the model at once (with the "
              f"decoder cache; the JSON also has the full-prefix search, valid_eval_full_prefix_s).", "",
-             "| variant | path | code | step mode | seeds | batch/seed | ms/step | examples/s | x single (baseline) | valid pass s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | path | code | step mode | attention | seeds | batch/seed | ms/step | examples/s | x single (baseline) | valid pass s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["variant"]: r["examples_per_s"] for r in result["rows"] if r.get("code") == "baseline"
             and r.get("examples_per_s")}
     for r in result["rows"]:
         if r.get("error"):
-            lines.append(f"| {r.get('variant')} | {r['path']} | {r.get('code')} | {r.get('mode', '')} | | | "
-                         f"error: {r['error'][:80]} | | | |")
+            lines.append(f"| {r.get('variant')} | {r['path']} | {r.get('code')} | {r.get('mode', '')} | "
+                         f"{r.get('attention_backend', '')} | | | error: {r['error'][:80]} | | | |")
             continue
         ratio = r["examples_per_s"] / base[r["variant"]] if r["variant"] in base else None
         lines.append(f"| {r['variant']} | {r['path']} | {r.get('code')} ({r.get('commit', '')[:7]}) | "
-                     f"{r.get('mode', 'cuda_graph')} | {r['seeds']} | "
+                     f"{r.get('mode', 'cuda_graph')} | {r.get('attention_backend', '')} | {r['seeds']} | "
                      f"{r['batch_size_per_seed']} | {r['ms_per_step']:.2f} | {r['examples_per_s']:,.0f} | "
                      f"{'' if ratio is None else format(ratio, '.2f') + 'x'} | "
                      f"{'' if r.get('valid_eval_s') is None else format(r['valid_eval_s'], '.2f')} |")
@@ -194,6 +202,9 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", nargs="+", default=["single", "multi_seed"], choices=["single", "multi_seed"])
     ap.add_argument("--modes", nargs="+", default=["cuda_graph"],
                     help="step modes to time (gbla.train.STEP_MODES), e.g. cuda_graph compile_cuda_graph")
+    ap.add_argument("--attention-backends", nargs="+", choices=["auto", "torch", "triton"],
+                    help="time each path and mode once per softmax-attention backend, e.g. torch auto "
+                         "(default: the attention uses --backend)")
     ap.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench"))
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -221,16 +232,18 @@ def main(argv=None) -> int:
             print(r, flush=True)
         print(f"baseline: {time.perf_counter() - t0:.0f} s", flush=True)
         save()
+    attention_backends = args.attention_backends or [None]  # None: the attention follows --backend
     for variant in args.variants:
-        for (path, k), mode in [(p, m) for p in (("single", 1), ("multi_seed", args.seeds)) if p[0] in args.paths
-                                for m in args.modes]:
+        for (path, k), mode, attn in [(p, m, a) for p in (("single", 1), ("multi_seed", args.seeds))
+                                      if p[0] in args.paths for m in args.modes for a in attention_backends]:
             configs = load_configs(args.params, args.profile_name, args.dataset, variant, list(range(k)))
             row = {"path": path, "seeds": k, "batch_size_per_seed": configs[0].train.batch_size,
                    "dataset": args.dataset, "variant": variant, "code": "this", "commit": meta["commit"],
-                   "device": meta["device"], "config_hashes": [c.config_hash() for c in configs], "mode": mode}
+                   "device": meta["device"], "config_hashes": [c.config_hash() for c in configs], "mode": mode,
+                   "attention_backend": attn or args.backend}
             try:
                 measured = measure(configs, data, dev, args.steps, args.backend, eval_pass=mode == args.modes[0],
-                                   mode=mode)
+                                   mode=mode, attention_backend=attn)
                 row.update(measured)
             except Exception as err:  # noqa: BLE001 - a failing row is a result too; the others still run
                 row["error"] = f"{type(err).__name__}: {err}"[:500]
@@ -238,10 +251,12 @@ def main(argv=None) -> int:
             result["rows"].append(row)
             save()
             torch.cuda.empty_cache() if dev.type == "cuda" else None
-        if args.profile:
+        for attn in attention_backends if args.profile else []:
             configs = load_configs(args.params, args.profile_name, args.dataset, variant, list(range(args.seeds)))
-            prof = profile_eager(configs, data, dev, args.backend, out / f"train_profile_{variant}_k{args.seeds}.txt")
-            result.setdefault("profiles", {})[variant] = prof
+            name = variant if attn is None else f"{variant}_attn_{attn}"
+            prof = profile_eager(configs, data, dev, args.backend, out / f"train_profile_{name}_k{args.seeds}.txt",
+                                 attention_backend=attn)
+            result.setdefault("profiles", {})[name] = prof
             print(prof, flush=True)
             save()
     print(markdown(result), flush=True)
