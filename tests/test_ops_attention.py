@@ -190,9 +190,10 @@ def test_dropout_keep_fraction_and_fresh_draws():
     a, b = (short_attention(q, q, q, dropout_p=p, backend="triton") for _ in range(2))
     assert not torch.equal(a, b)                                           # each call draws anew
     same = short_attention(q, q, q, dropout_p=0.0, backend="triton")
-    # the mean over draws of the inverted-scaled dropout output is the undropped output
-    mean = torch.stack([short_attention(q, q, q, dropout_p=p, backend="triton") for _ in range(20)]).mean(0)
-    assert (mean - same).abs().mean() < 0.25 * (a - same).abs().mean()
+    # the mean over draws of the inverted-scaled dropout output is the undropped output: its distance
+    # shrinks like 1/sqrt(draws) (~0.08 of one draw's at 160 draws; 0.25 leaves room for heavy tails)
+    draws = torch.stack([short_attention(q, q, q, dropout_p=p, backend="triton") for _ in range(160)])
+    assert (draws.mean(0) - same).abs().mean() < 0.25 * (draws - same).abs().mean()
 
 
 def test_no_bias_gradient_when_not_needed_and_dispatch():
