@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
 # with a deadline (--time-budget), a group is not started with less than this many seconds left
 MIN_GROUP_START_S = 60
 KERNEL_NAME = "python3"
+# every execution of a group appends a "start" and an "end" line here, in its variant folder: where and
+# when each run trained (worker, GPU, process, times), across dispatches, interruptions and restarts
+DISPATCH_LOG = "dispatch.jsonl"
 
 
 
@@ -124,6 +128,32 @@ def _seed_outcomes(task: GroupTask, base: dict, outcome: str, **extra) -> list[d
             for seed, h, d in zip(task.seeds, task.config_hashes, task.run_dirs())]
 
 
+def append_dispatch_event(variant_dir: Path, event: dict) -> None:
+    """One JSON line in the variant folder's dispatch log. Lines are short and written with one
+    append, so concurrent writers on one file system do not interleave them."""
+    line = json.dumps(event, sort_keys=True) + "\n"
+    fd = os.open(Path(variant_dir) / DISPATCH_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def read_dispatch_log(variant_dir: str | os.PathLike) -> list[dict]:
+    """The events of a variant folder's dispatch log, oldest first ([] without one)."""
+    path = Path(variant_dir) / DISPATCH_LOG
+    if not path.is_file():
+        return []
+    events = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+    return events
+
+
 def execute_group(task: GroupTask) -> list[dict]:
     """Execute notebooks/train.ipynb for one group with papermill (a subprocess): the executed notebook
     and the group's log go to the variant folder, each finished seed's results to its own folder.
@@ -143,6 +173,10 @@ def execute_group(task: GroupTask) -> list[dict]:
         base["worker"] = None
     if task.stop_at is not None and task.stop_at - time.time() < MIN_GROUP_START_S:
         return _seed_outcomes(task, base, "not-run")
+    execution = {"execution": uuid.uuid4().hex[:12], "label": task.label, "pid": os.getpid(),
+                 **{k: base[k] for k in ("host", "worker", "cuda_visible_devices", "group_seeds")}}
+    append_dispatch_event(variant_dir, {"event": "start", "at": _now(), "time": round(time.time(), 3),
+                                        **execution})
     for run_dir in task.run_dirs():  # an earlier failure no longer describes this run
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
     threads = str(task.cpu_threads)
@@ -154,6 +188,7 @@ def execute_group(task: GroupTask) -> list[dict]:
            yaml.safe_dump({**task.parameters, "stop_at": task.stop_at}, sort_keys=False),
            str(int(task.cell_timeout_s)) if task.cell_timeout_s else ""]
     start = time.time()
+    base["started_at"] = _now()
     with open(log_path, "w") as log:
         log.write(f"# {_now()} {task.label} configs {' '.join(task.config_hashes)} on {base['host']} "
                   f"worker {base['worker']} CUDA_VISIBLE_DEVICES={base['cuda_visible_devices']}\n")
@@ -162,6 +197,7 @@ def execute_group(task: GroupTask) -> list[dict]:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=variant_dir,
                               start_new_session=True)
     base["wall_s"] = round(time.time() - start, 2)
+    base["finished_at"] = _now()
     found = notebook_error(notebook_out)
     outcomes = []
     for seed, config_hash, run_dir in zip(task.seeds, task.config_hashes, task.run_dirs()):
@@ -182,6 +218,9 @@ def execute_group(task: GroupTask) -> list[dict]:
             error, tb = f"papermill exited with code {proc.returncode}", _tail(log_path)
         record_failure(run_dir, config_hash, error, tb, log=str(log_path), notebook=str(notebook_out))
         outcomes.append({**entry, "outcome": "failed", "error": error})
+    append_dispatch_event(variant_dir, {"event": "end", "at": _now(), "time": round(time.time(), 3),
+                                        "wall_s": base["wall_s"], "returncode": proc.returncode,
+                                        "outcomes": {str(o["seed"]): o["outcome"] for o in outcomes}, **execution})
     return outcomes
 
 
@@ -398,10 +437,18 @@ def execute_notebook_main() -> None:
     import papermill as pm
 
     notebook, output, cwd, parameters, timeout = sys.argv[1:6]
+    # SIGTERM (the grid shutting its workers down, or a worker that died: see _EXEC_TIED_TO_PARENT)
+    # unwinds like Ctrl-C, so papermill shuts the kernel down and its socket folder is removed
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    pm.execute_notebook(notebook, output, parameters=yaml.safe_load(parameters), kernel_name=KERNEL_NAME, cwd=cwd,
-                        log_output=True, progress_bar=False, execution_timeout=int(timeout) if timeout else None,
-                        kernel_manager_class=ipc_kernel_manager_class())
+    manager = ipc_kernel_manager_class()
+    try:
+        pm.execute_notebook(notebook, output, parameters=yaml.safe_load(parameters), kernel_name=KERNEL_NAME,
+                            cwd=cwd, log_output=True, progress_bar=False,
+                            execution_timeout=int(timeout) if timeout else None, kernel_manager_class=manager)
+    finally:  # an interrupted execution may skip the manager's own clean-up
+        for folder in manager.socket_folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def ipc_kernel_manager_class():
@@ -414,9 +461,12 @@ def ipc_kernel_manager_class():
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
+        socket_folders: list[str] = []   # every folder this class made, for a clean-up after an interrupt
+
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self._ipc_dir = tempfile.mkdtemp(prefix="gbla-kernel-")
+            IPCKernelManager.socket_folders.append(self._ipc_dir)
             self.transport, self.ip = "ipc", os.path.join(self._ipc_dir, "k")
 
         async def _async_cleanup_resources(self, restart: bool = False) -> None:

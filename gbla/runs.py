@@ -150,6 +150,8 @@ def save_run_result(result, run_dir: str | os.PathLike, *, data_fingerprint: str
         "history": list(result.history),
         "num_test_users": int(len(frame)),
     }
+    if getattr(result, "placement", None):
+        metrics["placement"] = dict(result.placement)
     for key, value in (extra or {}).items():
         if key in metrics:
             raise ValueError(f"extra key {key!r} would overwrite a metrics.json field")

@@ -34,6 +34,7 @@ stopped seeds and the graphed TrainStep are one path that every run takes, read 
 from __future__ import annotations
 
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class RunResult:
     test_metrics: dict[str, float]
     test_per_user: dict[str, np.ndarray]  # "user", "target", "rank" (1..10, 0 = miss)
     timings: dict[str, float] = field(default_factory=dict)
+    placement: dict = field(default_factory=dict)   # where it trained: host, process, GPU (device_placement)
 
 
 @dataclass
@@ -421,6 +423,7 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
         "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch - 1,
         # real encoder tokens over encoder token slots computed per epoch (the rest is padding)
         "encoder_real_token_fraction": real_tokens * (steps_per_epoch * batch_size / n_train) / token_slots}
+    placement = device_placement(dev)
     results = []
     for i, (config, st) in enumerate(zip(configs, states)):
         test_metrics = metrics_from_ranks(test_ranks[i])
@@ -433,7 +436,7 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
             valid_metrics=st.best_valid, test_metrics=test_metrics,
             test_per_user={"user": test.user.cpu().numpy(), "target": test.target.cpu().numpy(),
                            "rank": test_ranks[i].numpy().astype(np.int64)},
-            timings=dict(group_timings)))
+            timings=dict(group_timings), placement=placement))
     log(f"[{label}] {wall:.1f} s")
     return GroupResult(results, True, max(st.stopped_at for st in states), wall)
 
@@ -539,6 +542,19 @@ class TrainStep:
         static_idx.copy_(idx)
         graph.replay()
         return static_loss.clone()
+
+
+def device_placement(dev: torch.device) -> dict:
+    """Where this process trains: host, process id, CUDA_VISIBLE_DEVICES and, on a GPU, its UUID and
+    PCI address - what tells two GPUs of one machine apart (their names are the same)."""
+    placement = {"host": platform.node(), "pid": os.getpid(),
+                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        placement["gpu_uuid"] = str(getattr(props, "uuid", "")) or None
+        bus = [getattr(props, f"pci_{k}_id", None) for k in ("domain", "bus", "device")]
+        placement["gpu_pci"] = "{:04x}:{:02x}:{:02x}".format(*bus) if None not in bus else None
+    return placement
 
 
 def describe_device(dev: torch.device) -> str:
