@@ -679,7 +679,10 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
                     item = f"{v} {_label(m)} {_pct_ci(c)} (p_Holm = {_p(c['p_ttest_holm'])})"
                     (sig if c["p_ttest_holm"] <= alpha else nonsig).append(item)
             text = "Components, each variant vs hybrid (paired t over seeds, Holm): "
-            text += ("significant: " + "; ".join(sig) if sig else "no change is significant")
+            if sig or nonsig:
+                text += "significant: " + "; ".join(sig) if sig else "no change is significant"
+            else:  # say nothing about significance before anything could be tested
+                text += "none testable yet"
             if nonsig:
                 text += ". Not significant: " + "; ".join(nonsig)
             if untested:

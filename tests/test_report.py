@@ -356,6 +356,16 @@ def test_findings_state_each_result_with_its_numbers(ablation_report):
     assert md.startswith("**beauty**") and md.count("\n- ") == len(table)
 
 
+def test_components_untested_are_not_called_insignificant(tmp_path):
+    """Component variants in the grid with no finished run: the sentence claims no verdict."""
+    runs = report.load_runs(write_ablation_grid(tmp_path / "runs"))
+    components = runs["variant"].isin(report.COMPONENT_VARIANTS)
+    runs.loc[components, "status"] = "missing"
+    text = _finding(report.findings(report.build_report(runs, n_bootstrap=50, progress=False)), "components")
+    assert "none testable yet" in text and "significant" not in text.replace("Not tested", "")
+    assert "Not tested (too few paired seeds): hybrid-no-conv Recall@10" in text
+
+
 def test_findings_of_a_grid_without_the_ablations_say_so(grid):
     _, runs = grid
     table = report.findings(report.build_report(runs, n_bootstrap=100, progress=False))
