@@ -116,6 +116,16 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def wait_for_exit(text: str, grace_s: float) -> list[int]:
+    """Processes mentioning `text` still alive after up to grace_s seconds of waiting for them."""
+    deadline = time.time() + grace_s
+    while True:
+        alive = processes_mentioning(text)
+        if not alive or time.time() >= deadline:
+            return alive
+        time.sleep(0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # running the grid
 
@@ -170,8 +180,9 @@ def run_case(case: str, gpus: list[str], args, expected: list[tuple[str, str, in
             os.kill(victim["pid"], signal.SIGKILL)
         result["returncode"] = proc.wait(timeout=args.case_timeout_s)
     result["wall_s"] = round(time.time() - t0, 1)
-    time.sleep(1.0)  # let processes that got a signal from the shutdown exit
-    result["leftover_processes"] = processes_mentioning(str(runs_root))
+    # processes that got a signal from the shutdown may still be shutting their kernels down (papermill
+    # asks a kernel politely first, then kills it): give them --exit-grace-s before calling them leftovers
+    result["leftover_processes"] = wait_for_exit(str(runs_root), args.exit_grace_s)
     if case == "ctrl_c":
         result["done_after_interrupt"] = [f"{d}/{v}/seed{s}" for d, v, s in expected
                                           if load_run_metrics(runs_root / d / v / f"seed{s}")]
@@ -255,6 +266,8 @@ def main(argv=None) -> int:
                     help="seconds to let every group train before interrupting or killing")
     ap.add_argument("--start-timeout-s", type=float, default=300.0)
     ap.add_argument("--case-timeout-s", type=float, default=900.0)
+    ap.add_argument("--exit-grace-s", type=float, default=30.0,
+                    help="seconds a stopped grid's processes may take to exit before they count as left over")
     ap.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench"))
     args = ap.parse_args(argv)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
