@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gbla.config import GBLAOptions
-from gbla.ops import gbla_attention, short_attention
+from gbla.ops import gbla_attention, short_attention, short_attention_qkv
 from gbla.ops.conv import causal_conv1d_silu
 
 
@@ -164,9 +164,9 @@ class SelfAttentionLayer(nn.Module):
     profile). Scores use the 1/sqrt(head_dim) scale (T5 folds it into the init).
 
     With relative_bias=False and mask=None it calls torch SDPA, which may pick flash/cuDNN kernels
-    (the long-sequence latency benchmark); otherwise gbla.ops.short_attention, on q, k, v sliced out
-    of the fused projection as (S*B, L, H, E) views (no copies), its (S*B, L, H, E) output going
-    straight into the output projection. `backend` picks its kernels ("torch", "triton", "auto"); it
+    (the long-sequence latency benchmark); otherwise gbla.ops.short_attention_qkv on the fused
+    projection itself, (S*B, L, 3, H, E) (no copies; the kernels' backward writes its gradient in one
+    buffer), its (S*B, L, H, E) output going straight into the output projection. `backend` picks its kernels ("torch", "triton", "auto"); it
     does not change the result beyond rounding (and the dropout draws).
     """
 
@@ -220,11 +220,10 @@ class SelfAttentionLayer(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
             y = y.transpose(1, 2)                                                  # (S*B, L, H, E)
         else:
-            q, k, v = qkv.unbind(2)                                                # (S*B, L, H, E) views
             bias = self.position_bias(L, x.device) if self.relative_bias is not None else None
-            y = short_attention(q, k, v, key_mask=None if mask is None else mask.reshape(S * B, L),
-                                causal=self.causal, bias=bias, num_seeds=S, dropout_p=dropout_p,
-                                backend=self.backend)
+            y = short_attention_qkv(qkv, key_mask=None if mask is None else mask.reshape(S * B, L),
+                                    causal=self.causal, bias=bias, num_seeds=S, dropout_p=dropout_p,
+                                    backend=self.backend)
         y = self.out(y.reshape(S, B, L, H * E))
         if mask is not None:
             y = y * mask[..., None].to(y.dtype)

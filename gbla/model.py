@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gbla.config import ModelConfig
 from gbla.layers import GBLALayer, SeedEmbedding, SeedLinear, SeedRMSNorm, SelfAttentionLayer, init_seed_slice
-from gbla.ops import short_attention
+from gbla.ops import short_attention_q_kv
 
 PAD, BOS = 0, 1
 
@@ -114,7 +114,8 @@ class CrossAttention(nn.Module):
     queries of all `beam` decoder rows that share an encoder row attend to it together (queries are
     independent in cross-attention), so beam search never copies the memory. A handful of queries
     over <= 81 keys: gbla.ops.short_attention (the fused SDPA kernels cost far more at this size,
-    18% of a training step in a profile), on q, k, v as (S*B, L, H, E) views of the projections."""
+    18% of a training step in a profile), as short_attention_q_kv on q (S*B, Lq, H, E) and the packed
+    key/value projection (S*B, L, 2, H, E), whose gradient the kernels write in one buffer."""
 
     def __init__(self, cfg: ModelConfig, num_seeds: int, backend: str = "auto"):
         super().__init__()
@@ -124,17 +125,16 @@ class CrossAttention(nn.Module):
         self.out = SeedLinear(num_seeds, self.H * self.E, cfg.d_model)
 
     def memory_kv(self, memory):
+        """The memory's keys and values, packed as the projection gives them: (S*B, L, 2, H, E)."""
         S, B, L, _ = memory.shape
-        k, v = self.kv(memory).view(S * B, L, 2, self.H, self.E).unbind(2)
-        return k, v  # (S*B, L, H, E) views each
+        return self.kv(memory).view(S * B, L, 2, self.H, self.E)
 
     def forward(self, x, kv, memory_mask):
-        k, v = kv
         S, B, L = memory_mask.shape
         _, Bb, t, _ = x.shape                                # Bb = B * beam
         q = self.q(x).view(S * B, (Bb // B) * t, self.H, self.E)
-        y = short_attention(q, k, v, key_mask=memory_mask.reshape(S * B, L), num_seeds=S,
-                            dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        y = short_attention_q_kv(q, kv, key_mask=memory_mask.reshape(S * B, L), num_seeds=S,
+                                 dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         return self.out(y.view(S, Bb, t, self.H * self.E))
 
 

@@ -3,7 +3,8 @@
 Interpreter on the CPU (TRITON_INTERPRET=1) as in CI; GBLA_TEST_CUDA=1 runs the same tests compiled on
 a GPU. Both sides are compared to a float64 evaluation of the reference on the same inputs (output,
 dq, dk, dv, dbias) with a norm-wise tolerance; dropout is compared through the kernel's own keep-mask
-(dropout_keep_mask), which the reference takes explicitly.
+(dropout_keep_mask), which the reference takes explicitly. Each backward scheme (BWD_SCHEMES) is
+tested; the packed entry points (qkv, q + kv) against the unpacked one.
 """
 import math
 import os
@@ -17,9 +18,11 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="triton is not importable on this machine")
 
-from gbla.ops import short_attention  # noqa: E402
+from gbla.ops import short_attention, short_attention_q_kv, short_attention_qkv  # noqa: E402
+from gbla.ops.attention import triton as kernels  # noqa: E402
 from gbla.ops.attention.naive import short_attention_reference  # noqa: E402
-from gbla.ops.attention.triton import (MAX_LEN, draw_seed, dropout_keep_mask,  # noqa: E402
+from gbla.ops.attention.triton import (BWD_SCHEMES, MAX_LEN, draw_seed, dropout_keep_mask,  # noqa: E402
+                                       short_attention_q_kv_triton, short_attention_qkv_triton,
                                        short_attention_triton, unsupported)
 
 DEVICE = "cuda" if (os.environ.get("GBLA_TEST_CUDA") and torch.cuda.is_available()) else "cpu"
@@ -79,6 +82,13 @@ def run(fn, bufs, views, bias, grad_out, upcast=False, **kw):
     return out, dict(zip(["q", "k", "v", "bias"], grads))
 
 
+@pytest.fixture(params=BWD_SCHEMES)
+def scheme(request, monkeypatch):
+    """Run the test under each backward scheme of the kernels."""
+    monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "bwd_scheme", request.param)
+    return request.param
+
+
 CASES = [  # (S, B, Lq, Lk, H, E, causal, bias, mask, dtype, dropout_p)
     (1, 3, 13, 13, 2, 64, False, True, "pad", torch.float32, 0.0),
     (2, 3, 13, 13, 2, 16, True, True, "pad", torch.float32, 0.0),      # left padding + causal: all-masked queries
@@ -98,7 +108,7 @@ CASES = [  # (S, B, Lq, Lk, H, E, causal, bias, mask, dtype, dropout_p)
 @pytest.mark.parametrize("S,B,Lq,Lk,H,E,causal,with_bias,mask_kind,dtype,dropout_p", CASES,
                          ids=[f"S{c[0]}-L{c[2]}x{c[3]}-E{c[5]}-{'causal' if c[6] else 'bidir'}-bias{int(c[7])}-"
                               f"{c[8]}-{str(c[9])[6:]}-p{c[10]}" for c in CASES])
-def test_triton_matches_reference(S, B, Lq, Lk, H, E, causal, with_bias, mask_kind, dtype, dropout_p):
+def test_triton_matches_reference(S, B, Lq, Lk, H, E, causal, with_bias, mask_kind, dtype, dropout_p, scheme):
     N = S * B
     bufs, views, bias, grad_out = make_inputs(S, B, Lq, Lk, H, E, dtype, with_bias)
     mask = key_mask(mask_kind, N, Lk)
@@ -117,7 +127,7 @@ def test_triton_matches_reference(S, B, Lq, Lk, H, E, causal, with_bias, mask_ki
         assert (g_tri["k"][~mask] == 0).all()
 
 
-def test_all_masked_queries_average_all_keys():
+def test_all_masked_queries_average_all_keys(scheme):
     """A query with no visible key: the plain average of all Lk values, no gradient to q, k or bias
     from it, and the same in kernel and reference (documented in naive.py)."""
     S, B, L, H, E = 1, 3, 7, 2, 16
@@ -232,8 +242,9 @@ def test_limits_and_bad_inputs_raise():
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_bias_gradient_partials_any_rows_per_program(rows, monkeypatch):
-    """d(bias) sums over a seed's rows in chunks of `rows` (one partial per chunk): the same sum."""
-    from gbla.ops.attention import triton as kernels
+    """Scheme "rows": d(bias) sums over a seed's rows in chunks of `rows` (one partial per chunk): the
+    same sum."""
+    monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "bwd_scheme", "rows")
     monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "rows", rows)
     S, B, L, H, E = 2, 5, 6, 2, 16
     bufs, views, bias, grad_out = make_inputs(S, B, L, L, H, E, torch.float32, True)
@@ -241,6 +252,96 @@ def test_bias_gradient_partials_any_rows_per_program(rows, monkeypatch):
     _, g_tri = run(short_attention_triton, bufs, views, bias, grad_out, key_mask=mask, num_seeds=S)
     _, g_64 = run(short_attention_reference, bufs, views, bias, grad_out, upcast=True, key_mask=mask, num_seeds=S)
     assert_close("dbias", g_tri["bias"], g_64["bias"], torch.float32)
+
+
+def graph_names(out):
+    """The autograd node names reachable from out."""
+    names, todo, seen = set(), [out.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cross", [False, True], ids=["qkv", "q_kv"])
+def test_packed_inputs_match_unpacked(cross, dtype, scheme):
+    """short_attention_qkv(qkv) / short_attention_q_kv(q, kv) give exactly the values and gradients of
+    short_attention on the unbound views (d(packed) == stack of dq, dk, dv), with no unbind (and so no
+    stacking of gradients) in the autograd graph; two backward passes agree bit for bit."""
+    S, B, H, E, p = 2, 3, 2, 16, 0.15
+    Lq, Lk = (5, 11) if cross else (9, 9)
+    N = S * B
+    g = torch.Generator().manual_seed(7)
+    q_data = torch.randn(N, Lq, H, E, generator=g).to(DEVICE, dtype)
+    packed_data = torch.randn(N, Lk, 2 if cross else 3, H, E, generator=g).to(DEVICE, dtype)
+    bias_data = torch.randn(S, H, Lq, Lk, generator=g).to(DEVICE)
+    grad_out = torch.randn(N, Lq, H, E, generator=g).to(DEVICE, dtype)
+    kw = dict(key_mask=key_mask("pad", N, Lk), causal=not cross, num_seeds=S, dropout_p=p,
+              dropout_seed=draw_seed(torch.device(DEVICE)))
+
+    def packed():
+        packed_in = packed_data.clone().requires_grad_()
+        bias = bias_data.clone().requires_grad_()
+        if cross:
+            q = q_data.clone().requires_grad_()
+            out = short_attention_q_kv_triton(q, packed_in, bias=bias, **kw)
+            inputs = [q, packed_in, bias]
+        else:
+            out = short_attention_qkv_triton(packed_in, bias=bias, **kw)
+            inputs = [packed_in, bias]
+        assert "UnbindBackward0" not in graph_names(out)
+        return out, torch.autograd.grad(out, inputs, grad_out)
+
+    out_p, grads_p = packed()
+    _, grads_again = packed()
+    for a, b in zip(grads_p, grads_again):
+        assert torch.equal(a, b)
+    # the same tensors as separate leaves: three gradients, stacked here
+    parts = [t.clone().requires_grad_() for t in ((q_data, *packed_data.unbind(2)) if cross else
+                                                  packed_data.unbind(2))]
+    bias = bias_data.clone().requires_grad_()
+    out_u = short_attention_triton(*parts, bias=bias, **kw)
+    dq, dk, dv, dbias = torch.autograd.grad(out_u, parts + [bias], grad_out)
+    assert torch.equal(out_p, out_u)
+    assert torch.equal(grads_p[-1], dbias)
+    if cross:
+        assert torch.equal(grads_p[0], dq) and torch.equal(grads_p[1], torch.stack([dk, dv], dim=2))
+    else:
+        assert torch.equal(grads_p[0], torch.stack([dq, dk, dv], dim=2))
+
+
+def test_packed_dispatch_and_bad_shapes():
+    """The public packed entry points: the reference unbinds (the same result as on the views), the
+    kernels give it within tolerance; a wrongly packed tensor raises ValueError naming it."""
+    S, B, L, Lk, H, E = 1, 3, 6, 9, 2, 16
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(S * B, L, 3, H, E, generator=g).to(DEVICE)
+    q = torch.randn(S * B, L, H, E, generator=g).to(DEVICE)
+    kv = torch.randn(S * B, Lk, 2, H, E, generator=g).to(DEVICE)
+    bias = torch.randn(S, H, L, L, generator=g).to(DEVICE)
+    ref = short_attention(*qkv.unbind(2), bias=bias, causal=True, backend="torch")
+    assert torch.equal(short_attention_qkv(qkv, bias=bias, causal=True, backend="torch"), ref)
+    assert_close("qkv", short_attention_qkv(qkv, bias=bias, causal=True, backend="triton"), ref.double(),
+                 torch.float32)
+    ref = short_attention(q, *kv.unbind(2), backend="torch")
+    assert torch.equal(short_attention_q_kv(q, kv, backend="torch"), ref)
+    assert_close("q_kv", short_attention_q_kv(q, kv, backend="triton"), ref.double(), torch.float32)
+    with pytest.raises(ValueError, match="qkv must be"):
+        short_attention_qkv(kv, backend="triton")
+    with pytest.raises(ValueError, match="kv must be"):
+        short_attention_q_kv(q, qkv, backend="torch")
+    with pytest.raises(ValueError, match="bwd_scheme"):
+        kernels.CONFIG_OVERRIDE["bwd_scheme"] = "columns"
+        try:
+            x = qkv.clone().requires_grad_()
+            short_attention_qkv(x, backend="triton").sum().backward()
+        finally:
+            del kernels.CONFIG_OVERRIDE["bwd_scheme"]
 
 
 def test_tiger_with_fused_attention_matches_reference():

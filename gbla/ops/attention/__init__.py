@@ -1,19 +1,38 @@
-"""Softmax attention over short sequences: one public function, several backends (gbla.ops.backend).
+"""Softmax attention over short sequences: public functions, several backends (gbla.ops.backend).
 
     naive.py   the plain-PyTorch reference: the formulas, and the contract the kernels are tested against
     triton.py  the fused Triton forward and backward (an autograd.Function), for Lq, Lk <= 128
+
+Three entry points, one computation: short_attention(q, k, v) takes three (N, L, H, E) tensors;
+short_attention_qkv(qkv) a self-attention layer's fused projection (N, L, 3, H, E), and
+short_attention_q_kv(q, kv) cross-attention's q and fused key/value projection (N, Lk, 2, H, E). The
+packed forms give the same values and gradients; with the Triton backend their backward writes the
+packed tensor's gradient in one buffer, where q, k, v passed as views of it would have autograd
+stack three gradients (a cat per call). The reference unbinds them.
 """
 from __future__ import annotations
 
 import torch
 
 from gbla.ops.backend import BACKENDS, triton_impl
-from gbla.ops.attention.naive import check_short_attention_inputs, short_attention_reference
+from gbla.ops.attention.naive import check_short_attention_inputs, short_attention_reference, unbind_packed
 
 
 def _load_triton():
-    from gbla.ops.attention.triton import short_attention_triton, unsupported
-    return short_attention_triton, unsupported
+    from gbla.ops.attention import triton as kernels
+    return kernels
+
+
+def _dispatch(backend: str, q, k, v, call_triton, kw: dict) -> torch.Tensor:
+    """call_triton(kernels) when the backend picks the kernels and they take q and k, else the reference."""
+    kernels = triton_impl("short_attention", backend, q, _load_triton)
+    if kernels is not None:
+        why = kernels.unsupported(q, k)
+        if why is None:
+            return call_triton(kernels)
+        if backend == "triton":
+            raise ValueError(f"short_attention(backend='triton'): {why}")
+    return short_attention_reference(q, k, v, **kw)
 
 
 def short_attention(
@@ -38,17 +57,29 @@ def short_attention(
     Formulas: gbla/ops/attention/naive.py. The Triton kernels take Lq, Lk <= 128; "auto" uses the
     reference beyond that (and for dtypes they do not take), "triton" raises ValueError.
     """
-    impl = triton_impl("short_attention", backend, q, _load_triton)
-    if impl is not None:
-        kernel, unsupported = impl
-        why = unsupported(q, k)
-        if why is None:
-            return kernel(q, k, v, key_mask=key_mask, causal=causal, bias=bias, num_seeds=num_seeds,
-                          dropout_p=dropout_p)
-        if backend == "triton":
-            raise ValueError(f"short_attention(backend='triton'): {why}")
-    return short_attention_reference(q, k, v, key_mask=key_mask, causal=causal, bias=bias, num_seeds=num_seeds,
-                                     dropout_p=dropout_p)
+    kw = dict(key_mask=key_mask, causal=causal, bias=bias, num_seeds=num_seeds, dropout_p=dropout_p)
+    return _dispatch(backend, q, k, v, lambda m: m.short_attention_triton(q, k, v, **kw), kw)
 
 
-__all__ = ["short_attention", "short_attention_reference", "check_short_attention_inputs", "BACKENDS"]
+def short_attention_qkv(qkv: torch.Tensor, *, key_mask: torch.Tensor | None = None, causal: bool = False,
+                        bias: torch.Tensor | None = None, num_seeds: int = 1, dropout_p: float = 0.0,
+                        backend: str = "auto") -> torch.Tensor:
+    """short_attention(*qkv.unbind(2), ...) for a fused projection qkv (N, L, 3, H, E) (q, k, v in
+    that order along axis 2); its gradient comes back as one (N, L, 3, H, E) tensor."""
+    q, k, v = unbind_packed(qkv, 3, "qkv")
+    kw = dict(key_mask=key_mask, causal=causal, bias=bias, num_seeds=num_seeds, dropout_p=dropout_p)
+    return _dispatch(backend, q, k, v, lambda m: m.short_attention_qkv_triton(qkv, **kw), kw)
+
+
+def short_attention_q_kv(q: torch.Tensor, kv: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+                         causal: bool = False, bias: torch.Tensor | None = None, num_seeds: int = 1,
+                         dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
+    """short_attention(q, *kv.unbind(2), ...) for q (N, Lq, H, E) and a fused key/value projection
+    kv (N, Lk, 2, H, E) (k, v in that order along axis 2); kv's gradient comes back as one tensor."""
+    k, v = unbind_packed(kv, 2, "kv")
+    kw = dict(key_mask=key_mask, causal=causal, bias=bias, num_seeds=num_seeds, dropout_p=dropout_p)
+    return _dispatch(backend, q, k, v, lambda m: m.short_attention_q_kv_triton(q, kv, **kw), kw)
+
+
+__all__ = ["short_attention", "short_attention_qkv", "short_attention_q_kv", "short_attention_reference",
+           "check_short_attention_inputs", "BACKENDS"]

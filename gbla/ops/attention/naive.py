@@ -58,6 +58,14 @@ def check_short_attention_inputs(q, k, v, key_mask, causal, bias, num_seeds, dro
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def unbind_packed(t: torch.Tensor, parts: int, name: str) -> tuple[torch.Tensor, ...]:
+    """The `parts` (N, L, H, E) views of a packed projection t (N, L, parts, H, E) (qkv: 3, kv: 2);
+    ValueError naming it if it is shaped otherwise."""
+    if t.dim() != 5 or t.shape[2] != parts:
+        raise ValueError(f"{name} must be (N, L, {parts}, H, E), got shape {tuple(t.shape)}")
+    return t.unbind(2)
+
+
 def visibility(key_mask: torch.Tensor | None, causal: bool, num_seeds: int, Lq: int, Lk: int,
                device) -> torch.Tensor | None:
     """Bool, broadcastable to (num_seeds, B, H, Lq, Lk): True where query i may attend key j; None = all."""
@@ -109,4 +117,4 @@ def short_attention_reference(
         return torch.matmul(probs, vh).transpose(1, 2).contiguous()
 
 
-__all__ = ["short_attention_reference", "check_short_attention_inputs", "visibility"]
+__all__ = ["short_attention_reference", "check_short_attention_inputs", "unbind_packed", "visibility"]

@@ -9,14 +9,35 @@ of a fused projection need no copy), then in fp32
     Pd = P * keep / (1 - p)                  (keep regenerated from Philox, see below)
     O = Pd V                                  (stored (N, Lq, H, E) contiguous, in q's dtype)
 
-Backward, one program per (seed, chunk of ROWS rows of that seed, head): per row it recomputes S and
-P from Q and K (the whole row is one tile, so no saved statistics are needed) and
+Backward: per row and head it recomputes S and P from Q and K (the whole row is one tile, so no
+saved statistics are needed) and
 
     dPd = dO V^T ,  delta_i = sum_j Pd_ij dPd_ij  (= dO_i . O_i) ,  dS = P * (dPd * keep / (1 - p) - delta)
     dS = 0 where not visible   (masked scores get no gradient, as masked_fill gives the reference)
     dV = Pd^T dO ,  dQ = dS K / sqrt(E) ,  dK = dS^T Q / sqrt(E)
-    d(bias)[seed, h] = sum over the seed's rows of dS: accumulated over the chunk's rows in
-    registers, one fp32 partial per chunk, partials summed in a fixed order (deterministic, no atomics).
+    d(bias)[seed, h] = sum over the seed's rows of dS
+
+dQ, dK, dV are stored through strides, so a packed input (a self-attention layer's qkv (N, L, 3, H, E),
+cross-attention's kv (N, Lk, 2, H, E); short_attention_qkv_triton, short_attention_q_kv_triton) gets
+its gradient written into one buffer of its own shape and autograd stacks nothing. Each program
+stores rows of E contiguous elements (128 bytes at E = 64 in bf16), as it loads them. Two schemes
+(CONFIG_OVERRIDE["bwd_scheme"]), both deterministic (no atomics):
+
+    "per_row" (default)  one program per (row n, head h), the forward's grid (N * H programs, no
+                         loop, no accumulator across rows). With a bias gradient each program stores
+                         its dS into a buffer (N, H, Lq, Lk), and torch sums it over each seed's rows
+                         in fp32 (.view(S, B, H, Lq, Lk).sum(1)). The buffer has the inputs' dtype:
+                         fp32 for fp32 inputs (exact); for 16-bit inputs 16-bit dS, which is the very
+                         operand the dQ and dK products take and what the reference's 16-bit scores
+                         give, at half the bytes to write and read back.
+    "rows"               one program per (seed, chunk of ROWS rows of that seed, head), its rows one
+                         after the other, their dS summed in a fp32 register tile, one partial per
+                         chunk, the partials summed in a fixed order by a Triton kernel.
+
+"per_row" is the default because it has ROWS times the programs and no (BLOCK_Q, BLOCK_K) fp32
+accumulator beside P, dP and dS in registers; its tiles up to 32 x 32 (decoder, L = 13) run on 2 warps,
+not 4. It is expected to be faster at the training shapes, to be confirmed on a GPU
+(python -m gbla.bench.attention_speed times both schemes side by side).
 
 Dropout: keep_nhij = tl.rand(seed, ((n H + h) Lq + i) Lk + j) >= p (int64 Philox counter), seed an
 int64 device tensor drawn with torch.randint for every call (so a CUDA-graph replay draws new values)
@@ -36,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gbla.ops.attention.naive import check_short_attention_inputs
+from gbla.ops.attention.naive import check_short_attention_inputs, unbind_packed
 from gbla.ops.utils import interpreting, num_sms, sum_partials
 
 MAX_LEN = 128        # Lq and Lk limit of the one-tile kernels
@@ -130,57 +151,102 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
-    q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, seed_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dbpart_ptr,
+def _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, n, s, h, seed,
+             sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
+             sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, H, Lq, Lk, E, scale, dropout_p,
+             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr):
+    """Store dQ, dK, dV of row n and head h (each through its own strides, so straight into a packed
+    gradient); return dS (BLOCK_Q, BLOCK_K) fp32, zero outside the (Lq, Lk) tile."""
+    n64 = n.to(tl.int64)
+    rows = tl.arange(0, BLOCK_Q)
+    cols = tl.arange(0, BLOCK_K)
+    e = tl.arange(0, BLOCK_E)
+    q = _tile(q_ptr + n64 * sqn + h * sqh, rows, sql, e, Lq, E)
+    k = _tile(k_ptr + n64 * skn + h * skh, cols, skl, e, Lk, E)
+    v = _tile(v_ptr + n64 * svn + h * svh, cols, svl, e, Lk, E)
+    do = _tile(do_ptr + n64 * sdon + h * sdoh, rows, sdol, e, Lq, E)
+    p, vis = _probs(q, k, bias_ptr, km_ptr, n, s, h, rows, cols, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk, scale,
+                    CAUSAL, HAS_MASK, HAS_BIAS, MODE)
+    dpd = _dot(do, tl.trans(v), MODE)                           # gradient at the dropped probabilities
+    if DROPOUT:
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        keep = _keep(seed, n, h, rows, cols, H, Lq, Lk, dropout_p)
+        pd = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dpd * inv_keep, 0.0)
+    else:
+        pd = p
+        dp = dpd
+    delta = tl.sum(pd * dpd, axis=1)
+    ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
+    dv = _dot(tl.trans(pd.to(do.dtype)), do, MODE)
+    dq = _dot(ds.to(k.dtype), k, MODE) * scale
+    dk = _dot(tl.trans(ds.to(q.dtype)), q, MODE) * scale
+    q_ok = (rows < Lq)[:, None] & (e < E)[None, :]
+    k_ok = (cols < Lk)[:, None] & (e < E)[None, :]
+    tl.store(dq_ptr + n64 * sgqn + h * sgqh + rows[:, None] * sgql + e[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=q_ok)
+    tl.store(dk_ptr + n64 * sgkn + h * sgkh + cols[:, None] * sgkl + e[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=k_ok)
+    tl.store(dv_ptr + n64 * sgvn + h * sgvh + cols[:, None] * sgvl + e[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=k_ok)
+    return ds
+
+
+@triton.jit
+def _bwd_row_kernel(
+    q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, seed_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, ds_ptr,
     sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
-    S, B, H, Lq, Lk, E, scale, dropout_p, ROWS,
+    sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, B, H, Lq, Lk, E, scale, dropout_p,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
     MODE: tl.constexpr,
 ):
-    """dQ, dK, dV of ROWS rows of seed s and head h (grid: chunk, head, seed); the chunk's partial
-    d(bias)[s, h]. dq is (N, Lq, H, E) contiguous, dk and dv (N, Lk, H, E) contiguous."""
+    """Scheme "per_row": dQ, dK, dV of one row n and head h (grid axis 0 = N * H, as the forward's);
+    with HAS_DBIAS its dS too, into ds (N, H, Lq, Lk) contiguous (summed over the rows by torch)."""
+    pid = tl.program_id(0)
+    n = pid // H
+    h = pid % H
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    ds = _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, n, n // B, h, seed,
+                  sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
+                  sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, H, Lq, Lk, E, scale, dropout_p,
+                  BLOCK_Q, BLOCK_K, BLOCK_E, CAUSAL, HAS_MASK, HAS_BIAS, DROPOUT, MODE)
+    if HAS_DBIAS:
+        rows = tl.arange(0, BLOCK_Q)
+        cols = tl.arange(0, BLOCK_K)
+        tl.store(ds_ptr + pid.to(tl.int64) * Lq * Lk + rows[:, None] * Lk + cols[None, :],
+                 ds.to(ds_ptr.dtype.element_ty), mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
+
+
+@triton.jit
+def _bwd_rows_kernel(
+    q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, seed_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dbpart_ptr,
+    sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
+    sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, S, B, H, Lq, Lk, E, scale, dropout_p, ROWS,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    """Scheme "rows": dQ, dK, dV of ROWS rows of seed s and head h, one after the other (grid: chunk,
+    head, seed); with HAS_DBIAS the chunk's partial d(bias)[s, h] = its rows' dS summed in registers."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
     rows = tl.arange(0, BLOCK_Q)
     cols = tl.arange(0, BLOCK_K)
-    e = tl.arange(0, BLOCK_E)
-    q_ok = (rows < Lq)[:, None] & (e < E)[None, :]
-    k_ok = (cols < Lk)[:, None] & (e < E)[None, :]
-    inv_keep = 1.0 / (1.0 - dropout_p)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
     dbias = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
     b0 = c * ROWS
     for b in range(b0, tl.minimum(b0 + ROWS, B)):
-        n = s * B + b
-        n64 = n.to(tl.int64)
-        q = _tile(q_ptr + n64 * sqn + h * sqh, rows, sql, e, Lq, E)
-        k = _tile(k_ptr + n64 * skn + h * skh, cols, skl, e, Lk, E)
-        v = _tile(v_ptr + n64 * svn + h * svh, cols, svl, e, Lk, E)
-        do = _tile(do_ptr + n64 * sdon + h * sdoh, rows, sdol, e, Lq, E)
-        p, vis = _probs(q, k, bias_ptr, km_ptr, n, s, h, rows, cols, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk, scale,
-                        CAUSAL, HAS_MASK, HAS_BIAS, MODE)
-        dpd = _dot(do, tl.trans(v), MODE)                       # gradient at the dropped probabilities
-        if DROPOUT:
-            keep = _keep(seed, n, h, rows, cols, H, Lq, Lk, dropout_p)
-            pd = tl.where(keep, p * inv_keep, 0.0)
-            dp = tl.where(keep, dpd * inv_keep, 0.0)
-        else:
-            pd = p
-            dp = dpd
-        delta = tl.sum(pd * dpd, axis=1)
-        ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
-        dv = _dot(tl.trans(pd.to(do.dtype)), do, MODE)
-        dq = _dot(ds.to(k.dtype), k, MODE) * scale
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, MODE) * scale
-        hq = (n64 * Lq * H + h) * E
-        hk = (n64 * Lk * H + h) * E
-        tl.store(dq_ptr + hq + rows[:, None] * (H * E) + e[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_ok)
-        tl.store(dk_ptr + hk + cols[:, None] * (H * E) + e[None, :], dk.to(dk_ptr.dtype.element_ty), mask=k_ok)
-        tl.store(dv_ptr + hk + cols[:, None] * (H * E) + e[None, :], dv.to(dv_ptr.dtype.element_ty), mask=k_ok)
+        ds = _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, s * B + b, s, h, seed,
+                      sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
+                      sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, H, Lq, Lk, E, scale, dropout_p,
+                      BLOCK_Q, BLOCK_K, BLOCK_E, CAUSAL, HAS_MASK, HAS_BIAS, DROPOUT, MODE)
         if HAS_DBIAS:
             dbias += ds
     if HAS_DBIAS:
@@ -205,8 +271,12 @@ def _keep_mask_kernel(seed_ptr, out_ptr, H, Lq, Lk, dropout_p, BLOCK_Q: tl.const
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
-# Benchmarks may set keys here: "fwd_num_warps", "bwd_num_warps", "rows" (rows per backward
-# program when there is a bias gradient). Results never depend on them beyond rounding order.
+# Benchmarks may set keys here: "bwd_scheme" (one of BWD_SCHEMES), "fwd_num_warps", "bwd_num_warps",
+# "rows" (rows per program of the "rows" scheme when there is a bias gradient). Results differ only
+# in rounding (summation order; "per_row" rounds dS to a 16-bit input dtype before summing it).
+BWD_SCHEMES = ("per_row", "rows")
+DEFAULT_BWD_SCHEME = "per_row"   # expected faster (full parallelism, small register tiles); to be
+                                 # confirmed on a GPU: python -m gbla.bench.attention_speed
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -215,15 +285,26 @@ def _blocks(Lq: int, Lk: int, E: int) -> tuple[int, int, int]:
     return tuple(max(16, triton.next_power_of_2(x)) for x in (Lq, Lk, E))
 
 
-def _num_warps(block_q: int, block_k: int, key: str) -> int:
+def _num_warps(block_q: int, block_k: int, key: str, small: int = 4) -> int:
+    """`small` warps up to (32, 32) tiles, 4 up to (64, 64), 8 beyond (or CONFIG_OVERRIDE[key])."""
     if key in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE[key]
+    if block_q * block_k <= 32 * 32:
+        return small
     return 4 if block_q * block_k <= 64 * 64 else 8
 
 
+def bwd_scheme() -> str:
+    """The backward's scheme: CONFIG_OVERRIDE["bwd_scheme"], else DEFAULT_BWD_SCHEME."""
+    scheme = CONFIG_OVERRIDE.get("bwd_scheme", DEFAULT_BWD_SCHEME)
+    if scheme not in BWD_SCHEMES:
+        raise ValueError(f"bwd_scheme must be one of {BWD_SCHEMES}, got {scheme!r}")
+    return scheme
+
+
 def _rows_per_program(S: int, B: int, H: int, device: torch.device, has_dbias: bool) -> int:
-    """Rows of one backward program. With a bias gradient, each program sums its rows' dS in
-    registers and writes one partial: about 4 programs per SM over (seed, chunk, head), so the
+    """Rows of one program of the "rows" scheme. With a bias gradient, each program sums its rows'
+    dS in registers and writes one partial: about 4 programs per SM over (seed, chunk, head), so the
     partials stay a few per SM's worth (at S=5, H=6, B=256 on 132 SMs: 16 rows, 16 partials per
     seed and head). Without one, a row per program."""
     if not has_dbias:
@@ -252,9 +333,32 @@ def _strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+# how q, k, v reach the op: "q,k,v" three (N, L, H, E) tensors; "qkv" one (N, L, 3, H, E) (a self-
+# attention layer's fused projection); "q,kv" q and one (N, Lk, 2, H, E) (cross-attention's)
+LAYOUTS = ("q,k,v", "qkv", "q,kv")
+
+
+def _views(layout: str, a, b, c):
+    """(q, k, v) as (N, L, H, E) views of the tensors passed in `layout`."""
+    if layout == "qkv":
+        return a.unbind(2)
+    if layout == "q,kv":
+        return (a, *b.unbind(2))
+    return a, b, c
+
+
+def _grad_buffers(layout: str, a, b, c):
+    """Gradients of the tensors as passed (uninitialized, each contiguous; None for an absent one) and
+    (dq, dk, dv) views into them: the kernels write a packed input's gradient in place, so autograd
+    stacks nothing."""
+    grads = tuple(None if t is None else torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (a, b, c))
+    return grads, _views(layout, *grads)
+
+
 class _ShortAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask_u8, bias, seed, causal, num_seeds, dropout_p):
+    def forward(ctx, layout, a, b, c, mask_u8, bias, seed, causal, num_seeds, dropout_p):
+        q, k, v = _views(layout, a, b, c)
         N, Lq, H, E = q.shape
         Lk = k.shape[1]
         bq, bk, be = _blocks(Lq, Lk, E)
@@ -266,36 +370,49 @@ class _ShortAttention(torch.autograd.Function):
             BLOCK_Q=bq, BLOCK_K=bk, BLOCK_E=be, CAUSAL=causal, HAS_MASK=mask_u8 is not None,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, MODE=_mode(q.dtype),
             num_warps=_num_warps(bq, bk, "fwd_num_warps"))
-        ctx.save_for_backward(q, k, v, mask_u8, bias, seed)
-        ctx.causal, ctx.num_seeds, ctx.dropout_p = causal, num_seeds, dropout_p
+        ctx.save_for_backward(a, b, c, mask_u8, bias, seed)
+        ctx.layout, ctx.causal, ctx.num_seeds, ctx.dropout_p = layout, causal, num_seeds, dropout_p
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask_u8, bias, seed = ctx.saved_tensors
+        a, b, c, mask_u8, bias, seed = ctx.saved_tensors
+        q, k, v = _views(ctx.layout, a, b, c)
         N, Lq, H, E = q.shape
         Lk = k.shape[1]
         S = ctx.num_seeds
         B = N // S
         do = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        has_dbias = bias is not None and ctx.needs_input_grad[4]
-        rows = _rows_per_program(S, B, H, q.device, has_dbias)
-        chunks = triton.cdiv(B, rows)
+        has_dbias = bias is not None and ctx.needs_input_grad[5]
+        grads, (dq, dk, dv) = _grad_buffers(ctx.layout, a, b, c)
         bq, bk, be = _blocks(Lq, Lk, E)
-        dq = torch.empty((N, Lq, H, E), device=q.device, dtype=q.dtype)
-        dk = torch.empty((N, Lk, H, E), device=q.device, dtype=k.dtype)
-        dv = torch.empty((N, Lk, H, E), device=q.device, dtype=v.dtype)
-        dbias_part = (torch.empty((chunks, S, H, Lq, Lk), device=q.device, dtype=torch.float32) if has_dbias
-                      else dq)
-        _bwd_kernel[(chunks, H, S)](
-            q, k, v, *_mask_args(mask_u8, q)[:1], *_bias_args(bias, q)[:1], seed, do, dq, dk, dv, dbias_part,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_mask_args(mask_u8, q)[1:], *_bias_args(bias, q)[1:],
-            *_strides3(do), S, B, H, Lq, Lk, E, 1.0 / math.sqrt(E), ctx.dropout_p, rows,
-            BLOCK_Q=bq, BLOCK_K=bk, BLOCK_E=be, CAUSAL=ctx.causal, HAS_MASK=mask_u8 is not None,
-            HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, DROPOUT=ctx.dropout_p > 0, MODE=_mode(q.dtype),
-            num_warps=_num_warps(bq, bk, "bwd_num_warps"), num_stages=1)
-        dbias = sum_partials(dbias_part).to(bias.dtype) if has_dbias else None
-        return dq, dk, dv, None, dbias, None, None, None, None
+        scheme = bwd_scheme()
+        ins = (q, k, v, *_mask_args(mask_u8, q)[:1], *_bias_args(bias, q)[:1], seed, do, dq, dk, dv)
+        strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_mask_args(mask_u8, q)[1:],
+                   *_bias_args(bias, q)[1:], *_strides3(do), *_strides3(dq), *_strides3(dk), *_strides3(dv))
+        meta = dict(BLOCK_Q=bq, BLOCK_K=bk, BLOCK_E=be, CAUSAL=ctx.causal, HAS_MASK=mask_u8 is not None,
+                    HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, DROPOUT=ctx.dropout_p > 0, MODE=_mode(q.dtype),
+                    num_stages=1)
+        dbias = None
+        if scheme == "per_row":
+            # dS per (row, head) in the inputs' dtype: fp32 stays exact; a 16-bit dS is the operand the
+            # dQ and dK products already take, and half the bytes of fp32 to write and read back
+            ds = torch.empty((N, H, Lq, Lk), device=q.device, dtype=q.dtype) if has_dbias else dq
+            _bwd_row_kernel[(N * H,)](*ins, ds, *strides, B, H, Lq, Lk, E, 1.0 / math.sqrt(E), ctx.dropout_p,
+                                      num_warps=_num_warps(bq, bk, "bwd_num_warps", small=2), **meta)
+            if has_dbias:
+                dbias = ds.view(S, B, H, Lq, Lk).sum(1, dtype=torch.float32).to(bias.dtype)
+        else:
+            rows = _rows_per_program(S, B, H, q.device, has_dbias)
+            chunks = triton.cdiv(B, rows)
+            part = (torch.empty((chunks, S, H, Lq, Lk), device=q.device, dtype=torch.float32) if has_dbias
+                    else dq)
+            _bwd_rows_kernel[(chunks, H, S)](*ins, part, *strides, S, B, H, Lq, Lk, E, 1.0 / math.sqrt(E),
+                                             ctx.dropout_p, rows, num_warps=_num_warps(bq, bk, "bwd_num_warps"),
+                                             **meta)
+            if has_dbias:
+                dbias = sum_partials(part).to(bias.dtype)
+        return None, *grads, None, dbias, None, None, None, None
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -317,26 +434,13 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
 
 
-def short_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    key_mask: torch.Tensor | None = None,
-    causal: bool = False,
-    bias: torch.Tensor | None = None,
-    num_seeds: int = 1,
-    dropout_p: float = 0.0,
-    dropout_seed: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Fused short attention (same contract as short_attention_reference). dropout_seed: the int64
-    (1,) seed tensor of the dropout draw (a fresh one from draw_seed when None), for tests that
-    replay it with dropout_keep_mask."""
+def _attention(layout, a, b, c, key_mask, causal, bias, num_seeds, dropout_p, dropout_seed, name):
+    q, k, v = _views(layout, a, b, c)
     check_short_attention_inputs(q, k, v, key_mask, causal, bias, num_seeds, dropout_p)
     why = unsupported(q, k)
     if why is not None:
-        raise ValueError(f"short_attention_triton: {why}; use backend='torch' or 'auto'")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        raise ValueError(f"{name}: {why}; use backend='torch' or 'auto'")
+    a, b, c = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (a, b, c))
     N, Lq, H, E = q.shape
     if N == 0 or Lq == 0 or k.shape[1] == 0:
         return torch.zeros((N, Lq, H, E), device=q.device, dtype=q.dtype)
@@ -346,8 +450,35 @@ def short_attention_triton(
     if dropout_p > 0:
         seed = draw_seed(q.device) if dropout_seed is None else dropout_seed.to(q.device, torch.int64)
     else:
-        seed = q  # never read without dropout
-    return _ShortAttention.apply(q, k, v, mask_u8, bias, seed, bool(causal), int(num_seeds), dropout_p)
+        seed = a  # never read without dropout
+    return _ShortAttention.apply(layout, a, b, c, mask_u8, bias, seed, bool(causal), int(num_seeds), dropout_p)
+
+
+def short_attention_triton(q, k, v, *, key_mask=None, causal=False, bias=None, num_seeds=1, dropout_p=0.0,
+                           dropout_seed=None) -> torch.Tensor:
+    """Fused short attention (same contract as short_attention_reference). dropout_seed: the int64
+    (1,) seed tensor of the dropout draw (a fresh one from draw_seed when None), for tests that
+    replay it with dropout_keep_mask."""
+    return _attention("q,k,v", q, k, v, key_mask, causal, bias, num_seeds, dropout_p, dropout_seed,
+                      "short_attention_triton")
+
+
+def short_attention_qkv_triton(qkv, *, key_mask=None, causal=False, bias=None, num_seeds=1, dropout_p=0.0,
+                               dropout_seed=None) -> torch.Tensor:
+    """short_attention_triton on q, k, v = qkv.unbind(2), qkv (N, L, 3, H, E); the backward writes
+    qkv's gradient as one (N, L, 3, H, E) tensor."""
+    unbind_packed(qkv, 3, "qkv")
+    return _attention("qkv", qkv, None, None, key_mask, causal, bias, num_seeds, dropout_p, dropout_seed,
+                      "short_attention_qkv_triton")
+
+
+def short_attention_q_kv_triton(q, kv, *, key_mask=None, causal=False, bias=None, num_seeds=1, dropout_p=0.0,
+                                dropout_seed=None) -> torch.Tensor:
+    """short_attention_triton on q and k, v = kv.unbind(2), kv (N, Lk, 2, H, E); the backward writes
+    kv's gradient as one (N, Lk, 2, H, E) tensor."""
+    unbind_packed(kv, 2, "kv")
+    return _attention("q,kv", q, kv, None, key_mask, causal, bias, num_seeds, dropout_p, dropout_seed,
+                      "short_attention_q_kv_triton")
 
 
 def dropout_keep_mask(seed: torch.Tensor, N: int, H: int, Lq: int, Lk: int, dropout_p: float) -> torch.Tensor:
@@ -359,5 +490,6 @@ def dropout_keep_mask(seed: torch.Tensor, N: int, H: int, Lq: int, Lk: int, drop
     return out.bool()
 
 
-__all__ = ["short_attention_triton", "dropout_keep_mask", "draw_seed", "unsupported", "CONFIG_OVERRIDE",
-           "MAX_LEN", "SUPPORTED_DTYPES"]
+__all__ = ["short_attention_triton", "short_attention_qkv_triton", "short_attention_q_kv_triton",
+           "dropout_keep_mask", "draw_seed", "unsupported", "bwd_scheme", "CONFIG_OVERRIDE", "BWD_SCHEMES",
+           "DEFAULT_BWD_SCHEME", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
