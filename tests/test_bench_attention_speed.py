@@ -20,7 +20,9 @@ def test_smoke_writes_its_files(tmp_path):
     result = json.loads((tmp_path / "attention_speed.json").read_text())
     meta, rows = result["meta"], result["rows"]
     assert meta["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
-    assert meta["default_bwd_scheme"] == "per_row" and meta["command"].startswith("python -m gbla.bench.attention_speed")
+    from gbla.ops.attention.triton import DEFAULT_BWD_SCHEME
+
+    assert meta["default_bwd_scheme"] == DEFAULT_BWD_SCHEME and meta["command"].startswith("python -m gbla.bench.attention_speed")
     assert {"commit", "date", "torch", "triton"} <= set(meta)
     impls = [i.name for i in attention_speed.implementations([2])]
     assert impls[:5] == ["torch", "triton-per_row-unpacked", "triton-per_row-packed", "triton-rows-unpacked",

@@ -315,6 +315,13 @@ def test_packed_inputs_match_unpacked(cross, dtype, scheme):
         assert torch.equal(grads_p[0], torch.stack([dq, dk, dv], dim=2))
 
 
+def test_default_backward_scheme_follows_the_tile_size(monkeypatch):
+    """per_row up to 64 x 64 tiles (measured faster there), rows beyond; an override wins."""
+    assert kernels.bwd_scheme(16, 16) == kernels.bwd_scheme(64, 64) == "per_row"
+    assert kernels.bwd_scheme(64, 128) == kernels.bwd_scheme(128, 128) == "rows"
+    monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "bwd_scheme", "per_row")
+    assert kernels.bwd_scheme(128, 128) == "per_row"
+
 def test_packed_dispatch_and_bad_shapes():
     """The public packed entry points: the reference unbinds (the same result as on the views), the
     kernels give it within tolerance; a wrongly packed tensor raises ValueError naming it."""

@@ -23,7 +23,7 @@ its gradient written into one buffer of its own shape and autograd stacks nothin
 stores rows of E contiguous elements (128 bytes at E = 64 in bf16), as it loads them. Two schemes
 (CONFIG_OVERRIDE["bwd_scheme"]), both deterministic (no atomics):
 
-    "per_row" (default)  one program per (row n, head h), the forward's grid (N * H programs, no
+    "per_row"            one program per (row n, head h), the forward's grid (N * H programs, no
                          loop, no accumulator across rows). With a bias gradient each program stores
                          its dS into a buffer (N, H, Lq, Lk), and torch sums it over each seed's rows
                          in fp32 (.view(S, B, H, Lq, Lk).sum(1)). The buffer has the inputs' dtype:
@@ -34,10 +34,10 @@ stores rows of E contiguous elements (128 bytes at E = 64 in bf16), as it loads 
                          after the other, their dS summed in a fp32 register tile, one partial per
                          chunk, the partials summed in a fixed order by a Triton kernel.
 
-"per_row" is the default because it has ROWS times the programs and no (BLOCK_Q, BLOCK_K) fp32
-accumulator beside P, dP and dS in registers; its tiles up to 32 x 32 (decoder, L = 13) run on 2 warps,
-not 4. It is expected to be faster at the training shapes, to be confirmed on a GPU
-(python -m gbla.bench.attention_speed times both schemes side by side).
+By default tiles up to 64 x 64 take "per_row" (ROWS times the programs, no (BLOCK_Q, BLOCK_K) fp32
+accumulator beside P, dP and dS in registers; tiles up to 32 x 32 run on 2 warps, not 4) and larger
+tiles "rows": measured side by side with python -m gbla.bench.attention_speed, per_row was faster at
+L <= 41 and slower at L = 81 (128 x 128 tiles); see DEFAULT_BWD_SCHEME.
 
 Dropout: keep_nhij = tl.rand(seed, ((n H + h) Lq + i) Lk + j) >= p (int64 Philox counter), seed an
 int64 device tensor drawn with torch.randint for every call (so a CUDA-graph replay draws new values)
@@ -275,8 +275,13 @@ def _keep_mask_kernel(seed_ptr, out_ptr, H, Lq, Lk, dropout_p, BLOCK_Q: tl.const
 # "rows" (rows per program of the "rows" scheme when there is a bias gradient). Results differ only
 # in rounding (summation order; "per_row" rounds dS to a 16-bit input dtype before summing it).
 BWD_SCHEMES = ("per_row", "rows")
-DEFAULT_BWD_SCHEME = "per_row"   # expected faster (full parallelism, small register tiles); to be
-                                 # confirmed on a GPU: python -m gbla.bench.attention_speed
+# Default: "per_row" for tiles up to PER_ROW_MAX_TILE elements, "rows" beyond. Measured side by side
+# (H200, ad437f8, python -m gbla.bench.attention_speed; outputs/bench/attention_speed.md), forward +
+# backward of 5 x 256 rows, 6 heads, bf16, bias + padding + dropout: graphed, per_row (packed) beat rows
+# at L = 13, 25 and 41 (0.097 vs 0.122, 0.193 vs 0.259, 0.573 vs 0.624 ms), while at L = 81 (128 x 128
+# tiles) per_row was the slower one (eager 4.44 vs 3.52 ms; the graphed L = 81 rows were not reached).
+DEFAULT_BWD_SCHEME = "per_row up to 64 x 64 tiles, rows beyond"
+PER_ROW_MAX_TILE = 64 * 64
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -294,9 +299,10 @@ def _num_warps(block_q: int, block_k: int, key: str, small: int = 4) -> int:
     return 4 if block_q * block_k <= 64 * 64 else 8
 
 
-def bwd_scheme() -> str:
-    """The backward's scheme: CONFIG_OVERRIDE["bwd_scheme"], else DEFAULT_BWD_SCHEME."""
-    scheme = CONFIG_OVERRIDE.get("bwd_scheme", DEFAULT_BWD_SCHEME)
+def bwd_scheme(block_q: int, block_k: int) -> str:
+    """The backward's scheme for these tile sizes: CONFIG_OVERRIDE["bwd_scheme"], else "per_row" up
+    to PER_ROW_MAX_TILE tile elements and "rows" beyond (DEFAULT_BWD_SCHEME)."""
+    scheme = CONFIG_OVERRIDE.get("bwd_scheme", "per_row" if block_q * block_k <= PER_ROW_MAX_TILE else "rows")
     if scheme not in BWD_SCHEMES:
         raise ValueError(f"bwd_scheme must be one of {BWD_SCHEMES}, got {scheme!r}")
     return scheme
@@ -386,7 +392,7 @@ class _ShortAttention(torch.autograd.Function):
         has_dbias = bias is not None and ctx.needs_input_grad[5]
         grads, (dq, dk, dv) = _grad_buffers(ctx.layout, a, b, c)
         bq, bk, be = _blocks(Lq, Lk, E)
-        scheme = bwd_scheme()
+        scheme = bwd_scheme(bq, bk)
         ins = (q, k, v, *_mask_args(mask_u8, q)[:1], *_bias_args(bias, q)[:1], seed, do, dq, dk, dv)
         strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_mask_args(mask_u8, q)[1:],
                    *_bias_args(bias, q)[1:], *_strides3(do), *_strides3(dq), *_strides3(dk), *_strides3(dv))
@@ -492,4 +498,4 @@ def dropout_keep_mask(seed: torch.Tensor, N: int, H: int, Lq: int, Lk: int, drop
 
 __all__ = ["short_attention_triton", "short_attention_qkv_triton", "short_attention_q_kv_triton",
            "dropout_keep_mask", "draw_seed", "unsupported", "bwd_scheme", "CONFIG_OVERRIDE", "BWD_SCHEMES",
-           "DEFAULT_BWD_SCHEME", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
+           "DEFAULT_BWD_SCHEME", "PER_ROW_MAX_TILE", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
