@@ -278,8 +278,7 @@ BWD_SCHEMES = ("per_row", "rows")
 # Default: "per_row" for tiles up to PER_ROW_MAX_TILE elements, "rows" beyond. Measured side by side
 # (H200, ad437f8, python -m gbla.bench.attention_speed; outputs/bench/attention_speed.md), forward +
 # backward of 5 x 256 rows, 6 heads, bf16, bias + padding + dropout: graphed, per_row (packed) beat rows
-# at L = 13, 25 and 41 (0.097 vs 0.122, 0.193 vs 0.259, 0.573 vs 0.624 ms), while at L = 81 (128 x 128
-# tiles) per_row was the slower one (eager 4.44 vs 3.52 ms; the graphed L = 81 rows were not reached).
+# at L = 13, 25 and 41 (0.097 vs 0.122, 0.193 vs 0.259, 0.573 vs 0.624 ms), but not at L = 81 (eager 4.44 vs 3.52).
 DEFAULT_BWD_SCHEME = "per_row up to 64 x 64 tiles, rows beyond"
 PER_ROW_MAX_TILE = 64 * 64
 CONFIG_OVERRIDE: dict = {}
