@@ -16,7 +16,8 @@ from gbla.bench import attention_speed  # noqa: E402
 
 def test_smoke_writes_its_files(tmp_path):
     cases = ["encoder-L13", "cross-5x13"]  # a packed qkv and a packed kv
-    assert attention_speed.main(["--smoke", "--cases", *cases, "--bwd-warps", "2", "--q-blocks", "16", "--out", str(tmp_path)]) == 0
+    argv = ["--smoke", "--cases", *cases, "--bwd-warps", "2", "--q-blocks", "16", "--out", str(tmp_path)]
+    assert attention_speed.main(argv) == 0
     result = json.loads((tmp_path / "attention_speed.json").read_text())
     meta, rows = result["meta"], result["rows"]
     assert meta["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")

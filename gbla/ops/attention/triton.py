@@ -341,8 +341,8 @@ BWD_SCHEMES = ("per_row", "rows")
 # and 41 (0.097 vs 0.122, 0.193 vs 0.259, 0.573 vs 0.624 ms), while at L = 81 (128 x 128 tiles) it was
 # the slower one (eager 4.44 vs 3.52 ms, torch 3.60; forward 1.07 ms, torch 1.63). Query blocks at
 # L = 81 are not measured yet: to be confirmed on a GPU (the benchmark's triton-qtile<b> rows).
-DEFAULT_BWD_SCHEME = "per_row; query blocks of 32 rows beyond 64 keys"
 DEFAULT_Q_BLOCK = 32
+DEFAULT_BWD_SCHEME = f"per_row; query blocks of {DEFAULT_Q_BLOCK} rows beyond 64 keys"
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -476,9 +476,11 @@ class _ShortAttention(torch.autograd.Function):
             # dS per (row, head) in the inputs' dtype: fp32 stays exact; a 16-bit dS is the operand the
             # dQ and dK products already take, and half the bytes of fp32 to write and read back
             ds = torch.empty((N, H, Lq, Lk), device=q.device, dtype=q.dtype) if has_dbias else dq
-            qb = q_block(bq, bk)
+            # warps as for the whole tile: the loop's fp32 dK, dV accumulators (BLOCK_K, BLOCK_E) do not
+            # shrink with the query block (8 warps at 128 x 128, as the one-tile kernel had)
             _bwd_row_kernel[(N * H,)](*ins, ds, *strides, B, H, Lq, Lk, E, 1.0 / math.sqrt(E), ctx.dropout_p,
-                                      BLOCK_Q=qb, num_warps=_num_warps(qb, bk, "bwd_num_warps", small=2), **meta)
+                                      BLOCK_Q=q_block(bq, bk), num_warps=_num_warps(bq, bk, "bwd_num_warps", small=2),
+                                      **meta)
             if has_dbias:
                 dbias = ds.view(S, B, H, Lq, Lk).sum(1, dtype=torch.float32).to(bias.dtype)
         else:
