@@ -16,7 +16,8 @@ from gbla.bench import attention_speed  # noqa: E402
 
 def test_smoke_writes_its_files(tmp_path):
     cases = ["encoder-L13", "cross-5x13"]  # a packed qkv and a packed kv
-    assert attention_speed.main(["--smoke", "--cases", *cases, "--bwd-warps", "2", "--out", str(tmp_path)]) == 0
+    argv = ["--smoke", "--cases", *cases, "--bwd-warps", "2", "--q-blocks", "16", "--out", str(tmp_path)]
+    assert attention_speed.main(argv) == 0
     result = json.loads((tmp_path / "attention_speed.json").read_text())
     meta, rows = result["meta"], result["rows"]
     assert meta["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
@@ -24,9 +25,9 @@ def test_smoke_writes_its_files(tmp_path):
 
     assert meta["default_bwd_scheme"] == DEFAULT_BWD_SCHEME and meta["command"].startswith("python -m gbla.bench.attention_speed")
     assert {"commit", "date", "torch", "triton"} <= set(meta)
-    impls = [i.name for i in attention_speed.implementations([2])]
-    assert impls[:5] == ["torch", "triton-per_row-unpacked", "triton-per_row-packed", "triton-rows-unpacked",
-                         "triton-rows-packed"] and impls[5] == "triton-per_row-packed-w2"
+    impls = [i.name for i in attention_speed.implementations([2], [16])]
+    assert impls == ["torch", "triton-per_row-unpacked", "triton-per_row-packed", "triton-rows-unpacked",
+                     "triton-rows-packed", "triton-per_row-packed-w2", "triton-qtile16-packed"]
     assert [(r["case"], r["pass"], r["impl"]) for r in rows] == [
         (c, p, i) for c in cases for p in ("fwd", "fwd+bwd") for i in impls]
     assert all(r.get("error") is None and r["median_ms"] > 0 for r in rows), [r.get("error") for r in rows]

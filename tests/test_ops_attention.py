@@ -315,12 +315,89 @@ def test_packed_inputs_match_unpacked(cross, dtype, scheme):
         assert torch.equal(grads_p[0], torch.stack([dq, dk, dv], dim=2))
 
 
-def test_default_backward_scheme_follows_the_tile_size(monkeypatch):
-    """per_row up to 64 x 64 tiles (measured faster there), rows beyond; an override wins."""
+def test_default_launch_config(monkeypatch):
+    """The measured best by default: whole rows as one tile, per_row up to 64 x 64 tiles and rows
+    beyond; overrides win (a query block at most the tile), a bad q_block raises."""
     assert kernels.bwd_scheme(16, 16) == kernels.bwd_scheme(64, 64) == "per_row"
     assert kernels.bwd_scheme(64, 128) == kernels.bwd_scheme(128, 128) == "rows"
+    assert [kernels.q_block(*t) for t in ((16, 16), (64, 64), (16, 128), (64, 128), (128, 128))] == [
+        16, 64, 16, 64, 128]
+    monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "bwd_scheme", "rows")
+    monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "q_block", 16)
+    assert kernels.bwd_scheme(128, 128) == "rows"
+    assert kernels.q_block(64, 64) == kernels.q_block(128, 128) == 16
+    monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "q_block", 128)
+    assert kernels.q_block(64, 128) == 64
+    for bad in (8, 24):
+        monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "q_block", bad)
+        with pytest.raises(ValueError, match="q_block"):
+            kernels.q_block(128, 128)
+
+
+QTILE_CASES = [  # (S, B, Lq, Lk, H, causal, bias, mask, dtype, dropout_p, q_block); E = 16
+    (2, 3, 65, 65, 1, False, True, "pad", torch.float32, 0.0, 16),
+    (1, 3, 81, 81, 2, True, True, "pad", torch.float32, 0.15, 32),     # left padding + causal: all-masked queries
+    (2, 3, 100, 100, 1, True, True, "pad", torch.bfloat16, 0.15, 16),
+    (1, 3, 128, 128, 1, False, True, "pad", torch.bfloat16, 0.0, 32),
+    (2, 3, 81, 81, 1, False, False, "none", torch.float32, 0.0, 32),
+    (2, 3, 40, 100, 1, False, True, "pad", torch.float32, 0.15, 16),   # cross-attention, packed q + kv
+    (1, 3, 5, 81, 2, False, False, "pad", torch.bfloat16, 0.15, 32),   # 5 queries: one block
+]
+
+
+@pytest.mark.parametrize("S,B,Lq,Lk,H,causal,with_bias,mask_kind,dtype,dropout_p,qb", QTILE_CASES,
+                         ids=[f"S{c[0]}-L{c[2]}x{c[3]}-{'causal' if c[5] else 'bidir'}-bias{int(c[6])}-{c[7]}-"
+                              f"{str(c[8])[6:]}-p{c[9]}-q{c[10]}" for c in QTILE_CASES])
+def test_query_blocks_match_reference(S, B, Lq, Lk, H, causal, with_bias, mask_kind, dtype, dropout_p, qb,
+                                      monkeypatch):
+    """Over 64 keys the forward runs one program per block of q_block queries and the per_row backward
+    loops over them: the packed entry points (qkv, or q + kv) against the reference on the views."""
     monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "bwd_scheme", "per_row")
-    assert kernels.bwd_scheme(128, 128) == "per_row"
+    monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "q_block", qb)
+    N, E = S * B, 16
+    bufs, views, bias, grad_out = make_inputs(S, B, Lq, Lk, H, E, dtype, with_bias)
+    mask = key_mask(mask_kind, N, Lk)
+    kw = dict(key_mask=mask, causal=causal, num_seeds=S, dropout_p=dropout_p)
+    seed = draw_seed(torch.device(DEVICE))
+    keep = dropout_keep_mask(seed, N, H, Lq, Lk, dropout_p) if dropout_p > 0 else None
+
+    def packed(leaves, **kw):  # qkv (N, L, 3, H, E), or q (a view of one buffer) and kv (N, Lk, 2, H, E)
+        if Lq == Lk:
+            return short_attention_qkv_triton(leaves[0], **kw)
+        return short_attention_q_kv_triton(views(leaves)[0], leaves[1], **kw)
+
+    def reference(leaves, **kw):
+        return short_attention_reference(*views(leaves), **kw)
+
+    def grads(fn, upcast, **extra):  # output, and gradients of the packed buffers and the bias
+        leaves = [(b.double() if upcast else b).detach().requires_grad_() for b in bufs]
+        b = None if bias is None else (bias.double() if upcast else bias).detach().requires_grad_()
+        out = fn(leaves, bias=b, **kw, **extra)
+        return out, torch.autograd.grad(out, leaves + ([b] if b is not None else []), grad_out.to(out.dtype))
+
+    out_tri, g_tri = grads(packed, False, dropout_seed=seed)
+    out_64, g_64 = grads(reference, True, dropout_mask=keep)
+    assert_close("out", out_tri, out_64, dtype)
+    for i, (got, ref) in enumerate(zip(g_tri, g_64)):
+        assert_close(f"grad {i}", got, ref, dtype)
+
+
+def test_keep_mask_is_the_same_in_every_query_tiling(monkeypatch):
+    """The dropout draw depends on (seed, n, h, i, j) only: one tile or query blocks of 16 or 32 give
+    the same mask, and the kernels use it (the forward at q_block 16 equals the reference with it)."""
+    seed = draw_seed(torch.device(DEVICE))
+    for N, H, Lq, Lk in ((2, 2, 81, 81), (2, 1, 40, 100), (3, 1, 13, 13)):
+        masks = []
+        for qb in (128, 32, 16):
+            monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "q_block", qb)
+            masks.append(dropout_keep_mask(seed, N, H, Lq, Lk, 0.3))
+        assert all(torch.equal(masks[0], m) for m in masks[1:]), (Lq, Lk)
+    q, k, v = (torch.randn(2, 81, 2, 16, device=DEVICE) for _ in range(3))
+    out = short_attention_triton(q, k, v, dropout_p=0.3, dropout_seed=seed)
+    monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "q_block", 128)
+    ref = short_attention_reference(q, k, v, dropout_p=0.3, dropout_mask=dropout_keep_mask(seed, 2, 2, 81, 81, 0.3))
+    assert_close("out", out, ref.double(), torch.float32)
+
 
 def test_packed_dispatch_and_bad_shapes():
     """The public packed entry points: the reference unbinds (the same result as on the views), the

@@ -3,6 +3,7 @@
 
     python -m gbla.bench.attention_speed                     # GPU: every case, eager and CUDA-graphed
     python -m gbla.bench.attention_speed --bwd-warps 1 2 4   # also the per_row backward at those warps
+    python -m gbla.bench.attention_speed --cases encoder-L81 --q-blocks 16 32 64   # query blocks at L = 81
     python -m gbla.bench.attention_speed --smoke --out DIR   # tiny shapes, any device (writes the files)
 
 Cases (bf16 inputs, N = 5 seeds x 256 rows, H = 6, E = 64, dropout 0.15 as the training step has on
@@ -16,8 +17,12 @@ The bias is an (S, H, Lq, Lk) fp32 tensor that needs a gradient; each row pads a
 its first keys (at least one key stays).
 
 Implementations: "torch" (the reference on bf16 inputs, as under autocast) and "triton-<scheme>-
-<packing>" for each backward scheme (gbla.ops.attention.triton.BWD_SCHEMES) and packing; --bwd-warps
-adds "triton-per_row-packed-w<n>" rows (the backward's num_warps forced). Passes: "fwd" (the forward
+<packing>" for each backward scheme (gbla.ops.attention.triton.BWD_SCHEMES) and packing, each row and
+head as one whole tile (q_block forced to the tile: the kernels as they were before query blocks);
+--bwd-warps adds "triton-per_row-packed-w<n>" rows (one tile, the backward's num_warps forced);
+--q-blocks adds "triton-qtile<b>-packed" rows: the per_row scheme with blocks of b queries in the
+forward's grid and the backward's loop, at every case (at L = 81 the default is b = 32; blocks at
+least as tall as the tile are one tile). Passes: "fwd" (the forward
 on inputs that need gradients, as in training) and "fwd+bwd" (forward, then the backward of a fixed
 output gradient into the inputs and the bias). Each timing is the median of --repeats calls after
 --warmup calls: CUDA events around each call, eager ("eager") and as replays of a CUDA graph of
@@ -47,6 +52,7 @@ from gbla.ops import short_attention, short_attention_q_kv, short_attention_qkv
 
 BASELINE = "triton-rows-unpacked"
 SCHEMES = ("per_row", "rows")
+ONE_TILE = 128   # a q_block as tall as the largest tile: whole rows as one tile
 
 
 @dataclass(frozen=True)
@@ -80,13 +86,15 @@ class Impl:
     scheme: str | None     # the backward scheme of the kernels
     packed: bool
     bwd_warps: int | None = None
+    q_block: int | None = None   # queries per block (CONFIG_OVERRIDE["q_block"]); ONE_TILE: whole rows
 
 
-def implementations(bwd_warps=()) -> list[Impl]:
+def implementations(bwd_warps=(), q_blocks=()) -> list[Impl]:
     impls = [Impl("torch", "torch", None, False)]
-    impls += [Impl(f"triton-{s}-{'packed' if p else 'unpacked'}", "triton", s, p)
+    impls += [Impl(f"triton-{s}-{'packed' if p else 'unpacked'}", "triton", s, p, q_block=ONE_TILE)
               for s in SCHEMES for p in (False, True)]
-    impls += [Impl(f"triton-per_row-packed-w{w}", "triton", "per_row", True, w) for w in bwd_warps]
+    impls += [Impl(f"triton-per_row-packed-w{w}", "triton", "per_row", True, w, ONE_TILE) for w in bwd_warps]
+    impls += [Impl(f"triton-qtile{b}-packed", "triton", "per_row", True, q_block=b) for b in q_blocks]
     return impls
 
 
@@ -126,7 +134,7 @@ def attention_call(case: Case, impl: Impl, t: dict, S: int):
 
 @contextlib.contextmanager
 def kernel_config(impl: Impl):
-    """The kernels' CONFIG_OVERRIDE for `impl` (its backward scheme and warps) while inside."""
+    """The kernels' CONFIG_OVERRIDE for `impl` (its backward scheme, warps, query block) while inside."""
     if impl.backend != "triton":
         yield
         return
@@ -135,6 +143,8 @@ def kernel_config(impl: Impl):
     kernels.CONFIG_OVERRIDE["bwd_scheme"] = impl.scheme
     if impl.bwd_warps is not None:
         kernels.CONFIG_OVERRIDE["bwd_num_warps"] = impl.bwd_warps
+    if impl.q_block is not None:
+        kernels.CONFIG_OVERRIDE["q_block"] = impl.q_block
     try:
         yield
     finally:
@@ -178,7 +188,7 @@ def median_ms(fn, warmup: int, repeats: int, device: torch.device) -> float:
 
 def measure(case: Case, impl: Impl, pass_: str, mode: str, t: dict, S: int, args, device) -> dict:
     row = {"case": case.name, "Lq": case.Lq, "Lk": case.Lk, "impl": impl.name, "scheme": impl.scheme,
-           "packed": impl.packed, "bwd_warps": impl.bwd_warps, "pass": pass_, "mode": mode}
+           "packed": impl.packed, "bwd_warps": impl.bwd_warps, "q_block": impl.q_block, "pass": pass_, "mode": mode}
     try:
         with kernel_config(impl):
             attn, leaves = attention_call(case, impl, t, S)
@@ -243,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cases", nargs="+", help="case names to run (default: all)")
     ap.add_argument("--bwd-warps", nargs="+", type=int, default=[],
                     help="also time the per_row backward (packed) with each of these num_warps")
+    ap.add_argument("--q-blocks", nargs="+", type=int, default=[32],
+                    help="also time the per_row scheme (packed) with query blocks of each of these sizes "
+                         "(powers of two >= 16; default 32, the kernels' default beyond 64 keys)")
     return ap
 
 
@@ -273,7 +286,7 @@ def main(argv=None) -> int:
             "E": E, "dtype": "bfloat16", "warmup": args.warmup, "repeats": args.repeats, "modes": modes,
             "cases": [asdict(c) for c in cases]}
     result = {"meta": meta, "rows": []}
-    impls = implementations(args.bwd_warps)
+    impls = implementations(args.bwd_warps, args.q_blocks)
     for case in cases:
         t = make_inputs(case, S, B, H, E, torch.bfloat16, device)
         for pass_ in ("fwd", "fwd+bwd"):

@@ -1,20 +1,24 @@
 """Fused Triton forward and backward of softmax attention over short sequences (same formulas as
-naive.py), for Lq, Lk <= 128: every query and key of one row and head fits in one tile, so a program
-holds the whole (Lq, Lk) score tile in registers and nothing of size Lq x Lk touches memory.
+naive.py), for Lq, Lk <= 128: all keys of one row and head fit in one tile, so a program holds a
+(queries, Lk) score tile in registers and nothing of size Lq x Lk touches memory (except dS for the
+bias gradient, see "per_row"). Queries come in blocks of BLOCK_Q (q_block): by default the whole row
+(BLOCK_Q = the padded Lq); CONFIG_OVERRIDE["q_block"] sets smaller blocks (see Defaults).
 
-Forward, one program per (row n, head h): load Q (Lq, E), K, V (Lk, E) with their strides (slices
-of a fused projection need no copy), then in fp32
+Forward, one program per (row n, head h, block of BLOCK_Q queries): load its Q block (BLOCK_Q, E),
+all of K, V (Lk, E) with their strides (slices of a fused projection need no copy), then in fp32
 
     S = Q K^T / sqrt(E) + bias[seed(n), h] ,  S = lowest where not visible ,  P = softmax(S)
     Pd = P * keep / (1 - p)                  (keep regenerated from Philox, see below)
     O = Pd V                                  (stored (N, Lq, H, E) contiguous, in q's dtype)
 
-Backward: per row and head it recomputes S and P from Q and K (the whole row is one tile, so no
-saved statistics are needed) and
+(a query's softmax runs over all keys of the tile, so blocks need nothing from each other).
+
+Backward: per row, head and query block it recomputes S and P from Q and K (all keys in the tile, so
+no saved statistics are needed) and
 
     dPd = dO V^T ,  delta_i = sum_j Pd_ij dPd_ij  (= dO_i . O_i) ,  dS = P * (dPd * keep / (1 - p) - delta)
     dS = 0 where not visible   (masked scores get no gradient, as masked_fill gives the reference)
-    dV = Pd^T dO ,  dQ = dS K / sqrt(E) ,  dK = dS^T Q / sqrt(E)
+    dV = Pd^T dO ,  dQ = dS K / sqrt(E) ,  dK = dS^T Q / sqrt(E)   (dV, dK: sums over the query blocks)
     d(bias)[seed, h] = sum over the seed's rows of dS
 
 dQ, dK, dV are stored through strides, so a packed input (a self-attention layer's qkv (N, L, 3, H, E),
@@ -23,31 +27,45 @@ its gradient written into one buffer of its own shape and autograd stacks nothin
 stores rows of E contiguous elements (128 bytes at E = 64 in bf16), as it loads them. Two schemes
 (CONFIG_OVERRIDE["bwd_scheme"]), both deterministic (no atomics):
 
-    "per_row"            one program per (row n, head h), the forward's grid (N * H programs, no
-                         loop, no accumulator across rows). With a bias gradient each program stores
-                         its dS into a buffer (N, H, Lq, Lk), and torch sums it over each seed's rows
-                         in fp32 (.view(S, B, H, Lq, Lk).sum(1)). The buffer has the inputs' dtype:
-                         fp32 for fp32 inputs (exact); for 16-bit inputs 16-bit dS, which is the very
-                         operand the dQ and dK products take and what the reference's 16-bit scores
-                         give, at half the bytes to write and read back.
+    "per_row"            one program per (row n, head h) (N * H programs): K and V stay
+                         loaded while it loops over the query blocks (one step for a whole-row
+                         block), storing each block's dQ and summing dK, dV in fp32 registers across
+                         the loop (the flash-attention backward, with all keys in one tile). With a
+                         bias gradient each block stores its dS rows into a buffer (N, H, Lq, Lk), and
+                         torch sums it over each seed's rows in fp32 (.view(S, B, H, Lq, Lk).sum(1)).
+                         The buffer has the inputs' dtype: fp32 for fp32 inputs (exact); for 16-bit
+                         inputs 16-bit dS, which is the very operand the dQ and dK products take and
+                         what the reference's 16-bit scores give, at half the bytes to write and read.
     "rows"               one program per (seed, chunk of ROWS rows of that seed, head), its rows one
-                         after the other, their dS summed in a fp32 register tile, one partial per
-                         chunk, the partials summed in a fixed order by a Triton kernel.
+                         after the other, each as one whole (Lq, Lk) tile, their dS summed in a fp32
+                         register tile, one partial per chunk, the partials summed in a fixed order
+                         by a Triton kernel (the forward still takes query blocks).
 
-By default tiles up to 64 x 64 take "per_row" (ROWS times the programs, no (BLOCK_Q, BLOCK_K) fp32
-accumulator beside P, dP and dS in registers; tiles up to 32 x 32 run on 2 warps, not 4) and larger
-tiles "rows": measured side by side with python -m gbla.bench.attention_speed, per_row was faster at
-L <= 41 and slower at L = 81 (128 x 128 tiles); see DEFAULT_BWD_SCHEME.
+Defaults (DEFAULT_BWD_SCHEME, q_block): before query blocks, one-tile per_row was measured faster
+than rows at L <= 41 and slower at L = 81, where the 128 x 128 tiles (2.5x the 81 x 81 scores, fp32
+S, P and dS tiles spilling registers at 8 warps, one Philox call per score) made the forward 1.07 ms
+(torch 1.63) and the forward + backward 3.5 ms with rows, 4.4 ms with per_row, 32.7 ms with per_row on
+2 warps (torch 3.6; H200, bf16, 1280 rows, 6 heads, E = 64, bias + padding + dropout 0.15). So the
+defaults stay the measured best: whole rows, per_row up to 64 x 64 tiles, rows beyond. Query blocks
+(e.g. 32 queries, per_row looping over them) are meant for L = 81 and not measured yet: python -m
+gbla.bench.attention_speed times them (rows triton-qtile<b>-packed) against rows, per_row and torch.
 
-Dropout: keep_nhij = tl.rand(seed, ((n H + h) Lq + i) Lk + j) >= p (int64 Philox counter), seed an
-int64 device tensor drawn with torch.randint for every call (so a CUDA-graph replay draws new values)
-and saved for the backward, which regenerates the same keep-mask. `dropout_keep_mask` materializes it
-through the same code path, for the tests.
+Dropout: Philox gives four 32-bit numbers per call, so one call serves four scores: call
+c = ((n H + h) Lq + i) ceil(Lk / 4) + j // 4 (int64 counter) and score (i, j) takes the (j % 4)-th
+uniform, keep = u >= p (see _keep: a tile draws (BLOCK_Q, BLOCK_K / 4) calls and interleaves the four
+results over the columns). The mask is a function of (seed, n, h, i, j) and the shape only, the same
+whatever the query blocks. The seed is an int64 device tensor drawn with torch.randint for every call
+(so a CUDA-graph replay draws new values) and saved for the backward, which regenerates the same
+keep-mask. `dropout_keep_mask` materializes it through the same code path, for the tests.
 
 Matrix products: fp32 inputs use full fp32 ("ieee") products; 16-bit inputs multiply 16-bit
 operands (P and dS rounded to the inputs' dtype, as flash attention does) with fp32 accumulation;
 under the interpreter the same rounded operands are multiplied as fp32. Softmax, dropout scaling and
 all accumulation are fp32. Written against the Triton 3.6 API and runnable under TRITON_INTERPRET=1.
+
+This module is longer than 500 lines: the forward, both backward schemes, the dropout draw and their
+launch configuration share the jitted helpers (_probs, _keep, _bwd_block) and the derivation above;
+split, one computation and its formulas would be spread over several files.
 """
 from __future__ import annotations
 
@@ -89,18 +107,24 @@ def _tile(base, rows, stride_l, e, L, E):
 
 
 @triton.jit
-def _keep(seed, n, h, rows, cols, H, Lq, Lk, dropout_p):
-    """The dropout keep-mask tile of row n, head h: one Philox draw per (n, h, i, j)."""
-    offs = ((n.to(tl.int64) * H + h) * Lq + rows[:, None]) * Lk + cols[None, :]
-    return tl.rand(seed, offs) >= dropout_p
+def _keep(seed, n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K: tl.constexpr):
+    """The dropout keep-mask (len(rows), BLOCK_K) of row n, head h at query rows `rows`, keys
+    0..BLOCK_K-1: one Philox call per four scores. Call c = ((n H + h) Lq + i) ceil(Lk / 4) + j // 4
+    gives four uniforms and score (i, j) takes the (j % 4)-th, so the mask is a function of
+    (seed, n, h, i, j) (and the shape), the same in every tiling of the queries."""
+    quads = tl.arange(0, BLOCK_K // 4)
+    offs = ((n.to(tl.int64) * H + h) * Lq + rows[:, None]) * ((Lk + 3) // 4) + quads[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, offs)
+    # interleave(interleave(u0, u2), interleave(u1, u3))[:, 4 c + t] = u_t[:, c]
+    return tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3)) >= dropout_p
 
 
 @triton.jit
 def _probs(q, k, bias_ptr, km_ptr, n, s, h, rows, cols, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk, scale,
            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr):
-    """Softmax probabilities P (BLOCK_Q, BLOCK_K) fp32 of one row and head, and where they are visible.
-    Keys past Lk get -inf (weight 0 always); masked keys the lowest finite value (all-masked rows
-    average uniformly over the Lk keys)."""
+    """Softmax probabilities P (BLOCK_Q, BLOCK_K) fp32 of one row and head at query rows `rows` (a
+    query block), and where they are visible. Keys past Lk get -inf (weight 0 always); masked keys the
+    lowest finite value (all-masked rows average uniformly over the Lk keys)."""
     sc = _dot(q, tl.trans(k), MODE) * scale
     in_k = cols < Lk
     vis = in_k[None, :] & (rows >= 0)[:, None]
@@ -129,12 +153,12 @@ def _fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr,
 ):
-    """O of one row n and head h (grid axis 0 = N * H)."""
+    """O of one row n and head h at one block of BLOCK_Q queries (grid: N * H, query blocks)."""
     pid = tl.program_id(0)
     n = pid // H
     h = pid % H
     n64 = n.to(tl.int64)
-    rows = tl.arange(0, BLOCK_Q)
+    rows = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     cols = tl.arange(0, BLOCK_K)
     e = tl.arange(0, BLOCK_E)
     q = _tile(q_ptr + n64 * sqn + h * sqh, rows, sql, e, Lq, E)
@@ -143,7 +167,7 @@ def _fwd_kernel(
     p, vis = _probs(q, k, bias_ptr, km_ptr, n, n // B, h, rows, cols, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk, scale,
                     CAUSAL, HAS_MASK, HAS_BIAS, MODE)
     if DROPOUT:
-        keep = _keep(tl.load(seed_ptr), n, h, rows, cols, H, Lq, Lk, dropout_p)
+        keep = _keep(tl.load(seed_ptr), n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     o = _dot(p.to(v.dtype), v, MODE)
     tl.store(o_ptr + n64 * son + h * soh + rows[:, None] * sol + e[None, :], o.to(o_ptr.dtype.element_ty),
@@ -151,27 +175,18 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, n, s, h, seed,
-             sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
-             sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, H, Lq, Lk, E, scale, dropout_p,
-             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr):
-    """Store dQ, dK, dV of row n and head h (each through its own strides, so straight into a packed
-    gradient); return dS (BLOCK_Q, BLOCK_K) fp32, zero outside the (Lq, Lk) tile."""
-    n64 = n.to(tl.int64)
-    rows = tl.arange(0, BLOCK_Q)
-    cols = tl.arange(0, BLOCK_K)
-    e = tl.arange(0, BLOCK_E)
-    q = _tile(q_ptr + n64 * sqn + h * sqh, rows, sql, e, Lq, E)
-    k = _tile(k_ptr + n64 * skn + h * skh, cols, skl, e, Lk, E)
-    v = _tile(v_ptr + n64 * svn + h * svh, cols, svl, e, Lk, E)
-    do = _tile(do_ptr + n64 * sdon + h * sdoh, rows, sdol, e, Lq, E)
+def _bwd_block(q, k, v, do, bias_ptr, km_ptr, n, s, h, seed, rows, cols, H, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk,
+               scale, dropout_p, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+               HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr):
+    """The backward of one query block (q, do: (BLOCK_Q, BLOCK_E) at query rows `rows`) against all
+    keys of row n and head h: (dS (BLOCK_Q, BLOCK_K) fp32, zero outside the visible scores; dQ;
+    Pd^T dO and dS^T Q, this block's terms of dV and of dK / scale)."""
     p, vis = _probs(q, k, bias_ptr, km_ptr, n, s, h, rows, cols, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk, scale,
                     CAUSAL, HAS_MASK, HAS_BIAS, MODE)
     dpd = _dot(do, tl.trans(v), MODE)                           # gradient at the dropped probabilities
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - dropout_p)
-        keep = _keep(seed, n, h, rows, cols, H, Lq, Lk, dropout_p)
+        keep = _keep(seed, n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K)
         pd = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dpd * inv_keep, 0.0)
     else:
@@ -181,13 +196,35 @@ def _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_p
     ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
     dv = _dot(tl.trans(pd.to(do.dtype)), do, MODE)
     dq = _dot(ds.to(k.dtype), k, MODE) * scale
-    dk = _dot(tl.trans(ds.to(q.dtype)), q, MODE) * scale
+    dk = _dot(tl.trans(ds.to(q.dtype)), q, MODE)
+    return ds, dq, dk, dv
+
+
+@triton.jit
+def _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, n, s, h, seed,
+             sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
+             sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, H, Lq, Lk, E, scale, dropout_p,
+             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr):
+    """Scheme "rows", one row: store dQ, dK, dV of row n and head h, the whole row as one tile (each
+    through its own strides, so straight into a packed gradient); return dS (BLOCK_Q, BLOCK_K) fp32."""
+    n64 = n.to(tl.int64)
+    rows = tl.arange(0, BLOCK_Q)
+    cols = tl.arange(0, BLOCK_K)
+    e = tl.arange(0, BLOCK_E)
+    q = _tile(q_ptr + n64 * sqn + h * sqh, rows, sql, e, Lq, E)
+    k = _tile(k_ptr + n64 * skn + h * skh, cols, skl, e, Lk, E)
+    v = _tile(v_ptr + n64 * svn + h * svh, cols, svl, e, Lk, E)
+    do = _tile(do_ptr + n64 * sdon + h * sdoh, rows, sdol, e, Lq, E)
+    ds, dq, dk, dv = _bwd_block(q, k, v, do, bias_ptr, km_ptr, n, s, h, seed, rows, cols, H, Lq, Lk, smn, sml,
+                                sbs, sbh, sbq, sbk, scale, dropout_p, BLOCK_K, CAUSAL, HAS_MASK, HAS_BIAS, DROPOUT,
+                                MODE)
     q_ok = (rows < Lq)[:, None] & (e < E)[None, :]
     k_ok = (cols < Lk)[:, None] & (e < E)[None, :]
     tl.store(dq_ptr + n64 * sgqn + h * sgqh + rows[:, None] * sgql + e[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=q_ok)
-    tl.store(dk_ptr + n64 * sgkn + h * sgkh + cols[:, None] * sgkl + e[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=k_ok)
+    tl.store(dk_ptr + n64 * sgkn + h * sgkh + cols[:, None] * sgkl + e[None, :],
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=k_ok)
     tl.store(dv_ptr + n64 * sgvn + h * sgvh + cols[:, None] * sgvl + e[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=k_ok)
     return ds
@@ -202,23 +239,43 @@ def _bwd_row_kernel(
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
     MODE: tl.constexpr,
 ):
-    """Scheme "per_row": dQ, dK, dV of one row n and head h (grid axis 0 = N * H, as the forward's);
-    with HAS_DBIAS its dS too, into ds (N, H, Lq, Lk) contiguous (summed over the rows by torch)."""
+    """Scheme "per_row": dQ, dK, dV of one row n and head h (grid axis 0 = N * H). K and V stay loaded
+    while the program loops over blocks of BLOCK_Q queries (one block when BLOCK_Q covers Lq), storing
+    each block's dQ and summing dK, dV in fp32 registers; with HAS_DBIAS each block's dS goes into
+    ds (N, H, Lq, Lk) contiguous (distinct rows per block; summed over the rows by torch)."""
     pid = tl.program_id(0)
     n = pid // H
     h = pid % H
+    s = n // B
+    n64 = n.to(tl.int64)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
-    ds = _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, n, n // B, h, seed,
-                  sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
-                  sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, H, Lq, Lk, E, scale, dropout_p,
-                  BLOCK_Q, BLOCK_K, BLOCK_E, CAUSAL, HAS_MASK, HAS_BIAS, DROPOUT, MODE)
-    if HAS_DBIAS:
-        rows = tl.arange(0, BLOCK_Q)
-        cols = tl.arange(0, BLOCK_K)
-        tl.store(ds_ptr + pid.to(tl.int64) * Lq * Lk + rows[:, None] * Lk + cols[None, :],
-                 ds.to(ds_ptr.dtype.element_ty), mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
+    cols = tl.arange(0, BLOCK_K)
+    e = tl.arange(0, BLOCK_E)
+    k = _tile(k_ptr + n64 * skn + h * skh, cols, skl, e, Lk, E)
+    v = _tile(v_ptr + n64 * svn + h * svh, cols, svl, e, Lk, E)
+    dk = tl.zeros((BLOCK_K, BLOCK_E), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_K, BLOCK_E), dtype=tl.float32)
+    for q0 in range(0, Lq, BLOCK_Q):
+        rows = q0 + tl.arange(0, BLOCK_Q)
+        q = _tile(q_ptr + n64 * sqn + h * sqh, rows, sql, e, Lq, E)
+        do = _tile(do_ptr + n64 * sdon + h * sdoh, rows, sdol, e, Lq, E)
+        ds, dq, dk_b, dv_b = _bwd_block(q, k, v, do, bias_ptr, km_ptr, n, s, h, seed, rows, cols, H, Lq, Lk, smn,
+                                        sml, sbs, sbh, sbq, sbk, scale, dropout_p, BLOCK_K, CAUSAL, HAS_MASK,
+                                        HAS_BIAS, DROPOUT, MODE)
+        dk += dk_b
+        dv += dv_b
+        tl.store(dq_ptr + n64 * sgqn + h * sgqh + rows[:, None] * sgql + e[None, :],
+                 dq.to(dq_ptr.dtype.element_ty), mask=(rows < Lq)[:, None] & (e < E)[None, :])
+        if HAS_DBIAS:
+            tl.store(ds_ptr + pid.to(tl.int64) * Lq * Lk + rows[:, None] * Lk + cols[None, :],
+                     ds.to(ds_ptr.dtype.element_ty), mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
+    k_ok = (cols < Lk)[:, None] & (e < E)[None, :]
+    tl.store(dk_ptr + n64 * sgkn + h * sgkh + cols[:, None] * sgkl + e[None, :],
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=k_ok)
+    tl.store(dv_ptr + n64 * sgvn + h * sgvh + cols[:, None] * sgvl + e[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=k_ok)
 
 
 @triton.jit
@@ -257,13 +314,14 @@ def _bwd_rows_kernel(
 
 @triton.jit
 def _keep_mask_kernel(seed_ptr, out_ptr, H, Lq, Lk, dropout_p, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The keep-mask (N, H, Lq, Lk) uint8 that the attention kernels draw for this seed."""
+    """The keep-mask (N, H, Lq, Lk) uint8 that the attention kernels draw for this seed (grid: N * H,
+    query blocks)."""
     pid = tl.program_id(0)
     n = pid // H
     h = pid % H
-    rows = tl.arange(0, BLOCK_Q)
+    rows = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     cols = tl.arange(0, BLOCK_K)
-    keep = _keep(tl.load(seed_ptr), n, h, rows, cols, H, Lq, Lk, dropout_p)
+    keep = _keep(tl.load(seed_ptr), n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K)
     tl.store(out_ptr + pid.to(tl.int64) * Lq * Lk + rows[:, None] * Lk + cols[None, :], keep.to(tl.uint8),
              mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
 
@@ -271,22 +329,37 @@ def _keep_mask_kernel(seed_ptr, out_ptr, H, Lq, Lk, dropout_p, BLOCK_Q: tl.const
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
-# Benchmarks may set keys here: "bwd_scheme" (one of BWD_SCHEMES), "fwd_num_warps", "bwd_num_warps",
-# "rows" (rows per program of the "rows" scheme when there is a bias gradient). Results differ only
-# in rounding (summation order; "per_row" rounds dS to a 16-bit input dtype before summing it).
+# Benchmarks may set keys here: "bwd_scheme" (one of BWD_SCHEMES), "q_block" (queries per block, see
+# q_block), "fwd_num_warps", "bwd_num_warps", "rows" (rows per program of the "rows" scheme when there
+# is a bias gradient). Results differ only in rounding (summation order; "per_row" rounds dS to a
+# 16-bit input dtype before summing it); the dropout draw is the same in all.
 BWD_SCHEMES = ("per_row", "rows")
-# Default: "per_row" for tiles up to PER_ROW_MAX_TILE elements, "rows" beyond. Measured side by side
-# (H200, ad437f8, python -m gbla.bench.attention_speed; outputs/bench/attention_speed.md), forward +
-# backward of 5 x 256 rows, 6 heads, bf16, bias + padding + dropout: graphed, per_row (packed) beat rows
-# at L = 13, 25 and 41 (0.097 vs 0.122, 0.193 vs 0.259, 0.573 vs 0.624 ms), but not at L = 81 (eager 4.44 vs 3.52).
-DEFAULT_BWD_SCHEME = "per_row up to 64 x 64 tiles, rows beyond"
+# Defaults = the fastest measured (H200, ad437f8, python -m gbla.bench.attention_speed;
+# outputs/bench/attention_speed.md; forward + backward of 5 x 256 rows, 6 heads, bf16, bias + padding +
+# dropout): whole rows as one tile; backward "per_row" up to 64 x 64 tiles (graphed, it beat "rows" at
+# L = 13, 25, 41: 0.097 vs 0.122, 0.193 vs 0.259, 0.573 vs 0.624 ms) and "rows" beyond (at L = 81, eager:
+# 3.52 vs per_row 4.44 ms, torch 3.60; forward 1.07 ms, torch 1.63). Query blocks (q_block, "per_row"
+# looping over them) are built for the L = 81 case but not measured yet: the benchmark's
+# triton-qtile<b> rows time them; QTILE_CANDIDATE is the block size to try first.
+DEFAULT_BWD_SCHEME = "per_row up to 64 x 64 tiles, rows beyond; whole rows as one tile"
 PER_ROW_MAX_TILE = 64 * 64
+QTILE_CANDIDATE = 32
 CONFIG_OVERRIDE: dict = {}
 
 
 def _blocks(Lq: int, Lk: int, E: int) -> tuple[int, int, int]:
     """Tile sizes: powers of two, at least 16 (tl.dot's minimum)."""
     return tuple(max(16, triton.next_power_of_2(x)) for x in (Lq, Lk, E))
+
+
+def q_block(block_q: int, block_k: int) -> int:
+    """Queries per program block (forward) and per loop step (per_row backward) for a (block_q,
+    block_k) tile: CONFIG_OVERRIDE["q_block"] (a power of two >= 16; at least block_q = one tile), else
+    the whole tile (DEFAULT_BWD_SCHEME); never more than block_q."""
+    qb = CONFIG_OVERRIDE.get("q_block", block_q)
+    if qb < 16 or qb & (qb - 1):
+        raise ValueError(f"q_block must be a power of two >= 16, got {qb!r}")
+    return min(qb, block_q)
 
 
 def _num_warps(block_q: int, block_k: int, key: str, small: int = 4) -> int:
@@ -299,8 +372,8 @@ def _num_warps(block_q: int, block_k: int, key: str, small: int = 4) -> int:
 
 
 def bwd_scheme(block_q: int, block_k: int) -> str:
-    """The backward's scheme for these tile sizes: CONFIG_OVERRIDE["bwd_scheme"], else "per_row" up
-    to PER_ROW_MAX_TILE tile elements and "rows" beyond (DEFAULT_BWD_SCHEME)."""
+    """The backward's scheme for these tile sizes: CONFIG_OVERRIDE["bwd_scheme"], else "per_row" up to
+    PER_ROW_MAX_TILE tile elements and "rows" beyond (DEFAULT_BWD_SCHEME)."""
     scheme = CONFIG_OVERRIDE.get("bwd_scheme", "per_row" if block_q * block_k <= PER_ROW_MAX_TILE else "rows")
     if scheme not in BWD_SCHEMES:
         raise ValueError(f"bwd_scheme must be one of {BWD_SCHEMES}, got {scheme!r}")
@@ -367,14 +440,15 @@ class _ShortAttention(torch.autograd.Function):
         N, Lq, H, E = q.shape
         Lk = k.shape[1]
         bq, bk, be = _blocks(Lq, Lk, E)
+        qb = q_block(bq, bk)
         out = torch.empty((N, Lq, H, E), device=q.device, dtype=q.dtype)
-        _fwd_kernel[(N * H,)](
+        _fwd_kernel[(N * H, triton.cdiv(Lq, qb))](
             q, k, v, *_mask_args(mask_u8, q)[:1], *_bias_args(bias, q)[:1], seed, out,
             *_strides3(q), *_strides3(k), *_strides3(v), *_mask_args(mask_u8, q)[1:], *_bias_args(bias, q)[1:],
             *_strides3(out), N // num_seeds, H, Lq, Lk, E, 1.0 / math.sqrt(E), dropout_p,
-            BLOCK_Q=bq, BLOCK_K=bk, BLOCK_E=be, CAUSAL=causal, HAS_MASK=mask_u8 is not None,
+            BLOCK_Q=qb, BLOCK_K=bk, BLOCK_E=be, CAUSAL=causal, HAS_MASK=mask_u8 is not None,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, MODE=_mode(q.dtype),
-            num_warps=_num_warps(bq, bk, "fwd_num_warps"))
+            num_warps=_num_warps(qb, bk, "fwd_num_warps"))
         ctx.save_for_backward(a, b, c, mask_u8, bias, seed)
         ctx.layout, ctx.causal, ctx.num_seeds, ctx.dropout_p = layout, causal, num_seeds, dropout_p
         return out
@@ -395,7 +469,7 @@ class _ShortAttention(torch.autograd.Function):
         ins = (q, k, v, *_mask_args(mask_u8, q)[:1], *_bias_args(bias, q)[:1], seed, do, dq, dk, dv)
         strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_mask_args(mask_u8, q)[1:],
                    *_bias_args(bias, q)[1:], *_strides3(do), *_strides3(dq), *_strides3(dk), *_strides3(dv))
-        meta = dict(BLOCK_Q=bq, BLOCK_K=bk, BLOCK_E=be, CAUSAL=ctx.causal, HAS_MASK=mask_u8 is not None,
+        meta = dict(BLOCK_K=bk, BLOCK_E=be, CAUSAL=ctx.causal, HAS_MASK=mask_u8 is not None,
                     HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, DROPOUT=ctx.dropout_p > 0, MODE=_mode(q.dtype),
                     num_stages=1)
         dbias = None
@@ -403,8 +477,11 @@ class _ShortAttention(torch.autograd.Function):
             # dS per (row, head) in the inputs' dtype: fp32 stays exact; a 16-bit dS is the operand the
             # dQ and dK products already take, and half the bytes of fp32 to write and read back
             ds = torch.empty((N, H, Lq, Lk), device=q.device, dtype=q.dtype) if has_dbias else dq
+            # warps as for the whole tile: the loop's fp32 dK, dV accumulators (BLOCK_K, BLOCK_E) do not
+            # shrink with the query block (8 warps at 128 x 128, as the one-tile kernel had)
             _bwd_row_kernel[(N * H,)](*ins, ds, *strides, B, H, Lq, Lk, E, 1.0 / math.sqrt(E), ctx.dropout_p,
-                                      num_warps=_num_warps(bq, bk, "bwd_num_warps", small=2), **meta)
+                                      BLOCK_Q=q_block(bq, bk), num_warps=_num_warps(bq, bk, "bwd_num_warps", small=2),
+                                      **meta)
             if has_dbias:
                 dbias = ds.view(S, B, H, Lq, Lk).sum(1, dtype=torch.float32).to(bias.dtype)
         else:
@@ -413,8 +490,8 @@ class _ShortAttention(torch.autograd.Function):
             part = (torch.empty((chunks, S, H, Lq, Lk), device=q.device, dtype=torch.float32) if has_dbias
                     else dq)
             _bwd_rows_kernel[(chunks, H, S)](*ins, part, *strides, S, B, H, Lq, Lk, E, 1.0 / math.sqrt(E),
-                                             ctx.dropout_p, rows, num_warps=_num_warps(bq, bk, "bwd_num_warps"),
-                                             **meta)
+                                             ctx.dropout_p, rows, BLOCK_Q=bq,
+                                             num_warps=_num_warps(bq, bk, "bwd_num_warps"), **meta)
             if has_dbias:
                 dbias = sum_partials(part).to(bias.dtype)
         return None, *grads, None, dbias, None, None, None, None
@@ -487,14 +564,17 @@ def short_attention_q_kv_triton(q, kv, *, key_mask=None, causal=False, bias=None
 
 
 def dropout_keep_mask(seed: torch.Tensor, N: int, H: int, Lq: int, Lk: int, dropout_p: float) -> torch.Tensor:
-    """The keep-mask (N, H, Lq, Lk) bool that short_attention_triton draws with this seed."""
+    """The keep-mask (N, H, Lq, Lk) bool that short_attention_triton draws with this seed (drawn in
+    query blocks of q_block, as the kernels are; the mask does not depend on them)."""
     out = torch.empty((N, H, Lq, Lk), device=seed.device, dtype=torch.uint8)
     bq, bk, _ = _blocks(Lq, Lk, 16)
+    qb = q_block(bq, bk)
     if out.numel():
-        _keep_mask_kernel[(N * H,)](seed, out, H, Lq, Lk, float(dropout_p), BLOCK_Q=bq, BLOCK_K=bk, num_warps=4)
+        _keep_mask_kernel[(N * H, triton.cdiv(Lq, qb))](seed, out, H, Lq, Lk, float(dropout_p), BLOCK_Q=qb,
+                                                        BLOCK_K=bk, num_warps=4)
     return out.bool()
 
 
 __all__ = ["short_attention_triton", "short_attention_qkv_triton", "short_attention_q_kv_triton",
            "dropout_keep_mask", "draw_seed", "unsupported", "bwd_scheme", "CONFIG_OVERRIDE", "BWD_SCHEMES",
-           "DEFAULT_BWD_SCHEME", "PER_ROW_MAX_TILE", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
+           "DEFAULT_BWD_SCHEME", "PER_ROW_MAX_TILE", "QTILE_CANDIDATE", "q_block", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
