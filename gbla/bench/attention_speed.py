@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from gbla.bench.layer_speed import cuda_graph_replay
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.ops import short_attention, short_attention_q_kv, short_attention_qkv
 
@@ -150,20 +151,6 @@ def kernel_config(impl: Impl):
     finally:
         kernels.CONFIG_OVERRIDE.clear()
         kernels.CONFIG_OVERRIDE.update(saved)
-
-
-def cuda_graph_replay(fn):
-    """Capture fn (after warm-up on a side stream, as torch.cuda.graph requires); return the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def median_ms(fn, warmup: int, repeats: int, device: torch.device) -> float:
