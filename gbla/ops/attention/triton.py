@@ -340,10 +340,9 @@ BWD_SCHEMES = ("per_row", "rows")
 # L = 13, 25, 41: 0.097 vs 0.122, 0.193 vs 0.259, 0.573 vs 0.624 ms) and "rows" beyond (at L = 81, eager:
 # 3.52 vs per_row 4.44 ms, torch 3.60; forward 1.07 ms, torch 1.63). Query blocks (q_block, "per_row"
 # looping over them) are built for the L = 81 case but not measured yet: the benchmark's
-# triton-qtile<b> rows time them; QTILE_CANDIDATE is the block size to try first.
+# triton-qtile<b> rows time them.
 DEFAULT_BWD_SCHEME = "per_row up to 64 x 64 tiles, rows beyond; whole rows as one tile"
 PER_ROW_MAX_TILE = 64 * 64
-QTILE_CANDIDATE = 32
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -577,4 +576,4 @@ def dropout_keep_mask(seed: torch.Tensor, N: int, H: int, Lq: int, Lk: int, drop
 
 __all__ = ["short_attention_triton", "short_attention_qkv_triton", "short_attention_q_kv_triton",
            "dropout_keep_mask", "draw_seed", "unsupported", "bwd_scheme", "CONFIG_OVERRIDE", "BWD_SCHEMES",
-           "DEFAULT_BWD_SCHEME", "PER_ROW_MAX_TILE", "QTILE_CANDIDATE", "q_block", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
+           "DEFAULT_BWD_SCHEME", "PER_ROW_MAX_TILE", "q_block", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
