@@ -10,8 +10,8 @@ from gbla.bench import backend_parity
 
 def test_parse_setting():
     assert backend_parity.parse_setting("torch") == ("torch", {})
-    assert backend_parity.parse_setting("auto:dropout_draw=quad,q_block=32") == (
-        "auto", {"dropout_draw": "quad", "q_block": 32})
+    assert backend_parity.parse_setting("auto:bwd_scheme=rows,q_block=32") == (
+        "auto", {"bwd_scheme": "rows", "q_block": 32})
     with pytest.raises(ValueError, match="backend must be"):
         backend_parity.parse_setting("cuda")
     with pytest.raises(ValueError, match="expected key=value"):
@@ -37,13 +37,13 @@ def test_smoke_run_writes_its_files(tmp_path):
     # the torch backend under both settings (the kernels through the interpreter take minutes per
     # epoch): the same seeds train the same model, so the check passes exactly
     argv = ["--profile-name", "smoke", "--dataset", "synthetic", "--variant", "sa", "--seeds", "0", "1",
-            "--epochs", "2", "--settings", "torch", "torch:dropout_draw=quad", "--device", "cpu",
+            "--epochs", "2", "--settings", "torch", "torch:bwd_scheme=rows", "--device", "cpu",
             "--out", str(tmp_path)]
     assert backend_parity.main(argv) == 0
     result = json.loads((tmp_path / "backend_parity.json").read_text())
     assert result["meta"]["command"] == "python -m gbla.bench.backend_parity " + " ".join(argv)
     assert {"commit", "date", "device", "data_fingerprint", "config_hashes"} <= set(result["meta"])
-    assert [r["setting"] for r in result["rows"]] == ["torch", "torch:dropout_draw=quad"]
+    assert [r["setting"] for r in result["rows"]] == ["torch", "torch:bwd_scheme=rows"]
     assert all(len(s["history"]) == 2 for r in result["rows"] for s in r["seeds"].values())
     assert result["checks"][0]["ok"] and result["checks"][0]["valid_recall@10_rel"] == 0
     md = (tmp_path / "backend_parity.md").read_text()

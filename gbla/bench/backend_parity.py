@@ -2,12 +2,12 @@
 change what the model learns?
 
     python -m gbla.bench.backend_parity --variant sa-causal --seeds 0 1 --epochs 5 \\
-        --settings torch auto auto:dropout_draw=quad --out outputs/bench
+        --settings torch auto auto:bwd_scheme=rows --out outputs/bench
 
 A setting is a kernel backend of TIGER (gbla.ops.backend: "torch" = the plain-PyTorch references,
 "auto" / "triton" = the Triton kernels), optionally followed by ":key=value,..." overrides of the
 short-attention kernels' launch configuration (gbla.ops.attention.triton.CONFIG_OVERRIDE, e.g.
-dropout_draw=quad or bwd_scheme=rows). Each setting trains the same seeds of one (dataset, variant)
+bwd_scheme=rows or q_block=32). Each setting trains the same seeds of one (dataset, variant)
 as one group (gbla.train.train_group: the params profile's settings, max_epochs = --epochs, no early
 stop), and the table gives, per epoch, the mean over seeds of the training loss and of the validation
 Recall@10 next to the first setting's.
@@ -38,7 +38,7 @@ from gbla.train import train_group
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
-    """"auto:dropout_draw=quad,q_block=32" -> ("auto", {"dropout_draw": "quad", "q_block": 32})."""
+    """"auto:bwd_scheme=rows,q_block=32" -> ("auto", {"bwd_scheme": "rows", "q_block": 32})."""
     backend, _, rest = text.partition(":")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"setting {text!r}: backend must be auto, torch or triton, got {backend!r}")

@@ -50,14 +50,14 @@ defaults stay the measured best: whole rows, per_row up to 64 x 64 tiles, rows b
 (e.g. 32 queries, per_row looping over them) are meant for L = 81 and not measured yet: python -m
 gbla.bench.attention_speed times them (rows triton-qtile<b>-packed) against rows, per_row and torch.
 
-Dropout: keep = u >= p, u a Philox uniform drawn by _keep from (seed, n, h, i, j) and the shape only,
-the same whatever the query blocks. Default draw "per_score": one call per score, int64 counter
-((n H + h) Lq + i) Lk + j. The "quad" draw (CONFIG_OVERRIDE["dropout_draw"]) takes the four numbers
-of one call for four scores (call ((n H + h) Lq + i) ceil(Lk / 4) + j // 4, score (i, j) its
-(j % 4)-th), a quarter of the Philox work; see DROPOUT_DRAWS for why it is not the default. The seed
-is an int64 device tensor drawn with torch.randint for every call (so a CUDA-graph replay draws new
-values) and saved for the backward, which regenerates the same keep-mask. `dropout_keep_mask`
-materializes it through the same code path, for the tests.
+Dropout: keep = u >= p, u = tl.rand(seed, ((n H + h) Lq + i) Lk + j) (one Philox call per score, int64
+counter; see _keep), a function of (seed, n, h, i, j) and the shape only, the same whatever the query
+blocks. A draw of one call per four scores (tl.rand4x, interleaved over the columns) was tried and
+dropped: it passed every interpreter test, but compiled on an H200 (Triton 3.6) its kernels applied
+other masks than each other and training with it collapsed (outputs/bench/NOTES.md). The seed is an
+int64 device tensor drawn with torch.randint for every call (so a CUDA-graph replay draws new values)
+and saved for the backward, which regenerates the same keep-mask. `dropout_keep_mask` materializes it
+through the same code path, for the tests.
 
 Matrix products: fp32 inputs use full fp32 ("ieee") products; 16-bit inputs multiply 16-bit
 operands (P and dS rounded to the inputs' dtype, as flash attention does) with fp32 accumulation;
@@ -108,22 +108,13 @@ def _tile(base, rows, stride_l, e, L, E):
 
 
 @triton.jit
-def _keep(seed, n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K: tl.constexpr, DRAW: tl.constexpr):
+def _keep(seed, n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K: tl.constexpr):
     """The dropout keep-mask (len(rows), BLOCK_K) of row n, head h at query rows `rows`, keys
-    0..BLOCK_K-1, a function of (seed, n, h, i, j) (and the shape), the same in every tiling of the
-    queries. DRAW 0 ("per_score"): one Philox call per score, counter ((n H + h) Lq + i) Lk + j.
-    DRAW 1 ("quad"): one call per four scores, c = ((n H + h) Lq + i) ceil(Lk / 4) + j // 4, score
-    (i, j) taking the (j % 4)-th of its four uniforms (interleaved over the columns)."""
-    if DRAW == 0:
-        cols = tl.arange(0, BLOCK_K)
-        offs = ((n.to(tl.int64) * H + h) * Lq + rows[:, None]) * Lk + cols[None, :]
-        return tl.rand(seed, offs) >= dropout_p
-    else:
-        quads = tl.arange(0, BLOCK_K // 4)
-        offs = ((n.to(tl.int64) * H + h) * Lq + rows[:, None]) * ((Lk + 3) // 4) + quads[None, :]
-        u0, u1, u2, u3 = tl.rand4x(seed, offs)
-        # interleave(interleave(u0, u2), interleave(u1, u3))[:, 4 c + t] = u_t[:, c]
-        return tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3)) >= dropout_p
+    0..BLOCK_K-1: one Philox call per score, counter ((n H + h) Lq + i) Lk + j, so the mask is a
+    function of (seed, n, h, i, j) (and the shape), the same in every tiling of the queries."""
+    cols = tl.arange(0, BLOCK_K)
+    offs = ((n.to(tl.int64) * H + h) * Lq + rows[:, None]) * Lk + cols[None, :]
+    return tl.rand(seed, offs) >= dropout_p
 
 
 @triton.jit
@@ -158,7 +149,7 @@ def _fwd_kernel(
     sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, son, sol, soh,
     B, H, Lq, Lk, E, scale, dropout_p,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr, DRAW: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr,
 ):
     """O of one row n and head h at one block of BLOCK_Q queries (grid: N * H, query blocks)."""
     pid = tl.program_id(0)
@@ -174,7 +165,7 @@ def _fwd_kernel(
     p, vis = _probs(q, k, bias_ptr, km_ptr, n, n // B, h, rows, cols, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk, scale,
                     CAUSAL, HAS_MASK, HAS_BIAS, MODE)
     if DROPOUT:
-        keep = _keep(tl.load(seed_ptr), n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K, DRAW)
+        keep = _keep(tl.load(seed_ptr), n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     o = _dot(p.to(v.dtype), v, MODE)
     tl.store(o_ptr + n64 * son + h * soh + rows[:, None] * sol + e[None, :], o.to(o_ptr.dtype.element_ty),
@@ -184,7 +175,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_block(q, k, v, do, bias_ptr, km_ptr, n, s, h, seed, rows, cols, H, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk,
                scale, dropout_p, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-               HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr, DRAW: tl.constexpr):
+               HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr):
     """The backward of one query block (q, do: (BLOCK_Q, BLOCK_E) at query rows `rows`) against all
     keys of row n and head h: (dS (BLOCK_Q, BLOCK_K) fp32, zero outside the visible scores; dQ;
     Pd^T dO and dS^T Q, this block's terms of dV and of dK / scale)."""
@@ -193,7 +184,7 @@ def _bwd_block(q, k, v, do, bias_ptr, km_ptr, n, s, h, seed, rows, cols, H, Lq, 
     dpd = _dot(do, tl.trans(v), MODE)                           # gradient at the dropped probabilities
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - dropout_p)
-        keep = _keep(seed, n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K, DRAW)
+        keep = _keep(seed, n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K)
         pd = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dpd * inv_keep, 0.0)
     else:
@@ -212,8 +203,7 @@ def _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_p
              sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
              sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, H, Lq, Lk, E, scale, dropout_p,
              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr,
-             DRAW: tl.constexpr):
+             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr):
     """Scheme "rows", one row: store dQ, dK, dV of row n and head h, the whole row as one tile (each
     through its own strides, so straight into a packed gradient); return dS (BLOCK_Q, BLOCK_K) fp32."""
     n64 = n.to(tl.int64)
@@ -226,7 +216,7 @@ def _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_p
     do = _tile(do_ptr + n64 * sdon + h * sdoh, rows, sdol, e, Lq, E)
     ds, dq, dk, dv = _bwd_block(q, k, v, do, bias_ptr, km_ptr, n, s, h, seed, rows, cols, H, Lq, Lk, smn, sml,
                                 sbs, sbh, sbq, sbk, scale, dropout_p, BLOCK_K, CAUSAL, HAS_MASK, HAS_BIAS, DROPOUT,
-                                MODE, DRAW)
+                                MODE)
     q_ok = (rows < Lq)[:, None] & (e < E)[None, :]
     k_ok = (cols < Lk)[:, None] & (e < E)[None, :]
     tl.store(dq_ptr + n64 * sgqn + h * sgqh + rows[:, None] * sgql + e[None, :], dq.to(dq_ptr.dtype.element_ty),
@@ -245,7 +235,7 @@ def _bwd_row_kernel(
     sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, B, H, Lq, Lk, E, scale, dropout_p,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    MODE: tl.constexpr, DRAW: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     """Scheme "per_row": dQ, dK, dV of one row n and head h (grid axis 0 = N * H). K and V stay loaded
     while the program loops over blocks of BLOCK_Q queries (one block when BLOCK_Q covers Lq), storing
@@ -271,7 +261,7 @@ def _bwd_row_kernel(
         do = _tile(do_ptr + n64 * sdon + h * sdoh, rows, sdol, e, Lq, E)
         ds, dq, dk_b, dv_b = _bwd_block(q, k, v, do, bias_ptr, km_ptr, n, s, h, seed, rows, cols, H, Lq, Lk, smn,
                                         sml, sbs, sbh, sbq, sbk, scale, dropout_p, BLOCK_K, CAUSAL, HAS_MASK,
-                                        HAS_BIAS, DROPOUT, MODE, DRAW)
+                                        HAS_BIAS, DROPOUT, MODE)
         dk += dk_b
         dv += dv_b
         tl.store(dq_ptr + n64 * sgqn + h * sgqh + rows[:, None] * sgql + e[None, :],
@@ -293,7 +283,7 @@ def _bwd_rows_kernel(
     sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, S, B, H, Lq, Lk, E, scale, dropout_p, ROWS,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    MODE: tl.constexpr, DRAW: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     """Scheme "rows": dQ, dK, dV of ROWS rows of seed s and head h, one after the other (grid: chunk,
     head, seed); with HAS_DBIAS the chunk's partial d(bias)[s, h] = its rows' dS summed in registers."""
@@ -311,7 +301,7 @@ def _bwd_rows_kernel(
         ds = _bwd_one(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, s * B + b, s, h, seed,
                       sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, sdon, sdol, sdoh,
                       sgqn, sgql, sgqh, sgkn, sgkl, sgkh, sgvn, sgvl, sgvh, H, Lq, Lk, E, scale, dropout_p,
-                      BLOCK_Q, BLOCK_K, BLOCK_E, CAUSAL, HAS_MASK, HAS_BIAS, DROPOUT, MODE, DRAW)
+                      BLOCK_Q, BLOCK_K, BLOCK_E, CAUSAL, HAS_MASK, HAS_BIAS, DROPOUT, MODE)
         if HAS_DBIAS:
             dbias += ds
     if HAS_DBIAS:
@@ -321,8 +311,7 @@ def _bwd_rows_kernel(
 
 
 @triton.jit
-def _keep_mask_kernel(seed_ptr, out_ptr, H, Lq, Lk, dropout_p, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DRAW: tl.constexpr):
+def _keep_mask_kernel(seed_ptr, out_ptr, H, Lq, Lk, dropout_p, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     """The keep-mask (N, H, Lq, Lk) uint8 that the attention kernels draw for this seed (grid: N * H,
     query blocks)."""
     pid = tl.program_id(0)
@@ -330,7 +319,7 @@ def _keep_mask_kernel(seed_ptr, out_ptr, H, Lq, Lk, dropout_p, BLOCK_Q: tl.const
     h = pid % H
     rows = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     cols = tl.arange(0, BLOCK_K)
-    keep = _keep(tl.load(seed_ptr), n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K, DRAW)
+    keep = _keep(tl.load(seed_ptr), n, h, rows, H, Lq, Lk, dropout_p, BLOCK_K)
     tl.store(out_ptr + pid.to(tl.int64) * Lq * Lk + rows[:, None] * Lk + cols[None, :], keep.to(tl.uint8),
              mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
 
@@ -340,9 +329,8 @@ def _keep_mask_kernel(seed_ptr, out_ptr, H, Lq, Lk, dropout_p, BLOCK_Q: tl.const
 # ----------------------------------------------------------------------------------------------
 # Benchmarks may set keys here: "bwd_scheme" (one of BWD_SCHEMES), "q_block" (queries per block, see
 # q_block), "fwd_num_warps", "bwd_num_warps", "rows" (rows per program of the "rows" scheme when there
-# is a bias gradient), "dropout_draw" (one of DROPOUT_DRAWS). The schemes and query blocks differ only
-# in rounding (summation order; "per_row" rounds dS to a 16-bit input dtype before summing it) and draw
-# the same dropout mask; the two dropout draws draw different masks.
+# is a bias gradient). Results differ only in rounding (summation order; "per_row" rounds dS to a
+# 16-bit input dtype before summing it); the dropout draw is the same in all.
 BWD_SCHEMES = ("per_row", "rows")
 # Defaults = the fastest measured (H200, ad437f8, python -m gbla.bench.attention_speed;
 # outputs/bench/attention_speed.md; forward + backward of 5 x 256 rows, 6 heads, bf16, bias + padding +
@@ -354,19 +342,6 @@ BWD_SCHEMES = ("per_row", "rows")
 DEFAULT_BWD_SCHEME = "per_row up to 64 x 64 tiles, rows beyond; whole rows as one tile"
 PER_ROW_MAX_TILE = 64 * 64
 CONFIG_OVERRIDE: dict = {}
-# the dropout draw (CONFIG_OVERRIDE["dropout_draw"]): "per_score", one Philox call per score (the
-# default: the draw of the kernels whose training runs were checked against torch's attention on a GPU);
-# "quad", one call per four scores (tl.rand4x): compiled on an H200 (Triton 3.6) its bf16 gradients at a
-# 5 x 13 tile failed the reference comparison and training with it collapsed (outputs/bench/NOTES.md),
-# so it is kept only to be measured against, never as the default
-DROPOUT_DRAWS = ("per_score", "quad")
-
-
-def _draw() -> int:
-    draw = CONFIG_OVERRIDE.get("dropout_draw", "per_score")
-    if draw not in DROPOUT_DRAWS:
-        raise ValueError(f"dropout_draw must be one of {DROPOUT_DRAWS}, got {draw!r}")
-    return DROPOUT_DRAWS.index(draw)
 
 
 def _blocks(Lq: int, Lk: int, E: int) -> tuple[int, int, int]:
@@ -469,11 +444,10 @@ class _ShortAttention(torch.autograd.Function):
             *_strides3(q), *_strides3(k), *_strides3(v), *_mask_args(mask_u8, q)[1:], *_bias_args(bias, q)[1:],
             *_strides3(out), N // num_seeds, H, Lq, Lk, E, 1.0 / math.sqrt(E), dropout_p,
             BLOCK_Q=qb, BLOCK_K=bk, BLOCK_E=be, CAUSAL=causal, HAS_MASK=mask_u8 is not None,
-            HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, MODE=_mode(q.dtype), DRAW=_draw(),
+            HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, MODE=_mode(q.dtype),
             num_warps=_num_warps(qb, bk, "fwd_num_warps"))
         ctx.save_for_backward(a, b, c, mask_u8, bias, seed)
         ctx.layout, ctx.causal, ctx.num_seeds, ctx.dropout_p = layout, causal, num_seeds, dropout_p
-        ctx.draw = _draw()  # the backward regenerates the forward's mask whatever CONFIG_OVERRIDE says by then
         return out
 
     @staticmethod
@@ -494,7 +468,7 @@ class _ShortAttention(torch.autograd.Function):
                    *_bias_args(bias, q)[1:], *_strides3(do), *_strides3(dq), *_strides3(dk), *_strides3(dv))
         meta = dict(BLOCK_K=bk, BLOCK_E=be, CAUSAL=ctx.causal, HAS_MASK=mask_u8 is not None,
                     HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, DROPOUT=ctx.dropout_p > 0, MODE=_mode(q.dtype),
-                    DRAW=ctx.draw, num_stages=1)
+                    num_stages=1)
         dbias = None
         if scheme == "per_row":
             # dS per (row, head) in the inputs' dtype: fp32 stays exact; a 16-bit dS is the operand the
@@ -594,10 +568,10 @@ def dropout_keep_mask(seed: torch.Tensor, N: int, H: int, Lq: int, Lk: int, drop
     qb = q_block(bq, bk)
     if out.numel():
         _keep_mask_kernel[(N * H, triton.cdiv(Lq, qb))](seed, out, H, Lq, Lk, float(dropout_p), BLOCK_Q=qb,
-                                                        BLOCK_K=bk, DRAW=_draw(), num_warps=4)
+                                                        BLOCK_K=bk, num_warps=4)
     return out.bool()
 
 
 __all__ = ["short_attention_triton", "short_attention_qkv_triton", "short_attention_q_kv_triton",
            "dropout_keep_mask", "draw_seed", "unsupported", "bwd_scheme", "CONFIG_OVERRIDE", "BWD_SCHEMES",
-           "DROPOUT_DRAWS",           "DEFAULT_BWD_SCHEME", "PER_ROW_MAX_TILE", "q_block", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
+           "DEFAULT_BWD_SCHEME", "PER_ROW_MAX_TILE", "q_block", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
