@@ -316,12 +316,11 @@ def test_packed_inputs_match_unpacked(cross, dtype, scheme):
 
 
 def test_default_launch_config(monkeypatch):
-    """The measured best by default: whole rows as one tile, per_row up to 64 x 64 tiles and rows
-    beyond; overrides win (a query block at most the tile), a bad q_block raises."""
-    assert kernels.bwd_scheme(16, 16) == kernels.bwd_scheme(64, 64) == "per_row"
-    assert kernels.bwd_scheme(64, 128) == kernels.bwd_scheme(128, 128) == "rows"
+    """The measured best by default: per_row, whole rows as one query block up to 64 keys and blocks of
+    32 queries beyond; overrides win (a query block at most the tile), a bad q_block raises."""
+    assert kernels.bwd_scheme(16, 16) == kernels.bwd_scheme(64, 64) == kernels.bwd_scheme(128, 128) == "per_row"
     assert [kernels.q_block(*t) for t in ((16, 16), (64, 64), (16, 128), (64, 128), (128, 128))] == [
-        16, 64, 16, 64, 128]
+        16, 64, 16, 32, 32]
     monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "bwd_scheme", "rows")
     monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "q_block", 16)
     assert kernels.bwd_scheme(128, 128) == "rows"

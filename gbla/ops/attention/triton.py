@@ -41,14 +41,15 @@ stores rows of E contiguous elements (128 bytes at E = 64 in bf16), as it loads 
                          register tile, one partial per chunk, the partials summed in a fixed order
                          by a Triton kernel (the forward still takes query blocks).
 
-Defaults (DEFAULT_BWD_SCHEME, q_block): before query blocks, one-tile per_row was measured faster
-than rows at L <= 41 and slower at L = 81, where the 128 x 128 tiles (2.5x the 81 x 81 scores, fp32
-S, P and dS tiles spilling registers at 8 warps, one Philox call per score) made the forward 1.07 ms
-(torch 1.63) and the forward + backward 3.5 ms with rows, 4.4 ms with per_row, 32.7 ms with per_row on
-2 warps (torch 3.6; H200, bf16, 1280 rows, 6 heads, E = 64, bias + padding + dropout 0.15). So the
-defaults stay the measured best: whole rows, per_row up to 64 x 64 tiles, rows beyond. Query blocks
-(e.g. 32 queries, per_row looping over them) are meant for L = 81 and not measured yet: python -m
-gbla.bench.attention_speed times them (rows triton-qtile<b>-packed) against rows, per_row and torch.
+Defaults (DEFAULT_BWD_SCHEME, q_block): per_row, with the whole row as one query block up to 64 keys
+and blocks of 32 queries beyond. With whole rows only, one-tile per_row was measured faster than rows
+at L <= 41 and slower at L = 81, where the 128 x 128 tiles (2.5x the 81 x 81 scores, fp32 S, P and dS
+tiles spilling registers) made the forward + backward 3.5 ms with rows, 4.6 ms with per_row (torch
+3.6). Blocks of 32 queries (per_row looping over them, dK and dV in registers) take it to 1.96 ms and
+the forward from 1.08 to 0.69 ms; blocks of 16 gave 2.32 ms, of 64 4.71 ms. At L = 41 blocks of 16
+were 5% faster than whole rows (0.571 vs 0.599 ms), of 32 slower (0.664): left at whole rows. (H200,
+b1ef030, graphed, bf16, 1280 rows, 6 heads, E = 64, bias + padding + dropout 0.15; python -m
+gbla.bench.attention_speed, outputs/bench/attention_speed.md.)
 
 Dropout: keep = u >= p, u = tl.rand(seed, ((n H + h) Lq + i) Lk + j) (one Philox call per score, int64
 counter; see _keep), a function of (seed, n, h, i, j) and the shape only, the same whatever the query
@@ -332,15 +333,13 @@ def _keep_mask_kernel(seed_ptr, out_ptr, H, Lq, Lk, dropout_p, BLOCK_Q: tl.const
 # is a bias gradient). Results differ only in rounding (summation order; "per_row" rounds dS to a
 # 16-bit input dtype before summing it); the dropout draw is the same in all.
 BWD_SCHEMES = ("per_row", "rows")
-# Defaults = the fastest measured (H200, ad437f8, python -m gbla.bench.attention_speed;
-# outputs/bench/attention_speed.md; forward + backward of 5 x 256 rows, 6 heads, bf16, bias + padding +
-# dropout): whole rows as one tile; backward "per_row" up to 64 x 64 tiles (graphed, it beat "rows" at
-# L = 13, 25, 41: 0.097 vs 0.122, 0.193 vs 0.259, 0.573 vs 0.624 ms) and "rows" beyond (at L = 81, eager:
-# 3.52 vs per_row 4.44 ms, torch 3.60; forward 1.07 ms, torch 1.63). Query blocks (q_block, "per_row"
-# looping over them) are built for the L = 81 case but not measured yet: the benchmark's
-# triton-qtile<b> rows time them.
-DEFAULT_BWD_SCHEME = "per_row up to 64 x 64 tiles, rows beyond; whole rows as one tile"
-PER_ROW_MAX_TILE = 64 * 64
+# Defaults = the fastest measured (module docstring, "Defaults"; python -m gbla.bench.attention_speed,
+# outputs/bench/attention_speed.md): backward "per_row" (graphed, it beat "rows" at L = 13, 25, 41:
+# 0.097 vs 0.122, 0.193 vs 0.259, 0.573 vs 0.624 ms, ad437f8), whole rows as one query block up to
+# 64 keys, LONG_ROW_Q_BLOCK queries per block beyond (at L = 81, b1ef030: 1.96 ms against 3.48 for
+# one-tile "rows" and 3.57 for torch).
+DEFAULT_BWD_SCHEME = "per_row; whole rows up to 64 keys, blocks of 32 queries beyond"
+LONG_ROW_Q_BLOCK = 32
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -352,8 +351,9 @@ def _blocks(Lq: int, Lk: int, E: int) -> tuple[int, int, int]:
 def q_block(block_q: int, block_k: int) -> int:
     """Queries per program block (forward) and per loop step (per_row backward) for a (block_q,
     block_k) tile: CONFIG_OVERRIDE["q_block"] (a power of two >= 16; at least block_q = one tile), else
-    the whole tile (DEFAULT_BWD_SCHEME); never more than block_q."""
-    qb = CONFIG_OVERRIDE.get("q_block", block_q)
+    the whole tile up to 64 keys and LONG_ROW_Q_BLOCK beyond (DEFAULT_BWD_SCHEME); never more than
+    block_q."""
+    qb = CONFIG_OVERRIDE.get("q_block", block_q if block_k <= 64 else LONG_ROW_Q_BLOCK)
     if qb < 16 or qb & (qb - 1):
         raise ValueError(f"q_block must be a power of two >= 16, got {qb!r}")
     return min(qb, block_q)
@@ -369,9 +369,9 @@ def _num_warps(block_q: int, block_k: int, key: str, small: int = 4) -> int:
 
 
 def bwd_scheme(block_q: int, block_k: int) -> str:
-    """The backward's scheme for these tile sizes: CONFIG_OVERRIDE["bwd_scheme"], else "per_row" up to
-    PER_ROW_MAX_TILE tile elements and "rows" beyond (DEFAULT_BWD_SCHEME)."""
-    scheme = CONFIG_OVERRIDE.get("bwd_scheme", "per_row" if block_q * block_k <= PER_ROW_MAX_TILE else "rows")
+    """The backward's scheme for these tile sizes: CONFIG_OVERRIDE["bwd_scheme"], else "per_row"
+    (DEFAULT_BWD_SCHEME; with query blocks of q_block beyond 64 keys)."""
+    scheme = CONFIG_OVERRIDE.get("bwd_scheme", "per_row")
     if scheme not in BWD_SCHEMES:
         raise ValueError(f"bwd_scheme must be one of {BWD_SCHEMES}, got {scheme!r}")
     return scheme
@@ -574,4 +574,4 @@ def dropout_keep_mask(seed: torch.Tensor, N: int, H: int, Lq: int, Lk: int, drop
 
 __all__ = ["short_attention_triton", "short_attention_qkv_triton", "short_attention_q_kv_triton",
            "dropout_keep_mask", "draw_seed", "unsupported", "bwd_scheme", "CONFIG_OVERRIDE", "BWD_SCHEMES",
-           "DEFAULT_BWD_SCHEME", "PER_ROW_MAX_TILE", "q_block", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
+           "DEFAULT_BWD_SCHEME", "LONG_ROW_Q_BLOCK", "q_block", "LAYOUTS", "MAX_LEN", "SUPPORTED_DTYPES"]
