@@ -132,3 +132,29 @@ def test_semantic_ids_bad_input():
     x[3, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         semantic_ids.build_semantic_ids(x, codebook_size=8, progress=False)
+
+
+def test_cpu_kernels_are_pinned_unless_the_environment_says_otherwise(tmp_path, monkeypatch):
+    """The real encoder runs on the pinned MKL / oneDNN kernels (text.CPU_KERNEL_PINS): set when
+    absent, an explicit setting kept, recorded in the embedding info and part of the cache key (an
+    embedding computed on other kernels is not reused)."""
+    class FakeModel:
+        def encode(self, batch, **kw):
+            return FakeEncoder()(batch)
+
+    monkeypatch.setattr(text, "load_sentence_encoder", lambda model: FakeModel())
+    for key in text.CPU_KERNEL_PINS:  # set, then removed: monkeypatch restores the original state after
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    texts = ["red lipstick", "garden hose"]
+    _, pinned = text.embed_texts(texts, cache_dir=tmp_path, progress=False)
+    assert pinned["cpu_kernels"] == text.CPU_KERNEL_PINS == {"MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                                                             "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert text.embed_texts(texts, cache_dir=tmp_path, progress=False)[1]["cached"]
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX512")
+    _, other = text.embed_texts(texts, cache_dir=tmp_path, progress=False)
+    assert other["cpu_kernels"]["MKL_ENABLE_INSTRUCTIONS"] == "AVX512" and not other["cached"]
+    assert other["cache_key"] != pinned["cache_key"]
+    # a custom encoder (tests) is not a CPU-kernel matter: no pins recorded
+    _, custom = text.embed_texts(texts, cache_dir=tmp_path, progress=False, encoder=FakeEncoder(), model_id="fake")
+    assert "cpu_kernels" not in custom

@@ -92,8 +92,10 @@ def environment() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    from gbla.data.text import CPU_KERNEL_PINS
+
     env = {"python": platform.python_version(), "packages": versions, "cpu": _cpu_model(),
-           "cpus": os.cpu_count()}
+           "cpus": os.cpu_count(), "cpu_kernels": {k: os.environ.get(k) for k in CPU_KERNEL_PINS}}
     try:
         import torch
 
@@ -360,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, argv) -> int:
+    from gbla.data.text import pin_cpu_kernels  # (text imports the embedding stack lazily)
+
+    pin_cpu_kernels()  # before any MKL / oneDNN call of this process (gbla.data.text.CPU_KERNEL_PINS)
     names = list(amazon.DATASETS) if args.all else args.dataset
     for name in names:
         amazon.check_dataset(name)   # fail before any work on a typo

@@ -80,6 +80,22 @@ def resolve_model(model: str) -> tuple[str, str]:
     return model, model
 
 
+# MKL and oneDNN choose their kernels from the CPU (AVX2, AVX-512, AMX), and the embeddings' last bits
+# follow; residual k-means turns such bits into other codes for some items, so the data fingerprint
+# would depend on the CPU. Pinned to the AVX2 kernels (any x86-64 CPU of the last decade runs them),
+# builds agree across CPUs: on a Xeon with AMX the default kernels gave Beauty fingerprint e8cb95bf8276,
+# the pinned ones the committed 6306d1d4bdcf. Effective when set before the process's first MKL or
+# oneDNN call (the embedding is the build's first); a value already in the environment wins.
+CPU_KERNEL_PINS = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu_kernels() -> dict[str, str]:
+    """Set CPU_KERNEL_PINS where the environment does not say otherwise; the settings in force."""
+    for key, value in CPU_KERNEL_PINS.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in CPU_KERNEL_PINS}
+
+
 def load_sentence_encoder(model: str = DEFAULT_MODEL, device: str = "cpu"):
     """A SentenceTransformer. The packaged default is loaded with the Hugging Face hub offline, so it
     never touches the network; other names are fetched from the hub unless HF_HUB_OFFLINE=1 is set."""
@@ -106,15 +122,19 @@ def embed_texts(texts: Sequence[str], model: str = DEFAULT_MODEL, *, cache_dir: 
     """L2-normalised float32 embeddings (len(texts), dim) and info {model_id, cache_key, cache_file, cached}.
 
     `encoder` (optional, for tests) is a callable list[str] -> array used instead of loading `model`;
-    give it a `model_id`. Encoding runs in batches with a tqdm bar; the cache file is written atomically."""
+    give it a `model_id`. Encoding runs in batches with a tqdm bar; the cache file is written atomically.
+    The model runs on the pinned CPU kernels (pin_cpu_kernels), which name its cache entry too."""
     if encoder is not None and model_id is None:
         raise ValueError("a custom encoder needs a model_id (it names the cache entry)")
     model_id = model_id or resolve_model(model)[1]
-    key = embedding_cache_key(texts, model_id)
+    kernels = pin_cpu_kernels() if encoder is None else None
+    key = embedding_cache_key(texts, model_id if kernels is None else f"{model_id}|{sorted(kernels.items())}")
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:60]
     cache_file = cache_dir / f"{slug}-{key}.npy"
     info = {"model_id": model_id, "cache_key": key, "cache_file": str(cache_file)}
+    if kernels is not None:
+        info["cpu_kernels"] = kernels
     if cache_file.is_file():
         emb = np.load(cache_file)
         if emb.shape[0] == len(texts):
