@@ -45,6 +45,7 @@ from gbla.config import RunConfig
 from gbla.params import CLUSTERS, DEFAULT_PARAMS, Grid, ParamsError, load_grid  # noqa: F401  (re-exported)
 from gbla.params import KNOWN_DATASETS, SYNTHETIC, check_dataset_names  # noqa: F401  (re-exported)
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
+from gbla.run_archive import merge_runs, pack_runs
 from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, collect_runs, dataset_available, dataset_path,
                        expected_data_fingerprint, is_done, record_failure, run_dir_for, variant_dir_for)
 
@@ -690,6 +691,23 @@ def check_cpu_cost(grid: Grid, configs: list[RunConfig], *, processed_root: Path
             f"--seeds), try `--profile smoke`, or pass --allow-cpu to start them anyway.")
 
 
+def merge_archive(grid, args) -> int:
+    """--merge: the archive's runs into the runs folder (gbla.run_archive.merge_runs)."""
+    runs_root = Path(args.runs_root).resolve() if args.runs_root else grid.runs_root
+    try:
+        configs = grid.expand(args.datasets, args.variants, args.seeds)
+        report = merge_runs(args.merge, runs_root, configs, replace_finished=args.replace_finished)
+    except ValueError as e:  # ArchiveError names the archive member and the reason; nothing was written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name in report.installed:
+        print(f"installed {name}")
+    for name in report.kept:
+        print(f"kept {name} (finished here already)")
+    print(f"merge: {report.summary()}")
+    return 0
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -718,12 +736,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "stay to do; the same command resumes them")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="run a grid on real data even without a GPU (CPU-days per run; see the estimate)")
+    ap.add_argument("--archive", metavar="PATH.tgz",
+                    help="afterwards (also when paused or failed), pack the selected runs that finished or failed "
+                         "into this archive, without checkpoints (gbla.run_archive)")
+    ap.add_argument("--merge", metavar="PATH.tgz",
+                    help="train nothing: merge an archive written by --archive into the runs folder, checking "
+                         "each run against this profile (never replaces a finished run)")
+    ap.add_argument("--replace-finished", action="store_true",
+                    help="with --merge: let the archive's finished runs replace finished local ones")
     args = ap.parse_args(argv)
     try:
         grid = load_grid(args.params, args.profile)
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.merge:
+        return merge_archive(grid, args)
     gpus = None
     if args.gpus is not None:
         gpus = [] if args.gpus.strip().lower() in ("none", "") else [g.strip() for g in args.gpus.split(",")]
@@ -744,6 +772,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if args.archive and not args.dry_run:
+            manifest = pack_runs(grid.runs_root, grid.expand(args.datasets, args.variants, args.seeds), args.archive)
+            print(f"archive: {args.archive} ({len(manifest['runs'])} runs)", flush=True)
     if summary.get("interrupted"):
         return 130
     if summary.get("counts", {}).get("paused") or summary.get("counts", {}).get("not_run"):

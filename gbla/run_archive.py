@@ -1,0 +1,180 @@
+"""Finished runs as one archive, and that archive merged back into a runs folder.
+
+A grid that trains on another machine (a GPU box whose files do not come back by themselves) hands
+its results over as one file:
+
+    python -m gbla.grid --profile full --datasets beauty --variants sa hybrid --archive runs.tgz
+    python -m gbla.grid --profile full --merge runs.tgz          # on the machine that keeps the results
+
+`pack_runs` writes the run folders of the given configs that are finished (metrics.json) or failed
+(error.json), with each variant folder's group files (the executed train notebook, run.log,
+dispatch.jsonl) and a manifest, to a gzipped tar. Checkpoints never go in: a paused group's
+checkpoint (hundreds of MB) stays where its group resumes, and the archive stays small.
+
+`merge_runs` checks every run of the archive before it writes anything: a metrics.json that parses,
+says "ok", names a config hash the params profile expects for that (dataset, variant, seed), and sits
+beside its per_user_test.parquet; a failed run must name an expected hash too. It then installs
+each run folder as a unit (gbla.runs._replace_dir), and never replaces a finished run with another one:
+a local run that is ok for the same config and data stays (reported as "kept"; --replace-finished
+overrides). A run the archive has as failed never replaces a local finished one. Group files come
+along for the variants whose runs were installed; dispatch.jsonl lines are appended, not replaced.
+A bad archive is refused as a whole, naming the member and the reason; nothing is written.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from gbla.runs import (ERROR_FILE, LOG_FILE, METRICS_FILE, NOTEBOOK_FILE, PER_USER_FILE, _now, _replace_dir,
+                       load_failure, load_run_metrics, run_dir_for, run_status, variant_dir_for)
+
+MANIFEST = "archive_manifest.json"
+DISPATCH_FILE = "dispatch.jsonl"
+GROUP_FILES = (NOTEBOOK_FILE, LOG_FILE, DISPATCH_FILE)
+RUN_FILES = (METRICS_FILE, PER_USER_FILE, LOG_FILE, ERROR_FILE, NOTEBOOK_FILE)
+
+
+class ArchiveError(ValueError):
+    """The archive cannot be merged (nothing was written)."""
+
+
+def pack_runs(runs_root: str | os.PathLike, configs: Iterable, path: str | os.PathLike) -> dict:
+    """Write the finished and failed runs among `configs` (RunConfigs) under `runs_root` to the
+    gzipped tar `path` (written atomically); the manifest it holds is returned."""
+    runs_root, path = Path(runs_root), Path(path)
+    runs, variant_dirs = [], {}
+    for c in configs:
+        run_dir = run_dir_for(runs_root, c.dataset, c.variant, c.seed)
+        status = run_status(run_dir, c.config_hash())
+        if status not in ("ok", "failed"):
+            continue
+        metrics = load_run_metrics(run_dir) if status == "ok" else None
+        runs.append({"dataset": c.dataset, "variant": c.variant, "seed": c.seed, "config_hash": c.config_hash(),
+                     "status": status, "data_fingerprint": (metrics or {}).get("data_fingerprint"),
+                     "commit": (metrics or {}).get("commit")})
+        variant_dirs[(c.dataset, c.variant)] = variant_dir_for(runs_root, c.dataset, c.variant)
+    manifest = {"format": 1, "created_at": _now(), "runs": runs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for r in runs:
+            run_dir = run_dir_for(runs_root, r["dataset"], r["variant"], r["seed"])
+            for name in RUN_FILES:
+                if (run_dir / name).is_file():
+                    tar.add(run_dir / name, arcname=f"{r['dataset']}/{r['variant']}/seed{r['seed']}/{name}")
+        for (dataset, variant), vdir in variant_dirs.items():
+            for name in GROUP_FILES:
+                if (vdir / name).is_file():
+                    tar.add(vdir / name, arcname=f"{dataset}/{variant}/{name}")
+        data = json.dumps(manifest, indent=1).encode()
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+    return manifest
+
+
+@dataclass
+class MergeReport:
+    installed: list[str] = field(default_factory=list)   # "dataset/variant/seedN"
+    kept: list[str] = field(default_factory=list)        # a local finished run stayed
+    group_files: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{len(self.installed)} runs installed, {len(self.kept)} kept as they were "
+                f"(already finished here), group files of {len(self.group_files)} variants")
+
+
+def _check_run(src: Path, label: str, expected_hash: str | None) -> str:
+    """'ok' or 'failed' for the archived run folder `src`; ArchiveError naming it otherwise."""
+    if expected_hash is None:
+        raise ArchiveError(f"{label}: the params profile has no such run (dataset, variant and seed)")
+    if (src / METRICS_FILE).is_file():
+        try:
+            metrics = json.loads((src / METRICS_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArchiveError(f"{label}/{METRICS_FILE}: not readable JSON ({e})") from None
+        if metrics.get("status") != "ok":
+            raise ArchiveError(f"{label}/{METRICS_FILE}: status is {metrics.get('status')!r}, not 'ok'")
+        if metrics.get("config_hash") != expected_hash:
+            raise ArchiveError(f"{label}/{METRICS_FILE}: config_hash {metrics.get('config_hash')!r}, the params "
+                               f"profile expects {expected_hash!r} (other params or code?)")
+        if not (src / PER_USER_FILE).is_file():
+            raise ArchiveError(f"{label}: metrics.json without {PER_USER_FILE}")
+        return "ok"
+    if (src / ERROR_FILE).is_file():
+        failure = load_failure(src)
+        if failure.get("config_hash") != expected_hash:
+            raise ArchiveError(f"{label}/{ERROR_FILE}: config_hash {failure.get('config_hash')!r}, expected "
+                               f"{expected_hash!r}")
+        return "failed"
+    raise ArchiveError(f"{label}: neither {METRICS_FILE} nor {ERROR_FILE}")
+
+
+def merge_runs(archive: str | os.PathLike, runs_root: str | os.PathLike, configs: Iterable, *,
+               replace_finished: bool = False) -> MergeReport:
+    """Merge the archive's runs into `runs_root`; `configs` (RunConfigs) are the runs it may hold."""
+    archive, runs_root = Path(archive), Path(runs_root)
+    expected = {(c.dataset, c.variant, c.seed): c.config_hash() for c in configs}
+    report = MergeReport()
+    with tempfile.TemporaryDirectory(prefix="gbla-merge-") as tmp:
+        tmp = Path(tmp)
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(tmp, filter="data")  # refuses absolute paths, '..' and links out of tmp
+        except (OSError, tarfile.TarError) as e:
+            raise ArchiveError(f"{archive}: not a readable run archive ({e})") from None
+        if not (tmp / MANIFEST).is_file():
+            raise ArchiveError(f"{archive}: no {MANIFEST} (not written by pack_runs)")
+        # every check first, so a bad archive writes nothing
+        plan = []
+        for run_dir in sorted(tmp.glob("*/*/seed*")):
+            dataset, variant, seed_name = run_dir.relative_to(tmp).parts
+            label = f"{archive.name}: {dataset}/{variant}/{seed_name}"
+            try:
+                seed = int(seed_name.removeprefix("seed"))
+            except ValueError:
+                raise ArchiveError(f"{label}: not a seed folder") from None
+            status = _check_run(run_dir, label, expected.get((dataset, variant, seed)))
+            plan.append((dataset, variant, seed, run_dir, status))
+        touched = set()
+        for dataset, variant, seed, src, status in plan:
+            dest = run_dir_for(runs_root, dataset, variant, seed)
+            name = f"{dataset}/{variant}/seed{seed}"
+            here = run_status(dest, expected[(dataset, variant, seed)])
+            if here == "ok" and (status == "failed" or not replace_finished):
+                report.kept.append(name)
+                continue
+            _replace_dir(dest, lambda t, src=src: [shutil.copy2(f, t / f.name) for f in src.iterdir() if f.is_file()])
+            report.installed.append(name)
+            touched.add((dataset, variant))
+        for dataset, variant in sorted(touched):
+            src, vdir = tmp / dataset / variant, variant_dir_for(runs_root, dataset, variant)
+            for name in (NOTEBOOK_FILE, LOG_FILE):
+                if (src / name).is_file():
+                    tmp_copy = vdir / f".{name}.merge"
+                    shutil.copy2(src / name, tmp_copy)
+                    os.replace(tmp_copy, vdir / name)
+            if (src / DISPATCH_FILE).is_file():
+                _append_new_lines(src / DISPATCH_FILE, vdir / DISPATCH_FILE)
+            report.group_files.append(f"{dataset}/{variant}")
+    return report
+
+
+def _append_new_lines(src: Path, dest: Path) -> None:
+    """Append the lines of src that dest does not hold yet (a group's dispatch records)."""
+    have = set(dest.read_text().splitlines()) if dest.is_file() else set()
+    new = [line for line in src.read_text().splitlines() if line and line not in have]
+    if new:
+        with open(dest, "a") as f:
+            f.write("".join(line + "\n" for line in new))
+
+
+__all__ = ["pack_runs", "merge_runs", "MergeReport", "ArchiveError", "MANIFEST"]
