@@ -249,7 +249,7 @@ class GBLALayer(nn.Module):
     `backend` picks the kernels of gbla_attention / causal_conv1d_silu ("torch", "triton", "auto");
     it does not change the result beyond rounding. The seeds go through the attention op folded into
     its batch axis; the per-seed norm weight is applied to its output (the op's normalization is
-    linear in it), and the conv runs once per seed (its weights are per seed).
+    linear in it), and the conv takes the seeds stacked, each with its own filter (one launch).
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, options: GBLAOptions = GBLAOptions(), *,
@@ -296,11 +296,8 @@ class GBLALayer(nn.Module):
         S, B, L, _ = x.shape
         H, E = self.num_heads, self.head_dim
         qkv = self.qkv(x)                                                        # (S, B, L, 3*H*E)
-        if self.options.use_conv1d:
-            convs = [causal_conv1d_silu(qkv[s], self.conv_weight[s], self.conv_bias[s],
-                                        None if mask is None else mask[s], backend=self.backend)
-                     for s in range(S)]
-            qkv = convs[0][None] if S == 1 else torch.stack(convs)
+        if self.options.use_conv1d:  # every seed at once, each with its own filter
+            qkv = causal_conv1d_silu(qkv, self.conv_weight, self.conv_bias, mask, backend=self.backend)
         q, k, v = qkv.view(S * B, L, 3, H, E).unbind(2)
         key_log_weight = self.key_log_weight(x, mask)
         if key_log_weight is not None:

@@ -94,3 +94,62 @@ def test_bad_shapes_raise():
         causal_conv1d_silu_triton(x, torch.randn(7, 4, device=DEVICE))
     with pytest.raises(ValueError, match="mask"):
         causal_conv1d_silu_triton(x, torch.randn(8, 4, device=DEVICE), mask=torch.ones(2, 5, device=DEVICE))
+
+
+STACKED_CASES = [  # (S, B, L, C, K, bias, masked, dtype)
+    (3, 3, 17, 48, 4, True, True, torch.float32),
+    (2, 3, 40, 64, 4, True, True, torch.bfloat16),
+    (2, 3, 37, 40, 6, False, True, torch.float32),   # K > 4: the general backward path
+    (1, 4, 9, 24, 4, True, False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("S,B,L,C,K,bias,masked,dtype", STACKED_CASES)
+def test_stacked_seeds_match_the_reference_and_one_call_per_seed(S, B, L, C, K, bias, masked, dtype):
+    """Seeds stacked (x (S, B, L, C), weight (S, C, K)): one launch per kernel for all seeds against the
+    float64 reference, and against the kernels called once per seed (the layer's former loop): the
+    same output to the bit and the same gradients up to summation order."""
+    g = torch.Generator().manual_seed(S * 1000 + L)
+    x = torch.randn(S, B, L, 3 * C, generator=g).to(DEVICE, dtype)[..., C:2 * C]   # a slice of a projection
+    w = torch.randn(S, C, K, generator=g).to(DEVICE)
+    b = torch.randn(S, C, generator=g).to(DEVICE) if bias else None
+    mask = torch.stack([padded_mask(B, L).roll(s, dims=0) for s in range(S)]) if masked else None
+    dy = torch.randn(S, B, L, C, generator=g).to(DEVICE, dtype)
+
+    def run(fn, upcast):
+        leaves = [(t.detach().double() if upcast else t.detach()).requires_grad_() for t in (x, w, b) if t is not None]
+        y = fn(leaves[0], leaves[1], leaves[2] if bias else None, mask)
+        return y, torch.autograd.grad(y, leaves, dy.to(y.dtype))
+
+    def per_seed(xx, ww, bb, m):
+        return torch.stack([causal_conv1d_silu_triton(xx[s], ww[s], None if bb is None else bb[s],
+                                                      None if m is None else m[s]) for s in range(S)])
+
+    y_tri, g_tri = run(causal_conv1d_silu_triton, False)
+    y_64, g_64 = run(causal_conv1d_silu_reference, True)
+    y_one, g_one = run(per_seed, False)
+    assert y_tri.shape == (S, B, L, C) and y_tri.dtype == dtype
+    assert_close("y", y_tri, y_64, dtype)
+    assert torch.equal(y_tri, y_one)
+    for name, a, r, one in zip(("dx", "dw", "db"), g_tri, g_64, g_one):
+        assert a.shape == r.shape, name
+        assert_close(name, a, r, dtype if name == "dx" else torch.float32 if dtype == torch.float32 else dtype)
+        if name == "dx":
+            assert torch.equal(a, one)
+        else:
+            torch.testing.assert_close(a, one, rtol=1e-5, atol=1e-5)
+    if mask is not None:
+        assert (y_tri[~mask] == 0).all() and (g_tri[0][~mask] == 0).all()
+
+
+def test_stacked_bad_shapes_raise():
+    x = torch.randn(2, 3, 5, 8, device=DEVICE)
+    for fn in (causal_conv1d_silu_triton, causal_conv1d_silu_reference):
+        with pytest.raises(ValueError, match=r"weight must be \(S, C, K\) with S=2, C=8"):
+            fn(x, torch.randn(8, 4, device=DEVICE))
+        with pytest.raises(ValueError, match="bias must be"):
+            fn(x, torch.randn(2, 8, 4, device=DEVICE), torch.randn(8, device=DEVICE))
+        with pytest.raises(ValueError, match=r"mask must be \(2, 3, 5\)"):
+            fn(x, torch.randn(2, 8, 4, device=DEVICE), mask=torch.ones(3, 5, dtype=torch.bool, device=DEVICE))
+        with pytest.raises(ValueError, match="x must be"):
+            fn(x[None], torch.randn(2, 8, 4, device=DEVICE))

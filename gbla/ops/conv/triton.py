@@ -14,6 +14,12 @@ output row (K*K shifted loads per tile) to avoid the dpre round trip; on an H100
 the layer benchmark's 32768 x 1536 tensor, ~8x its bytes' worth (outputs/bench/NOTES.md).
 The torch reference does mask-multiply, transpose, pad, conv, silu, transpose, mask as separate
 passes over the tensor.
+
+Stacked seeds: x (S, B, L, C) with weight (S, C, K), bias (S, C), mask (S, B, L) runs as one launch per
+kernel over all S * B rows, row b taking seed b // B's filter (a model of S seeds used to call the op
+once per seed and stack the outputs: S times the launches and a copy of the whole tensor). The dw and
+dbias partials of each chunk of rows are laid out (row chunk, seed, C, K), so one fixed-order sum over
+the chunk axis gives every seed's gradient.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gbla.ops.conv.naive import check_conv_inputs
 from gbla.ops.utils import interpreting, num_sms, sum_partials
 
 
@@ -37,13 +44,16 @@ def _masked_x(x_ptr, mask_ptr, b, src, cols, L, C, sxb, sxl, smb, sml, HAS_MASK:
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, mask_ptr, y_ptr,
-    sxb, sxl, smb, sml, syb, syl, L, C,
+    sxb, sxl, smb, sml, syb, syl, L, C, ROWS_PER_SEED,
     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2)
+    s = b // ROWS_PER_SEED        # this row's seed: its filter (weight (S, C, K), bias (S, C) contiguous)
+    w_ptr += s * C * K
+    b_ptr += s * C
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -85,15 +95,19 @@ def _store_dpre(pre, dy_ptr, dpre_ptr, mask_ptr, b, rows, cols, L, C, sdyb, sdyl
 @triton.jit
 def _conv_bwd_dpre_kernel(
     x_ptr, w_ptr, b_ptr, mask_ptr, dy_ptr, dpre_ptr, dwpart_ptr, dbpart_ptr,
-    sxb, sxl, smb, sml, sdyb, sdyl, L, C, TILES,
+    sxb, sxl, smb, sml, sdyb, sdyl, L, C, TILES, ROWS_PER_SEED, SEEDS,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FAST: tl.constexpr,
 ):
     """dpre[t] = dy[t] m[t] silu'(pre[t]) for one chunk of rows (pre recomputed from K shifted loads
-    of x), written to a contiguous (B, L, C) buffer; the chunk's partial dw and dbias."""
+    of x), written to a contiguous (B, L, C) buffer; the chunk's partial dw and dbias, stored at
+    partial index (row within its seed, chunk) x SEEDS + seed."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2)
+    s = b // ROWS_PER_SEED
+    w_ptr += s * C * K
+    b_ptr += s * C
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -162,7 +176,7 @@ def _conv_bwd_dpre_kernel(
             for i in tl.static_range(K):  # the same K tiles again: served by the cache
                 xs = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
                 dw += tl.where(taps[None, :] == i, tl.sum(dpre * xs, axis=0)[:, None], 0.0)
-    part = b * tl.num_programs(0) + pid_t
+    part = ((b - s * ROWS_PER_SEED) * tl.num_programs(0) + pid_t) * SEEDS + s
     tl.store(dwpart_ptr + part * C * K + cols[:, None] * K + taps[None, :], dw,
              mask=col_ok[:, None] & (taps < K)[None, :])
     tl.store(dbpart_ptr + part * C + cols, db, mask=col_ok)
@@ -170,13 +184,14 @@ def _conv_bwd_dpre_kernel(
 
 @triton.jit
 def _conv_bwd_dx_kernel(
-    dpre_ptr, w_ptr, mask_ptr, dx_ptr, smb, sml, sdxb, sdxl, L, C,
+    dpre_ptr, w_ptr, mask_ptr, dx_ptr, smb, sml, sdxb, sdxl, L, C, ROWS_PER_SEED,
     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """dx[t] = m[t] sum_j w[:, K-1-j] dpre[t+j]: K shifted loads of dpre (served by the cache)."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2)
+    w_ptr += (b // ROWS_PER_SEED) * C * K
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -213,17 +228,19 @@ def _conv_config(device: torch.device, backward: bool = False):
 
 
 class _CausalConv1dSiLU(torch.autograd.Function):
+    """x (S * B, L, C) with channel stride 1; weight (S, C, K), bias (S, C) contiguous; rows b of seed
+    b // B; mask_u8 (S * B, L) or None."""
     @staticmethod
     def forward(ctx, x, weight, bias, mask_u8):
         B, L, C = x.shape
-        K = weight.shape[1]
+        S, _, K = weight.shape
         bt, bc, nw = _conv_config(x.device)
         y = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
         m = mask_u8 if mask_u8 is not None else x
         ms = mask_u8.stride() if mask_u8 is not None else (0, 0)
         grid = (triton.cdiv(L, bt), triton.cdiv(C, bc), B)
         _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, m, y,
-                               x.stride(0), x.stride(1), *ms, y.stride(0), y.stride(1), L, C,
+                               x.stride(0), x.stride(1), *ms, y.stride(0), y.stride(1), L, C, B // S,
                                K=K, BLOCK_T=bt, BLOCK_C=bc, HAS_BIAS=bias is not None,
                                HAS_MASK=mask_u8 is not None, num_warps=nw)
         ctx.save_for_backward(x, weight, bias, mask_u8)
@@ -233,7 +250,7 @@ class _CausalConv1dSiLU(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mask_u8 = ctx.saved_tensors
         B, L, C = x.shape
-        K = weight.shape[1]
+        S, _, K = weight.shape
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         bt, bc, nw = _conv_config(x.device, backward=True)
@@ -245,18 +262,19 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         dx = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
         # dpre in the input's dtype (fp32 for fp32 inputs): its rounding is of the order of dx's own
         dpre = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
-        dw_part = torch.empty((B * n_chunks, C, K), device=x.device, dtype=torch.float32)
-        db_part = torch.empty((B * n_chunks, C), device=x.device, dtype=torch.float32)
+        # (row of its seed, chunk) x seed: the sum over the first axis is every seed's gradient at once
+        dw_part = torch.empty((B // S * n_chunks, S, C, K), device=x.device, dtype=torch.float32)
+        db_part = torch.empty((B // S * n_chunks, S, C), device=x.device, dtype=torch.float32)
         m = mask_u8 if mask_u8 is not None else x
         ms = mask_u8.stride() if mask_u8 is not None else (0, 0)
         grid = (n_chunks, triton.cdiv(C, bc), B)
         _conv_bwd_dpre_kernel[grid](x, weight, bias if bias is not None else weight, m, dy, dpre, dw_part, db_part,
                                     x.stride(0), x.stride(1), *ms, dy.stride(0), dy.stride(1), L, C, tiles,
-                                    K=K, K_PAD=triton.next_power_of_2(K), BLOCK_T=bt, BLOCK_C=bc,
+                                    B // S, S, K=K, K_PAD=triton.next_power_of_2(K), BLOCK_T=bt, BLOCK_C=bc,
                                     HAS_BIAS=bias is not None, HAS_MASK=mask_u8 is not None,
                                     FAST=K <= 4 and CONFIG_OVERRIDE.get("fast_path", True), num_warps=nw)
         _conv_bwd_dx_kernel[(n_tiles, triton.cdiv(C, bc), B)](
-            dpre, weight, m, dx, *ms, dx.stride(0), dx.stride(1), L, C,
+            dpre, weight, m, dx, *ms, dx.stride(0), dx.stride(1), L, C, B // S,
             K=K, BLOCK_T=bt, BLOCK_C=bc, HAS_MASK=mask_u8 is not None, num_warps=nw)
         dw = sum_partials(dw_part).to(weight.dtype)
         db = sum_partials(db_part).to(bias.dtype) if bias is not None else None
@@ -265,30 +283,30 @@ class _CausalConv1dSiLU(torch.autograd.Function):
 
 def causal_conv1d_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as gbla.ops.conv.naive.causal_conv1d_silu_reference; x (B, L, C) may be a strided view
-    (channel stride 1), e.g. one of q/k/v sliced out of a fused projection."""
-    if x.dim() != 3:
-        raise ValueError(f"x must be (B, L, C), got shape {tuple(x.shape)}")
-    B, L, C = x.shape
-    if weight.dim() != 2 or weight.shape[0] != C:
-        raise ValueError(f"weight must be (C, K) with C={C}, got {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (C,):
-        raise ValueError(f"bias must be (C,) = ({C},), got {tuple(bias.shape)}")
-    if mask is not None:
-        if mask.shape != (B, L):
-            raise ValueError(f"mask must be (B, L) = {(B, L)}, got {tuple(mask.shape)}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+    """Same contract as gbla.ops.conv.naive.causal_conv1d_silu_reference: x (B, L, C), weight (C, K),
+    bias (C,), mask (B, L); or seeds stacked, x (S, B, L, C), weight (S, C, K), bias (S, C), mask
+    (S, B, L), one launch per kernel for all seeds. x may be a strided view (channel stride 1), e.g.
+    one of q/k/v sliced out of a fused projection."""
+    stacked = check_conv_inputs(x, weight, bias, mask)
     if x.device.type != "cuda" and not interpreting():
         raise RuntimeError("causal_conv1d_silu_triton needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if B == 0 or L == 0:
+    if x.numel() == 0:
         return torch.zeros_like(x)
+    if not stacked:
+        x, weight = x[None], weight[None]
+        bias = None if bias is None else bias[None]
+        mask = None if mask is None else mask[None]
+    S, B, L, C = x.shape
+    # (S * B, L, C): a view of a contiguous projection; a copy only when the seed and row axes do not merge
+    x3 = x.reshape(S * B, L, C)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
     weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     # a copy, not .view(torch.uint8): torch.compile (Inductor) cannot lower a bool-to-uint8 view
-    mask_u8 = mask.to(torch.uint8) if mask is not None else None
-    return _CausalConv1dSiLU.apply(x, weight, bias, mask_u8)
+    mask_u8 = mask.reshape(S * B, L).to(torch.uint8) if mask is not None else None
+    y = _CausalConv1dSiLU.apply(x3, weight, bias, mask_u8).view(S, B, L, C)
+    return y if stacked else y[0]
 
 
 __all__ = ["causal_conv1d_silu_triton"]
