@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from gbla.common import atomic_path
 from gbla.runs import (ERROR_FILE, LOG_FILE, METRICS_FILE, NOTEBOOK_FILE, PER_USER_FILE, _now, _replace_dir,
                        load_failure, load_run_metrics, run_dir_for, run_status, variant_dir_for)
 
@@ -61,9 +62,7 @@ def pack_runs(runs_root: str | os.PathLike, configs: Iterable, path: str | os.Pa
                      "commit": (metrics or {}).get("commit")})
         variant_dirs[(c.dataset, c.variant)] = variant_dir_for(runs_root, c.dataset, c.variant)
     manifest = {"format": 1, "created_at": _now(), "runs": runs}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for r in runs:
             run_dir = run_dir_for(runs_root, r["dataset"], r["variant"], r["seed"])
             for name in RUN_FILES:
@@ -77,7 +76,6 @@ def pack_runs(runs_root: str | os.PathLike, configs: Iterable, path: str | os.Pa
         info = tarfile.TarInfo(MANIFEST)
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
     return manifest
 
 
@@ -159,9 +157,8 @@ def merge_runs(archive: str | os.PathLike, runs_root: str | os.PathLike, configs
             src, vdir = tmp / dataset / variant, variant_dir_for(runs_root, dataset, variant)
             for name in (NOTEBOOK_FILE, LOG_FILE):
                 if (src / name).is_file():
-                    tmp_copy = vdir / f".{name}.merge"
-                    shutil.copy2(src / name, tmp_copy)
-                    os.replace(tmp_copy, vdir / name)
+                    with atomic_path(vdir / name) as tmp_copy:
+                        shutil.copy2(src / name, tmp_copy)
             if (src / DISPATCH_FILE).is_file():
                 _append_new_lines(src / DISPATCH_FILE, vdir / DISPATCH_FILE)
             report.group_files.append(f"{dataset}/{variant}")

@@ -84,8 +84,9 @@ def resolve_model(model: str) -> tuple[str, str]:
 # follow; residual k-means turns such bits into other codes for some items, so the data fingerprint
 # would depend on the CPU. Pinned to the AVX2 kernels (any x86-64 CPU of the last decade runs them),
 # builds on different CPUs take the same kernels: on a Xeon with AMX the default kernels gave Beauty
-# fingerprint e8cb95bf8276, the pinned ones the committed 6306d1d4bdcf, built earlier on another CPU. Effective when set before the process's first MKL or
-# oneDNN call (the embedding is the build's first); a value already in the environment wins.
+# fingerprint e8cb95bf8276, the pinned ones the committed 6306d1d4bdcf, built earlier on another CPU.
+# Effective when set before the process's first MKL or oneDNN call (the embedding is the build's
+# first); a value already in the environment wins.
 CPU_KERNEL_PINS = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
