@@ -72,3 +72,28 @@ def test_throughput_times_each_attention_backend(tmp_path, monkeypatch):
     table = [line for line in (tmp_path / "train_throughput.md").read_text().splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1, table
     assert "| attention |" in table[0]
+
+
+def test_baseline_commit_never_names_the_enclosing_checkout(tmp_path, monkeypatch):
+    """A baseline tree exported inside a checkout (no .git of its own) is labelled neither with that
+    checkout's HEAD nor with $GBLA_COMMIT: its COMMIT file names it, else it is "unknown"; a checkout
+    of its own reports its HEAD."""
+    import subprocess
+
+    from gbla.bench.train_throughput import baseline_commit
+
+    monkeypatch.setenv("GBLA_COMMIT", "f" * 40)
+    repo = tmp_path / "checkout"
+    exported = repo / ".carry" / "baseline"
+    exported.mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (repo / "x").write_text("x")
+    subprocess.run(git + ["add", "x"], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+    assert baseline_commit(exported) == "unknown"
+    (exported / "COMMIT").write_text("a6cdca1\n")
+    assert baseline_commit(exported) == "a6cdca1"
+    assert baseline_commit(repo) == head

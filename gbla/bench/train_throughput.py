@@ -144,7 +144,8 @@ def baseline_rows(src: Path, variants: list[str], steps: int, dataset: str) -> l
         cmd = [sys.executable, "-m", "gbla.bench.train_speed", "steps", "--dataset", dataset,
                "--variants", ",".join(variants), "--backends", "auto", "--modes", "cuda_graph",
                "--steps", str(steps), "--out", tmp]
-        env = {**os.environ, "PYTHONPATH": str(src)}
+        # $GBLA_COMMIT names this tree, not the baseline's: the baseline's commit comes from baseline_commit
+        env = {**{k: v for k, v in os.environ.items() if k != "GBLA_COMMIT"}, "PYTHONPATH": str(src)}
         proc = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True)
         path = Path(tmp) / "train_steps.json"
         if proc.returncode != 0 or not path.is_file():
@@ -157,9 +158,27 @@ def baseline_rows(src: Path, variants: list[str], steps: int, dataset: str) -> l
         rows.append({"path": "single", "seeds": 1, "batch_size_per_seed": r["batch_size"], "variant": r["variant"],
                      "examples_per_s": r.get("examples_per_s"), "ms_per_step": r.get("ms_per_step"),
                      "valid_eval_s": evals[0]["valid_eval_s"] if evals else None,
-                     "commit": (src / "COMMIT").read_text().strip() if (src / "COMMIT").is_file()
-                     else result["meta"].get("commit"), "code": "baseline", "error": r.get("error")})
+                     "commit": baseline_commit(src), "code": "baseline", "error": r.get("error")})
     return rows
+
+
+def baseline_commit(src: Path) -> str:
+    """The commit of the baseline tree: its COMMIT file (an exported tree, e.g. `git archive X | tar -x`,
+    has no .git; write X there), else its own git checkout's HEAD when `src` is a checkout's top
+    level, else "unknown". Never the enclosing repository's HEAD, which a tree exported inside this
+    checkout would otherwise report."""
+    src = Path(src).resolve()
+    if (src / "COMMIT").is_file():
+        return (src / "COMMIT").read_text().strip()
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=src, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        if Path(top).resolve() == src:
+            return subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
+                                  check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
 
 
 def markdown(result: dict) -> str:
