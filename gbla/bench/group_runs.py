@@ -1,0 +1,217 @@
+"""What each training group cost and gave: a table of the groups behind the finished runs.
+
+    python -m gbla.bench.group_runs                      # outputs/runs -> outputs/bench/group_runs.{json,md}
+
+A group is the seeds of one (dataset, variant) trained in one process (gbla.train.train_group) at one
+commit; its seeds' metrics.json say so (group_seeds, commit) and carry the group's timings (epochs,
+training and evaluation seconds, examples per second, the epoch it resumed from). The variant folder's
+dispatch.jsonl adds every execution of the group: a group paused at a time budget and resumed later
+has several, each with its wall seconds. Per group the file lists the seeds' test and validation
+metrics; per (dataset, variant) the mean and 95% CI half-width over all finished seeds.
+
+The file is rebuilt from the run folders each time, so it never drifts from them. Keys that the run
+folders cannot give (a note, the command as it was typed, a comparison with a published row), written
+by hand into an existing group_runs.json, are kept for the group (dataset, variant, seeds, commit) or
+variant they were written for.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
+from gbla.runs import DEFAULT_RUNS_ROOT, load_run_metrics
+from gbla.stats import mean_ci
+
+METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+# group-level timings, the same in every seed's metrics.json of the group
+GROUP_TIMINGS = ("group_epochs", "setup_s", "train_s", "eval_s", "test_eval_s", "valid_eval_s", "epoch_time_s",
+                 "examples_per_s", "steps_per_epoch", "resumed_from_epoch")
+DISPATCH_FILE = "dispatch.jsonl"
+
+
+def _read_dispatch(variant_dir: Path) -> list[dict]:
+    path = variant_dir / DISPATCH_FILE
+    if not path.is_file():
+        return []
+    events = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+    return events
+
+
+def _timestamp(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+def group_executions(events: list[dict], seeds: list[int], finished_at: str) -> list[dict]:
+    """The executions (dispatch "end" events) of the group of `seeds` whose results were written at
+    `finished_at`: the first execution that ran them at or after that time, and the paused ones
+    right before it (back to the previous execution that ran or failed)."""
+    ends = sorted((e for e in events if e.get("event") == "end" and e.get("group_seeds") == seeds),
+                  key=lambda e: e["time"])
+    written = _timestamp(finished_at)
+    last = next((i for i, e in enumerate(ends) if e["time"] >= written - 1
+                 and all(o == "ran" for o in e.get("outcomes", {}).values())), None)
+    if last is None:
+        return []
+    first = last
+    while first > 0 and all(o == "paused" for o in ends[first - 1].get("outcomes", {}).values()):
+        first -= 1
+    return [{"at": e["at"], "wall_s": e.get("wall_s"), "host": e.get("host"), "worker": e.get("worker"),
+             "outcome": "ran" if i == last else "paused"} for i, e in zip(range(first, last + 1), ends[first:last + 1])]
+
+
+def collect_groups(runs_root: str | Path) -> tuple[list[dict], list[dict]]:
+    """(groups, variant summaries) from every finished run under `runs_root`."""
+    runs_root = Path(runs_root)
+    groups: dict[tuple, dict] = {}
+    by_variant: dict[tuple, list[dict]] = {}
+    for metrics_path in sorted(runs_root.glob("*/*/seed*/metrics.json")):
+        m = load_run_metrics(metrics_path.parent)
+        if not m or m.get("status") != "ok":
+            continue
+        dataset, variant = m["dataset"], m["variant"]
+        seeds = list(m.get("group_seeds") or [m["seed"]])
+        key = (dataset, variant, tuple(seeds), m.get("commit"))
+        timings = m.get("timings") or {}
+        run = {"seed": m["seed"], "config_hash": m["config_hash"], "best_epoch": m.get("best_epoch"),
+               "epochs_trained": m.get("epochs_trained"),
+               **{f"test_{k}": m["test"].get(k) for k in METRICS},
+               **{f"valid_{k}": (m.get("valid") or {}).get(k) for k in METRICS}}
+        g = groups.setdefault(key, {
+            "dataset": dataset, "variant": variant, "seeds": seeds, "commit": m.get("commit"),
+            "device": m.get("device"), "data_fingerprint": m.get("data_fingerprint"),
+            "finished_at": m.get("created_at"),
+            **{k: timings[k] for k in GROUP_TIMINGS if k in timings}, "runs": []})
+        g["finished_at"] = max(g["finished_at"] or "", m.get("created_at") or "") or None
+        g["runs"].append(run)
+        by_variant.setdefault((dataset, variant), []).append({**run, "commit": m.get("commit")})
+    out = []
+    for (dataset, variant, _, _), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1]["finished_at"] or "")):
+        g["runs"].sort(key=lambda r: r["seed"])
+        if g.get("finished_at"):
+            executions = group_executions(_read_dispatch(runs_root / dataset / variant), g["seeds"],
+                                          g["finished_at"])
+            if executions:
+                g["executions"] = executions
+                # a resumed group whose paused executions left no record: the sum would undercount
+                complete = len(executions) > 1 or not g.get("resumed_from_epoch")
+                g["gpu_wall_s"] = round(sum(e["wall_s"] or 0 for e in executions), 1) if complete else None
+        # seconds in training, evaluation and setup over all executions (the checkpoint carries them)
+        parts = [g.get(k) for k in ("setup_s", "train_s", "eval_s", "test_eval_s")]
+        if all(p is not None for p in parts[1:3]):
+            g["train_eval_s"] = round(sum(p or 0 for p in parts), 1)
+        out.append(g)
+    summaries = []
+    for (dataset, variant), runs in sorted(by_variant.items()):
+        runs.sort(key=lambda r: r["seed"])
+        stats = {k: mean_ci([r[f"test_{k}"] for r in runs]) for k in METRICS}
+        summaries.append({"dataset": dataset, "variant": variant, "seeds": [r["seed"] for r in runs],
+                          "commits": sorted({r["commit"] for r in runs if r["commit"]}),
+                          "test_mean_and_ci95_half_width": {
+                              k: [s["mean"], (s["ci_high"] - s["ci_low"]) / 2 if s["n"] > 1 else None]
+                              for k, s in stats.items()}})
+    return out, summaries
+
+
+def _keep_hand_written(new: list[dict], old: list[dict], key) -> None:
+    """Copy into each new entry the keys of the old entry for the same group or variant that the run
+    folders do not give."""
+    old_by_key = {}
+    for entry in old:
+        try:
+            old_by_key[key(entry)] = entry
+        except (KeyError, TypeError):
+            continue
+    for entry in new:
+        for k, v in old_by_key.get(key(entry), {}).items():
+            entry.setdefault(k, v)
+
+
+def _group_key(entry: dict):
+    return (entry.get("dataset", "beauty"), entry["variant"], tuple(entry["seeds"]), (entry.get("commit") or "")[:7])
+
+
+def build(runs_root: str | Path, previous: dict | None = None) -> dict:
+    groups, summaries = collect_groups(runs_root)
+    previous = previous or {}
+    _keep_hand_written(groups, previous.get("groups", []), _group_key)
+    old_summaries = previous.get("variant_summaries", [])
+    if isinstance(old_summaries, dict):  # older layout: {variant: {...}}, Beauty only
+        old_summaries = [{"dataset": "beauty", "variant": v, **s} for v, s in old_summaries.items()]
+    _keep_hand_written(summaries, old_summaries, lambda e: (e["dataset"], e["variant"]))
+    runs_root = Path(runs_root).resolve()
+    shown_root = runs_root.relative_to(REPO_ROOT) if runs_root.is_relative_to(REPO_ROOT) else runs_root
+    meta = {"runs_root": str(shown_root), "commit": git_commit(),
+            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "devices": sorted({g["device"] for g in groups if g.get("device")}),
+            "data_fingerprints": {d: sorted({g["data_fingerprint"] for g in groups if g["dataset"] == d})
+                                  for d in sorted({g["dataset"] for g in groups})}}
+    for k, v in (previous.get("meta") or {}).items():
+        if k in ("note",):
+            meta.setdefault(k, v)
+    return {"meta": meta, "groups": groups, "variant_summaries": summaries}
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = ["# Training groups", "",
+             f"Built {m['built_at']} at commit {m['commit'][:7]} from the finished runs under `{m['runs_root']}` "
+             f"(`python -m gbla.bench.group_runs`). One row per group: the seeds of one variant trained in one "
+             "process at one commit. GPU s: the wall seconds of the group's executions (a paused and resumed "
+             "group has several; blank where a paused execution left no record); train+eval s: the group's own "
+             "training, validation, test and setup seconds over all its executions; epoch s: one epoch with "
+             "every seed still training; examples/s over the whole training.", "",
+             "| dataset | variant | seeds | commit | device | executions | GPU s | train+eval s | epochs | epoch s "
+             "| examples/s | test R@10 (mean) | test NDCG@10 (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in result["groups"]:
+        seeds = g["seeds"]
+        seed_text = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 \
+            else ",".join(map(str, seeds))
+        r10 = sum(r["test_recall@10"] for r in g["runs"]) / len(g["runs"])
+        n10 = sum(r["test_ndcg@10"] for r in g["runs"]) / len(g["runs"])
+        gpu_s = g["gpu_wall_s"] if "gpu_wall_s" in g else g.get("wall_s")
+        lines.append(f"| {g['dataset']} | {g['variant']} | {seed_text} | {(g['commit'] or '')[:7]} | "
+                     f"{(g.get('device') or '').removeprefix('cuda:')} | {len(g.get('executions', [])) or ''} | "
+                     f"{_fmt(gpu_s, '.0f')} | {_fmt(g.get('train_eval_s'), '.0f')} | {_fmt(g.get('group_epochs'), 'd')} | {_fmt(g.get('epoch_time_s'), '.2f')} | "
+                     f"{_fmt(g.get('examples_per_s'), ',.0f')} | {r10:.4f} | {n10:.4f} |")
+    lines += ["", "Per variant, every finished seed (mean ± 95% CI half-width over seeds):", "",
+              "| dataset | variant | seeds | Recall@5 | Recall@10 | NDCG@5 | NDCG@10 |", "|---|---|---|---|---|---|---|"]
+    for s in result["variant_summaries"]:
+        cells = []
+        for k in METRICS:
+            mean, half = s["test_mean_and_ci95_half_width"][k]
+            cells.append(f"{mean:.4f}" + (f" ± {half:.4f}" if half is not None else ""))
+        lines.append(f"| {s['dataset']} | {s['variant']} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs-root", default=str(DEFAULT_RUNS_ROOT))
+    ap.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench" / "group_runs.json"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else None
+    result = build(args.runs_root, previous)
+    atomic_write_json(out, result)
+    atomic_write_text(out.with_suffix(".md"), markdown(result))
+    print(f"{len(result['groups'])} groups, {len(result['variant_summaries'])} variants -> {out} (+ .md)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""gbla.bench.group_runs: the groups table rebuilt from run folders and dispatch records."""
+import json
+
+import pytest
+
+from gbla.bench import group_runs
+
+
+def _write_run(root, dataset, variant, seed, group_seeds, commit, created_at, recall10, resumed_from=0):
+    run_dir = root / dataset / variant / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    test = {"recall@5": recall10 / 2, "recall@10": recall10, "ndcg@5": recall10 / 4, "ndcg@10": recall10 / 3}
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "status": "ok", "dataset": dataset, "variant": variant, "seed": seed, "config_hash": f"h{seed}",
+        "commit": commit, "device": "cuda:GPU", "data_fingerprint": "fp", "created_at": created_at,
+        "best_epoch": 5, "epochs_trained": 15, "test": test, "valid": test, "group_seeds": group_seeds,
+        "timings": {"group_epochs": 15, "setup_s": 1.0, "train_s": 100.0, "eval_s": 10.0, "test_eval_s": 1.0,
+                    "epoch_time_s": 7.0, "examples_per_s": 1000.0, "resumed_from_epoch": resumed_from}}))
+
+
+def _end(root, dataset, variant, seeds, at, t, wall_s, outcome):
+    path = root / dataset / variant / "dispatch.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"event": "start", "at": at, "time": t - wall_s, "group_seeds": seeds}) + "\n")
+        f.write(json.dumps({"event": "end", "at": at, "time": t, "wall_s": wall_s, "group_seeds": seeds,
+                            "outcomes": {str(s): outcome for s in seeds}, "host": "h", "worker": "0"}) + "\n")
+
+
+def _ts(iso):
+    import datetime as dt
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+def test_groups_executions_and_summaries(tmp_path):
+    root = tmp_path / "runs"
+    # group 1: seeds 0-1 at commit aaa, paused once then resumed; an older failed execution before it
+    _end(root, "beauty", "hybrid", [0, 1], "2026-01-01T09:00:00+00:00", _ts("2026-01-01T09:00:00+00:00"), 50.0, "failed")
+    _end(root, "beauty", "hybrid", [0, 1], "2026-01-01T10:00:00+00:00", _ts("2026-01-01T10:00:00+00:00"), 300.0, "paused")
+    for s, r in ((0, 0.06), (1, 0.08)):
+        _write_run(root, "beauty", "hybrid", s, [0, 1], "aaa" * 13 + "a", "2026-01-01T10:04:59+00:00", r, resumed_from=30)
+    _end(root, "beauty", "hybrid", [0, 1], "2026-01-01T10:05:00+00:00", _ts("2026-01-01T10:05:00+00:00"), 200.0, "ran")
+    # group 2: seed 2 at another commit, resumed but its paused execution left no record
+    _write_run(root, "beauty", "hybrid", 2, [2], "b" * 40, "2026-01-02T10:00:00+00:00", 0.07, resumed_from=10)
+    _end(root, "beauty", "hybrid", [2], "2026-01-02T10:00:01+00:00", _ts("2026-01-02T10:00:01+00:00"), 80.0, "ran")
+
+    groups, summaries = group_runs.collect_groups(root)
+    assert [(g["variant"], g["seeds"], g["commit"][:1]) for g in groups] == [("hybrid", [0, 1], "a"), ("hybrid", [2], "b")]
+    first, second = groups
+    assert [e["outcome"] for e in first["executions"]] == ["paused", "ran"]  # the failed one before is not this group's
+    assert first["gpu_wall_s"] == 500.0
+    assert first["train_eval_s"] == 112.0
+    assert [r["seed"] for r in first["runs"]] == [0, 1]
+    assert second["executions"] and second["gpu_wall_s"] is None  # resumed, paused part unknown: no undercount
+    (summary,) = summaries
+    assert summary["seeds"] == [0, 1, 2]
+    mean, half = summary["test_mean_and_ci95_half_width"]["recall@10"]
+    assert mean == pytest.approx(0.07)
+    assert half == pytest.approx(4.302652729911275 * 0.01 / 3 ** 0.5)  # t(0.975, 2) * sd / sqrt(n)
+
+
+def test_hand_written_keys_are_kept_and_outputs_written(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root, "beauty", "sa", 0, [0], "c" * 40, "2026-01-03T10:00:00+00:00", 0.06)
+    out = tmp_path / "bench" / "group_runs.json"
+    out.parent.mkdir()
+    out.write_text(json.dumps({
+        "meta": {"note": "by hand"},
+        "groups": [{"variant": "sa", "seeds": [0], "commit": "ccccccc", "note": "kept", "runs": []},
+                   {"variant": "sa", "seeds": [0], "commit": "ddddddd", "note": "other commit: dropped"}],
+        "variant_summaries": {"sa": {"note": "variant note"}}}))
+    assert group_runs.main(["--runs-root", str(root), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (g,) = result["groups"]
+    assert g["note"] == "kept" and len(g["runs"]) == 1  # generated keys win over old ones
+    assert result["variant_summaries"][0]["note"] == "variant note"
+    assert result["meta"]["note"] == "by hand"
+    table = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table[:3]}) == 1, table
+    assert "| beauty | sa | 0 | ccccccc |" in table[2]
+
+
+def test_bad_dispatch_line_names_the_file_and_line(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root, "beauty", "sa", 0, [0], "c" * 40, "2026-01-03T10:00:00+00:00", 0.06)
+    (root / "beauty" / "sa" / "dispatch.jsonl").write_text('{"event": "end"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"dispatch.jsonl:2"):
+        group_runs.collect_groups(root)
