@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
+from gbla.grid import read_dispatch_log
 from gbla.runs import DEFAULT_RUNS_ROOT, load_run_metrics
 from gbla.stats import mean_ci
 
@@ -30,21 +31,6 @@ METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 # group-level timings, the same in every seed's metrics.json of the group
 GROUP_TIMINGS = ("group_epochs", "setup_s", "train_s", "eval_s", "test_eval_s", "valid_eval_s", "epoch_time_s",
                  "examples_per_s", "steps_per_epoch", "resumed_from_epoch")
-DISPATCH_FILE = "dispatch.jsonl"
-
-
-def _read_dispatch(variant_dir: Path) -> list[dict]:
-    path = variant_dir / DISPATCH_FILE
-    if not path.is_file():
-        return []
-    events = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-    return events
 
 
 def _timestamp(iso: str) -> float:
@@ -98,7 +84,7 @@ def collect_groups(runs_root: str | Path) -> tuple[list[dict], list[dict]]:
     for (dataset, variant, _, _), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1]["finished_at"] or "")):
         g["runs"].sort(key=lambda r: r["seed"])
         if g.get("finished_at"):
-            executions = group_executions(_read_dispatch(runs_root / dataset / variant), g["seeds"],
+            executions = group_executions(read_dispatch_log(runs_root / dataset / variant), g["seeds"],
                                           g["finished_at"])
             if executions:
                 g["executions"] = executions
