@@ -46,8 +46,8 @@ from gbla.params import CLUSTERS, DEFAULT_PARAMS, Grid, ParamsError, load_grid  
 from gbla.params import KNOWN_DATASETS, SYNTHETIC, check_dataset_names  # noqa: F401  (re-exported)
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.run_archive import merge_runs, pack_runs
-from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, collect_runs, dataset_available, dataset_path,
-                       expected_data_fingerprint, is_done, record_failure, run_dir_for, variant_dir_for)
+from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, checkpoint_path, collect_runs, dataset_available,
+                       dataset_path, expected_data_fingerprint, is_done, record_failure, run_dir_for, variant_dir_for)
 
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
 # with a deadline (--time-budget), a group is not started with less than this many seconds left
@@ -96,6 +96,11 @@ class GroupTask:
     def run_dirs(self) -> list[Path]:
         return [Path(self.variant_dir) / f"seed{s}" for s in self.seeds]
 
+    def checkpoint(self) -> Path:
+        """Where the notebook keeps this group's checkpoint: gbla.runs.checkpoint_path of its configs, in
+        seed order as the notebook builds them (named by their hashes, so another group's never matches)."""
+        return checkpoint_path(self.variant_dir, self.config_hashes)
+
 
 def _ansi_free(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
@@ -115,6 +120,18 @@ def notebook_error(path: Path) -> tuple[str, str] | None:
                 return (f"{out.get('ename')}: {out.get('evalue')}",
                         _ansi_free("\n".join(out.get("traceback", []))))
     return None
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """Whether the file ends a line (True for a missing or empty file: nothing to end)."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -188,11 +205,19 @@ def execute_group(task: GroupTask) -> list[dict]:
            "execute_notebook_main()", task.notebook, str(notebook_out), str(variant_dir),
            yaml.safe_dump({**task.parameters, "stop_at": task.stop_at}, sort_keys=False),
            str(int(task.cell_timeout_s)) if task.cell_timeout_s else ""]
+    # this execution resumes the group's checkpoint (left by a pause or an interruption): its log goes
+    # after the earlier executions' log, which would otherwise be lost (their epochs are not repeated)
+    checkpoint = task.checkpoint()
+    resumes = checkpoint.is_file()
+    cut_off = resumes and not _ends_with_newline(log_path)  # the earlier execution stopped mid-line
     start = time.time()
     base["started_at"] = _now()
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if resumes else "w") as log:
+        if cut_off:
+            log.write("\n")
         log.write(f"# {_now()} {task.label} configs {' '.join(task.config_hashes)} on {base['host']} "
-                  f"worker {base['worker']} CUDA_VISIBLE_DEVICES={base['cuda_visible_devices']}\n")
+                  f"worker {base['worker']} CUDA_VISIBLE_DEVICES={base['cuda_visible_devices']}"
+                  + (f" resuming {checkpoint.name}" if resumes else "") + "\n")
         log.flush()
         # a session of its own: a Ctrl-C in the terminal reaches the grid, which shuts the workers down
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=variant_dir,
@@ -207,7 +232,7 @@ def execute_group(task: GroupTask) -> list[dict]:
             shutil.copyfile(log_path, run_dir / LOG_FILE)  # the group's log, beside each seed's results
             outcomes.append({**entry, "outcome": "ran"})
             continue
-        if proc.returncode == 0 and not found and task.stop_at is not None and any(variant_dir.glob("checkpoint-*.pt")):
+        if proc.returncode == 0 and not found and task.stop_at is not None and checkpoint.is_file():
             outcomes.append({**entry, "outcome": "paused"})
             continue
         if found:
@@ -775,7 +800,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if args.archive and not args.dry_run:
             manifest = pack_runs(grid.runs_root, grid.expand(args.datasets, args.variants, args.seeds), args.archive)
-            print(f"archive: {args.archive} ({len(manifest['runs'])} runs)", flush=True)
+            print(f"archive: {args.archive} ({len(manifest['runs'])} runs, group files of "
+                  f"{len(manifest['groups'])} variants)", flush=True)
     if summary.get("interrupted"):
         return 130
     if summary.get("counts", {}).get("paused") or summary.get("counts", {}).get("not_run"):

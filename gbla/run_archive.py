@@ -7,18 +7,33 @@ its results over as one file:
     python -m gbla.grid --profile full --merge runs.tgz          # on the machine that keeps the results
 
 `pack_runs` writes the run folders of the given configs that are finished (metrics.json) or failed
-(error.json), with each variant folder's group files (the executed train notebook, run.log,
-dispatch.jsonl) and a manifest, to a gzipped tar. Checkpoints never go in: a paused group's
-checkpoint (hundreds of MB) stays where its group resumes, and the archive stays small.
+(error.json), the group files (the executed train notebook, run.log, dispatch.jsonl) of each variant
+folder with such a run or with a dispatch.jsonl, and a manifest ("runs"; "groups": each variant whose
+group files are in, with the files' names and whether runs of it are in too), to a gzipped tar. So a
+group that paused at the time budget (no run finished yet) still hands over its dispatch records and
+the log of that execution: the remote folder may be gone before the group resumes, and the resumed
+execution's log and dispatch file then hold only what came after. Checkpoints never go in: a paused
+group's checkpoint (hundreds of MB) stays where its group resumes, and the archive stays small.
 
 `merge_runs` checks every run of the archive before it writes anything: a metrics.json that parses,
 says "ok", names a config hash the params profile expects for that (dataset, variant, seed), and sits
-beside its per_user_test.parquet; a failed run must name an expected hash too. It then installs
-each run folder as a unit (gbla.runs._replace_dir), and never replaces a finished run with another one:
-a local run that is ok for the same config and data stays (reported as "kept"; --replace-finished
-overrides). A run the archive has as failed never replaces a local finished one. Group files come
-along for the variants whose runs were installed; dispatch.jsonl lines are appended, not replaced.
-A bad archive is refused as a whole, naming the member and the reason; nothing is written.
+beside its per_user_test.parquet; a failed run must name an expected hash too; group files must
+belong to a (dataset, variant) of the profile, also when the archive has no run of it. It then
+installs each run folder as a unit (gbla.runs._replace_dir), and never replaces a finished run with
+another one: a local run that is ok for the same config and data stays (reported as "kept";
+--replace-finished overrides). A run the archive has as failed never replaces a local finished one.
+Group files are merged for every variant the archive has them for, so that archives of the same group
+merged one after another (paused, then finished) keep every execution's records:
+
+    dispatch.jsonl  the archive's lines that are not here yet are appended
+    run.log         installed when there is none here; replaced when the archive's log continues the
+                    local one (starts with it); kept when the local one already holds the archive's;
+                    otherwise the archive's is appended after the local one (an execution whose log
+                    the remote no longer had), so logs merged in the order they were written stay in order
+    train.ipynb     replaced when runs of that variant are installed, installed when there is none here
+
+Merging the same archive again changes nothing. A bad archive is refused as a whole, naming the
+member and the reason; nothing is written.
 """
 from __future__ import annotations
 
@@ -47,11 +62,14 @@ class ArchiveError(ValueError):
 
 
 def pack_runs(runs_root: str | os.PathLike, configs: Iterable, path: str | os.PathLike) -> dict:
-    """Write the finished and failed runs among `configs` (RunConfigs) under `runs_root` to the
-    gzipped tar `path` (written atomically); the manifest it holds is returned."""
+    """Write the finished and failed runs among `configs` (RunConfigs) under `runs_root`, with the group
+    files of their variants and of every variant of `configs` that has a dispatch log (a paused group's),
+    to the gzipped tar `path` (written atomically); the manifest it holds is returned."""
     runs_root, path = Path(runs_root), Path(path)
-    runs, variant_dirs = [], {}
+    runs, variants = [], {}   # (dataset, variant) -> whether runs of it go in, in the order of `configs`
     for c in configs:
+        key = (c.dataset, c.variant)
+        variants.setdefault(key, False)
         run_dir = run_dir_for(runs_root, c.dataset, c.variant, c.seed)
         status = run_status(run_dir, c.config_hash())
         if status not in ("ok", "failed"):
@@ -60,18 +78,28 @@ def pack_runs(runs_root: str | os.PathLike, configs: Iterable, path: str | os.Pa
         runs.append({"dataset": c.dataset, "variant": c.variant, "seed": c.seed, "config_hash": c.config_hash(),
                      "status": status, "data_fingerprint": (metrics or {}).get("data_fingerprint"),
                      "commit": (metrics or {}).get("commit")})
-        variant_dirs[(c.dataset, c.variant)] = variant_dir_for(runs_root, c.dataset, c.variant)
-    manifest = {"format": 1, "created_at": _now(), "runs": runs}
+        variants[key] = True
+    groups = []
+    for (dataset, variant), with_runs in variants.items():
+        vdir = variant_dir_for(runs_root, dataset, variant)
+        # a variant without a finished or failed run goes in only with its dispatch log: a group that
+        # executed here (paused, or stopped before it could record a failure)
+        if not with_runs and not (vdir / DISPATCH_FILE).is_file():
+            continue
+        files = [name for name in GROUP_FILES if (vdir / name).is_file()]
+        if files:
+            groups.append({"dataset": dataset, "variant": variant, "files": files, "runs": with_runs})
+    manifest = {"format": 1, "created_at": _now(), "runs": runs, "groups": groups}
     with atomic_path(path) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for r in runs:
             run_dir = run_dir_for(runs_root, r["dataset"], r["variant"], r["seed"])
             for name in RUN_FILES:
                 if (run_dir / name).is_file():
                     tar.add(run_dir / name, arcname=f"{r['dataset']}/{r['variant']}/seed{r['seed']}/{name}")
-        for (dataset, variant), vdir in variant_dirs.items():
-            for name in GROUP_FILES:
-                if (vdir / name).is_file():
-                    tar.add(vdir / name, arcname=f"{dataset}/{variant}/{name}")
+        for g in groups:
+            vdir = variant_dir_for(runs_root, g["dataset"], g["variant"])
+            for name in g["files"]:
+                tar.add(vdir / name, arcname=f"{g['dataset']}/{g['variant']}/{name}")
         data = json.dumps(manifest, indent=1).encode()
         info = tarfile.TarInfo(MANIFEST)
         info.size = len(data)
@@ -83,7 +111,7 @@ def pack_runs(runs_root: str | os.PathLike, configs: Iterable, path: str | os.Pa
 class MergeReport:
     installed: list[str] = field(default_factory=list)   # "dataset/variant/seedN"
     kept: list[str] = field(default_factory=list)        # a local finished run stayed
-    group_files: list[str] = field(default_factory=list)
+    group_files: list[str] = field(default_factory=list)  # "dataset/variant" whose group files changed here
 
     def summary(self) -> str:
         return (f"{len(self.installed)} runs installed, {len(self.kept)} kept as they were "
@@ -116,11 +144,26 @@ def _check_run(src: Path, label: str, expected_hash: str | None) -> str:
     raise ArchiveError(f"{label}: neither {METRICS_FILE} nor {ERROR_FILE}")
 
 
+def _check_dispatch(path: Path, label: str) -> None:
+    """A dispatch log is JSON lines (appended line by line to the local one, so each must stand alone)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArchiveError(f"{label}: not readable text ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ArchiveError(f"{label}:{n}: not a JSON line ({e.msg})") from None
+
+
 def merge_runs(archive: str | os.PathLike, runs_root: str | os.PathLike, configs: Iterable, *,
                replace_finished: bool = False) -> MergeReport:
     """Merge the archive's runs into `runs_root`; `configs` (RunConfigs) are the runs it may hold."""
     archive, runs_root = Path(archive), Path(runs_root)
     expected = {(c.dataset, c.variant, c.seed): c.config_hash() for c in configs}
+    profile_variants = {(dataset, variant) for dataset, variant, _ in expected}
     report = MergeReport()
     with tempfile.TemporaryDirectory(prefix="gbla-merge-") as tmp:
         tmp = Path(tmp)
@@ -142,6 +185,18 @@ def merge_runs(archive: str | os.PathLike, runs_root: str | os.PathLike, configs
                 raise ArchiveError(f"{label}: not a seed folder") from None
             status = _check_run(run_dir, label, expected.get((dataset, variant, seed)))
             plan.append((dataset, variant, seed, run_dir, status))
+        groups = []
+        for vdir in sorted(p for p in tmp.glob("*/*") if p.is_dir()):
+            dataset, variant = vdir.relative_to(tmp).parts
+            files = [name for name in GROUP_FILES if (vdir / name).is_file()]
+            if not files:
+                continue
+            if (dataset, variant) not in profile_variants:
+                raise ArchiveError(f"{archive.name}: {dataset}/{variant}/{files[0]}: the params profile has no "
+                                   f"such variant (dataset and variant)")
+            if (vdir / DISPATCH_FILE).is_file():
+                _check_dispatch(vdir / DISPATCH_FILE, f"{archive.name}: {dataset}/{variant}/{DISPATCH_FILE}")
+            groups.append((dataset, variant, vdir))
         touched = set()
         for dataset, variant, seed, src, status in plan:
             dest = run_dir_for(runs_root, dataset, variant, seed)
@@ -153,25 +208,66 @@ def merge_runs(archive: str | os.PathLike, runs_root: str | os.PathLike, configs
             _replace_dir(dest, lambda t, src=src: [shutil.copy2(f, t / f.name) for f in src.iterdir() if f.is_file()])
             report.installed.append(name)
             touched.add((dataset, variant))
-        for dataset, variant in sorted(touched):
-            src, vdir = tmp / dataset / variant, variant_dir_for(runs_root, dataset, variant)
-            for name in (NOTEBOOK_FILE, LOG_FILE):
-                if (src / name).is_file():
-                    with atomic_path(vdir / name) as tmp_copy:
-                        shutil.copy2(src / name, tmp_copy)
-            if (src / DISPATCH_FILE).is_file():
-                _append_new_lines(src / DISPATCH_FILE, vdir / DISPATCH_FILE)
-            report.group_files.append(f"{dataset}/{variant}")
+        for dataset, variant, src in groups:
+            if _merge_group_files(src, variant_dir_for(runs_root, dataset, variant),
+                                  runs_installed=(dataset, variant) in touched):
+                report.group_files.append(f"{dataset}/{variant}")
     return report
 
 
-def _append_new_lines(src: Path, dest: Path) -> None:
-    """Append the lines of src that dest does not hold yet (a group's dispatch records)."""
-    have = set(dest.read_text().splitlines()) if dest.is_file() else set()
-    new = [line for line in src.read_text().splitlines() if line and line not in have]
+def _merge_group_files(src: Path, vdir: Path, *, runs_installed: bool) -> bool:
+    """Merge one variant's archived group files (folder `src`) into its variant folder `vdir` (see the
+    module docstring); whether anything changed."""
+    vdir.mkdir(parents=True, exist_ok=True)
+    changed = False
+    notebook = src / NOTEBOOK_FILE
+    if notebook.is_file() and (runs_installed or not (vdir / NOTEBOOK_FILE).is_file()):
+        _install(notebook, vdir / NOTEBOOK_FILE)
+        changed = True
+    if (src / LOG_FILE).is_file():
+        changed |= _merge_log(src / LOG_FILE, vdir / LOG_FILE)
+    if (src / DISPATCH_FILE).is_file():
+        changed |= _append_new_lines(src / DISPATCH_FILE, vdir / DISPATCH_FILE)
+    return changed
+
+
+def _install(src: Path, dest: Path) -> None:
+    with atomic_path(dest) as tmp_copy:
+        shutil.copy2(src, tmp_copy)
+
+
+def _merge_log(src: Path, dest: Path) -> bool:
+    """A group's run.log from an archive merged with the local one; whether the local one changed.
+    Compared as bytes: a log cut off mid-character is still merged as it is."""
+    theirs = src.read_bytes()
+    if not dest.is_file():
+        _install(src, dest)
+        return True
+    ours = dest.read_bytes()
+    if theirs in ours:                     # the same log, or one this log already holds
+        return False
+    if theirs.startswith(ours):            # the same group went on executing after the local copy
+        _install(src, dest)
+        return True
+    # another execution's log (the remote lost the earlier one): after the local one, on a line of its own
+    with atomic_path(dest) as tmp_copy:
+        Path(tmp_copy).write_bytes(ours + (b"" if ours.endswith(b"\n") else b"\n") + theirs)
+    return True
+
+
+def _append_new_lines(src: Path, dest: Path) -> bool:
+    """Append the lines of src that dest does not hold yet (a group's dispatch records); whether any were."""
+    text = dest.read_text() if dest.is_file() else ""
+    have = set(text.splitlines())
+    new = []
+    for line in src.read_text().splitlines():
+        if line and line not in have:
+            new.append(line)
+            have.add(line)
     if new:
         with open(dest, "a") as f:
-            f.write("".join(line + "\n" for line in new))
+            f.write(("" if not text or text.endswith("\n") else "\n") + "".join(line + "\n" for line in new))
+    return bool(new)
 
 
 __all__ = ["pack_runs", "merge_runs", "MergeReport", "ArchiveError", "MANIFEST"]

@@ -60,10 +60,12 @@ def variant_dir_for(root: str | os.PathLike, dataset: str, variant: str) -> Path
 
 
 def checkpoint_path(variant_dir: str | os.PathLike, configs) -> Path:
-    """The checkpoint of a group: named by its configs' hashes, so another group never resumes it."""
+    """The checkpoint of a group: named by its configs' hashes, so another group never resumes it.
+    `configs`: RunConfigs, or their hashes (str), in seed order."""
     import hashlib
 
-    key = hashlib.sha256(" ".join(c.config_hash() for c in configs).encode()).hexdigest()[:12]
+    hashes = [c if isinstance(c, str) else c.config_hash() for c in configs]
+    key = hashlib.sha256(" ".join(hashes).encode()).hexdigest()[:12]
     return Path(variant_dir) / f"checkpoint-{key}.pt"
 
 

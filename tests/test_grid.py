@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nbformat
@@ -436,6 +437,68 @@ def test_a_partly_done_group_trains_only_its_missing_seeds(smoke):
     metrics = runs.load_run_metrics(runs.run_dir_for(root, "synthetic", "sa", 1))
     assert metrics["group_seeds"] == [1]
     assert "Executing Cell" in (runs.run_dir_for(root, "synthetic", "sa", 1) / "run.log").read_text()
+
+
+FAKE_TRAIN_NB = """\
+import json
+from pathlib import Path
+checkpoint = Path(checkpoint)
+if mode == "pause":
+    print("epoch 1 done")
+    checkpoint.write_bytes(b"group state")
+else:
+    print("epoch 2 done" if checkpoint.is_file() else "epoch 1 and 2 done")
+    for seed, config_hash in config_hashes.items():
+        (checkpoint.parent / f"seed{seed}").mkdir(exist_ok=True)
+        (checkpoint.parent / f"seed{seed}" / "metrics.json").write_text(
+            json.dumps({"status": "ok", "config_hash": config_hash}))
+    checkpoint.unlink(missing_ok=True)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_resumed_group_appends_to_the_log_of_its_paused_execution(tmp_path):
+    """A stand-in for notebooks/train.ipynb pauses the group (leaving the checkpoint the real notebook
+    would name), then finishes it: run.log holds both executions, each under its own header line."""
+    params = nbformat.v4.new_code_cell("mode = None\ncheckpoint = None\nconfig_hashes = None\nstop_at = None")
+    params.metadata["tags"] = ["parameters"]
+    notebook = tmp_path / "fake_train.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(FAKE_TRAIN_NB)], metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), notebook)
+    configs = G.load_grid(PARAMS, "smoke").expand(variants=["sa"], seeds=[0, 1])
+    vdir = runs.variant_dir_for(tmp_path / "runs", "synthetic", "sa")
+    checkpoint = runs.checkpoint_path(vdir, configs)   # as the notebook names it
+    vdir.mkdir(parents=True)
+    (vdir / "run.log").write_text("log of an earlier group\n")
+    (vdir / "checkpoint-0123456789ab.pt").write_bytes(b"another group's")   # not this group's: no resume
+
+    def execute(mode):
+        task = G.GroupTask(dataset="synthetic", variant="sa", seeds=(0, 1),
+                           config_hashes=tuple(c.config_hash() for c in configs), variant_dir=str(vdir),
+                           notebook=str(notebook), cpu_threads=1, stop_at=time.time() + 3600,
+                           parameters={"mode": mode, "checkpoint": str(checkpoint),
+                                       "config_hashes": {c.seed: c.config_hash() for c in configs}})
+        return [o["outcome"] for o in G.execute_group(task)]
+
+    assert execute("pause") == ["paused", "paused"]
+    assert checkpoint.is_file()
+    first = (vdir / "run.log").read_text()
+    assert first.startswith("# ") and "log of an earlier group" not in first and "epoch 1 done" in first
+    assert execute("finish") == ["ran", "ran"]
+    log = (vdir / "run.log").read_text()
+    headers = [line for line in log.splitlines() if line.startswith("# ")]
+    assert len(headers) == 2 and log.startswith(first)
+    assert "synthetic/sa/seeds 0,1" in headers[1] and headers[1].endswith(f"resuming {checkpoint.name}")
+    assert log.index("epoch 1 done") < log.index(headers[1]) < log.index("epoch 2 done")
+    assert (vdir / "seed1" / "run.log").read_text() == log   # each seed's copy: the whole group's log
+    events = [(e["event"], e.get("outcomes")) for e in G.read_dispatch_log(vdir)]
+    assert events == [("start", None), ("end", {"0": "paused", "1": "paused"}),
+                      ("start", None), ("end", {"0": "ran", "1": "ran"})]
+    # a group that starts afresh (no checkpoint of its own) writes a new log
+    assert not checkpoint.exists()
+    assert execute("finish") == ["ran", "ran"]
+    log = (vdir / "run.log").read_text()
+    assert len([line for line in log.splitlines() if line.startswith("# ")]) == 1 and "epoch 1 and 2 done" in log
 
 
 def test_group_configs_keeps_one_task_per_variant():

@@ -144,9 +144,123 @@ def test_grid_cli_archive_after_a_grid_with_nothing_left_to_do(tmp_path, configs
     argv = ["--profile", "smoke", "--variants", "sa", "--runs-root", str(runs), "--no-aggregate",
             "--archive", str(tmp_path / "out" / "runs.tgz")]
     assert grid_cli.main(argv) == 0
-    assert "archive: " in capsys.readouterr().out
+    assert "(2 runs, group files of 1 variants)" in capsys.readouterr().out
     with tarfile.open(tmp_path / "out" / "runs.tgz") as tar:
         manifest = json.load(tar.extractfile(MANIFEST))
         assert not any("checkpoint" in n for n in tar.getnames())
     assert [(r["seed"], r["status"], r["data_fingerprint"]) for r in manifest["runs"]] == [
         (0, "ok", fingerprint), (1, "ok", fingerprint)]
+    assert manifest["groups"] == [{"dataset": "synthetic", "variant": "sa", "runs": True,
+                                   "files": ["train.ipynb", "run.log", "dispatch.jsonl"]}]
+
+
+# ------------------------------------------------------------------------------ a group paused on the remote
+
+def fake_execution(root, c, n, *, outcome, log_lines, notebook=None):
+    """Execution `n` of the group of `c`'s variant in a remote folder: its dispatch records appended and
+    its log (run.log as the grid leaves it: a '# ...' header, then the notebook's output)."""
+    vdir = variant_dir_for(root, c.dataset, c.variant)
+    vdir.mkdir(parents=True, exist_ok=True)
+    records = [{"event": "start", "execution": f"e{n}"}, {"event": "end", "execution": f"e{n}", "outcome": outcome}]
+    with open(vdir / "dispatch.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    log = f"# 2025-01-0{n} {c.dataset}/{c.variant}/seeds 0,1 execution {n}\n" + "".join(f"{x}\n" for x in log_lines)
+    with open(vdir / "run.log", "a") as f:
+        f.write(log)
+    (vdir / "train.ipynb").write_text(notebook or f'{{"execution": {n}}}')
+    return [json.dumps(r) for r in records], log
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_paused_group_hands_over_its_dispatch_records_and_log(tmp_path, configs):
+    """The remote folder is wiped between the pause and the resume: both archives together still give
+    every execution's dispatch records and both logs, in order."""
+    paused, final, dest = tmp_path / "paused", tmp_path / "final", tmp_path / "dest"
+    sa0, sa1 = configs[0], configs[1]
+    records1, log1 = fake_execution(paused, sa0, 1, outcome="paused", log_lines=["epoch 1", "epoch 2", "paused"])
+    (variant_dir_for(paused, "synthetic", "sa") / "checkpoint-0123456789ab.pt").write_bytes(b"x" * 1000)
+    run_dir_for(paused, "synthetic", "sa", 0).mkdir()   # a seed folder with nothing finished in it
+    manifest = pack_runs(paused, configs, tmp_path / "paused.tgz")
+    assert manifest["runs"] == []
+    assert manifest["groups"] == [{"dataset": "synthetic", "variant": "sa", "runs": False,
+                                   "files": ["train.ipynb", "run.log", "dispatch.jsonl"]}]
+    with tarfile.open(tmp_path / "paused.tgz") as tar:
+        assert sorted(tar.getnames()) == sorted([MANIFEST, "synthetic/sa/train.ipynb", "synthetic/sa/run.log",
+                                                 "synthetic/sa/dispatch.jsonl"])
+
+    report = merge_runs(tmp_path / "paused.tgz", dest, configs)
+    assert report.installed == [] and report.kept == [] and report.group_files == ["synthetic/sa"]
+    assert "group files of 1 variants" in report.summary()
+    vdir = variant_dir_for(dest, "synthetic", "sa")
+    assert (vdir / "dispatch.jsonl").read_text().splitlines() == records1
+    assert (vdir / "run.log").read_text() == log1
+    assert (vdir / "train.ipynb").read_text() == '{"execution": 1}'   # none here: installed
+    assert not list(vdir.glob("checkpoint*")) and not list(vdir.glob("seed*"))
+    before = snapshot(dest)
+    again = merge_runs(tmp_path / "paused.tgz", dest, configs)
+    assert again.group_files == [] and snapshot(dest) == before   # nothing written the second time
+
+    records2, log2 = fake_execution(final, sa0, 2, outcome="ran", log_lines=["resumed after epoch 2", "epoch 3"])
+    fake_run(final, sa0)
+    fake_run(final, sa1)
+    assert pack_runs(final, configs, tmp_path / "final.tgz")["groups"] == [
+        {"dataset": "synthetic", "variant": "sa", "runs": True, "files": ["train.ipynb", "run.log", "dispatch.jsonl"]}]
+    report = merge_runs(tmp_path / "final.tgz", dest, configs)
+    assert report.installed == ["synthetic/sa/seed0", "synthetic/sa/seed1"] and report.group_files == ["synthetic/sa"]
+    assert (vdir / "dispatch.jsonl").read_text().splitlines() == records1 + records2
+    assert (vdir / "run.log").read_text() == log1 + log2
+    assert (vdir / "train.ipynb").read_text() == '{"execution": 2}'   # runs installed: their notebook
+    before = snapshot(dest)
+    again = merge_runs(tmp_path / "final.tgz", dest, configs)
+    assert again.installed == [] and again.group_files == [] and snapshot(dest) == before
+    assert merge_runs(tmp_path / "paused.tgz", dest, configs).group_files == []   # an older archive: nothing
+    assert snapshot(dest) == before
+
+
+def test_a_continuation_log_replaces_the_local_one(tmp_path, configs):
+    """The remote kept its folder: the resumed execution's log continues the paused one's."""
+    remote, dest = tmp_path / "remote", tmp_path / "dest"
+    sa0 = configs[0]
+    records1, log1 = fake_execution(remote, sa0, 1, outcome="paused", log_lines=["epoch 1"])
+    pack_runs(remote, configs, tmp_path / "paused.tgz")
+    merge_runs(tmp_path / "paused.tgz", dest, configs)
+    vdir = variant_dir_for(dest, "synthetic", "sa")
+    (vdir / "train.ipynb").write_text("local notebook")
+    records2, log2 = fake_execution(remote, sa0, 2, outcome="paused", log_lines=["epoch 2"])
+    pack_runs(remote, configs, tmp_path / "later.tgz")
+    assert merge_runs(tmp_path / "later.tgz", dest, configs).group_files == ["synthetic/sa"]
+    assert (vdir / "run.log").read_text() == log1 + log2      # replaced, not appended: no execution twice
+    assert (vdir / "dispatch.jsonl").read_text().splitlines() == records1 + records2
+    assert (vdir / "train.ipynb").read_text() == "local notebook"   # no run installed: the local one stays
+    assert merge_runs(tmp_path / "paused.tgz", dest, configs).group_files == []   # a log held already
+    assert (vdir / "run.log").read_text() == log1 + log2
+
+
+def test_group_files_outside_the_profile_are_refused(tmp_path, configs):
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    fake_run(src, configs[0])
+    fake_execution(src, configs[2], 1, outcome="paused", log_lines=["epoch 1"])   # hybrid, paused
+    manifest = pack_runs(src, configs, tmp_path / "runs.tgz")
+    assert [(g["variant"], g["runs"]) for g in manifest["groups"]] == [("hybrid", False)]  # sa has no group files
+    sa_only = [c for c in configs if c.variant == "sa"]
+    with pytest.raises(ArchiveError, match=r"runs.tgz: synthetic/hybrid/\S+: the params profile has no such variant"):
+        merge_runs(tmp_path / "runs.tgz", dest, sa_only)
+    assert not dest.exists()   # nothing written, not even sa/seed0
+    # a dispatch log that is not JSON lines is refused too
+    with tarfile.open(tmp_path / "runs.tgz", "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    with tarfile.open(tmp_path / "bad.tgz", "w:gz") as tar:
+        for m, data in members:
+            if m.name == "synthetic/hybrid/dispatch.jsonl":
+                data = data + b"{half a rec\n"
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data) if data is not None else None)
+    with pytest.raises(ArchiveError, match=r"bad.tgz: synthetic/hybrid/dispatch.jsonl:3: not a JSON line"):
+        merge_runs(tmp_path / "bad.tgz", dest, configs)
+    assert not dest.exists()
+    report = merge_runs(tmp_path / "runs.tgz", dest, configs)
+    assert report.installed == ["synthetic/sa/seed0"] and report.group_files == ["synthetic/hybrid"]
