@@ -58,7 +58,7 @@ def test_throughput_times_each_attention_backend(tmp_path, monkeypatch):
         return {"mode": mode, "ms_per_step": 2.0, "examples_per_s": 1000.0, "valid_eval_s": 1.5}
 
     config = SimpleNamespace(train=SimpleNamespace(batch_size=256), config_hash=lambda: "h")
-    monkeypatch.setattr(tt, "load_processed", lambda path: SimpleNamespace(provenance={"fingerprint": "f"}))
+    monkeypatch.setattr(tt, "load_data", lambda args: SimpleNamespace(provenance={"fingerprint": "f"}))
     monkeypatch.setattr(tt, "load_configs", lambda params, profile, dataset, variant, seeds: [config] * len(seeds))
     monkeypatch.setattr(tt, "measure", fake_measure)
     tt.main(["--variants", "sa", "--seeds", "2", "--attention-backends", "torch", "auto", "--backend", "auto",
@@ -97,3 +97,28 @@ def test_baseline_commit_never_names_the_enclosing_checkout(tmp_path, monkeypatc
     (exported / "COMMIT").write_text("a6cdca1\n")
     assert baseline_commit(exported) == "a6cdca1"
     assert baseline_commit(repo) == head
+
+
+def test_processes_are_timed_together_over_one_window(tmp_path):
+    """--processes: worker processes (here 2, on the CPU, the smoke profile's synthetic data) each
+    warm up, wait for the other, then time the same number of multi-seed steps; the row's examples/s
+    is all their examples over the window from the first start to the last end, and the windows
+    overlap (the barrier held)."""
+    import json
+
+    from gbla.bench import train_throughput as tt
+
+    out = tmp_path / "bench"
+    assert tt.main(["--profile-name", "smoke", "--dataset", "synthetic", "--variants", "hybrid", "--seeds", "2",
+                    "--steps", "3", "--paths", "single", "--processes", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "train_throughput.json").read_text())["rows"]
+    single, together = rows
+    assert single["path"] == "single" and "error" not in single
+    assert together["processes"] == 2 and together["mps"] is False and "error" not in together, together
+    assert len(together["per_process_examples_per_s"]) == 2
+    assert together["overlap_s"] > 0
+    examples = 2 * 3 * 2 * together["batch_size_per_seed"]   # processes x steps x seeds x batch
+    assert together["examples_per_s"] == pytest.approx(examples / together["window_s"])
+    assert together["examples_per_s"] <= sum(together["per_process_examples_per_s"]) * (1 + 1e-9)
+    table = [line for line in (out / "train_throughput.md").read_text().splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table

@@ -17,7 +17,11 @@ as path "single" with that commit, so the ratio is taken side by side on one GPU
 --profile writes a kernel table of a few eager multi-seed steps (where the GPU time goes).
 --attention-backends times each path and mode once per backend of the softmax attention
 (TIGER's attention_backend: SA layers, decoder self- and cross-attention); the other ops keep
---backend. Without it the attention uses --backend too.
+--backend. Without it the attention uses --backend too. --processes 1 2 also times the multi-seed
+step in that many worker processes at once on the one GPU (each its own K-seed model, all timed over
+the same window after every one has warmed up; --mps shares the GPU through a CUDA MPS daemon started
+for the measurement): whether two groups per GPU (`python -m gbla.grid --runs-per-gpu 2`) train more
+examples per second than one.
 
 Output: <out>/train_throughput.json and .md (rows: path, seeds, batch_size_per_seed, dataset, variant,
 attention_backend, examples_per_s, ms_per_step, valid_eval_s, device, commit, command, date).
@@ -36,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from gbla.data.processed import default_processed_dir, load_processed
 from gbla.evaluate import SIDTrie, rank_targets
 from gbla.model import TIGER
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.params import load_grid
+from gbla.runs import load_processed_dataset
 from gbla.train import BUCKET_ORDER_SEED, TrainStep, epoch_batches, length_bucket_groups, to_device_split
 
 
@@ -70,10 +74,22 @@ def group_step(configs, data, dev, backend: str, mode: str, attention_backend: s
     return model, sids, step, groups, batches
 
 
+def wait_at_barrier(folder: Path, index: int, parties: int, timeout_s: float = 900.0) -> None:
+    """Mark worker `index` ready in `folder` and wait until all `parties` are (files, not sockets:
+    the workers are separate processes started one by one)."""
+    (folder / f"ready-{index}").touch()
+    deadline = time.time() + timeout_s
+    while sum((folder / f"ready-{i}").exists() for i in range(parties)) < parties:
+        if time.time() > deadline:
+            raise TimeoutError(f"{folder}: not all {parties} workers were ready within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
 def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode: str = "cuda_graph",
-            attention_backend: str | None = None) -> dict:
+            attention_backend: str | None = None, barrier: tuple[Path, int, int] | None = None) -> dict:
     """Steady-state examples/s of the training step (`mode`, gbla.train.STEP_MODES) for a model of
-    len(configs) seeds; warm-up (and compilation, for the compile modes) is timed apart."""
+    len(configs) seeds; warm-up (and compilation, for the compile modes) is timed apart. barrier
+    (folder, index, parties): after its warm-up, wait for the other processes measured at once."""
     S, tc = len(configs), configs[0].train
     mode = mode if dev.type == "cuda" else "eager"
     model, sids, step, groups, batches = group_step(configs, data, dev, backend, mode, attention_backend)
@@ -87,13 +103,17 @@ def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode:
             break
     sync()
     row = {"mode": mode, "warmup_s": time.perf_counter() - t0, "steps_per_epoch": len(batches)}
+    if barrier is not None:
+        wait_at_barrier(*barrier)
     total = torch.zeros(S, device=dev)
+    row["window_start"] = time.time()
     t0 = time.perf_counter()
     for i in range(steps):
         enc_len, idx = batches[i % len(batches)]
         total += step(idx, enc_len)
     sync()
     elapsed = time.perf_counter() - t0
+    row["window_end"] = time.time()
     row.update(ms_per_step=1000 * elapsed / steps, examples_per_s=steps * S * tc.batch_size / elapsed,
                epoch_s=elapsed / steps * len(batches), mean_loss=(total / steps).tolist())
     if eval_pass:
@@ -181,6 +201,84 @@ def baseline_commit(src: Path) -> str:
     return "unknown"
 
 
+def start_mps(folder: Path) -> dict | None:
+    """Start a CUDA MPS control daemon with its pipe and log folders under `folder`; the environment
+    its clients need, or None when it could not start (no nvidia-cuda-mps-control, not permitted)."""
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "mps-pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "mps-log")}
+    for d in env.values():
+        Path(d).mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**os.environ, **env}, capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"MPS did not start: {e}", flush=True)
+        return None
+    if proc.returncode != 0:
+        print(f"MPS did not start: {proc.stderr.strip() or proc.stdout.strip()}", flush=True)
+        return None
+    return env
+
+
+def stop_mps(env: dict) -> None:
+    subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", env={**os.environ, **env}, capture_output=True,
+                   text=True, timeout=60)
+
+
+def measure_processes(args, variant: str, processes: int, mode: str, attention_backend: str | None,
+                      mps: bool) -> dict:
+    """The multi-seed step of `variant` timed in `processes` processes at once on the one GPU (each
+    its own K-seed model, started together after every one has warmed up), optionally sharing the GPU
+    through MPS; examples/s of all of them over the window from the first start to the last end."""
+    with tempfile.TemporaryDirectory(prefix="gbla-throughput-") as tmp:
+        tmp = Path(tmp)
+        mps_env = start_mps(tmp) if mps else None
+        try:
+            env = {**os.environ, **(mps_env or {})}
+            cmd = [sys.executable, "-m", "gbla.bench.train_throughput", "--params", args.params,
+                   "--profile-name", args.profile_name, "--dataset", args.dataset, "--variants", variant,
+                   "--seeds", str(args.seeds), "--steps", str(args.steps), "--backend", args.backend,
+                   "--modes", mode, *(["--attention-backends", attention_backend] if attention_backend else [])]
+            procs = [subprocess.Popen(cmd + ["--worker", str(tmp), str(i), str(processes)], env=env)
+                     for i in range(processes)]
+            codes = [p.wait(timeout=1200) for p in procs]
+        finally:
+            if mps_env is not None:
+                stop_mps(mps_env)
+        if any(codes):
+            raise RuntimeError(f"worker exit codes {codes}")
+        workers = [json.loads((tmp / f"worker-{i}.json").read_text()) for i in range(processes)]
+    window = max(w["window_end"] for w in workers) - min(w["window_start"] for w in workers)
+    examples = sum(args.steps * args.seeds * w["batch_size_per_seed"] for w in workers)
+    return {"mode": mode, "processes": processes, "mps": mps_env is not None,
+            "ms_per_step": sum(w["ms_per_step"] for w in workers) / processes,
+            "examples_per_s": examples / window,
+            "per_process_examples_per_s": [w["examples_per_s"] for w in workers],
+            "window_s": window, "overlap_s": min(w["window_end"] for w in workers)
+            - max(w["window_start"] for w in workers)}
+
+
+def load_data(args):
+    """The processed dataset (or the params profile's synthetic one, for tests on the CPU)."""
+    return load_processed_dataset(args.dataset, synthetic=load_grid(args.params, args.profile_name).synthetic)
+
+
+def run_worker(args, folder: Path, index: int, parties: int) -> int:
+    """One process of measure_processes: measure and write worker-<index>.json to `folder`."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_data(args)
+    configs = load_configs(args.params, args.profile_name, args.dataset, args.variants[0], list(range(args.seeds)))
+    row = measure(configs, data, dev, args.steps, args.backend, eval_pass=False, mode=args.modes[0],
+                  attention_backend=(args.attention_backends or [None])[0], barrier=(folder, index, parties))
+    row["batch_size_per_seed"] = configs[0].train.batch_size
+    atomic_write_json(folder / f"worker-{index}.json", row)
+    return 0
+
+
+def _processes_cell(row: dict) -> str:
+    n = row.get("processes", 1)
+    return f"{n}" + (" (MPS)" if row.get("mps") else "") if n > 1 or row.get("mps") else "1"
+
+
 def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"# Training throughput ({m['dataset']}, {m['device']})", "",
@@ -189,19 +287,20 @@ def markdown(result: dict) -> str:
              f"state (all seeds' examples counted), {m['steps']} steps over real epoch batches; validation "
              f"pass = beam search over every validation user, all seeds of the model at once (with the "
              f"decoder cache; the JSON also has the full-prefix search, valid_eval_full_prefix_s).", "",
-             "| variant | path | code | step mode | attention | seeds | batch/seed | ms/step | examples/s | x single (baseline) | valid pass s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | path | code | step mode | attention | seeds | processes | batch/seed | ms/step | examples/s "
+             "| x single (baseline) | valid pass s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["variant"]: r["examples_per_s"] for r in result["rows"] if r.get("code") == "baseline"
             and r.get("examples_per_s")}
     for r in result["rows"]:
         if r.get("error"):
             lines.append(f"| {r.get('variant')} | {r['path']} | {r.get('code')} | {r.get('mode', '')} | "
-                         f"{r.get('attention_backend', '')} | | | error: {r['error'][:80]} | | | |")
+                         f"{r.get('attention_backend', '')} | | | | error: {r['error'][:80]} | | | |")
             continue
         ratio = r["examples_per_s"] / base[r["variant"]] if r["variant"] in base else None
         lines.append(f"| {r['variant']} | {r['path']} | {r.get('code')} ({r.get('commit', '')[:7]}) | "
                      f"{r.get('mode', 'cuda_graph')} | {r.get('attention_backend', '')} | {r['seeds']} | "
-                     f"{r['batch_size_per_seed']} | {r['ms_per_step']:.2f} | {r['examples_per_s']:,.0f} | "
+                     f"{_processes_cell(r)} | {r['batch_size_per_seed']} | {r['ms_per_step']:.2f} | {r['examples_per_s']:,.0f} | "
                      f"{'' if ratio is None else format(ratio, '.2f') + 'x'} | "
                      f"{'' if r.get('valid_eval_s') is None else format(r['valid_eval_s'], '.2f')} |")
     return "\n".join(lines) + "\n"
@@ -224,12 +323,21 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-backends", nargs="+", choices=["auto", "torch", "triton"],
                     help="time each path and mode once per softmax-attention backend, e.g. torch auto "
                          "(default: the attention uses --backend)")
+    ap.add_argument("--processes", nargs="+", type=int, default=[],
+                    help="also time the multi-seed step in this many processes at once on the one GPU, e.g. "
+                         "1 2 (each a K-seed model; 1 = the same in one worker process, for the ratio)")
+    ap.add_argument("--mps", action="store_true",
+                    help="share the GPU between those processes through CUDA MPS (a control daemon is started "
+                         "for the measurement and stopped after it)")
+    ap.add_argument("--worker", nargs=3, metavar=("FOLDER", "INDEX", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench"))
     args = ap.parse_args(argv)
+    if args.worker:
+        return run_worker(args, Path(args.worker[0]), int(args.worker[1]), int(args.worker[2]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = load_processed(default_processed_dir(args.dataset))
+    data = load_data(args)
     import triton
     meta = {"command": "python -m gbla.bench.train_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": git_commit(), "dataset": args.dataset,
@@ -270,6 +378,20 @@ def main(argv=None) -> int:
             result["rows"].append(row)
             save()
             torch.cuda.empty_cache() if dev.type == "cuda" else None
+        for n in args.processes:
+            attn = attention_backends[0]
+            row = {"path": "multi_seed", "seeds": args.seeds, "batch_size_per_seed": None, "dataset": args.dataset,
+                   "variant": variant, "code": "this", "commit": meta["commit"], "device": meta["device"],
+                   "mode": args.modes[0], "attention_backend": attn or args.backend, "processes": n}
+            try:
+                row.update(measure_processes(args, variant, n, args.modes[0], attn, args.mps))
+                row["batch_size_per_seed"] = load_configs(args.params, args.profile_name, args.dataset, variant,
+                                                          [0])[0].train.batch_size
+            except Exception as err:  # noqa: BLE001 - a failing row is a result too
+                row["error"] = f"{type(err).__name__}: {err}"[:500]
+            print(row, flush=True)
+            result["rows"].append(row)
+            save()
         for attn in attention_backends if args.profile else []:
             configs = load_configs(args.params, args.profile_name, args.dataset, variant, list(range(args.seeds)))
             name = variant if attn is None else f"{variant}_attn_{attn}"
