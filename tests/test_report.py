@@ -338,6 +338,10 @@ def test_findings_state_each_result_with_its_numbers(ablation_report):
     assert no_gate["p_ttest_holm"] <= 0.05 and no_gate["pct"] < -10
     assert f"hybrid-no-gate Recall@10 {report._pct_ci(no_gate)} (p_Holm = {report._p(no_gate['p_ttest_holm'])})" in sig
     assert "hybrid-no-conv Recall@10" in rest and "hybrid-no-conv" not in sig
+    # a non-significant component carries what the test could have detected, from its own comparison
+    no_conv = c.loc[("hybrid-no-conv", "hybrid", "recall@10")]
+    assert np.isfinite(no_conv["mde_pct"]) and no_conv["mde_pct"] > 0
+    assert f"(p_Holm = {report._p(no_conv['p_ttest_holm'])}; detectable: ±{no_conv['mde_pct']:.1f}%)" in rest
     # the ratio series: all five named layouts that ran, with SA:GBLA, and a negative rank correlation
     text = _finding(table, "ratio")
     assert "sa (4:0)" in text and "all-gbla (0:4)" in text and "ratio-1to3 (1:3)" in text
@@ -393,12 +397,13 @@ def test_main_table_cells_and_markers(ablation_report):
 
 def test_detail_table_fits_a_page(ablation_report):
     detail = report.detail_table(ablation_report.comparisons, "hybrid", "beauty")
-    assert "dataset" not in detail.columns and len(detail.columns) == 11
+    assert "dataset" not in detail.columns and len(detail.columns) == 12
     row = detail[(detail["variant"] == "hybrid-no-gate") & (detail["metric"] == "Recall@10")].iloc[0]
     c = ablation_report.comparisons
     ref = c[(c["variant"] == "hybrid-no-gate") & (c["reference"] == "hybrid") & (c["metric"] == "recall@10")].iloc[0]
     assert row["Δ% [95% CI] (seeds)"] == f"{ref['pct']:+.1f} [{ref['pct_ci_low']:+.1f}, {ref['pct_ci_high']:+.1f}]"
     assert row["p (t)"] == f"{ref['p_ttest']:.3g}" or row["p (t)"] == f"{ref['p_ttest']:.2e}"
+    assert row["MDE %"] == f"{ref['mde_pct']:.1f}"
     assert report._p(0.012345) == "0.0123" and report._p(0.5) == "0.5" and report._p(math.nan) == "n/a"
     assert report.style_detail_table(detail).to_html()
     assert not report.equivalence_table(ablation_report.equivalence).empty
