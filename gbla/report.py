@@ -253,7 +253,8 @@ def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAME
     averaged over the paired seeds, then a paired bootstrap CI and a sign-flip permutation test.
     Holm-Bonferroni within each (dataset, metric, reference) family, separately for the two p-values.
     mde / mde_pct: the minimum detectable effect of the seed-level t-test (80% power, alpha 0.05 before
-    Holm; stats.paired_mde from the paired differences' SD), absolute and in % of the reference mean.
+    Holm; stats.paired_mde from the paired differences' SD), absolute and in % of the reference mean;
+    NaN below 3 paired seeds.
     """
     ranks = ranks or PerUserRanks()
     rows = []
@@ -284,8 +285,9 @@ def compare(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAME
                    "pct_ci_high": stats.percent_of(tt["ci_high"], ref_mean),
                    "t": tt["t"], "p_ttest": tt["p"]}
             # the smallest true change this many seeds find 4 times in 5 (paired t, alpha 0.05, before
-            # Holm), from the spread of the paired differences: what a non-significant result can hide
-            sd_diff = float(np.std(v_vals - r_vals, ddof=1)) if len(seeds) >= 2 else math.nan
+            # Holm), from the spread of the paired differences: what a non-significant result can hide.
+            # From 3 seeds on: the spread of 2 differences is a single number, too loose to plan with
+            sd_diff = float(np.std(v_vals - r_vals, ddof=1)) if len(seeds) >= 3 else math.nan
             row["mde"] = stats.paired_mde(sd_diff, len(seeds))
             row["mde_pct"] = stats.percent_of(row["mde"], ref_mean)
             reasons = []

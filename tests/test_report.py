@@ -144,6 +144,7 @@ def test_compare_seed_level_user_level_and_holm(grid):
     assert row["p_ttest"] == pytest.approx(sps.ttest_rel(hy, sa).pvalue)
     assert row["diff"] == pytest.approx(np.mean(hy) - np.mean(sa))
     assert row["pct"] == pytest.approx(100 * row["diff"] / np.mean(sa))
+    assert math.isnan(row["mde"]) and math.isnan(row["mde_pct"])  # 2 seeds: no spread to plan with
     # per-user: every user is in every seed, so the pooled user mean equals the seed mean
     assert row["n_users"] == 300
     assert row["user_diff"] == pytest.approx(row["diff"])
