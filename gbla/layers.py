@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from gbla.config import GBLAOptions
 from gbla.ops import gbla_attention, short_attention, short_attention_qkv
 from gbla.ops.conv import causal_conv1d_silu
+from gbla.ops.norm import seed_rms_norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,16 +109,18 @@ class SeedLinear(nn.Module):
 
 
 class SeedRMSNorm(nn.Module):
-    """RMSNorm with a per-seed weight; x (S, ..., D). eps as nn.RMSNorm's default (dtype's eps)."""
+    """RMSNorm with a per-seed weight; x (S, ..., D). eps as nn.RMSNorm's default (dtype's eps).
+    `backend`: gbla.ops.seed_rms_norm's (the reference, or one fused kernel each way)."""
 
-    def __init__(self, num_seeds: int, dim: int):
+    def __init__(self, num_seeds: int, dim: int, backend: str = "auto"):
         super().__init__()
-        self.dim = dim
+        self.dim, self.backend = dim, backend
         self.weight = seed_parameter((num_seeds, dim), ("constant", 1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x, (self.dim,))
-        return y * self.weight.view(self.weight.shape[0], *([1] * (x.dim() - 2)), self.dim).to(y.dtype)
+        if self.weight.shape[0] == 1 and x.shape[0] != 1:   # one seed, x without the seed axis
+            return self(x[None])[0]
+        return seed_rms_norm(x, self.weight, backend=self.backend)
 
 
 class SeedEmbedding(nn.Module):

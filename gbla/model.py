@@ -100,7 +100,7 @@ class EncoderBlock(nn.Module):
         else:
             self.mix = _self_attention(cfg, num_seeds, causal=layer_type == "sa_causal",
                                        backend=backend if attention_backend is None else attention_backend)
-        self.norm1, self.norm2 = SeedRMSNorm(num_seeds, cfg.d_model), SeedRMSNorm(num_seeds, cfg.d_model)
+        self.norm1, self.norm2 = (SeedRMSNorm(num_seeds, cfg.d_model, backend) for _ in range(2))
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -139,12 +139,16 @@ class CrossAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_seeds: int = 1, backend: str = "auto"):
+    """`backend` picks the attention's kernels, `norm_backend` the norms' (None: `backend`)."""
+
+    def __init__(self, cfg: ModelConfig, num_seeds: int = 1, backend: str = "auto",
+                 norm_backend: str | None = None):
         super().__init__()
+        norm_backend = backend if norm_backend is None else norm_backend
         self.self_attn = _self_attention(cfg, num_seeds, causal=True, backend=backend)
         self.cross_attn = CrossAttention(cfg, num_seeds, backend)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds)
-        self.norm1, self.norm2, self.norm3 = (SeedRMSNorm(num_seeds, cfg.d_model) for _ in range(3))
+        self.norm1, self.norm2, self.norm3 = (SeedRMSNorm(num_seeds, cfg.d_model, norm_backend) for _ in range(3))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, kv, memory_mask):
@@ -176,10 +180,10 @@ class TIGER(nn.Module):
         self.embed = SeedEmbedding(num_seeds, self.vocab.size, cfg.d_model)
         self.encoder = nn.ModuleList(EncoderBlock(t, cfg, backend, num_seeds, attention_backend)
                                      for t in cfg.encoder_layout)
-        self.encoder_norm = SeedRMSNorm(num_seeds, cfg.d_model)
-        self.decoder = nn.ModuleList(DecoderBlock(cfg, num_seeds, attention_backend)
+        self.encoder_norm = SeedRMSNorm(num_seeds, cfg.d_model, backend)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg, num_seeds, attention_backend, norm_backend=backend)
                                      for _ in range(cfg.num_decoder_layers))
-        self.decoder_norm = SeedRMSNorm(num_seeds, cfg.d_model)
+        self.decoder_norm = SeedRMSNorm(num_seeds, cfg.d_model, backend)
         self.head = SeedLinear(num_seeds, cfg.d_model, self.vocab.num_digit_tokens)
         self.dropout = nn.Dropout(cfg.dropout)
         self.register_buffer("level_mask", self.vocab.level_mask("cpu"), persistent=False)

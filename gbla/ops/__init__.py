@@ -3,6 +3,7 @@
 
     gbla/   bidirectional gated linear attention (the GBLA core)
     conv/   causal depthwise Conv1D + SiLU (GBLA's short-range mixing)
+    norm/   RMSNorm with a weight per seed (every block's pre-norms and the final norms)
     attention/  softmax attention over short sequences (Lq, Lk <= 128; the SA layers and
             cross-attention): bias, key padding, causal, dropout, strided or packed q/k/v
 
@@ -13,6 +14,8 @@ from gbla.ops.attention import short_attention, short_attention_q_kv, short_atte
 from gbla.ops.backend import BACKENDS
 from gbla.ops.conv import causal_conv1d_silu
 from gbla.ops.gbla import NORMALIZATIONS, feature_map, gbla_attention, gbla_attention_reference
+from gbla.ops.norm import seed_rms_norm, seed_rms_norm_reference
 
 __all__ = ["gbla_attention", "gbla_attention_reference", "causal_conv1d_silu", "feature_map", "NORMALIZATIONS",
-           "short_attention", "short_attention_qkv", "short_attention_q_kv", "short_attention_reference", "BACKENDS"]
+           "short_attention", "short_attention_qkv", "short_attention_q_kv", "short_attention_reference",
+           "seed_rms_norm", "seed_rms_norm_reference", "BACKENDS"]
