@@ -223,7 +223,8 @@ class TIGER(nn.Module):
         x = self.dropout(self.embed(tokens))
         for block in self.encoder:
             x = block(x, mask)
-        return self.encoder_norm(x) * mask[..., None].to(x.dtype), mask
+        memory = self.encoder_norm(x)  # bf16 under autocast on the kernels: the keys/values' linear casts it anyway
+        return memory * mask[..., None].to(memory.dtype), mask
 
     def memory_kv(self, memory):
         return [block.cross_attn.memory_kv(memory) for block in self.decoder]

@@ -96,3 +96,25 @@ def test_dispatch_strided_input_and_errors():
     with pytest.raises(ValueError, match="x must be"):
         seed_rms_norm(torch.randn(5), w, backend="torch")
     assert seed_rms_norm_triton(torch.empty(2, 0, 40, device=DEVICE), w).shape == (2, 0, 40)
+
+
+def test_under_autocast_the_output_is_what_the_next_linear_would_cast_it_to():
+    """Under autocast the norm writes the autocast dtype (bf16): the value the reference's fp32 output
+    becomes at the next linear layer's cast, to within one bf16 rounding step; the gradient still
+    arrives at x in x's dtype, with the reference's values."""
+    g = torch.Generator().manual_seed(11)
+    S, B, L, D = 2, 3, 9, 64
+    x = (2 * torch.randn(S, B, L, D, generator=g)).to(DEVICE).requires_grad_()
+    w = (1 + 0.5 * torch.randn(S, D, generator=g)).to(DEVICE).requires_grad_()
+    dy = torch.randn(S, B, L, D, generator=g).to(DEVICE, torch.bfloat16)
+    with torch.autocast(device_type=DEVICE, dtype=torch.bfloat16):
+        y = seed_rms_norm_triton(x, w)
+    assert y.dtype == torch.bfloat16
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    assert gx.dtype == torch.float32 and gw.dtype == torch.float32
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = seed_rms_norm_reference(x64, w64, eps=torch.finfo(torch.float32).eps)
+    rx, rw = torch.autograd.grad(ref, (x64, w64), dy.double())
+    torch.testing.assert_close(y.double(), ref.to(torch.bfloat16).double(), rtol=2 ** -7, atol=1e-6)
+    assert_close("dx", gx, rx, torch.float32)
+    assert_close("dweight", gw, rw, torch.float32)

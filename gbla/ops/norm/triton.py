@@ -14,7 +14,7 @@ most of its ~100 elementwise products per step. Here one pass reads x and writes
 per row, for the backward); the backward reads x, r and dy once, writes dx, and sums dw per seed in
 registers: programs own a chunk of one seed's rows, write their partial (chunk, seed, D), and one
 fixed-order sum gives every seed's gradient (deterministic, no atomics). All arithmetic in fp32;
-y and dx in x's dtype.
+dx in x's dtype, y too except under autocast (see seed_rms_norm_triton).
 """
 from __future__ import annotations
 
@@ -93,13 +93,13 @@ def _chunks(R: int, S: int, block_r: int, device: torch.device) -> tuple[int, in
 
 class _SeedRMSNorm(torch.autograd.Function):
     """x (S * R, D) with row stride sx and column stride 1, rows [s * R, (s + 1) * R) of seed s;
-    weight (S, D) contiguous."""
+    weight (S, D) contiguous; y in `out_dtype`."""
     @staticmethod
-    def forward(ctx, x, weight, eps: float, R: int):
+    def forward(ctx, x, weight, eps: float, R: int, out_dtype: torch.dtype):
         S, D = weight.shape
         block_r, block_d, nw = _norm_config(x.device, D)
         rows, n_chunks = _chunks(R, S, block_r, x.device)
-        y = torch.empty((S * R, D), device=x.device, dtype=x.dtype)
+        y = torch.empty((S * R, D), device=x.device, dtype=out_dtype)
         rstd = torch.empty((S * R,), device=x.device, dtype=torch.float32)
         _rms_fwd_kernel[(n_chunks, S)](x, weight, y, rstd, x.stride(0), y.stride(0), R, D, rows, eps,
                                        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=nw)
@@ -120,13 +120,15 @@ class _SeedRMSNorm(torch.autograd.Function):
         dw_part = torch.empty((n_chunks, S, D), device=x.device, dtype=torch.float32)
         _rms_bwd_kernel[(n_chunks, S)](x, weight, rstd, dy, dx, dw_part, x.stride(0), dy.stride(0), dx.stride(0),
                                        R, D, S, rows, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=nw)
-        return dx, sum_partials(dw_part).to(weight.dtype), None, None
+        return dx, sum_partials(dw_part).to(weight.dtype), None, None, None
 
 
 def seed_rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Same contract as gbla.ops.norm.naive.seed_rms_norm_reference: x (S, ..., D), weight (S, D).
-    The output has x's dtype (as the reference's outside autocast; the model's residual stream, which
-    it normalizes, is fp32 under autocast too)."""
+    The output has x's dtype, or under autocast (for x's device type) the autocast dtype: the norm
+    feeds linear layers, which would cast it to that dtype with the same rounding, after a round trip
+    of the whole activation through memory in fp32 (the model's residual stream is fp32 under
+    autocast). dx has x's dtype, whatever dtype the incoming gradient has."""
     check_norm_inputs(x, weight)
     if x.device.type != "cuda" and not interpreting():
         raise RuntimeError("seed_rms_norm_triton needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
@@ -137,7 +139,9 @@ def seed_rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float | Non
     x2 = x.reshape(-1, D)          # a view for the contiguous tensors the model passes
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = _SeedRMSNorm.apply(x2, weight.contiguous(), eps, x2.shape[0] // S)
+    device_type = x.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    y = _SeedRMSNorm.apply(x2, weight.contiguous(), eps, x2.shape[0] // S, out_dtype)
     return y.view(x.shape)
 
 
