@@ -201,9 +201,22 @@ def baseline_commit(src: Path) -> str:
     return "unknown"
 
 
+def mps_running() -> bool:
+    """Whether an MPS control daemon answers at this environment's pipe folder (one started before this
+    process: then every CUDA process here, this one included, is already its client)."""
+    try:
+        return subprocess.run(["nvidia-cuda-mps-control"], input="get_server_list\n", capture_output=True,
+                              text=True, timeout=10).returncode == 0 and "CUDA_MPS_PIPE_DIRECTORY" in os.environ
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def start_mps(folder: Path) -> dict | None:
     """Start a CUDA MPS control daemon with its pipe and log folders under `folder`; the environment
-    its clients need, or None when it could not start (no nvidia-cuda-mps-control, not permitted)."""
+    its clients need, or None when it could not start (no nvidia-cuda-mps-control, not permitted).
+    A process that already holds a CUDA context is not a client of a daemon started after it: start
+    the daemon before the benchmark where it must share the GPU with its parent (measure_processes
+    then uses it as it is)."""
     env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "mps-pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "mps-log")}
     for d in env.values():
         Path(d).mkdir(parents=True, exist_ok=True)
@@ -231,7 +244,8 @@ def measure_processes(args, variant: str, processes: int, mode: str, attention_b
     through MPS; examples/s of all of them over the window from the first start to the last end."""
     with tempfile.TemporaryDirectory(prefix="gbla-throughput-") as tmp:
         tmp = Path(tmp)
-        mps_env = start_mps(tmp) if mps else None
+        running = mps and mps_running()
+        mps_env = (start_mps(tmp) if mps and not running else None)
         try:
             env = {**os.environ, **(mps_env or {})}
             cmd = [sys.executable, "-m", "gbla.bench.train_throughput", "--params", args.params,
@@ -249,7 +263,7 @@ def measure_processes(args, variant: str, processes: int, mode: str, attention_b
         workers = [json.loads((tmp / f"worker-{i}.json").read_text()) for i in range(processes)]
     window = max(w["window_end"] for w in workers) - min(w["window_start"] for w in workers)
     examples = sum(args.steps * args.seeds * w["batch_size_per_seed"] for w in workers)
-    return {"mode": mode, "processes": processes, "mps": mps_env is not None,
+    return {"mode": mode, "processes": processes, "mps": running or mps_env is not None,
             "ms_per_step": sum(w["ms_per_step"] for w in workers) / processes,
             "examples_per_s": examples / window,
             "per_process_examples_per_s": [w["examples_per_s"] for w in workers],
@@ -327,8 +341,9 @@ def main(argv=None) -> int:
                     help="also time the multi-seed step in this many processes at once on the one GPU, e.g. "
                          "1 2 (each a K-seed model; 1 = the same in one worker process, for the ratio)")
     ap.add_argument("--mps", action="store_true",
-                    help="share the GPU between those processes through CUDA MPS (a control daemon is started "
-                         "for the measurement and stopped after it)")
+                    help="share the GPU between those processes through CUDA MPS: the daemon this environment "
+                         "points at (CUDA_MPS_PIPE_DIRECTORY) if one answers, else one started for the "
+                         "measurement and stopped after it")
     ap.add_argument("--worker", nargs=3, metavar=("FOLDER", "INDEX", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench"))
     args = ap.parse_args(argv)
