@@ -7,10 +7,8 @@ dq, dk, dv, dbias) with a norm-wise tolerance; dropout is compared through the k
 tested; the packed entry points (qkv, q + kv) against the unpacked one.
 """
 import math
-import os
 
-if not os.environ.get("TRITON_INTERPRET") and not os.environ.get("GBLA_TEST_CUDA"):
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_checks import DEVICE, assert_close_to_float64  # first: picks the interpreter without a GPU
 
 import pytest
 import torch
@@ -25,20 +23,13 @@ from gbla.ops.attention.triton import (BWD_SCHEMES, MAX_LEN, draw_seed, dropout_
                                        short_attention_q_kv_triton, short_attention_qkv_triton,
                                        short_attention_triton, unsupported)
 
-DEVICE = "cuda" if (os.environ.get("GBLA_TEST_CUDA") and torch.cuda.is_available()) else "cpu"
 TOL = {torch.float32: (2e-5, 2e-6), torch.bfloat16: (2e-2, 2e-3)}
 if DEVICE == "cuda":  # compiled fp32 exp differs slightly
     TOL[torch.float32] = (1e-4, 1e-5)
 
 
 def assert_close(name, got, ref64, dtype):
-    rtol, atol = TOL[dtype]
-    got, ref64 = got.double().cpu(), ref64.cpu()
-    assert got.shape == ref64.shape, name
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got - ref64).norm().item()
-    bound = rtol * ref64.norm().item() + atol * ref64.numel() ** 0.5
-    assert err <= bound, f"{name}: |got - ref64| = {err:.3e} > {bound:.3e} (|ref64| = {ref64.norm().item():.3e})"
+    assert_close_to_float64(name, got, ref64, *TOL[dtype])
 
 
 def key_mask(kind, N, Lk):

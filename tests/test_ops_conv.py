@@ -3,10 +3,8 @@
 Interpreter on the CPU (TRITON_INTERPRET=1) as in CI; compared to a float64 evaluation of the
 reference on the same inputs, output and the gradients of x, weight and bias.
 """
-import os
 
-if not os.environ.get("TRITON_INTERPRET") and not os.environ.get("GBLA_TEST_CUDA"):
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_checks import DEVICE, assert_close_to_float64  # first: picks the interpreter without a GPU
 
 import pytest
 import torch
@@ -16,17 +14,11 @@ triton = pytest.importorskip("triton", reason="triton is not importable on this 
 from gbla.ops.conv import causal_conv1d_silu, causal_conv1d_silu_reference  # noqa: E402
 from gbla.ops.conv.triton import causal_conv1d_silu_triton  # noqa: E402
 
-DEVICE = "cuda" if (os.environ.get("GBLA_TEST_CUDA") and torch.cuda.is_available()) else "cpu"
 TOL = {torch.float32: (2e-5, 2e-6), torch.bfloat16: (2e-2, 2e-3)}
 
 
 def assert_close(name, got, ref64, dtype):
-    rtol, atol = TOL[dtype]
-    got, ref64 = got.double().cpu(), ref64.cpu()
-    assert got.shape == ref64.shape and torch.isfinite(got).all(), name
-    err = (got - ref64).norm().item()
-    bound = rtol * ref64.norm().item() + atol * ref64.numel() ** 0.5
-    assert err <= bound, f"{name}: |got - ref64| = {err:.3e} > {bound:.3e}"
+    assert_close_to_float64(name, got, ref64, *TOL[dtype])
 
 
 def padded_mask(B, L):

@@ -4,10 +4,8 @@ Interpreter on the CPU (TRITON_INTERPRET=1) as in CI, compiled on a GPU with GBL
 compared to a float64 evaluation of the reference on the same inputs: output, dx and the weight's
 gradient, fp32 and bf16, odd sizes, several seeds, rows that span many programs, all-zero rows.
 """
-import os
 
-if not os.environ.get("TRITON_INTERPRET") and not os.environ.get("GBLA_TEST_CUDA"):
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_checks import DEVICE, assert_close_to_float64  # first: picks the interpreter without a GPU
 
 import pytest
 import torch
@@ -17,17 +15,11 @@ triton = pytest.importorskip("triton", reason="triton is not importable on this 
 from gbla.ops.norm import seed_rms_norm, seed_rms_norm_reference  # noqa: E402
 from gbla.ops.norm.triton import seed_rms_norm_triton  # noqa: E402
 
-DEVICE = "cuda" if (os.environ.get("GBLA_TEST_CUDA") and torch.cuda.is_available()) else "cpu"
 TOL = {torch.float32: (2e-6, 1e-7), torch.bfloat16: (1e-2, 1e-3)}
 
 
 def assert_close(name, got, ref64, dtype):
-    rtol, atol = TOL[dtype]
-    got, ref64 = got.double().cpu(), ref64.cpu()
-    assert got.shape == ref64.shape and torch.isfinite(got).all(), name
-    err = (got - ref64).norm().item()
-    bound = rtol * ref64.norm().item() + atol * ref64.numel() ** 0.5
-    assert err <= bound, f"{name}: |got - ref64| = {err:.3e} > {bound:.3e}"
+    assert_close_to_float64(name, got, ref64, *TOL[dtype])
 
 
 CASES = [  # shape (S, ..., D), dtype
