@@ -1008,6 +1008,10 @@ def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level:
     data = comparisons[(comparisons["reference"] == reference)]
     if data.empty or data[prefix].notna().sum() == 0:
         return None
+    # a dataset with nothing compared yet would be a row of empty panels: named in the title instead
+    compared = data.groupby("dataset", sort=False)[prefix].transform(lambda v: v.notna().any())
+    left_out = [d for d in pd.unique(data["dataset"]) if d not in set(data.loc[compared, "dataset"])]
+    data = data[compared]
     _theme()
     data = data.assign(lo=data[prefix] - data[f"{prefix}_ci_low"], hi=data[f"{prefix}_ci_high"] - data[prefix])
     order = list(pd.unique(data["variant"]))
@@ -1033,7 +1037,10 @@ def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level:
     grid.set_axis_labels(f"% of {reference} mean", "variant")
     level = "per-user bootstrap" if user_level else "seed-level t"
     band = f"; band: ±{margin_pct:g}%" if margin_pct else ""
-    grid.figure.suptitle(f"Difference vs {reference} with 95% {level} CI (hollow: no CI{band})", y=1.03)
+    missing = f"\nnot compared yet: {', '.join(left_out)}" if left_out else ""
+    lines = 2 if missing else 1   # the title's height in inches, above the panels' own titles
+    grid.figure.suptitle(f"Difference vs {reference} with 95% {level} CI (hollow: no CI{band}){missing}",
+                         y=1 + (0.15 + 0.25 * lines) / grid.figure.get_figheight())
     return grid
 
 

@@ -282,6 +282,12 @@ def test_figures_draw_on_the_fixture(grid):
     forest = report.plot_forest(rep.comparisons, "sa")
     assert forest is not None and len(forest.axes.flat) == len(METRICS)
     assert report.plot_forest(rep.comparisons, "sa", user_level=True) is not None
+    # a dataset of the grid with nothing compared yet gets no row of empty panels, only a word in the title
+    pending = rep.comparisons[rep.comparisons["dataset"] == "beauty"].assign(
+        dataset="toys", pct=float("nan"), pct_ci_low=float("nan"), pct_ci_high=float("nan"))
+    both = report.plot_forest(pd.concat([rep.comparisons, pending]), "sa")
+    assert list(both.row_names) == ["beauty"] and len(both.axes.flat) == len(METRICS)
+    assert "not compared yet: toys" in both.figure._suptitle.get_text()
     assert report.plot_metric_bars(rep.runs, rep.summary) is not None
     assert report.plot_learning_curves(rep.histories) is not None
     import matplotlib.pyplot as plt
