@@ -22,12 +22,12 @@ import json
 import sys
 from pathlib import Path
 
+from gbla.common import METRIC_NAMES as METRICS
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.grid import read_dispatch_log
 from gbla.runs import DEFAULT_RUNS_ROOT, load_run_metrics
 from gbla.stats import mean_ci
 
-METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 # group-level timings, the same in every seed's metrics.json of the group
 GROUP_TIMINGS = ("group_epochs", "setup_s", "train_s", "eval_s", "test_eval_s", "valid_eval_s", "epoch_time_s",
                  "examples_per_s", "steps_per_epoch", "resumed_from_epoch")

@@ -19,8 +19,8 @@ as path "single" with that commit, so the ratio is taken side by side on one GPU
 (TIGER's attention_backend: SA layers, decoder self- and cross-attention); the other ops keep
 --backend. Without it the attention uses --backend too. --processes 1 2 also times the multi-seed
 step in that many worker processes at once on the one GPU (each its own K-seed model, all timed over
-the same window after every one has warmed up; --mps shares the GPU through a CUDA MPS daemon started
-for the measurement): whether two groups per GPU (`python -m gbla.grid --runs-per-gpu 2`) train more
+the same window after every one has warmed up; --mps shares the GPU through CUDA MPS, the daemon
+already running or one started for the measurement): whether two groups per GPU (`python -m gbla.grid --runs-per-gpu 2`) train more
 examples per second than one.
 
 Output: <out>/train_throughput.json and .md (rows: path, seeds, batch_size_per_seed, dataset, variant,
@@ -204,9 +204,11 @@ def baseline_commit(src: Path) -> str:
 def mps_running() -> bool:
     """Whether an MPS control daemon answers at this environment's pipe folder (one started before this
     process: then every CUDA process here, this one included, is already its client)."""
+    if "CUDA_MPS_PIPE_DIRECTORY" not in os.environ:
+        return False
     try:
         return subprocess.run(["nvidia-cuda-mps-control"], input="get_server_list\n", capture_output=True,
-                              text=True, timeout=10).returncode == 0 and "CUDA_MPS_PIPE_DIRECTORY" in os.environ
+                              text=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -264,6 +266,7 @@ def measure_processes(args, variant: str, processes: int, mode: str, attention_b
     window = max(w["window_end"] for w in workers) - min(w["window_start"] for w in workers)
     examples = sum(args.steps * args.seeds * w["batch_size_per_seed"] for w in workers)
     return {"mode": mode, "processes": processes, "mps": running or mps_env is not None,
+            "batch_size_per_seed": workers[0]["batch_size_per_seed"],
             "ms_per_step": sum(w["ms_per_step"] for w in workers) / processes,
             "examples_per_s": examples / window,
             "per_process_examples_per_s": [w["examples_per_s"] for w in workers],
@@ -400,8 +403,6 @@ def main(argv=None) -> int:
                    "mode": args.modes[0], "attention_backend": attn or args.backend, "processes": n}
             try:
                 row.update(measure_processes(args, variant, n, args.modes[0], attn, args.mps))
-                row["batch_size_per_seed"] = load_configs(args.params, args.profile_name, args.dataset, variant,
-                                                          [0])[0].train.batch_size
             except Exception as err:  # noqa: BLE001 - a failing row is a result too
                 row["error"] = f"{type(err).__name__}: {err}"[:500]
             print(row, flush=True)
