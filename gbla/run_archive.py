@@ -28,8 +28,10 @@ merged one after another (paused, then finished) keep every execution's records:
     dispatch.jsonl  the archive's lines that are not here yet are appended
     run.log         installed when there is none here; replaced when the archive's log continues the
                     local one (starts with it); kept when the local one already holds the archive's;
-                    otherwise the archive's is appended after the local one (an execution whose log
-                    the remote no longer had), so logs merged in the order they were written stay in order
+                    otherwise each execution's section of it (from its "# <date> ..." header) that the
+                    local one lacks is appended (executions whose logs the remote no longer had, or a
+                    remote copy of the local tree taken before the previous archive was merged), so
+                    logs merged in the order they were written stay in order and none is repeated
     train.ipynb     replaced when runs of that variant are installed, installed when there is none here
 
 Merging the same archive again changes nothing. A bad archive is refused as a whole, naming the
@@ -40,6 +42,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -249,10 +252,28 @@ def _merge_log(src: Path, dest: Path) -> bool:
     if theirs.startswith(ours):            # the same group went on executing after the local copy
         _install(src, dest)
         return True
-    # another execution's log (the remote lost the earlier one): after the local one, on a line of its own
+    # other executions' logs: the remote lost the earlier ones, or its folder was copied again from a
+    # local tree that had not merged them yet (so the archive's log repeats the local executions and
+    # then has its own). Each execution's section goes in once, after the local ones, in the archive's order.
+    merged = ours
+    for section in _log_sections(theirs):
+        if section in merged:
+            continue
+        merged += (b"" if merged.endswith(b"\n") else b"\n") + section
+    if merged == ours:
+        return False
     with atomic_path(dest) as tmp_copy:
-        Path(tmp_copy).write_bytes(ours + (b"" if ours.endswith(b"\n") else b"\n") + theirs)
+        Path(tmp_copy).write_bytes(merged)
     return True
+
+
+# each execution of a group starts its part of run.log with a header line "# <ISO date> <group> ..."
+_SECTION_START = re.compile(rb"(?m)^(?=# \d{4}-\d{2}-\d{2})")
+
+
+def _log_sections(log: bytes) -> list[bytes]:
+    """run.log cut into its executions' sections (anything before the first header is one too)."""
+    return [part for part in _SECTION_START.split(log) if part]
 
 
 def _append_new_lines(src: Path, dest: Path) -> bool:

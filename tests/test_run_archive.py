@@ -3,6 +3,7 @@ behind, every run is checked against the params profile before anything is writt
 run is never replaced by another."""
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -238,6 +239,34 @@ def test_a_continuation_log_replaces_the_local_one(tmp_path, configs):
     assert (vdir / "train.ipynb").read_text() == "local notebook"   # no run installed: the local one stays
     assert merge_runs(tmp_path / "paused.tgz", dest, configs).group_files == []   # a log held already
     assert (vdir / "run.log").read_text() == log1 + log2
+
+
+def test_a_remote_copy_taken_before_the_last_merge_repeats_no_execution(tmp_path, configs):
+    """The remote folder is a fresh copy of the local tree before each command. Command 1 starts a new
+    group of a variant whose earlier group's log is here (the group writes a log of its own) and pauses;
+    command 2 is copied from the local tree before command 1's archive was merged, so its resumed
+    execution appends to the earlier group's log. Merged in order, each execution's section is there once."""
+    dest, first, second = tmp_path / "dest", tmp_path / "first", tmp_path / "second"
+    sa0 = configs[0]
+    records0, log0 = fake_execution(dest, sa0, 1, outcome="ran", log_lines=["seeds 0,1 trained"])
+    records1, log1 = fake_execution(first, sa0, 2, outcome="paused", log_lines=["epoch 1", "paused"])
+    shutil.copytree(variant_dir_for(dest, "synthetic", "sa"), variant_dir_for(second, "synthetic", "sa"))
+    records2, log2 = fake_execution(second, sa0, 3, outcome="ran", log_lines=["resumed", "epoch 2"])
+    fake_run(second, sa0)
+    pack_runs(first, configs, tmp_path / "first.tgz")
+    pack_runs(second, configs, tmp_path / "second.tgz")
+    assert (variant_dir_for(second, "synthetic", "sa") / "run.log").read_text() == log0 + log2
+
+    merge_runs(tmp_path / "first.tgz", dest, configs)
+    report = merge_runs(tmp_path / "second.tgz", dest, configs)
+    assert report.installed == ["synthetic/sa/seed0"] and report.group_files == ["synthetic/sa"]
+    vdir = variant_dir_for(dest, "synthetic", "sa")
+    assert (vdir / "run.log").read_text() == log0 + log1 + log2
+    assert (vdir / "dispatch.jsonl").read_text().splitlines() == records0 + records1 + records2
+    before = snapshot(dest)
+    for archive in ("first.tgz", "second.tgz"):
+        assert merge_runs(tmp_path / archive, dest, configs).group_files == []
+    assert snapshot(dest) == before
 
 
 def test_group_files_outside_the_profile_are_refused(tmp_path, configs):
