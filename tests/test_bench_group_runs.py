@@ -18,13 +18,14 @@ def _write_run(root, dataset, variant, seed, group_seeds, commit, created_at, re
                     "epoch_time_s": 7.0, "examples_per_s": 1000.0, "resumed_from_epoch": resumed_from}}))
 
 
-def _end(root, dataset, variant, seeds, at, t, wall_s, outcome):
+def _end(root, dataset, variant, seeds, at, t, wall_s, outcome, host="h", gpus="0"):
     path = root / dataset / variant / "dispatch.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps({"event": "start", "at": at, "time": t - wall_s, "group_seeds": seeds}) + "\n")
         f.write(json.dumps({"event": "end", "at": at, "time": t, "wall_s": wall_s, "group_seeds": seeds,
-                            "outcomes": {str(s): outcome for s in seeds}, "host": "h", "worker": "0"}) + "\n")
+                            "outcomes": {str(s): outcome for s in seeds}, "host": host, "worker": "0",
+                            "cuda_visible_devices": gpus}) + "\n")
 
 
 def _ts(iso):
@@ -86,3 +87,31 @@ def test_bad_dispatch_line_names_the_file_and_line(tmp_path):
     (root / "beauty" / "sa" / "dispatch.jsonl").write_text('{"event": "end"}\nnot json\n')
     with pytest.raises(ValueError, match=r"dispatch.jsonl:2"):
         group_runs.collect_groups(root)
+
+
+def test_groups_that_shared_a_gpu_name_each_other(tmp_path):
+    """Two groups at once on GPU 0 (runs-per-gpu 2), one of them paused and resumed; a group on another
+    GPU and one on another host at the same time, and one that starts as the first ends, share nothing.
+    A group that never finished a run (paused only) still counts as sharing."""
+    root = tmp_path / "runs"
+    t0 = _ts("2026-01-01T10:00:00+00:00")
+    at = "2026-01-01T10:00:00+00:00"
+    _end(root, "beauty", "a", [0], at, t0 + 300, 300.0, "paused")           # 0-300
+    _end(root, "beauty", "a", [0], at, t0 + 700, 350.0, "ran")              # 350-700
+    _write_run(root, "beauty", "a", 0, [0], "a" * 40, "2026-01-01T10:11:39+00:00", 0.06, resumed_from=20)
+    _end(root, "beauty", "b", [0], at, t0 + 500, 250.0, "ran")              # 250-500: with a, both executions
+    _write_run(root, "beauty", "b", 0, [0], "a" * 40, "2026-01-01T10:08:19+00:00", 0.06)
+    _end(root, "beauty", "c", [0], at, t0 + 1000, 302.0, "ran")             # 698-1000: 2 s after a's end only
+    _write_run(root, "beauty", "c", 0, [0], "a" * 40, "2026-01-01T10:16:39+00:00", 0.06)
+    _end(root, "beauty", "d", [0], at, t0 + 900, 800.0, "ran", gpus="1")    # another GPU
+    _write_run(root, "beauty", "d", 0, [0], "a" * 40, "2026-01-01T10:14:59+00:00", 0.06)
+    _end(root, "toys", "e", [0], at, t0 + 900, 800.0, "ran", host="other")  # another machine
+    _write_run(root, "toys", "e", 0, [0], "a" * 40, "2026-01-01T10:14:59+00:00", 0.06)
+    _end(root, "beauty", "f", [0, 1], at, t0 + 1000, 100.0, "paused")       # 900-1000, no run finished
+    groups = {g["variant"]: g for g in group_runs.collect_groups(root)[0]}
+    assert groups["a"]["gpu_shared_with"] == ["b"]
+    assert groups["b"]["gpu_shared_with"] == ["a"]
+    assert groups["c"]["gpu_shared_with"] == ["f"]
+    assert groups["d"]["gpu_shared_with"] == [] and groups["e"]["gpu_shared_with"] == []
+    rows = [line for line in group_runs.markdown(group_runs.build(root)).splitlines() if line.startswith("| beauty | b |")]
+    assert rows and rows[0].endswith("| a |")

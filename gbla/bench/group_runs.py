@@ -6,7 +6,8 @@ A group is the seeds of one (dataset, variant) trained in one process (gbla.trai
 commit; its seeds' metrics.json say so (group_seeds, commit) and carry the group's timings (epochs,
 training and evaluation seconds, examples per second, the epoch it resumed from). The variant folder's
 dispatch.jsonl adds every execution of the group: a group paused at a time budget and resumed later
-has several, each with its wall seconds. Per group the file lists the seeds' test and validation
+has several, each with its wall seconds, and the groups of other variants whose executions ran on the
+same GPU at the same time (`--runs-per-gpu 2`: then the wall seconds were not that group's alone). Per group the file lists the seeds' test and validation
 metrics; per (dataset, variant) the mean and 95% CI half-width over all finished seeds.
 
 The file is rebuilt from the run folders each time, so it never drifts from them. Keys that the run
@@ -52,7 +53,43 @@ def group_executions(events: list[dict], seeds: list[int], finished_at: str) -> 
     while first > 0 and all(o == "paused" for o in ends[first - 1].get("outcomes", {}).values()):
         first -= 1
     return [{"at": e["at"], "wall_s": e.get("wall_s"), "host": e.get("host"), "worker": e.get("worker"),
+             "cuda_visible_devices": e.get("cuda_visible_devices"), "end_time": e["time"],
              "outcome": "ran" if i == last else "paused"} for i, e in zip(range(first, last + 1), ends[first:last + 1])]
+
+
+def execution_intervals(runs_root: str | Path) -> list[dict]:
+    """Every finished execution (dispatch "end" event with its wall seconds) under `runs_root`, of any
+    group, also one that never finished a run: (label, host, GPUs, start, end)."""
+    out = []
+    for path in sorted(Path(runs_root).glob("*/*/dispatch.jsonl")):
+        for e in read_dispatch_log(path.parent):
+            if e.get("event") == "end" and e.get("wall_s") is not None and e.get("time") is not None:
+                out.append({"dataset": path.parent.parent.name, "variant": path.parent.name,
+                            "host": e.get("host"), "gpus": _gpus(e.get("cuda_visible_devices")),
+                            "start": e["time"] - e["wall_s"], "end": e["time"]})
+    return out
+
+
+def _gpus(cuda_visible_devices) -> frozenset:
+    return frozenset(str(cuda_visible_devices or "").replace(" ", "").split(",")) - {""}
+
+
+# executions overlapping by less than this are back to back (one group ends as the next starts)
+MIN_SHARED_S = 5.0
+
+
+def shared_gpu_with(execution: dict, group: dict, intervals: list[dict]) -> list[str]:
+    """The other groups' variants that ran on the same host and GPU while `execution` did (two groups
+    at once on one GPU, as `--runs-per-gpu 2` does): the execution's wall seconds were not the GPU's alone."""
+    if execution.get("wall_s") is None or execution.get("end_time") is None:
+        return []
+    start, end = execution["end_time"] - execution["wall_s"], execution["end_time"]
+    gpus = _gpus(execution.get("cuda_visible_devices"))
+    return sorted({f"{i['variant']}" if i["dataset"] == group["dataset"] else f"{i['dataset']}/{i['variant']}"
+                   for i in intervals
+                   if i["host"] == execution.get("host") and i["gpus"] & gpus
+                   and (i["dataset"], i["variant"]) != (group["dataset"], group["variant"])
+                   and min(end, i["end"]) - max(start, i["start"]) >= MIN_SHARED_S})
 
 
 def collect_groups(runs_root: str | Path) -> tuple[list[dict], list[dict]]:
@@ -80,6 +117,7 @@ def collect_groups(runs_root: str | Path) -> tuple[list[dict], list[dict]]:
         g["finished_at"] = max(g["finished_at"] or "", m.get("created_at") or "") or None
         g["runs"].append(run)
         by_variant.setdefault((dataset, variant), []).append({**run, "commit": m.get("commit")})
+    intervals = execution_intervals(runs_root)
     out = []
     for (dataset, variant, _, _), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1]["finished_at"] or "")):
         g["runs"].sort(key=lambda r: r["seed"])
@@ -91,6 +129,7 @@ def collect_groups(runs_root: str | Path) -> tuple[list[dict], list[dict]]:
                 # a resumed group whose paused executions left no record: the sum would undercount
                 complete = len(executions) > 1 or not g.get("resumed_from_epoch")
                 g["gpu_wall_s"] = round(sum(e["wall_s"] or 0 for e in executions), 1) if complete else None
+                g["gpu_shared_with"] = sorted({v for e in executions for v in shared_gpu_with(e, g, intervals)})
         # seconds in training, evaluation and setup over all executions (the checkpoint carries them)
         parts = [g.get(k) for k in ("setup_s", "train_s", "eval_s", "test_eval_s")]
         if all(p is not None for p in parts[1:3]):
@@ -157,12 +196,13 @@ def markdown(result: dict) -> str:
              f"Built {m['built_at']} at commit {m['commit'][:7]} from the finished runs under `{m['runs_root']}` "
              f"(`python -m gbla.bench.group_runs`). One row per group: the seeds of one variant trained in one "
              "process at one commit. GPU s: the wall seconds of the group's executions (a paused and resumed "
-             "group has several; blank where a paused execution left no record); train+eval s: the group's own "
+             "group has several; blank where a paused execution left no record; a group that shared its GPU with "
+             "other groups, named in the last column, had it for only part of those seconds); train+eval s: the group's own "
              "training, validation, test and setup seconds over all its executions; epoch s: one epoch with "
              "every seed still training; examples/s over the whole training.", "",
              "| dataset | variant | seeds | commit | device | executions | GPU s | train+eval s | epochs | epoch s "
-             "| examples/s | test R@10 (mean) | test NDCG@10 (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| examples/s | test R@10 (mean) | test NDCG@10 (mean) | GPU shared with |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in result["groups"]:
         seeds = g["seeds"]
         seed_text = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 \
@@ -173,7 +213,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {g['dataset']} | {g['variant']} | {seed_text} | {(g['commit'] or '')[:7]} | "
                      f"{(g.get('device') or '').removeprefix('cuda:')} | {len(g.get('executions', [])) or ''} | "
                      f"{_fmt(gpu_s, '.0f')} | {_fmt(g.get('train_eval_s'), '.0f')} | {_fmt(g.get('group_epochs'), 'd')} | {_fmt(g.get('epoch_time_s'), '.2f')} | "
-                     f"{_fmt(g.get('examples_per_s'), ',.0f')} | {r10:.4f} | {n10:.4f} |")
+                     f"{_fmt(g.get('examples_per_s'), ',.0f')} | {r10:.4f} | {n10:.4f} | "
+                     f"{', '.join(g.get('gpu_shared_with') or [])} |")
     lines += ["", "Per variant, every finished seed (mean ± 95% CI half-width over seeds):", "",
               "| dataset | variant | seeds | Recall@5 | Recall@10 | NDCG@5 | NDCG@10 |", "|---|---|---|---|---|---|---|"]
     for s in result["variant_summaries"]:
