@@ -31,6 +31,16 @@ def repo_path(path) -> Path | None:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def shown_path(path) -> str | None:
+    """A path as results show it: relative to the repository root when inside it (the same on every
+    checkout), else absolute. None or "": None."""
+    path = repo_path(path)
+    if path is None:
+        return None
+    path = path.resolve()
+    return str(path.relative_to(REPO_ROOT.resolve()) if path.is_relative_to(REPO_ROOT.resolve()) else path)
+
+
 # ---------------------------------------------------------------------------------------------
 # provenance
 

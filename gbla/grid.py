@@ -44,7 +44,7 @@ import yaml
 from gbla.config import RunConfig
 from gbla.params import CLUSTERS, DEFAULT_PARAMS, Grid, ParamsError, load_grid  # noqa: F401  (re-exported)
 from gbla.params import KNOWN_DATASETS, SYNTHETIC, check_dataset_names  # noqa: F401  (re-exported)
-from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
+from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit, shown_path
 from gbla.run_archive import merge_runs, pack_runs
 from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, checkpoint_path, collect_runs, dataset_available,
                        dataset_path, expected_data_fingerprint, is_done, record_failure, run_dir_for, variant_dir_for)
@@ -527,7 +527,7 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
         declared = pm.inspect_notebook(str(src))
         params = {k: v for k, v in wanted.items() if k in declared} if declared else wanted
         entry = {"notebook": str(src), "ipynb": str(out), "html": str(html), "status": "ok"}
-        log(f"report: {src.relative_to(REPO_ROOT) if src.is_relative_to(REPO_ROOT) else src} -> {out}")
+        log(f"report: {shown_path(src)} -> {out}")
         try:
             pm.execute_notebook(str(src), str(out), parameters=params, kernel_name=KERNEL_NAME,
                                 cwd=str(reports_root), progress_bar=False,

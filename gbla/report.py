@@ -26,7 +26,7 @@ import pandas as pd
 
 from gbla import runs as runs_io
 from gbla import stats
-from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_path, atomic_write_json, git_commit, repo_path
+from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_path, atomic_write_json, git_commit, repo_path, shown_path
 DEFAULT_PUBLISHED = REPO_ROOT / "params" / "published.yaml"
 
 
@@ -497,8 +497,8 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
     summary = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "runs_root": str(repo_path(runs_root)) if runs_root is not None else None,
-        "params_file": str(repo_path(params_file)) if params_file is not None else None,
+        "runs_root": shown_path(runs_root),
+        "params_file": shown_path(params_file),
         "profile": profile,
         "parameters": report.parameters,
         "runs": {"expected": int(len(report.runs)), **{k: int(v) for k, v in counts.items()}},
@@ -621,6 +621,26 @@ def _availability(summary, dataset, variants) -> tuple[list, list]:
     return none, partial
 
 
+def _published_finding(rep: "Report", comparisons: pd.DataFrame, d: str, metrics) -> str | None:
+    """The published hybrid-vs-Tiger gap of dataset `d` beside ours, as a sentence (None: no paper row)."""
+    gaps = published_gaps(rep.published, comparisons)
+    g = gaps[gaps["dataset"] == d] if not gaps.empty else gaps
+    if g.empty:
+        return None
+    parts = []
+    for m in metrics:
+        r = g[g["metric"] == m]
+        if r.empty:
+            continue
+        r = r.iloc[0]
+        ours = "not yet measured" if not np.isfinite(r["ours_pct"]) else (
+            f"{_pct(r['ours_pct'])}" + (f" [{_pct(r['ours_pct_ci_low'])[:-1]}, {_pct(r['ours_pct_ci_high'])[:-1]}]"
+                                        if np.isfinite(r["ours_pct_ci_low"]) else ""))
+        parts.append(f"{_label(m)} {_pct(r['published_pct'])} ({_num(r['published_variant'])} vs "
+                     f"{_num(r['published_reference'])}), ours {ours}")
+    return f"The {g['paper'].iloc[0]} paper's hybrid vs its all-SA Tiger (mean of its runs): " + "; ".join(parts) + "."
+
+
 def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 0.05) -> pd.DataFrame:
     """The results in sentences, one row per (dataset, topic), each sentence carrying its numbers.
 
@@ -630,7 +650,8 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
     of the number of GBLA layers with the per-seed metric), `depth` (hybrid-1to2-6L vs sa-6L),
     `bidirectional` (sa-causal vs sa), `published` (the GBLA paper's Tiger+GBLA-vs-Tiger gap beside
     ours), `not_run` (variants without finished seeds or with missing seeds). A topic whose variants
-    are not in the grid at all says so. Statistics are the seed-level ones (what retraining varies).
+    are not in the grid at all says so; a dataset with no finished run at all gets only `published`
+    and `not_run`. Statistics are the seed-level ones (what retraining varies).
     """
     from scipy import stats as sps
 
@@ -649,6 +670,13 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
 
     for d in datasets:
         present = grid_variants[d]
+        none, partial = _availability(summary, d, present)
+        if present and len(none) == len(present):   # nothing to compare: say so once, not per topic
+            published_text = _published_finding(rep, comparisons, d, metrics)
+            if published_text:
+                add(d, "published", published_text)
+            add(d, "not_run", f"Not yet run — no finished run of any of its {len(present)} variants.")
+            continue
         # --- hybrid vs sa: equivalence
         if {"hybrid", "sa"} <= set(present):
             parts = []
@@ -748,26 +776,11 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
         else:
             add(d, "bidirectional", "Causal vs bidirectional self-attention (sa-causal vs sa): not in this grid.")
 
-        # --- published gap
-        gaps = published_gaps(rep.published, comparisons)
-        g = gaps[gaps["dataset"] == d] if not gaps.empty else gaps
-        if not g.empty:
-            parts = []
-            for m in metrics:
-                r = g[g["metric"] == m]
-                if r.empty:
-                    continue
-                r = r.iloc[0]
-                ours = "not yet measured" if not np.isfinite(r["ours_pct"]) else (
-                    f"{_pct(r['ours_pct'])}" + (f" [{_pct(r['ours_pct_ci_low'])[:-1]}, {_pct(r['ours_pct_ci_high'])[:-1]}]"
-                                                if np.isfinite(r["ours_pct_ci_low"]) else ""))
-                parts.append(f"{_label(m)} {_pct(r['published_pct'])} ({_num(r['published_variant'])} vs "
-                             f"{_num(r['published_reference'])}), ours {ours}")
-            add(d, "published", f"The {g['paper'].iloc[0]} paper's hybrid vs its all-SA Tiger (mean of its runs): "
-                + "; ".join(parts) + ".")
+        published_text = _published_finding(rep, comparisons, d, metrics)
+        if published_text:
+            add(d, "published", published_text)
 
         # --- what is not run yet
-        none, partial = _availability(summary, d, present)
         wanted = [v for v in ("sa", "sa-causal", "hybrid", *COMPONENT_VARIANTS, *RATIO_VARIANTS, "sa-6L", "hybrid-1to2-6L")
                   if v not in present]
         bits = []

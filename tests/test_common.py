@@ -104,3 +104,11 @@ def test_markdown_tables():
         "| a | b |\n|---|---|\n| 1 | 0.5 |\n| x | 2.2 |")
     frame = pd.DataFrame({"v": [1.0, 2.5]}, index=pd.Index(["p", "q"], name="k"))
     assert common.frame_markdown(frame, ".2f") == "| k | v |\n|---|---|\n| p | 1.00 |\n| q | 2.50 |"
+
+
+def test_shown_path_is_relative_inside_the_repository_and_absolute_outside(tmp_path):
+    from gbla.common import REPO_ROOT, shown_path
+    assert shown_path("outputs/runs") == "outputs/runs"
+    assert shown_path(REPO_ROOT / "params" / "ablations.yaml") == "params/ablations.yaml"
+    assert shown_path(tmp_path / "runs") == str((tmp_path / "runs").resolve())
+    assert shown_path(None) is None and shown_path("") is None

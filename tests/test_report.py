@@ -377,6 +377,23 @@ def test_components_untested_are_not_called_insignificant(tmp_path):
     assert "Not tested (too few paired seeds): hybrid-no-conv Recall@10" in text
 
 
+def test_a_dataset_with_nothing_run_gets_one_sentence_and_the_papers_gap(tmp_path):
+    """Toys in the grid, none of its runs finished: no per-topic n/a sentences, just what is missing
+    and the published gap (ours not yet measured); Beauty's findings are unchanged by it."""
+    runs = report.load_runs(write_ablation_grid(tmp_path / "runs"))
+    beauty_only = report.findings(report.build_report(runs, n_bootstrap=50, progress=False))
+    toys = runs.assign(dataset="toys", status="missing")
+    table = report.findings(report.build_report(pd.concat([runs, toys], ignore_index=True), n_bootstrap=50,
+                                                progress=False))
+    t = table[table["dataset"] == "toys"]
+    assert list(t["topic"]) == ["published", "not_run"]
+    n_variants = runs["variant"].nunique()
+    assert t["text"].iloc[1] == f"Not yet run — no finished run of any of its {n_variants} variants."
+    assert "ours not yet measured" in t["text"].iloc[0]
+    b = table[table["dataset"] == "beauty"].reset_index(drop=True)
+    assert b.equals(beauty_only)
+
+
 def test_findings_of_a_grid_without_the_ablations_say_so(grid):
     _, runs = grid
     table = report.findings(report.build_report(runs, n_bootstrap=100, progress=False))

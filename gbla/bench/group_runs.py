@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from gbla.common import METRIC_NAMES as METRICS
-from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
+from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit, shown_path
 from gbla.grid import read_dispatch_log
 from gbla.runs import DEFAULT_RUNS_ROOT, load_run_metrics
 from gbla.stats import mean_ci
@@ -174,8 +174,7 @@ def build(runs_root: str | Path, previous: dict | None = None) -> dict:
         old_summaries = [{"dataset": "beauty", "variant": v, **s} for v, s in old_summaries.items()]
     _keep_hand_written(summaries, old_summaries, lambda e: (e["dataset"], e["variant"]))
     runs_root = Path(runs_root).resolve()
-    shown_root = runs_root.relative_to(REPO_ROOT) if runs_root.is_relative_to(REPO_ROOT) else runs_root
-    meta = {"runs_root": str(shown_root), "commit": git_commit(),
+    meta = {"runs_root": shown_path(runs_root), "commit": git_commit(),
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "devices": sorted({g["device"] for g in groups if g.get("device")}),
             "data_fingerprints": {d: sorted({g["data_fingerprint"] for g in groups if g["dataset"] == d})
