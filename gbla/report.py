@@ -1059,14 +1059,19 @@ def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level:
 
 def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall@10", "ndcg@10"), *,
                      split: str = "test"):
-    """Bars = mean over ok seeds with the 95% t-CI; dots = the individual seeds; missing variants show
-    an empty slot labelled 'missing'."""
+    """Bars = mean over ok seeds with the 95% t-CI; dots = the individual seeds; above a bar whose
+    seeds are not all there, n/N (seeds present/expected) of that dataset; a variant with none has an
+    empty slot. A dataset with no finished run at all is named in the title instead of drawn as a
+    row of empty panels. Returns the seaborn FacetGrid, or None when nothing has finished."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     data = summary[summary["metric"].isin(metrics)]
-    if data.empty:
+    if data.empty or (data["n_ok"] > 0).sum() == 0:
         return None
+    finished = data.groupby("dataset", sort=False)["n_ok"].transform(lambda n: (n > 0).any())
+    left_out = [d for d in pd.unique(data["dataset"]) if d not in set(data.loc[finished, "dataset"])]
+    data = data[finished]
     _theme()
     order = list(pd.unique(data["variant"]))
     seeds = runs[runs["status"] == "ok"].melt(id_vars=["dataset", "variant", "seed"],
@@ -1084,18 +1089,25 @@ def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall
         ax.errorbar(x, data["mean"], yerr=np.nan_to_num(err), fmt="none", ecolor="black", capsize=3)
         pts = seeds[(seeds["dataset"] == data["dataset"].iloc[0]) & (seeds["metric"] == data["metric"].iloc[0])]
         ax.scatter([order.index(v) for v in pts["variant"]], pts["value"], s=10, color="black", zorder=3)
-        counts = {r.variant: (r.n_ok, r.n_expected) for r in data.itertuples()}
-        labels = [v if counts.get(v, (0, 0))[0] == counts.get(v, (0, 0))[1] else f"{v} ({counts[v][0]}/{counts[v][1]})"
-                  for v in order]
-        ax.set_xticks(range(len(order)), labels, rotation=60, ha="right")
+        # the counts belong to this panel's dataset: written on the panel, not on the shared tick labels
+        top = np.nanmax(np.r_[data["ci_high"].to_numpy(float), pts["value"].to_numpy(float), 0.0])
+        for r in data.itertuples():
+            if r.n_ok < r.n_expected:
+                ax.text(order.index(r.variant), (r.ci_high if np.isfinite(r.ci_high) else r.mean if np.isfinite(r.mean)
+                                                 else 0.0) + 0.02 * top, f"{r.n_ok}/{r.n_expected}",
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(order)), order, rotation=60, ha="right")
 
     grid.map_dataframe(draw)
     grid.set_titles(row_template="{row_name}", col_template="{col_name}")
     grid.set_axis_labels("variant", f"{split} metric value")
     for ax in grid.axes.flat:
         ax.set_ylim(bottom=0)
+    missing = f"\nnot run yet: {', '.join(left_out)}" if left_out else ""
+    lines = 2 if missing else 1
     grid.figure.suptitle(f"Test metrics per variant: mean over seeds with 95% t-CI; dots: seeds; "
-                         f"(n/N): seeds present/expected", y=1.03)
+                         f"n/N above a bar: seeds finished/expected, where some are missing{missing}",
+                         y=1 + (0.15 + 0.25 * lines) / grid.figure.get_figheight())
     return grid
 
 

@@ -288,7 +288,19 @@ def test_figures_draw_on_the_fixture(grid):
     both = report.plot_forest(pd.concat([rep.comparisons, pending]), "sa")
     assert list(both.row_names) == ["beauty"] and len(both.axes.flat) == len(METRICS)
     assert "not compared yet: toys" in both.figure._suptitle.get_text()
-    assert report.plot_metric_bars(rep.runs, rep.summary) is not None
+    bars = report.plot_metric_bars(rep.runs, rep.summary)
+    assert bars is not None and len(bars.axes.flat) == 2
+    # counts are written on each panel for its own dataset (the fixture's hybrid has 2 of 3 seeds ok)
+    n = rep.summary.set_index(["variant", "metric"]).loc[("hybrid", "recall@10")]
+    assert n["n_ok"] < n["n_expected"]
+    texts = [t.get_text() for t in bars.axes.flat[0].texts]
+    assert f"{n['n_ok']}/{n['n_expected']}" in texts
+    assert [t.get_text() for t in bars.axes.flat[0].get_xticklabels()] == list(pd.unique(rep.summary["variant"]))
+    # a dataset with no finished run: named in the title, no panels
+    toys = rep.summary[rep.summary["dataset"] == "beauty"].assign(dataset="toys", n_ok=0, mean=float("nan"),
+                                                                  ci_low=float("nan"), ci_high=float("nan"))
+    both = report.plot_metric_bars(rep.runs, pd.concat([rep.summary, toys]))
+    assert list(both.row_names) == ["beauty"] and "not run yet: toys" in both.figure._suptitle.get_text()
     assert report.plot_learning_curves(rep.histories) is not None
     import matplotlib.pyplot as plt
     plt.close("all")
