@@ -50,7 +50,8 @@ from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, checkpoint_pat
                        dataset_path, expected_data_fingerprint, is_done, record_failure, run_dir_for, variant_dir_for)
 
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
-# with a deadline (--time-budget), a group is not started with less than this many seconds left
+# with a deadline (--time-budget), a group is not started with less than this many seconds left (a
+# group that starts afresh: --min-start, when its partial work would be lost with the machine)
 MIN_GROUP_START_S = 60
 KERNEL_NAME = "python3"
 # every execution of a group appends a "start" and an "end" line here, in its variant folder: where and
@@ -87,7 +88,8 @@ class GroupTask:
     cpu_threads: int
     cell_timeout_s: int | None = None
     stop_at: float | None = None
-    data_fingerprint: str | None = None   # the processed data's; a result on other data is not done
+    data_fingerprint: str | None = None
+    min_start_s: float = MIN_GROUP_START_S  # a group without a checkpoint needs this much time left to start   # the processed data's; a result on other data is not done
 
     @property
     def label(self) -> str:
@@ -189,8 +191,10 @@ def execute_group(task: GroupTask) -> list[dict]:
         base["worker"] = str(get_worker().name)
     except (ImportError, ValueError):
         base["worker"] = None
-    if task.stop_at is not None and task.stop_at - time.time() < MIN_GROUP_START_S:
-        return _seed_outcomes(task, base, "not-run")
+    if task.stop_at is not None:
+        needed = MIN_GROUP_START_S if task.checkpoint().is_file() else max(MIN_GROUP_START_S, task.min_start_s)
+        if task.stop_at - time.time() < needed:
+            return _seed_outcomes(task, base, "not-run")
     execution = {"execution": uuid.uuid4().hex[:12], "label": task.label, "pid": os.getpid(),
                  **{k: base[k] for k in ("host", "worker", "cuda_visible_devices", "group_seeds")}}
     append_dispatch_event(variant_dir, {"event": "start", "at": _now(), "time": round(time.time(), 3),
@@ -365,7 +369,8 @@ def start_cluster(grid: Grid, kind: str, gpus: list[str] | None = None):
 # the grid
 
 def make_group_task(grid: Grid, configs: list[RunConfig], cpu_threads: int, overrides: dict | None = None,
-                    stop_at: float | None = None, data_fingerprint: str | None = None) -> GroupTask:
+                    stop_at: float | None = None, data_fingerprint: str | None = None,
+                    min_start_s: float = MIN_GROUP_START_S) -> GroupTask:
     overrides = overrides or {}
     runs_root = grid.runs_root
     processed_root = overrides.get("processed_root") or grid.processed_root
@@ -384,7 +389,7 @@ def make_group_task(grid: Grid, configs: list[RunConfig], cpu_threads: int, over
                      variant_dir=str(variant_dir_for(runs_root, first.dataset, first.variant)),
                      notebook=str(TRAIN_NOTEBOOK), parameters=parameters, cpu_threads=cpu_threads,
                      cell_timeout_s=grid.runtime.get("cell_timeout_s"), stop_at=stop_at,
-                     data_fingerprint=data_fingerprint)
+                     data_fingerprint=data_fingerprint, min_start_s=min_start_s)
 
 
 def group_configs(configs: list[RunConfig]) -> list[list[RunConfig]]:
@@ -565,10 +570,12 @@ def results_table(frame) -> str:
 def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: str | None = None,
              runs_per_gpu: int | None = None, gpus: list[str] | None = None, dry_run: bool = False,
              aggregate: bool = True, overrides: dict | None = None, time_budget_s: float | None = None,
+             min_start_s: float = MIN_GROUP_START_S,
              log=print) -> dict:
     """Expand, skip what is done, dispatch the rest (one task per (dataset, variant): its pending
     seeds), write summary.json, run the reports. time_budget_s: groups still training when it runs
-    out write a checkpoint and stop (outcome "paused"); the same call later resumes them."""
+    out write a checkpoint and stop (outcome "paused"); the same call later resumes them. min_start_s: a
+    group without a checkpoint is not started with less of the budget left (outcome "not-run")."""
     started, t0 = _now(), time.time()
     kind = cluster or grid.dask["cluster"]
     if runs_per_gpu is not None:
@@ -608,7 +615,8 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
 
     check_datasets(sorted({c.dataset for c in todo}), processed_root)
     stop_at = t0 + time_budget_s if time_budget_s is not None else None
-    tasks = [make_group_task(grid, group, plan.cpu_threads, overrides, stop_at, fingerprints[group[0].dataset])
+    tasks = [make_group_task(grid, group, plan.cpu_threads, overrides, stop_at, fingerprints[group[0].dataset],
+                             min_start_s=min_start_s)
              for group in group_configs(todo)]
     outcomes, interrupted = [], False
     if tasks:
@@ -759,6 +767,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, metavar="SECONDS",
                     help="stop after about this long: running groups checkpoint and pause, groups not started "
                          "stay to do; the same command resumes them")
+    ap.add_argument("--min-start", type=float, metavar="SECONDS", default=MIN_GROUP_START_S,
+                    help="with --time-budget: start a group that has no checkpoint only with at least this long "
+                         "left (a group resuming its checkpoint still starts with %(default)g s left); for a last "
+                         "command on a machine that goes away after it, about one group's length, so that no "
+                         "group is paused with a checkpoint nobody will resume")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="run a grid on real data even without a GPU (CPU-days per run; see the estimate)")
     ap.add_argument("--archive", metavar="PATH.tgz",
@@ -793,7 +806,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         summary = run_grid(grid, datasets=args.datasets, variants=args.variants, seeds=args.seeds,
                            cluster=args.cluster, runs_per_gpu=args.runs_per_gpu, gpus=gpus, dry_run=args.dry_run,
-                           aggregate=not args.no_aggregate, overrides=overrides, time_budget_s=args.time_budget)
+                           aggregate=not args.no_aggregate, overrides=overrides, time_budget_s=args.time_budget,
+                           min_start_s=args.min_start)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -501,6 +501,43 @@ def test_a_resumed_group_appends_to_the_log_of_its_paused_execution(tmp_path):
     assert len([line for line in log.splitlines() if line.startswith("# ")]) == 1 and "epoch 1 and 2 done" in log
 
 
+def test_min_start_holds_back_new_groups_but_not_resumed_ones(tmp_path):
+    """With 10 minutes of budget left and --min-start 900, a group without a checkpoint is not started
+    (it would be paused with work nobody resumes); the same group with its checkpoint resumes."""
+    configs = G.load_grid(PARAMS, "smoke").expand(variants=["sa"], seeds=[0, 1])
+    vdir = runs.variant_dir_for(tmp_path / "runs", "synthetic", "sa")
+    vdir.mkdir(parents=True)
+
+    def task(min_start_s):
+        return G.GroupTask(dataset="synthetic", variant="sa", seeds=(0, 1),
+                           config_hashes=tuple(c.config_hash() for c in configs), variant_dir=str(vdir),
+                           notebook=str(tmp_path / "no-such-notebook.ipynb"), cpu_threads=1,
+                           stop_at=time.time() + 600, parameters={}, min_start_s=min_start_s)
+
+    assert [o["outcome"] for o in G.execute_group(task(900))] == ["not-run", "not-run"]
+    assert not (vdir / "dispatch.jsonl").exists()   # nothing started, nothing recorded
+    checkpoint = task(900).checkpoint()
+    checkpoint.write_bytes(b"group state")
+    # resumed: it starts (and fails here, the notebook being absent) instead of waiting for a later command
+    assert [o["outcome"] for o in G.execute_group(task(900))] == ["failed", "failed"]
+    checkpoint.unlink()
+    assert [o["outcome"] for o in G.execute_group(task(300))] == ["failed", "failed"]   # enough time left
+
+
+def test_min_start_reaches_the_tasks_from_the_command_line(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_grid(grid, **kwargs):
+        seen.update(kwargs)
+        return {"counts": {}}
+    monkeypatch.setattr(G, "run_grid", fake_run_grid)
+    monkeypatch.setattr(G, "check_cpu_cost", lambda *a, **k: None)
+    G.main(["--profile", "smoke", "--time-budget", "500", "--min-start", "450", "--no-aggregate"])
+    assert seen["time_budget_s"] == 500 and seen["min_start_s"] == 450
+    G.main(["--profile", "smoke", "--no-aggregate"])
+    assert seen["min_start_s"] == G.MIN_GROUP_START_S
+
+
 def test_group_configs_keeps_one_task_per_variant():
     g = G.load_grid(PARAMS, "smoke")
     configs = g.expand(seeds=[0, 1])
