@@ -88,8 +88,8 @@ class GroupTask:
     cpu_threads: int
     cell_timeout_s: int | None = None
     stop_at: float | None = None
-    data_fingerprint: str | None = None
-    min_start_s: float = MIN_GROUP_START_S  # a group without a checkpoint needs this much time left to start   # the processed data's; a result on other data is not done
+    data_fingerprint: str | None = None   # the processed data's; a result on other data is not done
+    min_start_s: float = MIN_GROUP_START_S  # a group without a checkpoint needs this much time left to start
 
     @property
     def label(self) -> str:

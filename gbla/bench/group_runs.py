@@ -2,13 +2,14 @@
 
     python -m gbla.bench.group_runs                      # outputs/runs -> outputs/bench/group_runs.{json,md}
 
-A group is the seeds of one (dataset, variant) trained in one process (gbla.train.train_group) at one
-commit; its seeds' metrics.json say so (group_seeds, commit) and carry the group's timings (epochs,
-training and evaluation seconds, examples per second, the epoch it resumed from). The variant folder's
-dispatch.jsonl adds every execution of the group: a group paused at a time budget and resumed later
-has several, each with its wall seconds, and the groups of other variants whose executions ran on the
-same GPU at the same time (`--runs-per-gpu 2`: then the wall seconds were not that group's alone). Per group the file lists the seeds' test and validation
-metrics; per (dataset, variant) the mean and 95% CI half-width over all finished seeds.
+A group is the seeds of one (dataset, variant) trained in one process (gbla.train.train_group) at
+one commit; its seeds' metrics.json say so (group_seeds, commit) and carry the group's timings
+(epochs, training and evaluation seconds, examples per second, the epoch it resumed from). The
+variant folder's dispatch.jsonl adds every execution of the group: a group paused at a time budget
+and resumed later has several, each with its wall seconds, and the groups of other variants whose
+executions ran on the same GPU at the same time (`--runs-per-gpu 2`: then the wall seconds were not
+that group's alone). Per group the file lists the seeds' test and validation metrics; per (dataset,
+variant) the mean and 95% CI half-width over all finished seeds.
 
 The file is rebuilt from the run folders each time, so it never drifts from them. Keys that the run
 folders cannot give (a note, the command as it was typed, a comparison with a published row), written
@@ -59,7 +60,7 @@ def group_executions(events: list[dict], seeds: list[int], finished_at: str) -> 
 
 def execution_intervals(runs_root: str | Path) -> list[dict]:
     """Every finished execution (dispatch "end" event with its wall seconds) under `runs_root`, of any
-    group, also one that never finished a run: (label, host, GPUs, start, end)."""
+    group, also one that never finished a run: its dataset, variant, host, GPUs, start and end time."""
     out = []
     for path in sorted(Path(runs_root).glob("*/*/dispatch.jsonl")):
         for e in read_dispatch_log(path.parent):
@@ -85,7 +86,7 @@ def shared_gpu_with(execution: dict, group: dict, intervals: list[dict]) -> list
         return []
     start, end = execution["end_time"] - execution["wall_s"], execution["end_time"]
     gpus = _gpus(execution.get("cuda_visible_devices"))
-    return sorted({f"{i['variant']}" if i["dataset"] == group["dataset"] else f"{i['dataset']}/{i['variant']}"
+    return sorted({i["variant"] if i["dataset"] == group["dataset"] else f"{i['dataset']}/{i['variant']}"
                    for i in intervals
                    if i["host"] == execution.get("host") and i["gpus"] & gpus
                    and (i["dataset"], i["variant"]) != (group["dataset"], group["variant"])
