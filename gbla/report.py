@@ -1006,6 +1006,21 @@ def _theme():
     sns.set_theme(style="whitegrid", context="notebook")
 
 
+def _datasets_with(data: pd.DataFrame, has_value: pd.Series) -> tuple[pd.DataFrame, list[str]]:
+    """(the rows of the datasets where some row has a value, the other datasets' names): a dataset with
+    nothing to show would be a row of empty panels, so figures name it in the title instead."""
+    keep = has_value.groupby(data["dataset"], sort=False).transform("any")
+    return data[keep], [d for d in pd.unique(data["dataset"]) if d not in set(data.loc[keep, "dataset"])]
+
+
+def _suptitle(grid, text: str, left_out: list[str], left_out_label: str) -> None:
+    """The figure's title above its panels' own titles, one more line naming the left-out datasets."""
+    if left_out:
+        text += f"\n{left_out_label}: {', '.join(left_out)}"
+    lines = text.count("\n") + 1   # the title's height in inches, above the panels' own titles
+    grid.figure.suptitle(text, y=1 + (0.15 + 0.25 * lines) / grid.figure.get_figheight())
+
+
 def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level: bool = False,
                 margin_pct: float | None = 5.0):
     """Forest plot: each variant's difference vs `reference` in % of the reference mean, with its 95% CI.
@@ -1021,10 +1036,7 @@ def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level:
     data = comparisons[(comparisons["reference"] == reference)]
     if data.empty or data[prefix].notna().sum() == 0:
         return None
-    # a dataset with nothing compared yet would be a row of empty panels: named in the title instead
-    compared = data.groupby("dataset", sort=False)[prefix].transform(lambda v: v.notna().any())
-    left_out = [d for d in pd.unique(data["dataset"]) if d not in set(data.loc[compared, "dataset"])]
-    data = data[compared]
+    data, left_out = _datasets_with(data, data[prefix].notna())
     _theme()
     data = data.assign(lo=data[prefix] - data[f"{prefix}_ci_low"], hi=data[f"{prefix}_ci_high"] - data[prefix])
     order = list(pd.unique(data["variant"]))
@@ -1050,10 +1062,8 @@ def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level:
     grid.set_axis_labels(f"% of {reference} mean", "variant")
     level = "per-user bootstrap" if user_level else "seed-level t"
     band = f"; band: ±{margin_pct:g}%" if margin_pct else ""
-    missing = f"\nnot compared yet: {', '.join(left_out)}" if left_out else ""
-    lines = 2 if missing else 1   # the title's height in inches, above the panels' own titles
-    grid.figure.suptitle(f"Difference vs {reference} with 95% {level} CI (hollow: no CI{band}){missing}",
-                         y=1 + (0.15 + 0.25 * lines) / grid.figure.get_figheight())
+    _suptitle(grid, f"Difference vs {reference} with 95% {level} CI (hollow: no CI{band})", left_out,
+              "not compared yet")
     return grid
 
 
@@ -1069,9 +1079,7 @@ def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall
     data = summary[summary["metric"].isin(metrics)]
     if data.empty or (data["n_ok"] > 0).sum() == 0:
         return None
-    finished = data.groupby("dataset", sort=False)["n_ok"].transform(lambda n: (n > 0).any())
-    left_out = [d for d in pd.unique(data["dataset"]) if d not in set(data.loc[finished, "dataset"])]
-    data = data[finished]
+    data, left_out = _datasets_with(data, data["n_ok"] > 0)
     _theme()
     order = list(pd.unique(data["variant"]))
     seeds = runs[runs["status"] == "ok"].melt(id_vars=["dataset", "variant", "seed"],
@@ -1093,8 +1101,8 @@ def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall
         top = np.nanmax(np.r_[data["ci_high"].to_numpy(float), pts["value"].to_numpy(float), 0.0])
         for r in data.itertuples():
             if r.n_ok < r.n_expected:
-                ax.text(order.index(r.variant), (r.ci_high if np.isfinite(r.ci_high) else r.mean if np.isfinite(r.mean)
-                                                 else 0.0) + 0.02 * top, f"{r.n_ok}/{r.n_expected}",
+                above = next((y for y in (r.ci_high, r.mean) if np.isfinite(y)), 0.0)   # the bar's top
+                ax.text(order.index(r.variant), above + 0.02 * top, f"{r.n_ok}/{r.n_expected}",
                         ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(order)), order, rotation=60, ha="right")
 
@@ -1103,11 +1111,8 @@ def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall
     grid.set_axis_labels("variant", f"{split} metric value")
     for ax in grid.axes.flat:
         ax.set_ylim(bottom=0)
-    missing = f"\nnot run yet: {', '.join(left_out)}" if left_out else ""
-    lines = 2 if missing else 1
-    grid.figure.suptitle(f"Test metrics per variant: mean over seeds with 95% t-CI; dots: seeds; "
-                         f"n/N above a bar: seeds finished/expected, where some are missing{missing}",
-                         y=1 + (0.15 + 0.25 * lines) / grid.figure.get_figheight())
+    _suptitle(grid, "Test metrics per variant: mean over seeds with 95% t-CI; dots: seeds; "
+              "n/N above a bar: seeds finished/expected, where some are missing", left_out, "not run yet")
     return grid
 
 
