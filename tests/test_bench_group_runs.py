@@ -115,3 +115,28 @@ def test_groups_that_shared_a_gpu_name_each_other(tmp_path):
     assert groups["d"]["gpu_shared_with"] == [] and groups["e"]["gpu_shared_with"] == []
     rows = [line for line in group_runs.markdown(group_runs.build(root)).splitlines() if line.startswith("| beauty | b |")]
     assert rows and rows[0].endswith("| a |")
+
+
+def test_group_started_from_scratch_does_not_own_a_lost_groups_executions(tmp_path):
+    """A group paused twice and then lost with its machine (checkpoint gone), then trained again from
+    scratch: the finished group owns only its last execution; the lost ones are listed as unfinished,
+    with their GPU seconds, beside a failed execution of another variant."""
+    root = tmp_path / "runs"
+    t0 = _ts("2026-01-01T10:00:00+00:00")
+    _end(root, "beauty", "plain", [0, 1], "2026-01-01T10:02:24+00:00", t0 + 144, 144.0, "paused")
+    _end(root, "beauty", "plain", [0, 1], "2026-01-01T10:11:00+00:00", t0 + 660, 516.0, "paused")
+    _end(root, "beauty", "plain", [0, 1], "2026-01-02T10:08:10+00:00", t0 + 86400 + 490, 490.0, "ran")
+    for s in (0, 1):
+        _write_run(root, "beauty", "plain", s, [0, 1], "a" * 40, "2026-01-02T10:08:09+00:00", 0.06, resumed_from=0)
+    _end(root, "beauty", "other", [0], "2026-01-03T10:00:00+00:00", t0 + 2 * 86400, 30.0, "failed")
+
+    (group,) = group_runs.collect_groups(root)[0]
+    assert [e["outcome"] for e in group["executions"]] == ["ran"]
+    assert group["gpu_wall_s"] == 490.0
+    result = group_runs.build(root)
+    unfinished = result["unfinished_executions"]
+    assert [(e["variant"], e["outcome"], e["wall_s"]) for e in unfinished] == [
+        ("other", "failed", 30.0), ("plain", "paused", 144.0), ("plain", "paused", 516.0)]
+    text = group_runs.markdown(result)
+    assert "Executions that finished no run (3, 690 GPU s)" in text
+    assert "| beauty | plain | 0,1 | 2026-01-01T10:11:00+00:00 | paused | 516 |" in text

@@ -39,10 +39,12 @@ def _timestamp(iso: str) -> float:
     return dt.datetime.fromisoformat(iso).timestamp()
 
 
-def group_executions(events: list[dict], seeds: list[int], finished_at: str) -> list[dict]:
+def group_executions(events: list[dict], seeds: list[int], finished_at: str, resumed: bool = True) -> list[dict]:
     """The executions (dispatch "end" events) of the group of `seeds` whose results were written at
-    `finished_at`: the first execution that ran them at or after that time, and the paused ones
-    right before it (back to the previous execution that ran or failed)."""
+    `finished_at`: the first execution that ran them at or after that time and, if the group was
+    `resumed` from a checkpoint, the paused ones right before it (back to the previous execution that
+    ran or failed). A group that started from scratch owns only its last execution: paused ones
+    before it belonged to a group whose checkpoint was lost (its machine went away)."""
     ends = sorted((e for e in events if e.get("event") == "end" and e.get("group_seeds") == seeds),
                   key=lambda e: e["time"])
     written = _timestamp(finished_at)
@@ -51,7 +53,7 @@ def group_executions(events: list[dict], seeds: list[int], finished_at: str) -> 
     if last is None:
         return []
     first = last
-    while first > 0 and all(o == "paused" for o in ends[first - 1].get("outcomes", {}).values()):
+    while resumed and first > 0 and all(o == "paused" for o in ends[first - 1].get("outcomes", {}).values()):
         first -= 1
     return [{"at": e["at"], "wall_s": e.get("wall_s"), "host": e.get("host"), "worker": e.get("worker"),
              "cuda_visible_devices": e.get("cuda_visible_devices"), "end_time": e["time"],
@@ -65,10 +67,23 @@ def execution_intervals(runs_root: str | Path) -> list[dict]:
     for path in sorted(Path(runs_root).glob("*/*/dispatch.jsonl")):
         for e in read_dispatch_log(path.parent):
             if e.get("event") == "end" and e.get("wall_s") is not None and e.get("time") is not None:
+                outcomes = set((e.get("outcomes") or {}).values())
                 out.append({"dataset": path.parent.parent.name, "variant": path.parent.name,
+                            "seeds": e.get("group_seeds"), "at": e.get("at"), "wall_s": e["wall_s"],
+                            "outcome": outcomes.pop() if len(outcomes) == 1 else ",".join(sorted(outcomes)),
                             "host": e.get("host"), "gpus": _gpus(e.get("cuda_visible_devices")),
                             "start": e["time"] - e["wall_s"], "end": e["time"]})
     return out
+
+
+def unfinished_executions(runs_root: str | Path, groups: list[dict]) -> list[dict]:
+    """The executions that belong to no finished group: paused ones whose group was not resumed yet
+    (or whose checkpoint was lost with its machine) and failed ones. Their GPU seconds gave no result
+    (yet), so a GPU-time account that left them out would undercount."""
+    owned = {(g["dataset"], g["variant"], e["end_time"]) for g in groups for e in g.get("executions", [])}
+    return [{k: i[k] for k in ("dataset", "variant", "seeds", "at", "wall_s", "outcome")}
+            for i in execution_intervals(runs_root)
+            if (i["dataset"], i["variant"], i["end"]) not in owned and i["outcome"] != "ran"]
 
 
 def _gpus(cuda_visible_devices) -> frozenset:
@@ -124,7 +139,7 @@ def collect_groups(runs_root: str | Path) -> tuple[list[dict], list[dict]]:
         g["runs"].sort(key=lambda r: r["seed"])
         if g.get("finished_at"):
             executions = group_executions(read_dispatch_log(runs_root / dataset / variant), g["seeds"],
-                                          g["finished_at"])
+                                          g["finished_at"], resumed=bool(g.get("resumed_from_epoch")))
             if executions:
                 g["executions"] = executions
                 # a resumed group whose paused executions left no record: the sum would undercount
@@ -183,7 +198,8 @@ def build(runs_root: str | Path, previous: dict | None = None) -> dict:
     for k, v in (previous.get("meta") or {}).items():
         if k in ("note",):
             meta.setdefault(k, v)
-    return {"meta": meta, "groups": groups, "variant_summaries": summaries}
+    return {"meta": meta, "groups": groups, "variant_summaries": summaries,
+            "unfinished_executions": unfinished_executions(runs_root, groups)}
 
 
 def _fmt(x, spec):
@@ -223,6 +239,16 @@ def markdown(result: dict) -> str:
             mean, half = s["test_mean_and_ci95_half_width"][k]
             cells.append(f"{mean:.4f}" + (f" ± {half:.4f}" if half is not None else ""))
         lines.append(f"| {s['dataset']} | {s['variant']} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    unfinished = result.get("unfinished_executions") or []
+    if unfinished:
+        total = sum(e["wall_s"] or 0 for e in unfinished)
+        lines += ["", f"Executions that finished no run ({len(unfinished)}, {total:.0f} GPU s): paused ones not resumed "
+                  "(yet, or their checkpoint was lost with the machine) and failed ones:", "",
+                  "| dataset | variant | seeds | ended | outcome | GPU s |", "|---|---|---|---|---|---|"]
+        for e in unfinished:
+            seeds = ",".join(map(str, e["seeds"] or []))
+            lines.append(f"| {e['dataset']} | {e['variant']} | {seeds} | {e['at'] or ''} | {e['outcome']} | "
+                         f"{_fmt(e['wall_s'], '.0f')} |")
     return "\n".join(lines) + "\n"
 
 
