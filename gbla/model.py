@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gbla.config import ModelConfig
 from gbla.layers import GBLALayer, SeedEmbedding, SeedLinear, SeedRMSNorm, SelfAttentionLayer, init_seed_slice
-from gbla.ops import short_attention_q_kv
+from gbla.ops import relu_dropout, short_attention_q_kv
 
 PAD, BOS = 0, 1
 
@@ -71,13 +71,16 @@ class SIDVocab:
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, dropout: float, num_seeds: int):
+    """up, ReLU, dropout, down. `backend` picks relu_dropout's kernels (gbla.ops.activation: on the
+    kernels the widest activation of the model takes one pass each way instead of four)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, num_seeds: int, backend: str = "auto"):
         super().__init__()
         self.up, self.down = SeedLinear(num_seeds, d_model, d_ff), SeedLinear(num_seeds, d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout_p, self.backend = dropout, backend
 
     def forward(self, x):
-        return self.down(self.dropout(F.relu(self.up(x))))
+        return self.down(relu_dropout(self.up(x), self.dropout_p, self.training, backend=self.backend))
 
 
 def _self_attention(cfg: ModelConfig, num_seeds: int, causal: bool, backend: str) -> SelfAttentionLayer:
@@ -101,7 +104,7 @@ class EncoderBlock(nn.Module):
             self.mix = _self_attention(cfg, num_seeds, causal=layer_type == "sa_causal",
                                        backend=backend if attention_backend is None else attention_backend)
         self.norm1, self.norm2 = (SeedRMSNorm(num_seeds, cfg.d_model, backend) for _ in range(2))
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds, backend)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask):
@@ -139,7 +142,7 @@ class CrossAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """`backend` picks the attention's kernels, `norm_backend` the norms' (None: `backend`)."""
+    """`backend` picks the attention's kernels, `norm_backend` the norms' and the FFN's (None: `backend`)."""
 
     def __init__(self, cfg: ModelConfig, num_seeds: int = 1, backend: str = "auto",
                  norm_backend: str | None = None):
@@ -147,7 +150,7 @@ class DecoderBlock(nn.Module):
         norm_backend = backend if norm_backend is None else norm_backend
         self.self_attn = _self_attention(cfg, num_seeds, causal=True, backend=backend)
         self.cross_attn = CrossAttention(cfg, num_seeds, backend)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds, norm_backend)
         self.norm1, self.norm2, self.norm3 = (SeedRMSNorm(num_seeds, cfg.d_model, norm_backend) for _ in range(3))
         self.dropout = nn.Dropout(cfg.dropout)
 

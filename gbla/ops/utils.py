@@ -1,5 +1,5 @@
-"""Triton helpers shared by the ops' kernels: interpreter detection, SM count, and the fixed-order
-reduction of per-chunk partial sums."""
+"""Triton helpers shared by the ops' kernels: interpreter detection, SM count, dropout seeds, and
+the fixed-order reduction of per-chunk partial sums."""
 from __future__ import annotations
 
 import functools
@@ -25,6 +25,12 @@ def num_sms(device: torch.device, default: int = 4) -> int:
     if device.type == "cuda":
         return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
     return default
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A fresh dropout seed, an int64 tensor on `device` drawn from torch's generator (so it changes
+    on every CUDA-graph replay, like torch's own dropout); kernels read it through a pointer."""
+    return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
 
 
 @triton.jit

@@ -78,7 +78,7 @@ import triton
 import triton.language as tl
 
 from gbla.ops.attention.naive import check_short_attention_inputs, unbind_packed
-from gbla.ops.utils import interpreting, num_sms, sum_partials
+from gbla.ops.utils import draw_seed, interpreting, num_sms, sum_partials
 
 MAX_LEN = 128        # Lq and Lk limit of the one-tile kernels
 MAX_HEAD_DIM = 256
@@ -505,12 +505,6 @@ def unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
     if q.device.type != "cuda" and not interpreting():
         return "needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter"
     return None
-
-
-def draw_seed(device: torch.device) -> torch.Tensor:
-    """A fresh dropout seed, an int64 tensor on `device` drawn from torch's generator (so it changes
-    on every CUDA-graph replay, like torch's own dropout)."""
-    return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
 
 
 def _attention(layout, a, b, c, key_mask, causal, bias, num_seeds, dropout_p, dropout_seed, name):

@@ -1,0 +1,108 @@
+"""Fused Triton ReLU + dropout vs the torch reference (gbla/ops/activation/naive.py).
+
+Interpreter on the CPU (TRITON_INTERPRET=1) as in CI, compiled on a GPU with GBLA_TEST_CUDA=1. The
+kernel draws its own mask: the tests read it with keep_mask (same seed) and compare output and
+gradient with the reference applied with that mask, fp32 and bf16, sizes that are not a multiple of
+four or of a block; then the mask itself: its keep rate, its dependence on the seed only.
+"""
+
+from kernel_checks import DEVICE, assert_close_to_float64  # first: picks the interpreter without a GPU
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not importable on this machine")
+
+from gbla.ops.activation import relu_dropout, relu_dropout_reference  # noqa: E402
+from gbla.ops.activation.triton import keep_mask, relu_dropout_triton  # noqa: E402
+from gbla.ops.utils import draw_seed  # noqa: E402
+
+TOL = {torch.float32: (1e-6, 1e-7), torch.bfloat16: (1e-2, 1e-3)}
+
+CASES = [  # shape, dtype, p
+    ((2, 3, 7, 32), torch.float32, 0.15),
+    ((2, 3, 7, 32), torch.bfloat16, 0.15),
+    ((5, 4, 13, 96), torch.bfloat16, 0.15),   # several programs
+    ((3, 5, 11), torch.float32, 0.5),         # 165 elements: neither a multiple of 4 nor of a block
+    ((1, 1, 1, 3), torch.float32, 0.3),       # fewer elements than one group of four
+]
+
+
+@pytest.mark.parametrize("shape,dtype,p", CASES)
+def test_matches_reference_with_the_kernels_mask(shape, dtype, p):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    x.view(-1)[:2] = 0                     # exact zeros: relu'(0) = 0 in both
+    dy = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    seed = draw_seed(torch.device(DEVICE))
+    keep = keep_mask(seed, shape, p)
+
+    xt = x.detach().requires_grad_()
+    y = relu_dropout_triton(xt, p, seed)
+    (dx,) = torch.autograd.grad(y, xt, dy)
+    x64 = x.double().requires_grad_()
+    ref = relu_dropout_reference(x64, p, keep=keep)
+    (rdx,) = torch.autograd.grad(ref, x64, dy.double())
+
+    assert y.dtype == dtype and dx.dtype == dtype and y.shape == x.shape
+    assert_close_to_float64("y", y, ref, *TOL[dtype])
+    assert_close_to_float64("dx", dx, rdx, *TOL[dtype])
+    # exactly zero where dropped or x <= 0, and the gradient too
+    assert torch.equal(y != 0, keep & (x > 0)) and torch.equal(dx != 0, (keep & (x > 0)) & (dy != 0))
+
+
+def test_mask_depends_on_the_seed_only_and_keeps_one_minus_p():
+    n, p = 40_000, 0.15
+    dev = torch.device(DEVICE)
+    seed = draw_seed(dev)
+    keep = keep_mask(seed, (n,), p)
+    assert torch.equal(keep, keep_mask(seed.clone(), (n,), p))              # same seed, same draw
+    assert torch.equal(keep_mask(seed, (8, n // 8), p).flatten(), keep)     # a function of the element index
+    assert not torch.equal(keep, keep_mask(draw_seed(dev), (n,), p))
+    rate, sd = keep.double().mean().item(), (p * (1 - p) / n) ** 0.5
+    assert abs(rate - (1 - p)) < 5 * sd, rate
+    # neighbours within a Philox call's four lanes are not copies of each other
+    lanes = keep.view(-1, 4).double()
+    assert (lanes[:, 0] != lanes[:, 1]).double().mean().item() > 0.2
+
+
+def test_forward_draws_what_keep_mask_says():
+    """The forward's zeros are the mask's (x > 0 everywhere), also when the input is a strided view."""
+    p, dev = 0.4, torch.device(DEVICE)
+    x = (torch.rand(6, 50, device=dev) + 0.5).t()        # (50, 6), not contiguous
+    seed = draw_seed(dev)
+    y = relu_dropout_triton(x, p, seed)
+    assert torch.equal(y != 0, keep_mask(seed, x.shape, p))
+    torch.testing.assert_close(y[y != 0], (x / (1 - p))[y != 0])
+
+
+def test_dispatch_eval_p0_and_empty():
+    dev = torch.device(DEVICE)
+    x = torch.randn(3, 9, device=dev)
+    for backend in ("torch", "triton"):
+        assert torch.equal(relu_dropout(x, 0.3, training=False, backend=backend), torch.relu(x))
+        assert torch.equal(relu_dropout(x, 0.0, backend=backend), torch.relu(x))
+    empty = torch.zeros(0, 4, device=dev)
+    assert relu_dropout_triton(empty, 0.2).shape == (0, 4)
+    with pytest.raises(ValueError, match="dropout p"):
+        relu_dropout(x, 1.0, backend="triton")
+    with pytest.raises(ValueError, match="keep must have"):
+        relu_dropout_reference(x, 0.1, keep=torch.ones(3, 8, dtype=torch.bool))
+
+
+def test_model_ffn_draws_its_mask_from_torchs_generator():
+    """TIGER's FeedForward on the kernels in training: down(relu_dropout(up(x))) with the mask of the
+    seed that torch's generator gives at that point, so a run is reproducible from its seed."""
+    from gbla.model import FeedForward
+
+    dev = torch.device(DEVICE)
+    ffn = FeedForward(8, 24, dropout=0.25, num_seeds=2, backend="triton").to(dev).train()
+    x = torch.randn(2, 3, 5, 8, device=dev)
+    torch.manual_seed(11)
+    seed = draw_seed(dev)
+    torch.manual_seed(11)
+    y = ffn(x)
+    hidden = ffn.up(x)
+    ref = ffn.down(relu_dropout_reference(hidden, 0.25, keep=keep_mask(seed, hidden.shape, 0.25)))
+    torch.testing.assert_close(y, ref)
+    assert torch.equal(ffn.eval()(x), ffn.down(torch.relu(hidden)))
