@@ -47,7 +47,8 @@ from gbla.params import KNOWN_DATASETS, SYNTHETIC, check_dataset_names  # noqa: 
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit, shown_path
 from gbla.run_archive import merge_runs, pack_runs
 from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, checkpoint_path, collect_runs, dataset_available,
-                       dataset_path, expected_data_fingerprint, is_done, record_failure, run_dir_for, variant_dir_for)
+                       dataset_path, expected_data_fingerprint, is_done, keep_earlier_group_notebook, record_failure,
+                       run_dir_for, variant_dir_for)
 
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
 # with a deadline (--time-budget), a group is not started with less than this many seconds left (a
@@ -213,6 +214,7 @@ def execute_group(task: GroupTask) -> list[dict]:
     # after the earlier executions' log, which would otherwise be lost (their epochs are not repeated)
     checkpoint = task.checkpoint()
     resumes = checkpoint.is_file()
+    keep_earlier_group_notebook(variant_dir, task.seeds)   # another group's notebook is not overwritten
     cut_off = resumes and not _ends_with_newline(log_path)  # the earlier execution stopped mid-line
     start = time.time()
     base["started_at"] = _now()

@@ -32,7 +32,8 @@ merged one after another (paused, then finished) keep every execution's records:
                     local one lacks is appended (executions whose logs the remote no longer had, or a
                     remote copy of the local tree taken before the previous archive was merged), so
                     logs merged in the order they were written stay in order and none is repeated
-    train.ipynb     replaced when runs of that variant are installed, installed when there is none here
+    train.ipynb     replaced when runs of that variant are installed, installed when there is none here;
+                    a local notebook of another group of seeds is kept as train-seeds<its seeds>.ipynb
 
 Merging the same archive again changes nothing. A bad archive is refused as a whole, naming the
 member and the reason; nothing is written.
@@ -52,7 +53,8 @@ from typing import Iterable
 
 from gbla.common import atomic_path
 from gbla.runs import (ERROR_FILE, LOG_FILE, METRICS_FILE, NOTEBOOK_FILE, PER_USER_FILE, _now, _replace_dir,
-                       load_failure, load_run_metrics, run_dir_for, run_status, variant_dir_for)
+                       keep_earlier_group_notebook, load_failure, load_run_metrics, notebook_seeds, run_dir_for,
+                       run_status, variant_dir_for)
 
 MANIFEST = "archive_manifest.json"
 DISPATCH_FILE = "dispatch.jsonl"
@@ -225,6 +227,9 @@ def _merge_group_files(src: Path, vdir: Path, *, runs_installed: bool) -> bool:
     changed = False
     notebook = src / NOTEBOOK_FILE
     if notebook.is_file() and (runs_installed or not (vdir / NOTEBOOK_FILE).is_file()):
+        seeds = notebook_seeds(notebook)
+        if seeds is not None:   # the local notebook of another group of seeds is kept beside it
+            keep_earlier_group_notebook(vdir, seeds)
         _install(notebook, vdir / NOTEBOOK_FILE)
         changed = True
     if (src / LOG_FILE).is_file():

@@ -3,6 +3,8 @@
     outputs/runs/<dataset>/<variant>/
         train.ipynb            the executed papermill notebook of the last group of seeds trained
                                together (kept also when it fails); shows every seed's curves
+        train-seeds<a-b>.ipynb the notebook of an earlier group of other seeds (e.g. seeds 0-1 trained
+                               first, 2-4 later), kept when the next group's notebook takes its place
         run.log                papermill's log of that group (cell outputs as they came)
         checkpoint-<key>.pt    a paused or interrupted group's state (git-ignored; removed when done)
         seed<k>/
@@ -67,6 +69,38 @@ def checkpoint_path(variant_dir: str | os.PathLike, configs) -> Path:
     hashes = [c if isinstance(c, str) else c.config_hash() for c in configs]
     key = hashlib.sha256(" ".join(hashes).encode()).hexdigest()[:12]
     return Path(variant_dir) / f"checkpoint-{key}.pt"
+
+
+def notebook_seeds(path: str | os.PathLike) -> list[int] | None:
+    """The seeds an executed train notebook trained (papermill's record of its parameters), or None
+    where the file does not say (missing, unreadable, not a papermill notebook)."""
+    try:
+        seeds = json.loads(Path(path).read_text())["metadata"]["papermill"]["parameters"]["seeds"]
+        return sorted(int(s) for s in seeds)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def seeds_label(seeds) -> str:
+    """0-4 for a run of consecutive seeds, 0_2_4 otherwise (a file-name part)."""
+    seeds = sorted(int(s) for s in seeds)
+    if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return "_".join(map(str, seeds))
+
+
+def keep_earlier_group_notebook(variant_dir: str | os.PathLike, seeds) -> Path | None:
+    """Before a group of `seeds` writes the variant's train.ipynb: if the notebook there trained other
+    seeds (an earlier group), move it to train-seeds<its seeds>.ipynb so that each group's executed
+    notebook stays. The same seeds (a rerun or a resumed group) are replaced as before; a notebook
+    that does not say its seeds too. Returns where the earlier notebook went, or None."""
+    current = Path(variant_dir) / NOTEBOOK_FILE
+    earlier = notebook_seeds(current)
+    if earlier is None or earlier == sorted(int(s) for s in seeds):
+        return None
+    kept = current.with_name(f"train-seeds{seeds_label(earlier)}.ipynb")
+    os.replace(current, kept)
+    return kept
 
 
 def check_expected_hashes(configs, expected: dict | None) -> None:

@@ -501,6 +501,39 @@ def test_a_resumed_group_appends_to_the_log_of_its_paused_execution(tmp_path):
     assert len([line for line in log.splitlines() if line.startswith("# ")]) == 1 and "epoch 1 and 2 done" in log
 
 
+@pytest.mark.timeout(300)
+def test_a_new_group_keeps_the_notebook_of_an_earlier_group_of_other_seeds(tmp_path):
+    """Seeds 5 trained earlier: a group of seeds 0, 1 writes train.ipynb and the earlier notebook
+    moves to train-seeds5.ipynb; the same group executed again replaces only its own notebook."""
+    params = nbformat.v4.new_code_cell("mode = None\ncheckpoint = None\nconfig_hashes = None\nstop_at = None\n"
+                                       "seeds = None")
+    params.metadata["tags"] = ["parameters"]
+    notebook = tmp_path / "fake_train.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(FAKE_TRAIN_NB)], metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), notebook)
+    configs = G.load_grid(PARAMS, "smoke").expand(variants=["sa"], seeds=[0, 1])
+    vdir = runs.variant_dir_for(tmp_path / "runs", "synthetic", "sa")
+    vdir.mkdir(parents=True)
+    earlier = {"cells": [], "metadata": {"papermill": {"parameters": {"seeds": [5]}}}, "nbformat": 4,
+               "nbformat_minor": 5}
+    (vdir / "train.ipynb").write_text(json.dumps(earlier))
+
+    def execute():
+        task = G.GroupTask(dataset="synthetic", variant="sa", seeds=(0, 1),
+                           config_hashes=tuple(c.config_hash() for c in configs), variant_dir=str(vdir),
+                           notebook=str(notebook), cpu_threads=1, stop_at=None,
+                           parameters={"mode": "finish", "checkpoint": str(runs.checkpoint_path(vdir, configs)),
+                                       "config_hashes": {c.seed: c.config_hash() for c in configs},
+                                       "seeds": [0, 1]})
+        return [o["outcome"] for o in G.execute_group(task)]
+
+    assert execute() == ["ran", "ran"]
+    assert json.loads((vdir / "train-seeds5.ipynb").read_text()) == earlier
+    assert runs.notebook_seeds(vdir / "train.ipynb") == [0, 1]
+    assert execute() == ["ran", "ran"]
+    assert sorted(p.name for p in vdir.glob("train*.ipynb")) == ["train-seeds5.ipynb", "train.ipynb"]
+
+
 def test_min_start_holds_back_new_groups_but_not_resumed_ones(tmp_path):
     """With 10 minutes of budget left and --min-start 900, a group without a checkpoint is not started
     (it would be paused with work nobody resumes); the same group with its checkpoint resumes."""

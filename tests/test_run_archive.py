@@ -293,3 +293,51 @@ def test_group_files_outside_the_profile_are_refused(tmp_path, configs):
     assert not dest.exists()
     report = merge_runs(tmp_path / "runs.tgz", dest, configs)
     assert report.installed == ["synthetic/sa/seed0"] and report.group_files == ["synthetic/hybrid"]
+
+
+def _papermill_notebook(seeds, tag):
+    return json.dumps({"cells": [], "metadata": {"papermill": {"parameters": {"seeds": seeds}}, "tag": tag}})
+
+
+def test_merging_a_later_group_keeps_the_earlier_groups_notebook(tmp_path, configs):
+    """Seeds 0-1 of a variant merged first, then a group of other seeds: the variant's train.ipynb is
+    the later group's, the earlier one stays as train-seeds0-1.ipynb; the same group merged again
+    (or resumed) replaces its own notebook and keeps no copy."""
+    src1, src2, dest = tmp_path / "src1", tmp_path / "src2", tmp_path / "dest"
+    sa0, sa1 = configs[0], configs[1]
+    fake_run(src1, sa0)
+    fake_group_files(src1, sa0, ['{"event": "end", "n": 1}'])
+    (variant_dir_for(src1, "synthetic", "sa") / "train.ipynb").write_text(_papermill_notebook([0], "first"))
+    pack_runs(src1, configs, tmp_path / "first.tgz")
+    merge_runs(tmp_path / "first.tgz", dest, configs)
+    fake_run(src2, sa1)
+    fake_group_files(src2, sa1, ['{"event": "end", "n": 2}'])
+    (variant_dir_for(src2, "synthetic", "sa") / "train.ipynb").write_text(_papermill_notebook([1], "second"))
+    pack_runs(src2, [sa1], tmp_path / "second.tgz")
+    merge_runs(tmp_path / "second.tgz", dest, configs)
+    vdir = variant_dir_for(dest, "synthetic", "sa")
+    assert json.loads((vdir / "train.ipynb").read_text())["metadata"]["tag"] == "second"
+    assert json.loads((vdir / "train-seeds0.ipynb").read_text())["metadata"]["tag"] == "first"
+    # the second group again, with a newer notebook of the same seeds: replaced, nothing else kept
+    (variant_dir_for(src2, "synthetic", "sa") / "train.ipynb").write_text(_papermill_notebook([1], "second again"))
+    pack_runs(src2, [sa1], tmp_path / "again.tgz")
+    merge_runs(tmp_path / "again.tgz", dest, configs, replace_finished=True)
+    assert json.loads((vdir / "train.ipynb").read_text())["metadata"]["tag"] == "second again"
+    assert sorted(p.name for p in vdir.glob("train*.ipynb")) == ["train-seeds0.ipynb", "train.ipynb"]
+
+
+def test_keep_earlier_group_notebook_names_and_edge_cases(tmp_path):
+    from gbla.runs import keep_earlier_group_notebook, notebook_seeds, seeds_label
+
+    assert seeds_label([4, 2, 3]) == "2-4" and seeds_label([0, 2, 4]) == "0_2_4" and seeds_label([3]) == "3"
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    assert keep_earlier_group_notebook(vdir, [0, 1]) is None            # no notebook yet
+    (vdir / "train.ipynb").write_text("not json")
+    assert notebook_seeds(vdir / "train.ipynb") is None
+    assert keep_earlier_group_notebook(vdir, [0, 1]) is None            # does not say its seeds: left alone
+    (vdir / "train.ipynb").write_text(_papermill_notebook([1, 0], "x"))
+    assert keep_earlier_group_notebook(vdir, [0, 1]) is None            # the same group
+    assert (vdir / "train.ipynb").is_file()
+    kept = keep_earlier_group_notebook(vdir, [2, 3, 4])
+    assert kept == vdir / "train-seeds0-1.ipynb" and kept.is_file() and not (vdir / "train.ipynb").exists()
