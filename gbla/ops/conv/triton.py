@@ -211,7 +211,8 @@ def _conv_bwd_dx_kernel(
 
 
 # Benchmarks may set keys here: "fast_path" (bool, the K <= 4 register path of the backward),
-# "bwd_block_t", "bwd_num_warps". Results never depend on them beyond rounding order.
+# "fwd_block_t", "fwd_block_c", "fwd_num_warps", "bwd_block_t", "bwd_block_c", "bwd_num_warps"
+# (gbla.bench.conv_speed sweeps them). Results never depend on them beyond rounding order.
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -220,11 +221,12 @@ def _conv_config(device: torch.device, backward: bool = False):
     the K shifted input tiles in registers."""
     if interpreting() or device.type != "cuda":
         return 16, 32, 4
+    o = CONFIG_OVERRIDE
     if not backward:
-        return 32, 128, 4
+        return o.get("fwd_block_t", 32), o.get("fwd_block_c", 128), o.get("fwd_num_warps", 4)
     # H200, graphed fwd+bwd at L = 32768, C = 1536 (outputs/bench/NOTES.md, v3): fast path with 16 rows
     # and 4 warps 0.313 ms; 32 rows / 4 warps 0.412; 16 / 8 0.697; the general path 0.590
-    return CONFIG_OVERRIDE.get("bwd_block_t", 16), 128, CONFIG_OVERRIDE.get("bwd_num_warps", 4)
+    return o.get("bwd_block_t", 16), o.get("bwd_block_c", 128), o.get("bwd_num_warps", 4)
 
 
 class _CausalConv1dSiLU(torch.autograd.Function):
