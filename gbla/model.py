@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gbla.config import ModelConfig
 from gbla.layers import GBLALayer, SeedEmbedding, SeedLinear, SeedRMSNorm, SelfAttentionLayer, init_seed_slice
-from gbla.ops import relu_dropout, short_attention_q_kv
+from gbla.ops import dropout_add, relu_dropout, short_attention_q_kv
 
 PAD, BOS = 0, 1
 
@@ -71,7 +71,7 @@ class SIDVocab:
 
 
 class FeedForward(nn.Module):
-    """up, ReLU, dropout, down. `backend` picks relu_dropout's kernels (gbla.ops.activation: on the
+    """up, ReLU, dropout, down. `backend` picks relu_dropout's kernels (gbla.ops.dropout: on the
     kernels the widest activation of the model takes one pass each way instead of four)."""
 
     def __init__(self, d_model: int, d_ff: int, dropout: float, num_seeds: int, backend: str = "auto"):
@@ -105,11 +105,15 @@ class EncoderBlock(nn.Module):
                                        backend=backend if attention_backend is None else attention_backend)
         self.norm1, self.norm2 = (SeedRMSNorm(num_seeds, cfg.d_model, backend) for _ in range(2))
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds, backend)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout_p, self.residual_backend = cfg.dropout, backend
+
+    def _add(self, x, h):
+        # x + dropout(sublayer): one pass each way on the kernels (gbla.ops.dropout_add)
+        return dropout_add(x, h, self.dropout_p, self.training, backend=self.residual_backend)
 
     def forward(self, x, mask):
-        x = x + self.dropout(self.mix(self.norm1(x), mask))
-        return x + self.dropout(self.ffn(self.norm2(x)))
+        x = self._add(x, self.mix(self.norm1(x), mask))
+        return self._add(x, self.ffn(self.norm2(x)))
 
 
 class CrossAttention(nn.Module):
@@ -142,7 +146,8 @@ class CrossAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """`backend` picks the attention's kernels, `norm_backend` the norms' and the FFN's (None: `backend`)."""
+    """`backend` picks the attention's kernels, `norm_backend` those of the norms, the FFN and the
+    residual dropout-adds (None: `backend`)."""
 
     def __init__(self, cfg: ModelConfig, num_seeds: int = 1, backend: str = "auto",
                  norm_backend: str | None = None):
@@ -152,19 +157,22 @@ class DecoderBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg, num_seeds, backend)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, num_seeds, norm_backend)
         self.norm1, self.norm2, self.norm3 = (SeedRMSNorm(num_seeds, cfg.d_model, norm_backend) for _ in range(3))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout_p, self.residual_backend = cfg.dropout, norm_backend
+
+    def _add(self, x, h):
+        return dropout_add(x, h, self.dropout_p, self.training, backend=self.residual_backend)
 
     def forward(self, x, kv, memory_mask):
-        x = x + self.dropout(self.self_attn(self.norm1(x)))
-        x = x + self.dropout(self.cross_attn(self.norm2(x), kv, memory_mask))
-        return x + self.dropout(self.ffn(self.norm3(x)))
+        x = self._add(x, self.self_attn(self.norm1(x)))
+        x = self._add(x, self.cross_attn(self.norm2(x), kv, memory_mask))
+        return self._add(x, self.ffn(self.norm3(x)))
 
     def step(self, x, kv, memory_mask, cache, position: int):
         """One decoding position (x (S, R, 1, D)) with the self-attention cache of the earlier ones."""
         h, cache = self.self_attn.step(self.norm1(x), cache, position)
-        x = x + self.dropout(h)
-        x = x + self.dropout(self.cross_attn(self.norm2(x), kv, memory_mask))
-        return x + self.dropout(self.ffn(self.norm3(x))), cache
+        x = self._add(x, h)
+        x = self._add(x, self.cross_attn(self.norm2(x), kv, memory_mask))
+        return self._add(x, self.ffn(self.norm3(x))), cache
 
 
 class TIGER(nn.Module):

@@ -52,7 +52,7 @@ def test_throughput_times_each_attention_backend(tmp_path, monkeypatch):
     calls = []
 
     def fake_measure(configs, data, dev, steps, backend, eval_pass, mode="cuda_graph", attention_backend=None,
-                     ffn_backend=None):
+                     dropout_backend=None):
         calls.append((len(configs), backend, attention_backend))
         if attention_backend == "torch" and len(configs) == 1:
             raise RuntimeError("boom")
@@ -75,44 +75,46 @@ def test_throughput_times_each_attention_backend(tmp_path, monkeypatch):
     assert "| attention |" in table[0]
 
 
-def test_throughput_times_each_ffn_backend(tmp_path, monkeypatch):
-    """--ffn-backends torch auto: one row per FFN backend, which reaches the model: the FFN modules
+def test_throughput_times_each_dropout_backend(tmp_path, monkeypatch):
+    """--dropout-backends torch auto: one row per FFN backend, which reaches the model: the FFN modules
     of the measured model run on the backend named (the other ops keep --backend)."""
     import json
     from types import SimpleNamespace
 
     from gbla.bench import train_throughput as tt
-    from gbla.model import FeedForward
+    from gbla.model import DecoderBlock, EncoderBlock, FeedForward
 
     seen = []
 
     def fake_measure(configs, data, dev, steps, backend, eval_pass, mode="cuda_graph", attention_backend=None,
-                     ffn_backend=None):
-        seen.append((backend, ffn_backend))
+                     dropout_backend=None):
+        seen.append((backend, dropout_backend))
         return {"mode": mode, "ms_per_step": 2.0, "examples_per_s": 1000.0, "valid_eval_s": None}
 
     config = SimpleNamespace(train=SimpleNamespace(batch_size=256), config_hash=lambda: "h")
     monkeypatch.setattr(tt, "load_data", lambda args: SimpleNamespace(provenance={"fingerprint": "f"}))
     monkeypatch.setattr(tt, "load_configs", lambda params, profile, dataset, variant, seeds: [config] * len(seeds))
     monkeypatch.setattr(tt, "measure", fake_measure)
-    tt.main(["--variants", "hybrid", "--seeds", "2", "--paths", "multi_seed", "--ffn-backends", "torch", "auto",
+    tt.main(["--variants", "hybrid", "--seeds", "2", "--paths", "multi_seed", "--dropout-backends", "torch", "auto",
              "--backend", "auto", "--out", str(tmp_path)])
     assert seen == [("auto", "torch"), ("auto", "auto")]
     rows = json.loads((tmp_path / "train_throughput.json").read_text())["rows"]
-    assert [r["ffn_backend"] for r in rows] == ["torch", "auto"]
+    assert [r["dropout_backend"] for r in rows] == ["torch", "auto"]
     table = [line for line in (tmp_path / "train_throughput.md").read_text().splitlines() if line.startswith("|")]
-    assert len({line.count("|") for line in table}) == 1 and "| FFN |" in table[0], table
+    assert len({line.count("|") for line in table}) == 1 and "| dropout |" in table[0], table
 
-    # group_step hands the FFN backend to every FeedForward of the model it builds
+    # group_step hands the backend to every FeedForward and block of the model it builds
     from gbla.data.synthetic import make_synthetic_dataset
     from gbla.params import load_grid
 
     grid = load_grid(str(tt.REPO_ROOT / "params" / "ablations.yaml"), "smoke")
     configs = [grid.run_config("synthetic", "hybrid", s) for s in (0, 1)]
     data = make_synthetic_dataset(num_users=30, num_items=25, seed=1)
-    model = tt.group_step(configs, data, tt.torch.device("cpu"), "auto", "eager", ffn_backend="triton")[0]
+    model = tt.group_step(configs, data, tt.torch.device("cpu"), "auto", "eager", dropout_backend="triton")[0]
     ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
+    blocks = [m for m in model.modules() if isinstance(m, (EncoderBlock, DecoderBlock))]
     assert ffns and all(m.backend == "triton" for m in ffns)
+    assert len(blocks) == len(model.encoder) + len(model.decoder) and all(m.residual_backend == "triton" for m in blocks)
     assert all(m.self_attn.backend == "auto" for m in model.decoder)
 
 

@@ -17,8 +17,8 @@ as path "single" with that commit, so the ratio is taken side by side on one GPU
 --profile writes a kernel table of a few eager multi-seed steps (where the GPU time goes).
 --attention-backends times each path and mode once per backend of the softmax attention
 (TIGER's attention_backend: SA layers, decoder self- and cross-attention); the other ops keep
---backend. Without it the attention uses --backend too. --ffn-backends does the same for the FFNs'
-ReLU + dropout (gbla.ops.activation), e.g. `--ffn-backends torch auto`. --processes 1 2 also times the multi-seed
+--backend. Without it the attention uses --backend too. --dropout-backends does the same for the fused
+dropouts (gbla.ops.dropout: the FFNs' ReLU + dropout, the residual dropout-adds). --processes 1 2 also times the multi-seed
 step in that many worker processes at once on the one GPU (each its own K-seed model, all timed over
 the same window after every one has warmed up; --mps shares the GPU through CUDA MPS, the daemon
 already running or one started for the measurement): whether two groups per GPU (`python -m gbla.grid --runs-per-gpu 2`) train more
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from gbla.evaluate import SIDTrie, rank_targets
-from gbla.model import TIGER, FeedForward
+from gbla.model import TIGER, DecoderBlock, EncoderBlock, FeedForward
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.params import load_grid
 from gbla.runs import load_processed_dataset
@@ -60,16 +60,19 @@ def load_configs(params: str, profile: str, dataset: str, variant: str, seeds: l
 
 
 def group_step(configs, data, dev, backend: str, mode: str, attention_backend: str | None = None,
-               ffn_backend: str | None = None):
+               dropout_backend: str | None = None):
     """What train_group sets up for these seeds: (model, SIDs on the device, TrainStep, length-bucket
     groups, one epoch's batches). attention_backend: the softmax attention's (None: `backend`);
-    ffn_backend: the FFNs' ReLU + dropout (None: as the model sets it)."""
+    dropout_backend: the fused dropouts' (gbla.ops.dropout: the FFNs' ReLU + dropout and the blocks'
+    residual dropout-adds; None: as the model sets them)."""
     tc = configs[0].train
     model = TIGER(configs[0].model, data.codebook_sizes, backend=backend, num_seeds=len(configs),
                   attention_backend=attention_backend)
-    for module in model.modules() if ffn_backend is not None else []:
+    for module in model.modules() if dropout_backend is not None else []:
         if isinstance(module, FeedForward):
-            module.backend = ffn_backend
+            module.backend = dropout_backend
+        if isinstance(module, (EncoderBlock, DecoderBlock)):
+            module.residual_backend = dropout_backend
     model.init_seeds([c.seed for c in configs]).to(dev)
     sids = torch.as_tensor(data.sids, device=dev)
     train = to_device_split(data.train, model, sids, tc.max_history, dev)
@@ -93,13 +96,13 @@ def wait_at_barrier(folder: Path, index: int, parties: int, timeout_s: float = 9
 
 def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode: str = "cuda_graph",
             attention_backend: str | None = None, barrier: tuple[Path, int, int] | None = None,
-            ffn_backend: str | None = None) -> dict:
+            dropout_backend: str | None = None) -> dict:
     """Steady-state examples/s of the training step (`mode`, gbla.train.STEP_MODES) for a model of
     len(configs) seeds; warm-up (and compilation, for the compile modes) is timed apart. barrier
     (folder, index, parties): after its warm-up, wait for the other processes measured at once."""
     S, tc = len(configs), configs[0].train
     mode = mode if dev.type == "cuda" else "eager"
-    model, sids, step, groups, batches = group_step(configs, data, dev, backend, mode, attention_backend, ffn_backend)
+    model, sids, step, groups, batches = group_step(configs, data, dev, backend, mode, attention_backend, dropout_backend)
     t0 = time.perf_counter()
     seen: dict[int, int] = {}
     for enc_len, idx in batches:  # warm-up: every encoder length past its eager steps and capture
@@ -311,7 +314,7 @@ def markdown(result: dict) -> str:
              f"state (all seeds' examples counted), {m['steps']} steps over real epoch batches; validation "
              f"pass = beam search over every validation user, all seeds of the model at once (with the "
              f"decoder cache; the JSON also has the full-prefix search, valid_eval_full_prefix_s).", "",
-             "| variant | path | code | step mode | attention | FFN | seeds | processes | batch/seed | ms/step | examples/s "
+             "| variant | path | code | step mode | attention | dropout | seeds | processes | batch/seed | ms/step | examples/s "
              "| x single (baseline) | valid pass s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["variant"]: r["examples_per_s"] for r in result["rows"] if r.get("code") == "baseline"
@@ -319,11 +322,11 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         if r.get("error"):
             lines.append(f"| {r.get('variant')} | {r['path']} | {r.get('code')} | {r.get('mode', '')} | "
-                         f"{r.get('attention_backend', '')} | {r.get('ffn_backend', '')} | | | | error: {r['error'][:80]} | | | |")
+                         f"{r.get('attention_backend', '')} | {r.get('dropout_backend', '')} | | | | error: {r['error'][:80]} | | | |")
             continue
         ratio = r["examples_per_s"] / base[r["variant"]] if r["variant"] in base else None
         lines.append(f"| {r['variant']} | {r['path']} | {r.get('code')} ({r.get('commit', '')[:7]}) | "
-                     f"{r.get('mode', 'cuda_graph')} | {r.get('attention_backend', '')} | {r.get('ffn_backend', '')} | {r['seeds']} | "
+                     f"{r.get('mode', 'cuda_graph')} | {r.get('attention_backend', '')} | {r.get('dropout_backend', '')} | {r['seeds']} | "
                      f"{_processes_cell(r)} | {r['batch_size_per_seed']} | {r['ms_per_step']:.2f} | {r['examples_per_s']:,.0f} | "
                      f"{'' if ratio is None else format(ratio, '.2f') + 'x'} | "
                      f"{'' if r.get('valid_eval_s') is None else format(r['valid_eval_s'], '.2f')} |")
@@ -347,9 +350,9 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-backends", nargs="+", choices=["auto", "torch", "triton"],
                     help="time each path and mode once per softmax-attention backend, e.g. torch auto "
                          "(default: the attention uses --backend)")
-    ap.add_argument("--ffn-backends", nargs="+", choices=["auto", "torch", "triton"],
-                    help="time each path and mode once per backend of the FFNs' ReLU + dropout, e.g. torch auto "
-                         "(default: --backend)")
+    ap.add_argument("--dropout-backends", nargs="+", choices=["auto", "torch", "triton"],
+                    help="time each path and mode once per backend of the fused dropouts (the FFNs' ReLU + "
+                         "dropout, the residual dropout-adds), e.g. torch auto (default: --backend)")
     ap.add_argument("--processes", nargs="+", type=int, default=[],
                     help="also time the multi-seed step in this many processes at once on the one GPU, e.g. "
                          "1 2 (each a K-seed model; 1 = the same in one worker process, for the ratio)")
@@ -388,19 +391,19 @@ def main(argv=None) -> int:
         print(f"baseline: {time.perf_counter() - t0:.0f} s", flush=True)
         save()
     attention_backends = args.attention_backends or [None]  # None: the attention follows --backend
-    ffn_backends = args.ffn_backends or [None]              # None: the FFNs follow --backend
+    dropout_backends = args.dropout_backends or [None]   # None: the fused dropouts follow --backend
     for variant in args.variants:
-        for (path, k), mode, attn, ffn in [(p, m, a, f) for p in (("single", 1), ("multi_seed", args.seeds))
+        for (path, k), mode, attn, drop in [(p, m, a, f) for p in (("single", 1), ("multi_seed", args.seeds))
                                            if p[0] in args.paths for m in args.modes for a in attention_backends
-                                           for f in ffn_backends]:
+                                           for f in dropout_backends]:
             configs = load_configs(args.params, args.profile_name, args.dataset, variant, list(range(k)))
             row = {"path": path, "seeds": k, "batch_size_per_seed": configs[0].train.batch_size,
                    "dataset": args.dataset, "variant": variant, "code": "this", "commit": meta["commit"],
                    "device": meta["device"], "config_hashes": [c.config_hash() for c in configs], "mode": mode,
-                   "attention_backend": attn or args.backend, "ffn_backend": ffn or args.backend}
+                   "attention_backend": attn or args.backend, "dropout_backend": drop or args.backend}
             try:
                 measured = measure(configs, data, dev, args.steps, args.backend, eval_pass=mode == args.modes[0],
-                                   mode=mode, attention_backend=attn, ffn_backend=ffn)
+                                   mode=mode, attention_backend=attn, dropout_backend=drop)
                 row.update(measured)
             except Exception as err:  # noqa: BLE001 - a failing row is a result too; the others still run
                 row["error"] = f"{type(err).__name__}: {err}"[:500]
