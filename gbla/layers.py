@@ -160,6 +160,24 @@ def relative_position_bucket(relative_position: torch.Tensor, *, bidirectional: 
     return bucket + torch.where(distance < max_exact, distance, far)
 
 
+_BUCKETS: dict[tuple, torch.Tensor] = {}
+
+
+def position_buckets(L: int, bidirectional: bool, num_buckets: int, max_distance: int,
+                     device: torch.device) -> torch.Tensor:
+    """The (L, L) bucket of (key - query position), computed once per length and setting and kept: it
+    depends on nothing learned, and computing it is ~15 tiny kernels, which every SA layer of every
+    training step (and every beam-search step) would otherwise launch again. Never written in place."""
+    key = (int(L), bool(bidirectional), int(num_buckets), int(max_distance), device.type, device.index)
+    buckets = _BUCKETS.get(key)
+    if buckets is None:
+        pos = torch.arange(L, device=device)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=bidirectional,
+                                           num_buckets=num_buckets, max_distance=max_distance)
+        _BUCKETS[key] = buckets
+    return buckets
+
+
 class SelfAttentionLayer(nn.Module):
     """Multi-head softmax self-attention, bidirectional or causal, with a T5-style learned relative
     position bias (one scalar per head and distance bucket; every layer has its own, unlike T5 which
@@ -188,9 +206,7 @@ class SelfAttentionLayer(nn.Module):
 
     def position_bias(self, L: int, device) -> torch.Tensor:
         """(S, H, L, L) additive bias, from query position i to key position j."""
-        pos = torch.arange(L, device=device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=not self.causal,
-                                           num_buckets=self.num_buckets, max_distance=self.max_distance)
+        buckets = position_buckets(L, not self.causal, self.num_buckets, self.max_distance, torch.device(device))
         return self.relative_bias[:, buckets].permute(0, 3, 1, 2)
 
     def step(self, x: torch.Tensor, cache: tuple | None, position: int) -> tuple[torch.Tensor, tuple]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gbla.config import GBLAOptions
-from gbla.layers import GBLALayer, SelfAttentionLayer, relative_position_bucket
+from gbla.layers import GBLALayer, SelfAttentionLayer, position_buckets, relative_position_bucket
 from gbla.ops.conv import causal_conv1d_silu
 
 D, H, E = 16, 2, 8
@@ -173,3 +173,19 @@ def test_relative_position_buckets():
     uni = relative_position_bucket(rel, bidirectional=False, num_buckets=32, max_distance=128)
     assert uni.tolist()[:5] == [0, 1, 0, 7, 0]  # future keys all share bucket 0 (masked anyway)
     assert uni[8].item() == 31
+
+
+def test_position_buckets_are_computed_once_per_setting():
+    """The layer's (L, L) buckets: those of relative_position_bucket, one tensor per (length, direction,
+    buckets, distance, device), reused by every call and layer with that setting."""
+    cpu = torch.device("cpu")
+    pos = torch.arange(13)
+    for bidirectional in (True, False):
+        got = position_buckets(13, bidirectional, 32, 128, cpu)
+        want = relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=bidirectional,
+                                        num_buckets=32, max_distance=128)
+        assert torch.equal(got, want)
+        assert position_buckets(13, bidirectional, 32, 128, cpu) is got
+    assert position_buckets(13, True, 32, 128, cpu) is not position_buckets(13, False, 32, 128, cpu)
+    assert position_buckets(14, True, 32, 128, cpu).shape == (14, 14)
+    assert position_buckets(13, True, 16, 128, cpu) is not position_buckets(13, True, 32, 128, cpu)
