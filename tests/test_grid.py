@@ -456,15 +456,22 @@ else:
 """
 
 
+def _fake_train_notebook(folder):
+    """notebooks/train.ipynb's stand-in (FAKE_TRAIN_NB), with a parameters cell papermill fills."""
+    params = nbformat.v4.new_code_cell("mode = None\ncheckpoint = None\nconfig_hashes = None\nstop_at = None\n"
+                                       "seeds = None")
+    params.metadata["tags"] = ["parameters"]
+    notebook = folder / "fake_train.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(FAKE_TRAIN_NB)], metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), notebook)
+    return notebook
+
+
 @pytest.mark.timeout(300)
 def test_a_resumed_group_appends_to_the_log_of_its_paused_execution(tmp_path):
     """A stand-in for notebooks/train.ipynb pauses the group (leaving the checkpoint the real notebook
     would name), then finishes it: run.log holds both executions, each under its own header line."""
-    params = nbformat.v4.new_code_cell("mode = None\ncheckpoint = None\nconfig_hashes = None\nstop_at = None")
-    params.metadata["tags"] = ["parameters"]
-    notebook = tmp_path / "fake_train.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(FAKE_TRAIN_NB)], metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), notebook)
+    notebook = _fake_train_notebook(tmp_path)
     configs = G.load_grid(PARAMS, "smoke").expand(variants=["sa"], seeds=[0, 1])
     vdir = runs.variant_dir_for(tmp_path / "runs", "synthetic", "sa")
     checkpoint = runs.checkpoint_path(vdir, configs)   # as the notebook names it
@@ -505,12 +512,7 @@ def test_a_resumed_group_appends_to_the_log_of_its_paused_execution(tmp_path):
 def test_a_new_group_keeps_the_notebook_of_an_earlier_group_of_other_seeds(tmp_path):
     """Seeds 5 trained earlier: a group of seeds 0, 1 writes train.ipynb and the earlier notebook
     moves to train-seeds5.ipynb; the same group executed again replaces only its own notebook."""
-    params = nbformat.v4.new_code_cell("mode = None\ncheckpoint = None\nconfig_hashes = None\nstop_at = None\n"
-                                       "seeds = None")
-    params.metadata["tags"] = ["parameters"]
-    notebook = tmp_path / "fake_train.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(FAKE_TRAIN_NB)], metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), notebook)
+    notebook = _fake_train_notebook(tmp_path)
     configs = G.load_grid(PARAMS, "smoke").expand(variants=["sa"], seeds=[0, 1])
     vdir = runs.variant_dir_for(tmp_path / "runs", "synthetic", "sa")
     vdir.mkdir(parents=True)

@@ -45,10 +45,16 @@ def _keep(seed, groups, lane, p):
 
 
 @triton.jit
-def _relu_dropout_fwd_kernel(x_ptr, y_ptr, seed_ptr, N, p, scale, BLOCK_G: tl.constexpr):
+def _tile(BLOCK_G: tl.constexpr):
+    """This program's groups of four elements, the lanes 0..3, and the elements (groups, 4)."""
     groups = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     lane = tl.arange(0, 4)
-    offs = groups[:, None] * 4 + lane[None, :]
+    return groups, lane, groups[:, None] * 4 + lane[None, :]
+
+
+@triton.jit
+def _relu_dropout_fwd_kernel(x_ptr, y_ptr, seed_ptr, N, p, scale, BLOCK_G: tl.constexpr):
+    groups, lane, offs = _tile(BLOCK_G)
     ok = offs < N
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     keep = _keep(tl.load(seed_ptr), groups, lane, p)
@@ -68,18 +74,14 @@ def _relu_dropout_bwd_kernel(dy_ptr, y_ptr, dx_ptr, N, scale, BLOCK: tl.constexp
 
 @triton.jit
 def _keep_mask_kernel(seed_ptr, out_ptr, N, p, BLOCK_G: tl.constexpr):
-    groups = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    lane = tl.arange(0, 4)
-    offs = groups[:, None] * 4 + lane[None, :]
+    groups, lane, offs = _tile(BLOCK_G)
     keep = _keep(tl.load(seed_ptr), groups, lane, p)
     tl.store(out_ptr + offs, keep.to(tl.uint8), mask=offs < N)
 
 
 @triton.jit
 def _dropout_add_fwd_kernel(x_ptr, h_ptr, out_ptr, seed_ptr, N, p, scale, BLOCK_G: tl.constexpr):
-    groups = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    lane = tl.arange(0, 4)
-    offs = groups[:, None] * 4 + lane[None, :]
+    groups, lane, offs = _tile(BLOCK_G)
     ok = offs < N
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -89,9 +91,7 @@ def _dropout_add_fwd_kernel(x_ptr, h_ptr, out_ptr, seed_ptr, N, p, scale, BLOCK_
 
 @triton.jit
 def _dropout_add_bwd_kernel(dout_ptr, dh_ptr, seed_ptr, N, p, scale, BLOCK_G: tl.constexpr):
-    groups = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    lane = tl.arange(0, 4)
-    offs = groups[:, None] * 4 + lane[None, :]
+    groups, lane, offs = _tile(BLOCK_G)
     ok = offs < N
     dout = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     keep = _keep(tl.load(seed_ptr), groups, lane, p)
