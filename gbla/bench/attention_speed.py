@@ -173,24 +173,31 @@ def median_ms(fn, warmup: int, repeats: int, device: torch.device) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def time_or_error(make_fn, graph: bool, warmup: int, repeats: int, device: torch.device) -> dict:
+    """{"median_ms": t} for the call make_fn() builds (run once first: compilation; timed as replays of
+    a CUDA graph of it when `graph`), or {"median_ms": None, "error": ...} when building or running it
+    fails: an error row is a result too, and the benchmark's other rows still run."""
+    try:
+        fn = make_fn()
+        fn()
+        if graph:
+            fn = cuda_graph_replay(fn)
+        return {"median_ms": median_ms(fn, warmup, repeats, device)}
+    except Exception as err:  # noqa: BLE001
+        return {"median_ms": None, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+
+
 def measure(case: Case, impl: Impl, pass_: str, mode: str, t: dict, S: int, args, device) -> dict:
     row = {"case": case.name, "Lq": case.Lq, "Lk": case.Lk, "impl": impl.name, "scheme": impl.scheme,
            "packed": impl.packed, "bwd_warps": impl.bwd_warps, "q_block": impl.q_block, "pass": pass_, "mode": mode}
-    try:
-        with kernel_config(impl):
-            attn, leaves = attention_call(case, impl, t, S)
-            if pass_ == "fwd":
-                fn = attn
-            else:
-                def fn():
-                    torch.autograd.grad(attn(), leaves, t["grad_out"])
-            fn()  # compilation
-            if mode == "graph":
-                fn = cuda_graph_replay(fn)
-            row["median_ms"] = median_ms(fn, args.warmup, args.repeats, device)
-    except Exception as err:  # noqa: BLE001 - an error row is a result too; the others still run
-        row["median_ms"] = None
-        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+
+    def make_fn():
+        attn, leaves = attention_call(case, impl, t, S)
+        if pass_ == "fwd":
+            return attn
+        return lambda: torch.autograd.grad(attn(), leaves, t["grad_out"])
+    with kernel_config(impl):
+        row.update(time_or_error(make_fn, mode == "graph", args.warmup, args.repeats, device))
     return row
 
 

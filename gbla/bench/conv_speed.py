@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from gbla.bench.attention_speed import median_ms
-from gbla.bench.layer_speed import cuda_graph_replay
+from gbla.bench.attention_speed import time_or_error
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.ops import causal_conv1d_silu
 
@@ -69,26 +68,21 @@ def measure(L: int, name: str, pass_: str, t: dict, args, device) -> dict:
     backend = "torch" if override is None else "triton"
     row = {"L": L, "config": name, "override": override, "pass": pass_,
            "mode": "graph" if device.type == "cuda" else "eager"}
+    leaves = (t["x"], t["weight"], t["bias"])
+
+    def fwd():
+        with torch.no_grad():
+            causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend=backend)
+
+    def fwd_bwd():
+        y = causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend=backend)
+        torch.autograd.grad(y, leaves, t["grad_out"])
     saved = dict(kernels.CONFIG_OVERRIDE)
     kernels.CONFIG_OVERRIDE.clear()
     kernels.CONFIG_OVERRIDE.update(override or {})
-    leaves = (t["x"], t["weight"], t["bias"])
     try:
-        def fwd():
-            with torch.no_grad():
-                causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend=backend)
-
-        def fwd_bwd():
-            y = causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend=backend)
-            torch.autograd.grad(y, leaves, t["grad_out"])
-        fn = fwd if pass_ == "fwd" else fwd_bwd
-        fn()  # compilation
-        if device.type == "cuda":
-            fn = cuda_graph_replay(fn)
-        row["median_ms"] = median_ms(fn, args.warmup, args.repeats, device)
-    except Exception as err:  # noqa: BLE001 - an error row is a result too; the others still run
-        row["median_ms"] = None
-        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        row.update(time_or_error(lambda: fwd if pass_ == "fwd" else fwd_bwd, device.type == "cuda",
+                                 args.warmup, args.repeats, device))
     finally:
         kernels.CONFIG_OVERRIDE.clear()
         kernels.CONFIG_OVERRIDE.update(saved)
