@@ -82,11 +82,20 @@ def as_stacked(x: torch.Tensor, mask: torch.Tensor | None, num_seeds: int):
     return x, mask, False
 
 
+# GEMM operand dims that are multiples of this (16 bytes of bf16) let cuBLAS use Hopper's kernels. The
+# hybrid step's profile at aeca198 has one sm80 WMMA GEMM, twice per step, 0.23 ms of 12.6; sa's has
+# none, and of the GEMMs only hybrid's GBLA layers add, the key gate's (6 outputs, one per head) is
+# the one with a dimension that is not a multiple of 8 (outputs/bench/NOTES.md).
+GEMM_ALIGN = 8
+
+
 class SeedLinear(nn.Module):
     """S independent linear maps, x (S, ..., in) -> (S, ..., out), as one batched matmul.
 
     The weight is stored (S, in, out), the layout the batched matmul reads directly. With S = 1 an
-    unstacked x (..., in) is accepted too. Init: normal(0, 0.02) weights (TIGER / T5), bias constant."""
+    unstacked x (..., in) is accepted too. Init: normal(0, 0.02) weights (TIGER / T5), bias constant.
+    An output count that is not a multiple of GEMM_ALIGN is padded with zero columns for the matmul
+    and sliced off after it (the same values: the extra columns only ever multiply zeros)."""
 
     def __init__(self, num_seeds: int, in_features: int, out_features: int, *, bias: bool = False,
                  bias_init: float = 0.0):
@@ -101,10 +110,16 @@ class SeedLinear(nn.Module):
             return self(x[None])[0]
         lead = x.shape[:-1]
         flat = x.reshape(S, -1, self.in_features)
-        if self.bias is None:
-            y = torch.bmm(flat, self.weight)
+        weight, bias, pad = self.weight, self.bias, -self.out_features % GEMM_ALIGN
+        if pad:
+            weight = F.pad(weight, (0, pad))
+            bias = None if bias is None else F.pad(bias, (0, pad))
+        if bias is None:
+            y = torch.bmm(flat, weight)
         else:
-            y = torch.baddbmm(self.bias[:, None, :], flat, self.weight)
+            y = torch.baddbmm(bias[:, None, :], flat, weight)
+        if pad:   # contiguous, as the unpadded map gives it (a copy of the few real columns)
+            y = y[..., :self.out_features].contiguous()
         return y.reshape(*lead, self.out_features)
 
 

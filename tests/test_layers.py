@@ -189,3 +189,28 @@ def test_position_buckets_are_computed_once_per_setting():
     assert position_buckets(13, True, 32, 128, cpu) is not position_buckets(13, False, 32, 128, cpu)
     assert position_buckets(14, True, 32, 128, cpu).shape == (14, 14)
     assert position_buckets(13, True, 16, 128, cpu) is not position_buckets(13, True, 32, 128, cpu)
+
+
+@pytest.mark.parametrize("out_features,bias", [(6, True), (6, False), (13, True), (16, True)])
+def test_seed_linear_with_padded_outputs_is_the_plain_map(out_features, bias):
+    """Outputs not a multiple of GEMM_ALIGN go through a zero-padded matmul: the same values and
+    gradients as the unpadded map (float64), the parameters' shapes unchanged."""
+    from gbla.layers import SeedLinear
+
+    torch.manual_seed(3)
+    lin = SeedLinear(3, 16, out_features, bias=bias, bias_init=0.5).double()
+    with torch.no_grad():
+        lin.weight.normal_()
+    assert tuple(lin.weight.shape) == (3, 16, out_features)
+    x = torch.randn(3, 4, 5, 16, dtype=torch.float64, requires_grad=True)
+    y = lin(x)
+    want = torch.einsum("sbli,sio->sblo", x, lin.weight) + (lin.bias[:, None, None, :] if bias else 0)
+    assert y.shape == (3, 4, 5, out_features) and y.is_contiguous()
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    leaves = [x, lin.weight] + ([lin.bias] if bias else [])
+    got = torch.autograd.grad(y, leaves, dy)
+    ref = torch.autograd.grad(want, leaves, dy)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r)
