@@ -166,3 +166,20 @@ def test_processes_are_timed_together_over_one_window(tmp_path):
     assert together["examples_per_s"] <= sum(together["per_process_examples_per_s"]) * (1 + 1e-9)
     table = [line for line in (out / "train_throughput.md").read_text().splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1, table
+
+
+def test_profile_writes_the_step_and_a_validation_batch(tmp_path):
+    """--profile: the kernel table of eager multi-seed steps and, beside it, one of a validation batch
+    with its wall time (on the CPU there are no kernels: the tables hold the CPU ops)."""
+    import json
+
+    from gbla.bench import train_throughput as tt
+
+    out = tmp_path / "bench"
+    assert tt.main(["--profile-name", "smoke", "--dataset", "synthetic", "--variants", "hybrid", "--seeds", "2",
+                    "--steps", "2", "--paths", "multi_seed", "--profile", "--out", str(out)]) == 0
+    prof = json.loads((out / "train_throughput.json").read_text())["profiles"]["hybrid"]
+    assert prof["profile_file"] == "train_profile_hybrid_k2.txt" and prof["eval_profile_file"] == "train_profile_hybrid_k2_eval.txt"
+    assert prof["eval_users"] > 0 and prof["eval_wall_ms"] > 0
+    text = (out / prof["eval_profile_file"]).read_text()
+    assert text.startswith("# one validation batch: beam search") and "aten::" in text

@@ -145,11 +145,13 @@ def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode:
 
 def profile_eager(configs, data, dev, backend: str, path: Path, n: int = 6,
                   attention_backend: str | None = None) -> dict:
-    """Kernel table (GPU time per kernel) of n eager multi-seed steps."""
+    """Kernel table (GPU time per kernel) of n eager multi-seed steps, and one of a validation batch
+    (beam search over 4096 users, every seed; `<path stem>_eval.txt`) with its wall time: whether
+    validation waits on the GPU or on the host."""
     from torch.profiler import ProfilerActivity, profile
 
     S, tc = len(configs), configs[0].train
-    _, _, step, _, batches = group_step(configs, data, dev, backend, "eager", attention_backend)
+    model, sids, step, _, batches = group_step(configs, data, dev, backend, "eager", attention_backend)
     for enc_len, idx in batches[:n]:
         step(idx, enc_len)
     sync()
@@ -164,8 +166,32 @@ def profile_eager(configs, data, dev, backend: str, path: Path, n: int = 6,
     path.write_text(f"# {n} eager steps of {S} seeds x {tc.batch_size}, encoder lengths {encoder_lengths}\n"
                     f"# kernels per step {len(kernels) / n:.0f}, kernel busy time per step {busy_us / 1000 / n:.2f} ms\n\n"
                     + table + "\n")
-    return {"kernels_per_step": len(kernels) / n, "kernel_busy_ms_per_step": busy_us / 1000 / n,
-            "profile_file": path.name}
+    out = {"kernels_per_step": len(kernels) / n, "kernel_busy_ms_per_step": busy_us / 1000 / n,
+           "profile_file": path.name}
+
+    valid = to_device_split(data.valid, model, sids, tc.max_history, dev)
+    trie = SIDTrie(data.sids, data.codebook_sizes, device=dev)
+    users = min(4096, len(valid.target))
+    autocast = dev.type == "cuda"
+    rank_targets(model, valid.enc_tokens[:512], valid.target[:512], trie, beam_size=tc.beam_size,
+                 autocast=autocast)  # warm-up
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        rank_targets(model, valid.enc_tokens[:users], valid.target[:users], trie, beam_size=tc.beam_size,
+                     batch_size=users, autocast=autocast)
+        sync()
+        wall_ms = (time.perf_counter() - t0) * 1000
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(getattr(e, "device_time", 0) or 0 for e in kernels) / 1000
+    eval_path = path.with_name(path.stem + "_eval.txt")
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    eval_path.write_text(f"# one validation batch: beam search (beam {tc.beam_size}) over {users} users x {S} seeds, "
+                         f"with the decoder cache, under the profiler\n# wall {wall_ms:.1f} ms, {len(kernels)} kernels, "
+                         f"kernel busy time {busy_ms:.1f} ms\n\n" + table + "\n")
+    out.update(eval_users=users, eval_wall_ms=wall_ms, eval_kernels=len(kernels), eval_kernel_busy_ms=busy_ms,
+               eval_profile_file=eval_path.name)
+    return out
 
 
 def baseline_rows(src: Path, variants: list[str], steps: int, dataset: str) -> list[dict]:
