@@ -14,7 +14,8 @@ timed with CUDA-synchronised wall clock), and the time of one validation pass (b
 validation users, every seed at once). With --baseline-src, the same measurement of an older
 checkout's step (its `gbla.bench.train_speed steps`, in a subprocess on its own source tree) is added
 as path "single" with that commit, so the ratio is taken side by side on one GPU in one run.
---profile writes a kernel table of a few eager multi-seed steps (where the GPU time goes).
+--profile writes a kernel table of a few eager multi-seed steps (where the GPU time goes), and one of
+a validation batch with its wall time (`..._eval.txt`).
 --attention-backends times each path and mode once per backend of the softmax attention
 (TIGER's attention_backend: SA layers, decoder self- and cross-attention); the other ops keep
 --backend. Without it the attention uses --backend too. --dropout-backends does the same for the fused
