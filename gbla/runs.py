@@ -81,12 +81,12 @@ def notebook_seeds(path: str | os.PathLike) -> list[int] | None:
         return None
 
 
-def seeds_label(seeds) -> str:
-    """0-4 for a run of consecutive seeds, 0_2_4 otherwise (a file-name part)."""
+def seeds_label(seeds, sep: str = "_") -> str:
+    """0-4 for a run of consecutive seeds, the seeds joined by `sep` otherwise (0_2_4: a file-name part)."""
     seeds = sorted(int(s) for s in seeds)
     if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[-1] + 1)):
         return f"{seeds[0]}-{seeds[-1]}"
-    return "_".join(map(str, seeds))
+    return sep.join(map(str, seeds))
 
 
 def keep_earlier_group_notebook(variant_dir: str | os.PathLike, seeds) -> Path | None:

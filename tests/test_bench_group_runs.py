@@ -139,4 +139,4 @@ def test_group_started_from_scratch_does_not_own_a_lost_groups_executions(tmp_pa
         ("other", "failed", 30.0), ("plain", "paused", 144.0), ("plain", "paused", 516.0)]
     text = group_runs.markdown(result)
     assert "Executions that finished no run (3, 690 GPU s)" in text
-    assert "| beauty | plain | 0,1 | 2026-01-01T10:11:00+00:00 | paused | 516 |" in text
+    assert "| beauty | plain | 0-1 | 2026-01-01T10:11:00+00:00 | paused | 516 |" in text

@@ -27,7 +27,7 @@ from pathlib import Path
 from gbla.common import METRIC_NAMES as METRICS
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit, shown_path
 from gbla.grid import read_dispatch_log
-from gbla.runs import DEFAULT_RUNS_ROOT, load_run_metrics
+from gbla.runs import DEFAULT_RUNS_ROOT, load_run_metrics, seeds_label
 from gbla.stats import mean_ci
 
 # group-level timings, the same in every seed's metrics.json of the group
@@ -220,9 +220,7 @@ def markdown(result: dict) -> str:
              "| examples/s | test R@10 (mean) | test NDCG@10 (mean) | GPU shared with |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in result["groups"]:
-        seeds = g["seeds"]
-        seed_text = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 \
-            else ",".join(map(str, seeds))
+        seed_text = seeds_label(g["seeds"], sep=",")
         r10 = sum(r["test_recall@10"] for r in g["runs"]) / len(g["runs"])
         n10 = sum(r["test_ndcg@10"] for r in g["runs"]) / len(g["runs"])
         gpu_s = g["gpu_wall_s"] if "gpu_wall_s" in g else g.get("wall_s")
@@ -246,8 +244,7 @@ def markdown(result: dict) -> str:
                   "(yet, or their checkpoint was lost with the machine) and failed ones:", "",
                   "| dataset | variant | seeds | ended | outcome | GPU s |", "|---|---|---|---|---|---|"]
         for e in unfinished:
-            seeds = ",".join(map(str, e["seeds"] or []))
-            lines.append(f"| {e['dataset']} | {e['variant']} | {seeds} | {e['at'] or ''} | {e['outcome']} | "
+            lines.append(f"| {e['dataset']} | {e['variant']} | {seeds_label(e['seeds'] or [], sep=',')} | {e['at'] or ''} | {e['outcome']} | "
                          f"{_fmt(e['wall_s'], '.0f')} |")
     return "\n".join(lines) + "\n"
 
