@@ -76,13 +76,12 @@ def execution_intervals(runs_root: str | Path) -> list[dict]:
     return out
 
 
-def unfinished_executions(runs_root: str | Path, groups: list[dict]) -> list[dict]:
-    """The executions that belong to no finished group: paused ones whose group was not resumed yet
-    (or whose checkpoint was lost with its machine) and failed ones. Their GPU seconds gave no result
-    (yet), so a GPU-time account that left them out would undercount."""
+def unfinished_executions(intervals: list[dict], groups: list[dict]) -> list[dict]:
+    """Of the executions (execution_intervals), those that belong to no finished group: paused ones
+    whose group was not resumed yet (or whose checkpoint was lost with its machine) and failed ones.
+    Their GPU seconds gave no result (yet), so a GPU-time account that left them out would undercount."""
     owned = {(g["dataset"], g["variant"], e["end_time"]) for g in groups for e in g.get("executions", [])}
-    return [{k: i[k] for k in ("dataset", "variant", "seeds", "at", "wall_s", "outcome")}
-            for i in execution_intervals(runs_root)
+    return [{k: i[k] for k in ("dataset", "variant", "seeds", "at", "wall_s", "outcome")} for i in intervals
             if (i["dataset"], i["variant"], i["end"]) not in owned and i["outcome"] != "ran"]
 
 
@@ -108,8 +107,9 @@ def shared_gpu_with(execution: dict, group: dict, intervals: list[dict]) -> list
                    and min(end, i["end"]) - max(start, i["start"]) >= MIN_SHARED_S})
 
 
-def collect_groups(runs_root: str | Path) -> tuple[list[dict], list[dict]]:
-    """(groups, variant summaries) from every finished run under `runs_root`."""
+def collect_groups(runs_root: str | Path, intervals: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
+    """(groups, variant summaries) from every finished run under `runs_root`; `intervals`: its
+    execution_intervals, when the caller has read them already."""
     runs_root = Path(runs_root)
     groups: dict[tuple, dict] = {}
     by_variant: dict[tuple, list[dict]] = {}
@@ -133,7 +133,7 @@ def collect_groups(runs_root: str | Path) -> tuple[list[dict], list[dict]]:
         g["finished_at"] = max(g["finished_at"] or "", m.get("created_at") or "") or None
         g["runs"].append(run)
         by_variant.setdefault((dataset, variant), []).append({**run, "commit": m.get("commit")})
-    intervals = execution_intervals(runs_root)
+    intervals = execution_intervals(runs_root) if intervals is None else intervals
     out = []
     for (dataset, variant, _, _), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1]["finished_at"] or "")):
         g["runs"].sort(key=lambda r: r["seed"])
@@ -182,7 +182,8 @@ def _group_key(entry: dict):
 
 
 def build(runs_root: str | Path, previous: dict | None = None) -> dict:
-    groups, summaries = collect_groups(runs_root)
+    intervals = execution_intervals(runs_root)
+    groups, summaries = collect_groups(runs_root, intervals)
     previous = previous or {}
     _keep_hand_written(groups, previous.get("groups", []), _group_key)
     old_summaries = previous.get("variant_summaries", [])
@@ -199,7 +200,7 @@ def build(runs_root: str | Path, previous: dict | None = None) -> dict:
         if k in ("note",):
             meta.setdefault(k, v)
     return {"meta": meta, "groups": groups, "variant_summaries": summaries,
-            "unfinished_executions": unfinished_executions(runs_root, groups)}
+            "unfinished_executions": unfinished_executions(intervals, groups)}
 
 
 def _fmt(x, spec):
