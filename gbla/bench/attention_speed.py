@@ -134,23 +134,24 @@ def attention_call(case: Case, impl: Impl, t: dict, S: int):
 
 
 @contextlib.contextmanager
-def kernel_config(impl: Impl):
-    """The kernels' CONFIG_OVERRIDE for `impl` (its backward scheme, warps, query block) while inside."""
-    if impl.backend != "triton":
-        yield
-        return
-    from gbla.ops.attention import triton as kernels
-    saved = dict(kernels.CONFIG_OVERRIDE)
-    kernels.CONFIG_OVERRIDE["bwd_scheme"] = impl.scheme
-    if impl.bwd_warps is not None:
-        kernels.CONFIG_OVERRIDE["bwd_num_warps"] = impl.bwd_warps
-    if impl.q_block is not None:
-        kernels.CONFIG_OVERRIDE["q_block"] = impl.q_block
+def overridden(config: dict, values: dict):
+    """A kernels module's CONFIG_OVERRIDE with `values` set while inside, as it was after."""
+    saved = dict(config)
+    config.update(values)
     try:
         yield
     finally:
-        kernels.CONFIG_OVERRIDE.clear()
-        kernels.CONFIG_OVERRIDE.update(saved)
+        config.clear()
+        config.update(saved)
+
+
+def kernel_config(impl: Impl):
+    """The kernels' CONFIG_OVERRIDE for `impl` (its backward scheme, warps, query block) while inside."""
+    if impl.backend != "triton":
+        return contextlib.nullcontext()
+    from gbla.ops.attention import triton as kernels
+    values = {"bwd_scheme": impl.scheme, "bwd_num_warps": impl.bwd_warps, "q_block": impl.q_block}
+    return overridden(kernels.CONFIG_OVERRIDE, {k: v for k, v in values.items() if v is not None})
 
 
 def median_ms(fn, warmup: int, repeats: int, device: torch.device) -> float:

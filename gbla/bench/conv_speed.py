@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from gbla.bench.attention_speed import time_or_error
+from gbla.bench.attention_speed import overridden, time_or_error
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.ops import causal_conv1d_silu
 
@@ -77,15 +77,9 @@ def measure(L: int, name: str, pass_: str, t: dict, args, device) -> dict:
     def fwd_bwd():
         y = causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend=backend)
         torch.autograd.grad(y, leaves, t["grad_out"])
-    saved = dict(kernels.CONFIG_OVERRIDE)
-    kernels.CONFIG_OVERRIDE.clear()
-    kernels.CONFIG_OVERRIDE.update(override or {})
-    try:
+    with overridden(kernels.CONFIG_OVERRIDE, override or {}):
         row.update(time_or_error(lambda: fwd if pass_ == "fwd" else fwd_bwd, device.type == "cuda",
                                  args.warmup, args.repeats, device))
-    finally:
-        kernels.CONFIG_OVERRIDE.clear()
-        kernels.CONFIG_OVERRIDE.update(saved)
     return row
 
 
