@@ -145,3 +145,20 @@ def test_stacked_bad_shapes_raise():
             fn(x, torch.randn(2, 8, 4, device=DEVICE), mask=torch.ones(3, 5, dtype=torch.bool, device=DEVICE))
         with pytest.raises(ValueError, match="x must be"):
             fn(x[None], torch.randn(2, 8, 4, device=DEVICE))
+
+
+def test_gpu_row_tiles_follow_the_length(monkeypatch):
+    """The GPU launch's row tiles by length (measured in gbla.bench.conv_speed at the training shapes):
+    the forward takes the tile that pads L the least (32 on ties), the backward 8 rows for the training
+    lengths above 16, and a benchmark's override wins. Only the choice is checked here: no kernel runs."""
+    from gbla.ops.conv import triton as conv_triton
+    monkeypatch.setattr(conv_triton, "interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    fwd = {L: conv_triton._conv_config(cuda, L)[0] for L in (1, 13, 16, 25, 41, 48, 81, 32768)}
+    assert fwd == {1: 16, 13: 16, 16: 16, 25: 32, 41: 16, 48: 16, 81: 32, 32768: 32}
+    bwd = {L: conv_triton._conv_config(cuda, L, backward=True)[0] for L in (13, 16, 17, 25, 81, 128, 129, 32768)}
+    assert bwd == {13: 16, 16: 16, 17: 8, 25: 8, 81: 8, 128: 8, 129: 16, 32768: 16}
+    monkeypatch.setattr(conv_triton, "CONFIG_OVERRIDE", {"fwd_block_t": 64, "bwd_block_t": 32})
+    assert conv_triton._conv_config(cuda, 13)[0] == 64
+    assert conv_triton._conv_config(cuda, 41, backward=True)[0] == 32
+    assert conv_triton._conv_config(torch.device("cpu"), 41) == (16, 32, 4)

@@ -8,8 +8,9 @@ under each launch configuration, side by side in one run.
 The GBLA layer convolves its fused q/k/v projection: x (S, B, L, C) bf16 with S = 5 seeds x B = 256
 rows, C = 3 x 6 heads x 64 = 1152 channels, one filter (C, 4) and bias per seed, right padding masked;
 L = 13, 25, 41, 81 (the length buckets' cut and the longest history). The kernels' launch settings were
-tuned at L = 32768 (one long row, gbla.bench.layer_speed); here the rows are many and short, so the
-forward's row tile (32) covers 13 tokens with 19 masked rows. Each configuration sets the conv kernels'
+first tuned at L = 32768 (one long row, gbla.bench.layer_speed); here the rows are many and short, and
+the row tiles are picked by length from this benchmark's sweep ("fwd-t32" and "bwd-t16" time the
+L = 32768 tiles at every length). Each configuration sets the conv kernels'
 CONFIG_OVERRIDE (fwd_block_t, fwd_block_c, fwd_num_warps; bwd_block_t, bwd_block_c, bwd_num_warps,
 fast_path) for its timing only; "default" is the kernels as they are. Passes: "fwd" and "fwd+bwd"
 (gradients of x, weight and bias for a fixed output gradient; backward-only settings are timed in it
@@ -38,11 +39,13 @@ from gbla.ops import causal_conv1d_silu
 CONFIGS: dict[str, dict | None] = {
     "torch": None,
     "default": {},
+    "fwd-t32": {"fwd_block_t": 32},
     "fwd-t16": {"fwd_block_t": 16},
     "fwd-t16-c256": {"fwd_block_t": 16, "fwd_block_c": 256},
     "fwd-t16-c64": {"fwd_block_t": 16, "fwd_block_c": 64},
     "fwd-t64-w8": {"fwd_block_t": 64, "fwd_num_warps": 8},
     "bwd-t8": {"bwd_block_t": 8},
+    "bwd-t16": {"bwd_block_t": 16},
     "bwd-t32-w8": {"bwd_block_t": 32, "bwd_num_warps": 8},
     "bwd-c64": {"bwd_block_c": 64},
     "bwd-c256-w8": {"bwd_block_c": 256, "bwd_num_warps": 8},

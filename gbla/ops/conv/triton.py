@@ -216,17 +216,27 @@ def _conv_bwd_dx_kernel(
 CONFIG_OVERRIDE: dict = {}
 
 
-def _conv_config(device: torch.device, backward: bool = False):
-    """(BLOCK_T, BLOCK_C, num_warps). The backward's fast dpre kernel holds K + 1 accumulator tiles and
-    the K shifted input tiles in registers."""
+def _row_tile(L: int, choices: tuple[int, ...]) -> int:
+    """The row tile of `choices` that pads L to the fewest rows (the first of equals)."""
+    return min(choices, key=lambda t: -(-L // t) * t - L)
+
+
+def _conv_config(device: torch.device, L: int, backward: bool = False):
+    """(BLOCK_T, BLOCK_C, num_warps) for rows of length L. The backward's fast dpre kernel holds K + 1
+    accumulator tiles and the K shifted input tiles in registers."""
     if interpreting() or device.type != "cuda":
         return 16, 32, 4
     o = CONFIG_OVERRIDE
     if not backward:
-        return o.get("fwd_block_t", 32), o.get("fwd_block_c", 128), o.get("fwd_num_warps", 4)
+        # H200, training shapes (outputs/bench/conv_speed.md, 16fc88c): 16-row tiles 1.57x / 0.93x /
+        # 1.17x / 0.92x of 32-row ones at L = 13 / 25 / 41 / 81, as the rows each pads to a whole tile
+        # predict (13 -> 16 or 32, 41 -> 48 or 64; equal at 25 and 81, where 32 wins); at L = 32768 32.
+        return o.get("fwd_block_t", _row_tile(L, (32, 16))), o.get("fwd_block_c", 128), o.get("fwd_num_warps", 4)
     # H200, graphed fwd+bwd at L = 32768, C = 1536 (outputs/bench/NOTES.md, v3): fast path with 16 rows
-    # and 4 warps 0.313 ms; 32 rows / 4 warps 0.412; 16 / 8 0.697; the general path 0.590
-    return o.get("bwd_block_t", 16), o.get("bwd_block_c", 128), o.get("bwd_num_warps", 4)
+    # and 4 warps 0.313 ms; 32 rows / 4 warps 0.412; 16 / 8 0.697; the general path 0.590. At the
+    # training shapes (conv_speed.md, 16fc88c) 8 rows: 0.98x / 1.11x / 1.09x / 1.09x at L = 13 / 25 / 41 / 81.
+    block_t = 8 if 16 < L <= 128 else 16
+    return o.get("bwd_block_t", block_t), o.get("bwd_block_c", 128), o.get("bwd_num_warps", 4)
 
 
 class _CausalConv1dSiLU(torch.autograd.Function):
@@ -236,7 +246,7 @@ class _CausalConv1dSiLU(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mask_u8):
         B, L, C = x.shape
         S, _, K = weight.shape
-        bt, bc, nw = _conv_config(x.device)
+        bt, bc, nw = _conv_config(x.device, L)
         y = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
         m = mask_u8 if mask_u8 is not None else x
         ms = mask_u8.stride() if mask_u8 is not None else (0, 0)
@@ -255,7 +265,7 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         S, _, K = weight.shape
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        bt, bc, nw = _conv_config(x.device, backward=True)
+        bt, bc, nw = _conv_config(x.device, L, backward=True)
         n_tiles = triton.cdiv(L, bt)
         n_sms = num_sms(x.device, default=2)
         chunks_wanted = max(1, (4 * n_sms) // (B * triton.cdiv(C, bc)))
