@@ -677,8 +677,14 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
                 add(d, "published", published_text)
             add(d, "not_run", f"Not yet run — no finished run of any of its {len(present)} variants.")
             continue
+        def unrun(*variants):   # a topic's variants without a finished run: one short sentence, no n/a list
+            missing = [v for v in variants if v in none]
+            return f"not yet compared (no finished run of {', '.join(missing)})" if missing else ""
+
         # --- hybrid vs sa: equivalence
-        if {"hybrid", "sa"} <= set(present):
+        if {"hybrid", "sa"} <= set(present) and unrun("hybrid", "sa"):
+            add(d, "equivalence", f"Hybrid vs all-SA: {unrun('hybrid', 'sa')}.")
+        elif {"hybrid", "sa"} <= set(present):
             parts = []
             for m in metrics:
                 c = _comparison(comparisons, d, "hybrid", "sa", m)
@@ -705,13 +711,15 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
 
         # --- components vs hybrid
         comps = [v for v in COMPONENT_VARIANTS if v in present]
-        if comps and "hybrid" in present:
-            sig, nonsig, untested = [], [], []
+        if comps and "hybrid" in present and (unrun("hybrid") or not set(comps) - set(none)):
+            add(d, "components", f"Components, each variant vs hybrid: {unrun('hybrid') or unrun(*comps)}.")
+        elif comps and "hybrid" in present:
+            sig, nonsig, untested = [], [], {}
             for v in comps:
                 for m in metrics:
                     c = _comparison(comparisons, d, v, "hybrid", m)
                     if c is None or not np.isfinite(c["p_ttest_holm"]):
-                        untested.append(f"{v} {_label(m)}")
+                        untested.setdefault(v, []).append(_label(m))
                         continue
                     item = f"{v} {_label(m)} {_pct_ci(c)} (p_Holm = {_p(c['p_ttest_holm'])}"
                     if c["p_ttest_holm"] <= alpha:
@@ -727,8 +735,11 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
             if nonsig:
                 text += (". Not significant (detectable: the change a paired t-test over these seeds finds with "
                          "80% power at α = 0.05 before Holm): " + "; ".join(nonsig))
-            if untested:
-                text += ". Not tested (too few paired seeds): " + ", ".join(untested)
+            unrun_comps = [v for v in untested if v in none]
+            if unrun_comps:
+                text += ". Not yet run: " + ", ".join(unrun_comps)
+            if few := [f"{v} ({', '.join(ms)})" for v, ms in untested.items() if v not in none]:
+                text += ". Not tested (too few paired seeds): " + ", ".join(few)
             add(d, "components", text + ".")
         else:
             add(d, "components", "Component ablations (hybrid-no-conv, ..., hybrid-recency-gate): not in this grid.")
@@ -762,7 +773,9 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
             add(d, "ratio", "SA:GBLA ratio series (sa, hybrid, ratio-1to1, ratio-1to3, all-gbla): not in this grid.")
 
         # --- six layers
-        if {"hybrid-1to2-6L", "sa-6L"} & set(present):
+        if {"hybrid-1to2-6L", "sa-6L"} <= set(present) and unrun("sa-6L", "hybrid-1to2-6L"):
+            add(d, "depth", f"Six layers, the paper's 1:2 pattern (hybrid-1to2-6L) vs SA x 6: {unrun('sa-6L', 'hybrid-1to2-6L')}.")
+        elif {"hybrid-1to2-6L", "sa-6L"} & set(present):
             parts = [f"{_label(m)} {_verdict(_comparison(comparisons, d, 'hybrid-1to2-6L', 'sa-6L', m), alpha)}"
                      for m in metrics]
             add(d, "depth", "Six layers, the paper's 1:2 pattern (hybrid-1to2-6L) vs SA x 6: " + "; ".join(parts) + ".")
@@ -770,7 +783,9 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
             add(d, "depth", "Six layers (hybrid-1to2-6L vs sa-6L): not in this grid.")
 
         # --- bidirectional vs causal
-        if {"sa", "sa-causal"} <= set(present):
+        if {"sa", "sa-causal"} <= set(present) and unrun("sa-causal", "sa"):
+            add(d, "bidirectional", f"Causal vs bidirectional self-attention (sa-causal vs sa): {unrun('sa-causal', 'sa')}.")
+        elif {"sa", "sa-causal"} <= set(present):
             parts = [f"{_label(m)} {_verdict(_comparison(comparisons, d, 'sa-causal', 'sa', m), alpha)}" for m in metrics]
             add(d, "bidirectional", "Causal vs bidirectional self-attention (sa-causal vs sa): " + "; ".join(parts) + ".")
         else:
