@@ -752,6 +752,9 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
                 for v in ratio:
                     mean, lo, hi = mean_of(d, v, m)
                     sa_, gb = RATIO_VARIANTS[v]
+                    if v in none:
+                        parts.append(f"{v} ({sa_}:{gb}) not yet run")
+                        continue
                     ci = f" ± {_num((hi - lo) / 2)}" if np.isfinite(lo) else ""
                     vs = "" if v == "sa" else f", {_pct_ci(c)} vs sa" if (c := _comparison(comparisons, d, v, "sa", m)) is not None \
                         and np.isfinite(c["pct"]) else ""
