@@ -71,8 +71,9 @@ def beam_search(model, enc_tokens: torch.Tensor, trie: SIDTrie, beam_size: int, 
     enc_tokens: (B, L), the same users for every seed, or (S, B, L). The caller puts the model in
     eval mode. The seeds' beams are independent rows: the search runs on S * B rows at once.
     use_cache: decode one token per beam and level with the decoder's self-attention cache
-    (TIGER.decode_step; the cache follows the beams as they are re-ranked), instead of the whole
-    prefix again at every level (the reference the tests compare it with)."""
+    (TIGER.decode_step; each level's keys and values are written once and the beams, re-ranked,
+    point at their ancestors' rows: gbla.layers.DecodeCache), instead of the whole prefix again at
+    every level (the reference the tests compare it with)."""
     if beam_size < top_k:
         raise ValueError(f"beam_size ({beam_size}) must be >= top_k ({top_k})")
     device = enc_tokens.device
@@ -84,7 +85,7 @@ def beam_search(model, enc_tokens: torch.Tensor, trie: SIDTrie, beam_size: int, 
     dec_tokens = torch.full((S, B, 1), BOS, dtype=torch.long, device=device)  # (S, B * K, t)
     scores = torch.zeros(R, 1, device=device)                                 # (R, K) log-probs so far
     prefix = torch.zeros(R, 1, dtype=torch.long, device=device)               # (R, K) trie node, -1 = dead
-    caches = [None] * len(model.decoder)
+    caches = model.decode_caches(positions=len(trie.codebook_sizes), rows=R * beam_size) if use_cache else None
     for level, size in enumerate(trie.codebook_sizes):
         K = scores.shape[1]
         start = vocab.level_starts[level]
@@ -107,7 +108,7 @@ def beam_search(model, enc_tokens: torch.Tensor, trie: SIDTrie, beam_size: int, 
         dec_tokens = torch.cat([previous, new_token], dim=2).view(S, B * new_k, t + 1)
         if use_cache:  # cache row (row, beam) -> the rows of the beams that continue it
             source = (torch.arange(R, device=device)[:, None] * K + beam).reshape(-1)
-            caches = [(k.index_select(0, source), v.index_select(0, source)) for k, v in caches]
+            caches = [cache.follow(source) for cache in caches]
     items, scores = prefix[:, :top_k], scores[:, :top_k]
     if items.shape[1] < top_k:  # a tiny catalogue with fewer valid items than top_k
         pad = top_k - items.shape[1]

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gbla.config import GBLAOptions
-from gbla.ops import gbla_attention, short_attention, short_attention_qkv
+from gbla.ops import gbla_attention, short_attention_gathered_kv, short_attention_qkv
 from gbla.ops.conv import causal_conv1d_silu
 from gbla.ops.norm import seed_rms_norm
 
@@ -193,6 +193,25 @@ def position_buckets(L: int, bidirectional: bool, num_buckets: int, max_distance
     return buckets
 
 
+class DecodeCache:
+    """A causal self-attention layer's keys and values of the positions decoded so far (beam search).
+
+    slots (positions, rows, 2, H, E): the (k, v) of position p for the rows decoded at p sit in
+    slots[p, :rows_p], written once; key_rows (N, p) int64: for each current row, the row of every
+    earlier position its prefix went through. Re-ranking the beams (follow) gathers only key_rows, and
+    the attention reads each key where it was written (short_attention_gathered_kv): the cache itself
+    is never copied. `positions` and `rows` bound what it holds; slots are allocated at the first step,
+    in the projection's dtype."""
+
+    def __init__(self, positions: int, rows: int, slots: torch.Tensor | None = None,
+                 key_rows: torch.Tensor | None = None):
+        self.positions, self.rows, self.slots, self.key_rows = int(positions), int(rows), slots, key_rows
+
+    def follow(self, source: torch.Tensor) -> "DecodeCache":
+        """The cache of the re-ranked rows: new row i continues old row source[i]."""
+        return DecodeCache(self.positions, self.rows, self.slots, self.key_rows.index_select(0, source))
+
+
 class SelfAttentionLayer(nn.Module):
     """Multi-head softmax self-attention, bidirectional or causal, with a T5-style learned relative
     position bias (one scalar per head and distance bucket; every layer has its own, unlike T5 which
@@ -224,24 +243,37 @@ class SelfAttentionLayer(nn.Module):
         buckets = position_buckets(L, not self.causal, self.num_buckets, self.max_distance, torch.device(device))
         return self.relative_bias[:, buckets].permute(0, 3, 1, 2)
 
-    def step(self, x: torch.Tensor, cache: tuple | None, position: int) -> tuple[torch.Tensor, tuple]:
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, cache: DecodeCache | None, position: int) -> tuple[torch.Tensor, DecodeCache]:
         """Causal decoding one position at a time: x (S, R, 1, D) is the token at `position` of each
-        row, cache the keys and values of positions 0..position-1 ((S*R, position, H, E) each, None at
-        0). Returns its output (S, R, 1, D), as forward() gives at that position of the whole prefix,
-        and the cache extended by it. Evaluation only (no dropout)."""
+        row, cache the keys and values of positions 0..position-1 (a DecodeCache; None at position 0
+        holds this one position). Returns its output (S, R, 1, D), as forward() gives at that position
+        of the whole prefix, and the cache with this position's keys and values written into its
+        slots. Evaluation only (no dropout, no gradient)."""
         if not self.causal:
             raise ValueError("step() decodes causally; this layer is bidirectional")
         S, R = x.shape[:2]
-        H, E = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).view(S * R, 1, 3, H, E).unbind(2)             # (S*R, 1, H, E) each
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
+        N, H, E = S * R, self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(N, 3, H, E)
+        cache = DecodeCache(position + 1, N) if cache is None else cache
+        if cache.slots is None:
+            cache.slots = torch.empty((cache.positions, cache.rows, 2, H, E), device=qkv.device, dtype=qkv.dtype)
+        if position >= cache.positions or N > cache.rows:
+            raise ValueError(f"position {position} with {N} rows does not fit a cache of {cache.positions} "
+                             f"positions x {cache.rows} rows")
+        earlier = cache.key_rows if position > 0 else torch.empty((N, 0), dtype=torch.long, device=qkv.device)
+        if earlier is None or earlier.shape != (N, position):
+            raise ValueError(f"the cache's rows at position {position} must be ({N}, {position}), got "
+                             f"{None if earlier is None else tuple(earlier.shape)}")
+        cache.slots[position, :N] = qkv[:, 1:]
+        key_rows = torch.cat([earlier, torch.arange(N, device=qkv.device)[:, None]], dim=1)
         bias = None
         if self.relative_bias is not None:
             bias = self.position_bias(position + 1, x.device)[:, :, position:position + 1, :]
         # the one query is the last position: every cached key is visible, no causal mask needed
-        y = short_attention(q, k, v, bias=bias, num_seeds=S, backend=self.backend)
-        return self.out(y.view(S, R, 1, H * E)), (k, v)
+        y = short_attention_gathered_kv(qkv[:, None, 0], cache.slots[:position + 1].transpose(0, 1), key_rows,
+                                        bias=bias, num_seeds=S, backend=self.backend)
+        return self.out(y.view(S, R, 1, H * E)), DecodeCache(cache.positions, cache.rows, cache.slots, key_rows)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x, mask, unstacked = as_stacked(x, mask, self.num_seeds)

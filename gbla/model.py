@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gbla.config import ModelConfig
-from gbla.layers import GBLALayer, SeedEmbedding, SeedLinear, SeedRMSNorm, SelfAttentionLayer, init_seed_slice
+from gbla.layers import (DecodeCache, GBLALayer, SeedEmbedding, SeedLinear, SeedRMSNorm, SelfAttentionLayer,
+                         init_seed_slice)
 from gbla.ops import dropout_add, relu_dropout, short_attention_q_kv
 
 PAD, BOS = 0, 1
@@ -249,9 +250,15 @@ class TIGER(nn.Module):
         logits = self.head(self.decoder_norm(x)).float()
         return logits + self.level_mask[: dec_tokens.shape[-1]]
 
+    def decode_caches(self, positions: int, rows: int) -> list:
+        """Empty self-attention caches for decode_step, one per decoder block, for up to `positions`
+        positions of up to `rows` rows (S * users * beams)."""
+        return [DecodeCache(positions, rows) for _ in self.decoder]
+
     def decode_step(self, tokens: torch.Tensor, kvs, memory_mask, caches, position: int):
         """Incremental decode(): tokens (S, R, 1) are each row's token at `position`, caches the
-        decoder blocks' self-attention caches of the earlier positions ([None] * blocks at 0).
+        decoder blocks' self-attention caches of the earlier positions (decode_caches() at 0, or
+        [None] * blocks for a single step; DecodeCache.follow when the rows are re-ranked).
         Returns the logits for the next digit (S, R, V), as decode() gives at that position of the
         whole prefix, and the extended caches. Beam search decodes this way: each level computes one
         token per beam instead of the whole prefix again."""

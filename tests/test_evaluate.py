@@ -163,3 +163,24 @@ def test_cached_beam_search_equals_the_full_prefix_search(num_seeds):
     ref_items, ref_scores = beam_search(model, enc, trie, beam_size=12, use_cache=False)
     assert torch.equal(items, ref_items)
     torch.testing.assert_close(scores, ref_scores, rtol=1e-10, atol=1e-10)
+
+
+def test_decode_cache_is_written_once_and_followed_by_index():
+    """Each position's keys and values are written into the cache's slots once; re-ranking the rows
+    moves only their ancestor indices (the slots are the same tensor), and a step past the cache's
+    positions or rows is refused with the sizes named."""
+    from gbla.layers import DecodeCache, SelfAttentionLayer
+
+    layer = SelfAttentionLayer(8, 2, 4, causal=True, num_seeds=1, backend="torch").eval()
+    x = torch.randn(1, 3, 1, 8)
+    out0, cache = layer.step(x, DecodeCache(positions=2, rows=6), 0)
+    slots = cache.slots
+    assert slots.shape == (2, 6, 2, 2, 4) and cache.key_rows.tolist() == [[0], [1], [2]]
+    followed = cache.follow(torch.tensor([2, 2, 0, 1]))
+    assert followed.slots is slots and followed.key_rows.tolist() == [[2], [2], [0], [1]]
+    out1, cache1 = layer.step(torch.randn(1, 4, 1, 8), followed, 1)
+    assert cache1.slots is slots and cache1.key_rows.tolist() == [[2, 0], [2, 1], [0, 2], [1, 3]]
+    with pytest.raises(ValueError, match="does not fit a cache of 2 positions x 6 rows"):
+        layer.step(torch.randn(1, 4, 1, 8), cache1, 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.step(torch.randn(1, 7, 1, 8), DecodeCache(positions=2, rows=6), 0)

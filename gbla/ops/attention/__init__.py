@@ -8,14 +8,17 @@ short_attention_qkv(qkv) a self-attention layer's fused projection (N, L, 3, H, 
 short_attention_q_kv(q, kv) cross-attention's q and fused key/value projection (N, Lk, 2, H, E). The
 packed forms give the same values and gradients; with the Triton backend their backward writes the
 packed tensor's gradient in one buffer, where q, k, v passed as views of it would have autograd
-stack three gradients (a cat per call). The reference unbinds them.
+stack three gradients (a cat per call). The reference unbinds them. A fourth, for decoding only:
+short_attention_gathered_kv(q, kv, key_rows), whose keys of each row are gathered from other rows of kv
+(beam search's cache, which the beams point into instead of copying it).
 """
 from __future__ import annotations
 
 import torch
 
 from gbla.ops.backend import BACKENDS, triton_impl
-from gbla.ops.attention.naive import check_short_attention_inputs, short_attention_reference, unbind_packed
+from gbla.ops.attention.naive import (check_short_attention_inputs, short_attention_gathered_kv_reference,
+                                      short_attention_reference, unbind_packed)
 
 
 def _load_triton():
@@ -81,5 +84,24 @@ def short_attention_q_kv(q: torch.Tensor, kv: torch.Tensor, *, key_mask: torch.T
     return _dispatch(backend, q, k, v, lambda m: m.short_attention_q_kv_triton(q, kv, **kw), kw)
 
 
-__all__ = ["short_attention", "short_attention_qkv", "short_attention_q_kv", "short_attention_reference",
-           "check_short_attention_inputs", "BACKENDS"]
+def short_attention_gathered_kv(q: torch.Tensor, kv: torch.Tensor, key_rows: torch.Tensor, *,
+                                bias: torch.Tensor | None = None, num_seeds: int = 1,
+                                backend: str = "auto") -> torch.Tensor:
+    """Evaluation-only short_attention (no mask, no dropout, no backward) whose key position j of row n
+    is kv[key_rows[n, j], j]: q (N, Lq, H, E), kv (M, Lk, 2, H, E) with any strides (last dim
+    contiguous), key_rows (N, Lk) int rows of kv (not checked against M on the kernels). Beam search
+    keeps each decoded position's keys and values once, for the rows of that position, and each beam
+    names its ancestors' rows, so re-ranking the beams moves only these indices, never the cache."""
+    kernels = triton_impl("short_attention", backend, q, _load_triton)
+    if kernels is not None:
+        why = kernels.unsupported(q, kv[:, :, 0])
+        if why is None:
+            return kernels.short_attention_gathered_kv_triton(q, kv, key_rows, bias=bias, num_seeds=num_seeds)
+        if backend == "triton":
+            raise ValueError(f"short_attention_gathered_kv(backend='triton'): {why}")
+    return short_attention_gathered_kv_reference(q, kv, key_rows, bias=bias, num_seeds=num_seeds)
+
+
+__all__ = ["short_attention", "short_attention_qkv", "short_attention_q_kv", "short_attention_gathered_kv",
+           "short_attention_reference", "short_attention_gathered_kv_reference", "check_short_attention_inputs",
+           "BACKENDS"]

@@ -117,4 +117,41 @@ def short_attention_reference(
         return torch.matmul(probs, vh).transpose(1, 2).contiguous()
 
 
-__all__ = ["short_attention_reference", "check_short_attention_inputs", "unbind_packed", "visibility"]
+def check_gathered_kv_inputs(q, kv, key_rows, bias, num_seeds) -> None:
+    """Checks of short_attention_gathered_kv's arguments (ValueError naming the argument)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be (N, Lq, H, E), got shape {tuple(q.shape)}")
+    N, Lq, H, E = q.shape
+    if kv.dim() != 5 or kv.shape[2] != 2 or kv.shape[3:] != (H, E):
+        raise ValueError(f"kv must be (M, Lk, 2, H, E) = (M, Lk, 2, {H}, {E}), got {tuple(kv.shape)}")
+    Lk = kv.shape[1]
+    if key_rows.shape != (N, Lk):
+        raise ValueError(f"key_rows must be (N, Lk) = {(N, Lk)}, got {tuple(key_rows.shape)}")
+    if key_rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"key_rows must be an int32 or int64 tensor of kv's rows, got {key_rows.dtype}")
+    if q.dtype != kv.dtype:
+        raise ValueError(f"q and kv must share one dtype, got {q.dtype}, {kv.dtype}")
+    if num_seeds < 1 or N % num_seeds != 0:
+        raise ValueError(f"num_seeds ({num_seeds}) must divide the rows N = {N}")
+    if bias is not None and bias.shape != (num_seeds, H, Lq, Lk):
+        raise ValueError(f"bias must be (num_seeds, H, Lq, Lk) = {(num_seeds, H, Lq, Lk)}, got {tuple(bias.shape)}")
+
+
+def gather_key_rows(kv: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
+    """(N, Lk, 2, H, E): key position j of row n taken from kv[key_rows[n, j], j]."""
+    positions = torch.arange(kv.shape[1], device=kv.device)
+    return kv[key_rows.long(), positions[None, :]]
+
+
+def short_attention_gathered_kv_reference(q: torch.Tensor, kv: torch.Tensor, key_rows: torch.Tensor, *,
+                                          bias: torch.Tensor | None = None, num_seeds: int = 1) -> torch.Tensor:
+    """short_attention_reference(q, k, v) where key position j of row n is kv[key_rows[n, j], j]
+    (k, v = its two parts): no mask, no dropout, evaluation only. q (N, Lq, H, E), kv (M, Lk, 2, H, E)
+    with any strides, key_rows (N, Lk) int."""
+    check_gathered_kv_inputs(q, kv, key_rows, bias, num_seeds)
+    k, v = gather_key_rows(kv, key_rows).unbind(2)
+    return short_attention_reference(q, k, v, bias=bias, num_seeds=num_seeds)
+
+
+__all__ = ["short_attention_reference", "short_attention_gathered_kv_reference", "check_short_attention_inputs",
+           "check_gathered_kv_inputs", "gather_key_rows", "unbind_packed", "visibility"]

@@ -77,7 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gbla.ops.attention.naive import check_short_attention_inputs, unbind_packed
+from gbla.ops.attention.naive import check_gathered_kv_inputs, check_short_attention_inputs, unbind_packed
 from gbla.ops.utils import draw_seed, interpreting, num_sms, sum_partials
 
 MAX_LEN = 128        # Lq and Lk limit of the one-tile kernels
@@ -146,13 +146,15 @@ def _probs(q, k, bias_ptr, km_ptr, n, s, h, rows, cols, Lq, Lk, smn, sml, sbs, s
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, seed_ptr, o_ptr,
-    sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, son, sol, soh,
+    q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, seed_ptr, o_ptr, kr_ptr,
+    sqn, sql, sqh, skn, skl, skh, svn, svl, svh, smn, sml, sbs, sbh, sbq, sbk, son, sol, soh, skrn, skrl,
     B, H, Lq, Lk, E, scale, dropout_p,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
 ):
-    """O of one row n and head h at one block of BLOCK_Q queries (grid: N * H, query blocks)."""
+    """O of one row n and head h at one block of BLOCK_Q queries (grid: N * H, query blocks). KEY_ROWS:
+    key position j of row n is read from row kr[n, j] of k and v (beam search's decoder cache)."""
     pid = tl.program_id(0)
     n = pid // H
     h = pid % H
@@ -161,8 +163,15 @@ def _fwd_kernel(
     cols = tl.arange(0, BLOCK_K)
     e = tl.arange(0, BLOCK_E)
     q = _tile(q_ptr + n64 * sqn + h * sqh, rows, sql, e, Lq, E)
-    k = _tile(k_ptr + n64 * skn + h * skh, cols, skl, e, Lk, E)
-    v = _tile(v_ptr + n64 * svn + h * svh, cols, svl, e, Lk, E)
+    if KEY_ROWS:
+        # int64 offsets: the cache's position stride is (rows x 2 H E), large at evaluation's batch sizes
+        kr = tl.load(kr_ptr + n64 * skrn + cols * skrl, mask=cols < Lk, other=0).to(tl.int64)
+        ok = (cols < Lk)[:, None] & (e < E)[None, :]
+        k = tl.load(k_ptr + h * skh + (kr * skn + cols.to(tl.int64) * skl)[:, None] + e[None, :], mask=ok, other=0.0)
+        v = tl.load(v_ptr + h * svh + (kr * svn + cols.to(tl.int64) * svl)[:, None] + e[None, :], mask=ok, other=0.0)
+    else:
+        k = _tile(k_ptr + n64 * skn + h * skh, cols, skl, e, Lk, E)
+        v = _tile(v_ptr + n64 * svn + h * svh, cols, svl, e, Lk, E)
     p, vis = _probs(q, k, bias_ptr, km_ptr, n, n // B, h, rows, cols, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk, scale,
                     CAUSAL, HAS_MASK, HAS_BIAS, MODE)
     if DROPOUT:
@@ -430,22 +439,30 @@ def _grad_buffers(layout: str, a, b, c):
     return grads, _views(layout, *grads)
 
 
+def _forward(q, k, v, mask_u8, bias, seed, causal, num_seeds, dropout_p, key_rows=None) -> torch.Tensor:
+    """The forward kernel's launch: O (N, Lq, H, E) for q's N rows. key_rows (N, Lk): the row of k and v
+    each key position of each row is read from (None: row n's own)."""
+    N, Lq, H, E = q.shape
+    Lk = k.shape[1]
+    bq, bk, be = _blocks(Lq, Lk, E)
+    qb = q_block(bq, bk)
+    out = torch.empty((N, Lq, H, E), device=q.device, dtype=q.dtype)
+    kr, kr_strides = (key_rows, key_rows.stride()) if key_rows is not None else (q, (0, 0))
+    _fwd_kernel[(N * H, triton.cdiv(Lq, qb))](
+        q, k, v, *_mask_args(mask_u8, q)[:1], *_bias_args(bias, q)[:1], seed, out, kr,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_mask_args(mask_u8, q)[1:], *_bias_args(bias, q)[1:],
+        *_strides3(out), *kr_strides, N // num_seeds, H, Lq, Lk, E, 1.0 / math.sqrt(E), dropout_p,
+        BLOCK_Q=qb, BLOCK_K=bk, BLOCK_E=be, CAUSAL=causal, HAS_MASK=mask_u8 is not None,
+        HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, MODE=_mode(q.dtype), KEY_ROWS=key_rows is not None,
+        num_warps=_num_warps(qb, bk, "fwd_num_warps"))
+    return out
+
+
 class _ShortAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layout, a, b, c, mask_u8, bias, seed, causal, num_seeds, dropout_p):
         q, k, v = _views(layout, a, b, c)
-        N, Lq, H, E = q.shape
-        Lk = k.shape[1]
-        bq, bk, be = _blocks(Lq, Lk, E)
-        qb = q_block(bq, bk)
-        out = torch.empty((N, Lq, H, E), device=q.device, dtype=q.dtype)
-        _fwd_kernel[(N * H, triton.cdiv(Lq, qb))](
-            q, k, v, *_mask_args(mask_u8, q)[:1], *_bias_args(bias, q)[:1], seed, out,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_mask_args(mask_u8, q)[1:], *_bias_args(bias, q)[1:],
-            *_strides3(out), N // num_seeds, H, Lq, Lk, E, 1.0 / math.sqrt(E), dropout_p,
-            BLOCK_Q=qb, BLOCK_K=bk, BLOCK_E=be, CAUSAL=causal, HAS_MASK=mask_u8 is not None,
-            HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, MODE=_mode(q.dtype),
-            num_warps=_num_warps(qb, bk, "fwd_num_warps"))
+        out = _forward(q, k, v, mask_u8, bias, seed, causal, num_seeds, dropout_p)
         ctx.save_for_backward(a, b, c, mask_u8, bias, seed)
         ctx.layout, ctx.causal, ctx.num_seeds, ctx.dropout_p = layout, causal, num_seeds, dropout_p
         return out
@@ -552,6 +569,28 @@ def short_attention_q_kv_triton(q, kv, *, key_mask=None, causal=False, bias=None
     unbind_packed(kv, 2, "kv")
     return _attention("q,kv", q, kv, None, key_mask, causal, bias, num_seeds, dropout_p, dropout_seed,
                       "short_attention_q_kv_triton")
+
+
+def short_attention_gathered_kv_triton(q, kv, key_rows, *, bias=None, num_seeds=1) -> torch.Tensor:
+    """Fused forward of short_attention_gathered_kv_reference (same contract): key position j of row n
+    is read from kv[key_rows[n, j], j] in the kernel, nothing gathered in memory. Evaluation only: no
+    autograd (ValueError if an input requires a gradient)."""
+    check_gathered_kv_inputs(q, kv, key_rows, bias, num_seeds)
+    k, v = kv.unbind(2)
+    why = unsupported(q, k)
+    if why is not None:
+        raise ValueError(f"short_attention_gathered_kv_triton: {why}; use backend='torch' or 'auto'")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kv, bias)):
+        raise ValueError("short_attention_gathered_kv_triton has no backward: call it under torch.no_grad()")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if kv.stride(-1) != 1:
+        kv = kv.contiguous()
+        k, v = kv.unbind(2)
+    N, Lq, H, E = q.shape
+    if N == 0 or Lq == 0 or k.shape[1] == 0:
+        return torch.zeros((N, Lq, H, E), device=q.device, dtype=q.dtype)
+    return _forward(q, k, v, None, bias, q, False, int(num_seeds), 0.0, key_rows=key_rows)
 
 
 def dropout_keep_mask(seed: torch.Tensor, N: int, H: int, Lq: int, Lk: int, dropout_p: float) -> torch.Tensor:
