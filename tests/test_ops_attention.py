@@ -498,11 +498,20 @@ GATHERED_CASES = [  # (S, B, M, Lq, Lk, H, E, with_bias, dtype)
 ]
 
 
+@pytest.mark.parametrize("one_query_kernel", [True, False])
 @pytest.mark.parametrize("S,B,M,Lq,Lk,H,E,with_bias,dtype", GATHERED_CASES)
-def test_gathered_kv_reads_each_key_from_its_row(S, B, M, Lq, Lk, H, E, with_bias, dtype):
+def test_gathered_kv_reads_each_key_from_its_row(S, B, M, Lq, Lk, H, E, with_bias, dtype, one_query_kernel,
+                                                 monkeypatch):
     """short_attention_gathered_kv: key position j of row n is kv[key_rows[n, j], j], kv a time-major
-    buffer seen through a transpose (as the decoder cache passes it). Kernels and reference against a
-    float64 evaluation that builds each row's keys one by one; the reference equals it exactly in fp64."""
+    buffer seen through a transpose (as the decoder cache passes it). Kernels (a single query: the
+    one-query kernel, or the general forward) and reference against a float64 evaluation that builds
+    each row's keys one by one; the reference equals it exactly in fp64."""
+    monkeypatch.setitem(kernels.CONFIG_OVERRIDE, "one_query_kernel", one_query_kernel)
+    if one_query_kernel and Lq == 1:   # the general forward must not be what runs
+
+        def general_forward(*args, **kwargs):
+            raise AssertionError("a single query took the general forward")
+        monkeypatch.setattr(kernels, "_forward", general_forward)
     from gbla.ops import short_attention_gathered_kv
     from gbla.ops.attention.naive import short_attention_gathered_kv_reference
     from gbla.ops.attention.triton import short_attention_gathered_kv_triton

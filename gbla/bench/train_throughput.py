@@ -31,6 +31,7 @@ attention_backend, examples_per_s, ms_per_step, valid_eval_s, device, commit, co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -130,18 +131,38 @@ def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode:
     if eval_pass:
         valid = to_device_split(data.valid, model, sids, tc.max_history, dev)
         trie = SIDTrie(data.sids, data.codebook_sizes, device=dev)
-        # the decoder's self-attention cache (default) and the full-prefix reference, side by side
-        for key, use_cache in (("valid_eval_s", True), ("valid_eval_full_prefix_s", False)):
-            rank_targets(model, valid.enc_tokens[:512], valid.target[:512], trie, beam_size=tc.beam_size,
-                         autocast=dev.type == "cuda", use_cache=use_cache)  # warm-up
-            sync()
-            t0 = time.perf_counter()
-            rank_targets(model, valid.enc_tokens, valid.target, trie, beam_size=tc.beam_size,
-                         batch_size=4096 if dev.type == "cuda" else 256, autocast=dev.type == "cuda",
-                         use_cache=use_cache)
-            sync()
-            row[key] = time.perf_counter() - t0
+        for key, use_cache, override in EVAL_SETTINGS:
+            with eval_kernel_config(override):
+                rank_targets(model, valid.enc_tokens[:512], valid.target[:512], trie, beam_size=tc.beam_size,
+                             autocast=dev.type == "cuda", use_cache=use_cache)  # warm-up
+                sync()
+                t0 = time.perf_counter()
+                rank_targets(model, valid.enc_tokens, valid.target, trie, beam_size=tc.beam_size,
+                             batch_size=4096 if dev.type == "cuda" else 256, autocast=dev.type == "cuda",
+                             use_cache=use_cache)
+                sync()
+                row[key] = time.perf_counter() - t0
     return row
+
+
+# The validation pass, side by side: the decoder cache as training uses it (default), the full prefix
+# decoded again at every level (the reference), and the cache with decoding steps on the general
+# attention forward instead of its one-query kernel (when the attention runs on the kernels)
+EVAL_SETTINGS = (("valid_eval_s", True, {}), ("valid_eval_full_prefix_s", False, {}),
+                 ("valid_eval_general_kernel_s", True, {"one_query_kernel": False}))
+
+
+def eval_kernel_config(override: dict):
+    """The short attention kernels' CONFIG_OVERRIDE with `override` set while inside (nothing without
+    an override, or without Triton)."""
+    if not override:
+        return contextlib.nullcontext()
+    try:
+        from gbla.ops.attention import triton as kernels
+    except ImportError:
+        return contextlib.nullcontext()
+    from gbla.bench.attention_speed import overridden
+    return overridden(kernels.CONFIG_OVERRIDE, override)
 
 
 def profile_eager(configs, data, dev, backend: str, path: Path, n: int = 6,
@@ -340,23 +361,27 @@ def markdown(result: dict) -> str:
              f"triton {m['triton']}). Examples per second of the CUDA-graph training step in steady "
              f"state (all seeds' examples counted), {m['steps']} steps over real epoch batches; validation "
              f"pass = beam search over every validation user, all seeds of the model at once (with the "
-             f"decoder cache; the JSON also has the full-prefix search, valid_eval_full_prefix_s).", "",
+             f"decoder cache; beside it the same search decoding the whole prefix again at every level, and "
+             f"the cache with the decoding steps on the general attention forward instead of its one-query "
+             f"kernel).", "",
              "| variant | path | code | step mode | attention | dropout | seeds | processes | batch/seed | ms/step | examples/s "
-             "| x single (baseline) | valid pass s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| x single (baseline) | valid pass s | full prefix s | general kernel s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["variant"]: r["examples_per_s"] for r in result["rows"] if r.get("code") == "baseline"
             and r.get("examples_per_s")}
     for r in result["rows"]:
         if r.get("error"):
             lines.append(f"| {r.get('variant')} | {r['path']} | {r.get('code')} | {r.get('mode', '')} | "
-                         f"{r.get('attention_backend', '')} | {r.get('dropout_backend', '')} | | | | error: {r['error'][:80]} | | | |")
+                         f"{r.get('attention_backend', '')} | {r.get('dropout_backend', '')} | | | | error: {r['error'][:80]} | | | | | |")
             continue
         ratio = r["examples_per_s"] / base[r["variant"]] if r["variant"] in base else None
         lines.append(f"| {r['variant']} | {r['path']} | {r.get('code')} ({r.get('commit', '')[:7]}) | "
                      f"{r.get('mode', 'cuda_graph')} | {r.get('attention_backend', '')} | {r.get('dropout_backend', '')} | {r['seeds']} | "
                      f"{_processes_cell(r)} | {r['batch_size_per_seed']} | {r['ms_per_step']:.2f} | {r['examples_per_s']:,.0f} | "
                      f"{'' if ratio is None else format(ratio, '.2f') + 'x'} | "
-                     f"{'' if r.get('valid_eval_s') is None else format(r['valid_eval_s'], '.2f')} |")
+                     + " | ".join("" if r.get(k) is None else format(r[k], ".2f")
+                                  for k in ("valid_eval_s", "valid_eval_full_prefix_s", "valid_eval_general_kernel_s"))
+                     + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -183,6 +183,43 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _one_query_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, kr_ptr, o_ptr,
+    sqn, sqh, skn, skl, skh, svn, svl, svh, sbs, sbh, sbk, son, soh, skrn, skrl,
+    B, H, Lk, E, scale,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """O of one row n, every head, for its single query over Lk keys read through kr (key j of row n
+    from row kr[n, j] of k and v): a decoding step. Products and sums elementwise in fp32: tl.dot needs
+    16-row tiles, and here a program has one query and a handful of keys per head, so the general
+    kernel's (16, 16) tiles per (row, head) were mostly padding."""
+    n = tl.program_id(0)
+    n64 = n.to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    j = tl.arange(0, BLOCK_K)
+    e = tl.arange(0, BLOCK_E)
+    he_ok = (h < H)[:, None] & (e < E)[None, :]
+    q = tl.load(q_ptr + n64 * sqn + h[:, None] * sqh + e[None, :], mask=he_ok, other=0.0).to(tl.float32)  # (H, E)
+    kr = tl.load(kr_ptr + n64 * skrn + j * skrl, mask=j < Lk, other=0).to(tl.int64)
+    j_ok = j < Lk
+    ok = j_ok[:, None, None] & he_ok[None, :, :]
+    koff = kr * skn + j.to(tl.int64) * skl                                             # (K,), int64
+    k = tl.load(k_ptr + koff[:, None, None] + h[None, :, None] * skh + e[None, None, :], mask=ok, other=0.0)
+    sc = tl.sum(k.to(tl.float32) * q[None, :, :], axis=2) * scale                      # (K, H)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + (n // B) * sbs + h[None, :] * sbh + j[:, None] * sbk,
+                    mask=j_ok[:, None] & (h < H)[None, :], other=0.0)
+        sc = sc + b.to(tl.float32)
+    sc = tl.where(j_ok[:, None], sc, float("-inf"))
+    p = tl.exp(sc - tl.max(sc, axis=0)[None, :])
+    p = p / tl.sum(p, axis=0)[None, :]
+    voff = kr * svn + j.to(tl.int64) * svl
+    v = tl.load(v_ptr + voff[:, None, None] + h[None, :, None] * svh + e[None, None, :], mask=ok, other=0.0)
+    o = tl.sum(p[:, :, None] * v.to(tl.float32), axis=0)                                # (H, E)
+    tl.store(o_ptr + n64 * son + h[:, None] * soh + e[None, :], o.to(o_ptr.dtype.element_ty), mask=he_ok)
+
+
+@triton.jit
 def _bwd_block(q, k, v, do, bias_ptr, km_ptr, n, s, h, seed, rows, cols, H, Lq, Lk, smn, sml, sbs, sbh, sbq, sbk,
                scale, dropout_p, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, MODE: tl.constexpr):
@@ -349,6 +386,8 @@ BWD_SCHEMES = ("per_row", "rows")
 # one-tile "rows" and 3.57 for torch).
 DEFAULT_BWD_SCHEME = "per_row; whole rows up to 64 keys, blocks of 32 queries beyond"
 LONG_ROW_Q_BLOCK = 32
+# Benchmarks' keys (besides q_block, fwd_num_warps, bwd_scheme, rows, ...): "one_query_kernel" (False:
+# decoding steps take the general forward), "one_query_num_warps" (its launch; 2 unmeasured so far)
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -588,9 +627,21 @@ def short_attention_gathered_kv_triton(q, kv, key_rows, *, bias=None, num_seeds=
         kv = kv.contiguous()
         k, v = kv.unbind(2)
     N, Lq, H, E = q.shape
-    if N == 0 or Lq == 0 or k.shape[1] == 0:
+    Lk = k.shape[1]
+    if N == 0 or Lq == 0 or Lk == 0:
         return torch.zeros((N, Lq, H, E), device=q.device, dtype=q.dtype)
-    return _forward(q, k, v, None, bias, q, False, int(num_seeds), 0.0, key_rows=key_rows)
+    if Lq > 1 or not CONFIG_OVERRIDE.get("one_query_kernel", True):
+        return _forward(q, k, v, None, bias, q, False, int(num_seeds), 0.0, key_rows=key_rows)
+    out = torch.empty((N, 1, H, E), device=q.device, dtype=q.dtype)
+    sb = (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
+    _one_query_kernel[(N,)](
+        q, k, v, bias if bias is not None else q, key_rows, out,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        *sb, out.stride(0), out.stride(2), *key_rows.stride(), N // int(num_seeds), H, Lk, E, 1.0 / math.sqrt(E),
+        BLOCK_H=max(2, triton.next_power_of_2(H)), BLOCK_K=max(2, triton.next_power_of_2(Lk)),
+        BLOCK_E=max(16, triton.next_power_of_2(E)), HAS_BIAS=bias is not None,
+        num_warps=CONFIG_OVERRIDE.get("one_query_num_warps", 2))
+    return out
 
 
 def dropout_keep_mask(seed: torch.Tensor, N: int, H: int, Lq: int, Lk: int, dropout_p: float) -> torch.Tensor:
