@@ -26,16 +26,16 @@ def _load_triton():
     return kernels
 
 
-def _dispatch(backend: str, q, k, v, call_triton, kw: dict) -> torch.Tensor:
-    """call_triton(kernels) when the backend picks the kernels and they take q and k, else the reference."""
+def _dispatch(backend: str, q, k, call_triton, call_reference, name: str = "short_attention") -> torch.Tensor:
+    """call_triton(kernels) when the backend picks the kernels and they take q and k, else call_reference()."""
     kernels = triton_impl("short_attention", backend, q, _load_triton)
     if kernels is not None:
         why = kernels.unsupported(q, k)
         if why is None:
             return call_triton(kernels)
         if backend == "triton":
-            raise ValueError(f"short_attention(backend='triton'): {why}")
-    return short_attention_reference(q, k, v, **kw)
+            raise ValueError(f"{name}(backend='triton'): {why}")
+    return call_reference()
 
 
 def short_attention(
@@ -61,7 +61,8 @@ def short_attention(
     reference beyond that (and for dtypes they do not take), "triton" raises ValueError.
     """
     kw = dict(key_mask=key_mask, causal=causal, bias=bias, num_seeds=num_seeds, dropout_p=dropout_p)
-    return _dispatch(backend, q, k, v, lambda m: m.short_attention_triton(q, k, v, **kw), kw)
+    return _dispatch(backend, q, k, lambda m: m.short_attention_triton(q, k, v, **kw),
+                     lambda: short_attention_reference(q, k, v, **kw))
 
 
 def short_attention_qkv(qkv: torch.Tensor, *, key_mask: torch.Tensor | None = None, causal: bool = False,
@@ -71,7 +72,8 @@ def short_attention_qkv(qkv: torch.Tensor, *, key_mask: torch.Tensor | None = No
     that order along axis 2); its gradient comes back as one (N, L, 3, H, E) tensor."""
     q, k, v = unbind_packed(qkv, 3, "qkv")
     kw = dict(key_mask=key_mask, causal=causal, bias=bias, num_seeds=num_seeds, dropout_p=dropout_p)
-    return _dispatch(backend, q, k, v, lambda m: m.short_attention_qkv_triton(qkv, **kw), kw)
+    return _dispatch(backend, q, k, lambda m: m.short_attention_qkv_triton(qkv, **kw),
+                     lambda: short_attention_reference(q, k, v, **kw))
 
 
 def short_attention_q_kv(q: torch.Tensor, kv: torch.Tensor, *, key_mask: torch.Tensor | None = None,
@@ -81,7 +83,8 @@ def short_attention_q_kv(q: torch.Tensor, kv: torch.Tensor, *, key_mask: torch.T
     kv (N, Lk, 2, H, E) (k, v in that order along axis 2); kv's gradient comes back as one tensor."""
     k, v = unbind_packed(kv, 2, "kv")
     kw = dict(key_mask=key_mask, causal=causal, bias=bias, num_seeds=num_seeds, dropout_p=dropout_p)
-    return _dispatch(backend, q, k, v, lambda m: m.short_attention_q_kv_triton(q, kv, **kw), kw)
+    return _dispatch(backend, q, k, lambda m: m.short_attention_q_kv_triton(q, kv, **kw),
+                     lambda: short_attention_reference(q, k, v, **kw))
 
 
 def short_attention_gathered_kv(q: torch.Tensor, kv: torch.Tensor, key_rows: torch.Tensor, *,
@@ -92,14 +95,10 @@ def short_attention_gathered_kv(q: torch.Tensor, kv: torch.Tensor, key_rows: tor
     contiguous), key_rows (N, Lk) int rows of kv (not checked against M on the kernels). Beam search
     keeps each decoded position's keys and values once, for the rows of that position, and each beam
     names its ancestors' rows, so re-ranking the beams moves only these indices, never the cache."""
-    kernels = triton_impl("short_attention", backend, q, _load_triton)
-    if kernels is not None:
-        why = kernels.unsupported(q, kv[:, :, 0])
-        if why is None:
-            return kernels.short_attention_gathered_kv_triton(q, kv, key_rows, bias=bias, num_seeds=num_seeds)
-        if backend == "triton":
-            raise ValueError(f"short_attention_gathered_kv(backend='triton'): {why}")
-    return short_attention_gathered_kv_reference(q, kv, key_rows, bias=bias, num_seeds=num_seeds)
+    kw = dict(bias=bias, num_seeds=num_seeds)
+    return _dispatch(backend, q, kv[:, :, 0], lambda m: m.short_attention_gathered_kv_triton(q, kv, key_rows, **kw),
+                     lambda: short_attention_gathered_kv_reference(q, kv, key_rows, **kw),
+                     "short_attention_gathered_kv")
 
 
 __all__ = ["short_attention", "short_attention_qkv", "short_attention_q_kv", "short_attention_gathered_kv",

@@ -31,6 +31,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _check_seeds_and_bias(N, H, Lq, Lk, bias, num_seeds) -> None:
+    if num_seeds < 1 or N % num_seeds != 0:
+        raise ValueError(f"num_seeds ({num_seeds}) must divide the rows N = {N}")
+    if bias is not None and bias.shape != (num_seeds, H, Lq, Lk):
+        raise ValueError(f"bias must be (num_seeds, H, Lq, Lk) = {(num_seeds, H, Lq, Lk)}, got {tuple(bias.shape)}")
+
+
 def check_short_attention_inputs(q, k, v, key_mask, causal, bias, num_seeds, dropout_p) -> None:
     """Shape and argument checks shared by every backend (raise ValueError naming the argument)."""
     if q.dim() != 4:
@@ -43,8 +50,7 @@ def check_short_attention_inputs(q, k, v, key_mask, causal, bias, num_seeds, dro
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     Lk = k.shape[1]
-    if num_seeds < 1 or N % num_seeds != 0:
-        raise ValueError(f"num_seeds ({num_seeds}) must divide the rows N = {N}")
+    _check_seeds_and_bias(N, H, Lq, Lk, bias, num_seeds)
     if key_mask is not None:
         if key_mask.shape != (N, Lk):
             raise ValueError(f"key_mask must be (N, Lk) = {(N, Lk)}, got {tuple(key_mask.shape)}")
@@ -52,8 +58,6 @@ def check_short_attention_inputs(q, k, v, key_mask, causal, bias, num_seeds, dro
             raise ValueError(f"key_mask must be a bool tensor (True = real key), got {key_mask.dtype}")
     if causal and Lq != Lk:
         raise ValueError(f"causal attention needs Lq == Lk, got Lq={Lq}, Lk={Lk}")
-    if bias is not None and bias.shape != (num_seeds, H, Lq, Lk):
-        raise ValueError(f"bias must be (num_seeds, H, Lq, Lk) = {(num_seeds, H, Lq, Lk)}, got {tuple(bias.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
@@ -131,10 +135,7 @@ def check_gathered_kv_inputs(q, kv, key_rows, bias, num_seeds) -> None:
         raise ValueError(f"key_rows must be an int32 or int64 tensor of kv's rows, got {key_rows.dtype}")
     if q.dtype != kv.dtype:
         raise ValueError(f"q and kv must share one dtype, got {q.dtype}, {kv.dtype}")
-    if num_seeds < 1 or N % num_seeds != 0:
-        raise ValueError(f"num_seeds ({num_seeds}) must divide the rows N = {N}")
-    if bias is not None and bias.shape != (num_seeds, H, Lq, Lk):
-        raise ValueError(f"bias must be (num_seeds, H, Lq, Lk) = {(num_seeds, H, Lq, Lk)}, got {tuple(bias.shape)}")
+    _check_seeds_and_bias(N, H, Lq, Lk, bias, num_seeds)
 
 
 def gather_key_rows(kv: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
