@@ -306,6 +306,14 @@ def test_packed_inputs_match_unpacked(cross, dtype, scheme):
         assert torch.equal(grads_p[0], torch.stack([dq, dk, dv], dim=2))
 
 
+def test_rows_scheme_takes_tiles_up_to_the_largest_that_compiled():
+    """The "rows" scheme's one tile: 128^3 in bf16 compiled on an H200, in fp32 it asked more shared
+    memory than the SM has, so fp32 is refused there and taken at half of it."""
+    assert kernels.rows_tile_fits(128, 128, 128, torch.bfloat16)
+    assert not kernels.rows_tile_fits(128, 128, 128, torch.float32)
+    assert kernels.rows_tile_fits(128, 128, 64, torch.float32) and kernels.rows_tile_fits(16, 16, 16, torch.float32)
+
+
 def test_default_launch_config(monkeypatch):
     """The measured best by default: per_row, whole rows as one query block up to 64 keys and blocks of
     32 queries beyond; overrides win (a query block at most the tile), a bad q_block raises."""
@@ -408,6 +416,11 @@ def test_kernels_drop_exactly_the_keep_mask(N, H, Lq, Lk, dtype, scheme):
     seed = draw_seed(torch.device(DEVICE))
     out = short_attention_triton(q, k, v, dropout_p=p, dropout_seed=seed)
     grad_out = torch.eye(Lq, E, device=DEVICE, dtype=dtype)[None, :, None, :].expand(N, Lq, H, E)
+    if scheme == "rows" and not kernels.rows_tile_fits(*kernels._blocks(Lq, Lk, E), dtype):
+        # fp32 at 81 x 81 x 81: the one tile is over what an SM holds (refused, not launched)
+        with pytest.raises(ValueError, match="bwd_scheme 'rows' holds one \\(128, 128, 128\\) tile"):
+            torch.autograd.grad(out, [v], grad_out)
+        return
     (dv,) = torch.autograd.grad(out, [v], grad_out)
     keep = dropout_keep_mask(seed, N, H, Lq, Lk, p).cpu()
     fwd_kept = (out[..., :Lk] > 0).permute(0, 2, 1, 3).cpu()      # (N, H, Lq, Lk)

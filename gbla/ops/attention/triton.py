@@ -425,6 +425,18 @@ def bwd_scheme(block_q: int, block_k: int) -> str:
     return scheme
 
 
+# The "rows" scheme holds a whole (BLOCK_Q, BLOCK_K, BLOCK_E) tile per row. Compiled on an H200
+# (Triton 3.6, 62dcac6) the 128 x 128 x 128 tile fit in bf16 but asked 327,680 B of shared memory in
+# fp32 (the SM has 232,448): tiles up to the bf16 one's bytes are taken, larger ones refused.
+ROWS_MAX_TILE_BYTES = 128 * 128 * 128 * 2
+
+
+def rows_tile_fits(block_q: int, block_k: int, block_e: int, dtype: torch.dtype) -> bool:
+    """Whether the "rows" scheme's one tile (its bytes: the three block sizes times the element size)
+    is within ROWS_MAX_TILE_BYTES."""
+    return block_q * block_k * block_e * torch.empty((), dtype=dtype).element_size() <= ROWS_MAX_TILE_BYTES
+
+
 def _rows_per_program(S: int, B: int, H: int, device: torch.device, has_dbias: bool) -> int:
     """Rows of one program of the "rows" scheme. With a bias gradient, each program sums its rows'
     dS in registers and writes one partial: about 4 programs per SM over (seed, chunk, head), so the
@@ -538,6 +550,11 @@ class _ShortAttention(torch.autograd.Function):
             if has_dbias:
                 dbias = ds.view(S, B, H, Lq, Lk).sum(1, dtype=torch.float32).to(bias.dtype)
         else:
+            if not rows_tile_fits(bq, bk, be, q.dtype):
+                raise ValueError(
+                    f"bwd_scheme 'rows' holds one ({bq}, {bk}, {be}) tile per row: in {q.dtype} that is over "
+                    f"ROWS_MAX_TILE_BYTES = {ROWS_MAX_TILE_BYTES} (more shared memory than an H200 SM has); "
+                    f"use bwd_scheme 'per_row' (Lq={Lq}, Lk={Lk}, E={E})")
             rows = _rows_per_program(S, B, H, q.device, has_dbias)
             chunks = triton.cdiv(B, rows)
             part = (torch.empty((chunks, S, H, Lq, Lk), device=q.device, dtype=torch.float32) if has_dbias
