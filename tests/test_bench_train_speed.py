@@ -160,6 +160,8 @@ def test_processes_are_timed_together_over_one_window(tmp_path):
     assert single["path"] == "single" and "error" not in single
     # the validation pass three ways, side by side: cache, full prefix, cache on the general forward
     assert all(single[key] > 0 for key, _, _ in tt.EVAL_SETTINGS), single
+    # each timed after the same full pass untimed (its compilation), recorded apart
+    assert all(single[key.removesuffix("_s") + "_warmup_s"] > 0 for key, _, _ in tt.EVAL_SETTINGS), single
     assert together["processes"] == 2 and together["mps"] is False and "error" not in together, together
     assert len(together["per_process_examples_per_s"]) == 2
     assert together["overlap_s"] > 0
