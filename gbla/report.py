@@ -205,8 +205,9 @@ class _Pair:
 
     @classmethod
     def of(cls, ok: pd.DataFrame, dataset: str, variant: str, reference: str, *, split: str,
-           ranks: PerUserRanks, reference_in_grid: bool = True) -> "_Pair":
-        """`ok`: the finished runs (status ok) of every dataset."""
+           ranks: PerUserRanks, reference_in_grid: bool = True, per_user: bool = True) -> "_Pair":
+        """`ok`: the finished runs (status ok) of every dataset. per_user=False: the seeds only (no
+        per-user file read)."""
         ok = ok[ok["dataset"] == dataset]
         v_rows = ok[ok["variant"] == variant].set_index("seed")
         r_rows = ok[ok["variant"] == reference].set_index("seed")
@@ -215,6 +216,8 @@ class _Pair:
             pair.user_reason = f"reference {reference!r} is not in the grid for {dataset}"
         elif split != "test":
             pair.user_reason = "per-user results exist for the test split only"
+        elif not per_user:
+            pair.user_reason = "per-user results not read"
         elif pair.seeds:
             try:
                 pair.paired = _paired_user_ranks(ranks, v_rows["run_dir"].to_dict(), r_rows["run_dir"].to_dict(),
@@ -372,6 +375,47 @@ def equivalence(runs: pd.DataFrame, pairs=(("hybrid", "sa"),), metrics=METRIC_NA
     return table
 
 
+# ============================================================================= across datasets
+
+POOLED_COLUMNS = ["metric", "reference", "variant", "n_datasets", "datasets", "n_pairs", "per_dataset_pct", "pct",
+                  "pct_ci_low", "pct_ci_high", "t", "df", "p", "p_holm", "f_heterogeneity", "p_heterogeneity",
+                  "margin_pct", "p_tost", "equivalent", "reason"]
+
+
+def pooled(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAMES, *, pairs=(),
+           split: str = "test", confidence: float = 0.95, margin: float = 0.05) -> pd.DataFrame:
+    """Each variant against each reference (and each (variant, reference) of `pairs`) across the
+    datasets where both have 2+ paired seeds, if there are two or more: the change in % of the
+    reference's mean averaged over those datasets, its t-CI and t-test, and the test of whether it
+    differs between them (stats.pooled_relative_difference). Holm within each (metric, reference)
+    family. With it, TOST of "the average change lies within +-100 x margin %" (p_tost, equivalent).
+    Only comparisons that have two such datasets get a row."""
+    rows = []
+    ok = runs[runs["status"] == "ok"] if not runs.empty else runs
+    variants = list(pd.unique(runs["variant"])) if not runs.empty else []
+    todo = [(v, r) for r in references for v in variants if v != r] + [tuple(p) for p in pairs]
+    for variant, reference in todo:
+        per_dataset = {}
+        for dataset in pd.unique(ok["dataset"]) if not ok.empty else []:
+            pair = _Pair.of(ok, dataset, variant, reference, split=split, ranks=PerUserRanks(), per_user=False)
+            if len(pair.seeds) >= 2:
+                per_dataset[dataset] = pair
+        if len(per_dataset) < 2:
+            continue
+        for metric in metrics:
+            res = stats.pooled_relative_difference(
+                {d: pair.values(f"{split}_{metric}")[:2] for d, pair in per_dataset.items()}, confidence,
+                margin_pct=100 * margin)
+            rows.append({"metric": metric, "reference": reference, "variant": variant, "margin_pct": 100 * margin,
+                         **{k: res[k] for k in POOLED_COLUMNS if k in res and k != "per_dataset_pct"},
+                         "per_dataset_pct": "; ".join(f"{d} {_pct(v)}" for d, v in res["per_dataset_pct"].items())})
+    table = pd.DataFrame(rows, columns=POOLED_COLUMNS)
+    if not table.empty:
+        table["p_holm"] = (table.groupby(["metric", "reference"], sort=False)["p"]
+                           .transform(lambda p: pd.Series(stats.holm(p.to_numpy(dtype=float)), index=p.index)))
+    return table
+
+
 # ============================================================================= published numbers
 
 def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
@@ -428,6 +472,7 @@ class Report:
     published: pd.DataFrame
     histories: pd.DataFrame
     notes: list = field(default_factory=list)
+    pooled: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=POOLED_COLUMNS))
 
 
 # comparisons beyond "every variant against each reference": (variant, reference) pairs of equal depth
@@ -469,7 +514,8 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=MET
         parameters=parameters, runs=runs, status=status_table(runs), summary=summary,
         comparisons=pd.concat(comparisons, ignore_index=True) if comparisons else compare(runs.iloc[:0]),
         equivalence=equivalence(runs, equivalence_pairs, metrics, margin=tost_margin, ranks=ranks),
-        published=published, histories=histories, notes=notes)
+        published=published, histories=histories, notes=notes,
+        pooled=pooled(runs, references, metrics, pairs=pairs, confidence=confidence, margin=tost_margin))
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -485,7 +531,7 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
     output_dir = repo_path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name in ("status", "summary", "comparisons", "equivalence", "published"):
+    for name in ("status", "summary", "comparisons", "equivalence", "published", "pooled"):
         path = output_dir / f"{name}.csv"
         _atomic_csv(getattr(report, name), path)
         paths[name] = path
@@ -649,7 +695,8 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
     `ratio` (sa, hybrid, ratio-1to1, ratio-1to3, all-gbla: means, differences vs sa, and Spearman's rho
     of the number of GBLA layers with the per-seed metric), `depth` (hybrid-1to2-6L vs sa-6L),
     `bidirectional` (sa-causal vs sa), `published` (the GBLA paper's Tiger+GBLA-vs-Tiger gap beside
-    ours), `not_run` (variants without finished seeds or with missing seeds). A topic whose variants
+    ours), `not_run` (variants without finished seeds or with missing seeds); and, once two datasets
+    pair seeds, `pooled` under "across datasets" (rep.pooled: each change averaged over the datasets). A topic whose variants
     are not in the grid at all says so; a dataset with no finished run at all gets only `published`
     and `not_run`. Statistics are the seed-level ones (what retraining varies).
     """
@@ -809,7 +856,51 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
         if wanted:
             bits.append("not in this grid: " + ", ".join(dict.fromkeys(wanted)))
         add(d, "not_run", ("Not yet run — " + "; ".join(bits) + ".") if bits else "Every variant of the grid has all its seeds.")
+    if not rep.pooled.empty:
+        add("across datasets", "pooled", _pooled_finding(rep.pooled, metrics, alpha))
     return pd.DataFrame(rows, columns=["dataset", "topic", "text"])
+
+
+def _pooled_finding(pooled: pd.DataFrame, metrics, alpha: float) -> str:
+    """The across-datasets sentence: hybrid vs sa at each metric (with the TOST), then every other
+    pooled comparison at the first metric, significant ones first; a change that differs between
+    the datasets (heterogeneity F-test p <= alpha) says so."""
+    def item(r, name=""):
+        text = f"{name}{_pct_ci(r)}, p_Holm = {_p(r['p_holm'])} ({r['per_dataset_pct']}"
+        if np.isfinite(r["p_heterogeneity"]) and r["p_heterogeneity"] <= alpha:
+            text += f"; differs between datasets, F-test p = {_p(r['p_heterogeneity'])}"
+        return text + ")"
+
+    sentences = []
+    hs = pooled[(pooled["variant"] == "hybrid") & (pooled["reference"] == "sa") & pooled["metric"].isin(metrics)]
+    if not hs.empty:
+        bits = []
+        for _, r in hs.iterrows():
+            bit = item(r, f"{_label(r['metric'])} ")
+            if not pd.isna(r["equivalent"]):
+                bit += (", equivalent" if bool(r["equivalent"]) else ", equivalence not shown") + \
+                       f" within ±{r['margin_pct']:g}% (TOST p = {_p(r['p_tost'])})"
+            bits.append(bit)
+        sentences.append(f"Hybrid vs all-SA, averaged over {hs['datasets'].iloc[0].replace(',', ', ')} "
+                         f"(seed-level t on {int(hs['df'].iloc[0])} df): " + "; ".join(bits) + ".")
+    # each pair once: a reference compared with the other (sa vs hybrid) mirrors the row before it
+    seen, keep = {("hybrid", "sa")}, []
+    for i, r in pooled[pooled["metric"] == metrics[0]].iterrows():
+        if (r["variant"], r["reference"]) not in seen and (r["reference"], r["variant"]) not in seen:
+            keep.append(i)
+        seen.add((r["variant"], r["reference"]))
+    rest = pooled.loc[keep]
+    if not rest.empty:
+        sig = rest[rest["p_holm"] <= alpha]
+        items = [item(r, f"{r['variant']} vs {r['reference']} ") for _, r in sig.iterrows()]
+        nonsig = rest[~(rest["p_holm"] <= alpha)]
+        text = f"Other variants averaged over the datasets where both have 2+ seeds, {_label(metrics[0])}: "
+        text += ("significant (Holm within each reference): " + "; ".join(items)) if items else "none significant"
+        if not nonsig.empty:
+            text += ". Not significant: " + "; ".join(f"{r['variant']} vs {r['reference']} {_pct_ci(r)}"
+                                                     for _, r in nonsig.iterrows())
+        sentences.append(text + ".")
+    return " ".join(sentences)
 
 
 def findings_markdown(table: pd.DataFrame) -> str:
@@ -894,6 +985,21 @@ def main_table(rep: "Report", metrics=None, *, reference: str = "sa", alpha: flo
     table.columns = pd.MultiIndex.from_tuples(table.columns, names=["dataset", "metric"])
     table.index.name = "variant"
     return table
+
+
+def pooled_table(pooled: pd.DataFrame, metrics=("recall@10", "ndcg@10")) -> pd.DataFrame:
+    """rep.pooled for reading: one row per comparison and metric, the average change with its CI,
+    Holm p, each dataset's change, the heterogeneity and equivalence p-values."""
+    rows = pooled[pooled["metric"].isin(metrics)] if not pooled.empty else pooled
+    return pd.DataFrame({
+        "comparison": [f"{v} vs {r}" for v, r in zip(rows["variant"], rows["reference"])],
+        "metric": [_label(m) for m in rows["metric"]],
+        "Δ% [95% CI]": [_pct_ci(r) for _, r in rows.iterrows()],
+        "p (Holm)": [_p(p) for p in rows["p_holm"]],
+        "per dataset": list(rows["per_dataset_pct"]),
+        "differs between datasets (F p)": [_p(p) for p in rows["p_heterogeneity"]],
+        "TOST p (±margin)": [f"{_p(p)} (±{m:g}%)" for p, m in zip(rows["p_tost"], rows["margin_pct"])],
+    })
 
 
 def style_main_table(table: pd.DataFrame):

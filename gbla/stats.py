@@ -1,4 +1,5 @@
-"""Statistics for the ablation reports: CIs over seeds, paired tests, Holm, TOST, per-user metrics.
+"""Statistics for the ablation reports: CIs over seeds, paired tests, Holm, TOST, per-user metrics,
+and a variant's change pooled across datasets.
 
 Two kinds of evidence are computed for every comparison of a variant against a reference:
 
@@ -85,17 +86,22 @@ def mean_ci(values, confidence: float = 0.95) -> dict:
     return out
 
 
+def _matched(variant, reference, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (variant, reference) where neither side is NaN; unequal shapes raise (naming `name`)."""
+    a = np.asarray(variant, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"{name}{': ' if name else ''}paired samples need the same shape, got {a.shape} and {b.shape}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    return a[keep], b[keep]
+
+
 def paired_ttest(variant, reference, confidence: float = 0.95) -> dict:
     """Paired t-test (scipy.stats.ttest_rel) of variant - reference over matched seeds.
 
     Pairs where either side is NaN are dropped; fewer than 2 pairs gives NaN and a reason.
     """
-    a = np.asarray(variant, dtype=np.float64)
-    b = np.asarray(reference, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples need the same shape, got {a.shape} and {b.shape}")
-    keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
+    a, b = _matched(variant, reference)
     n = int(a.size)
     out = {"n": n, "diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,
            "t": math.nan, "p": math.nan, "reason": ""}
@@ -259,6 +265,69 @@ def tost(differences, margin: float, *, alpha: float = 0.05) -> dict:
     p = max(float(lower.pvalue), float(upper.pvalue))
     out.update(p_lower=float(lower.pvalue), p_upper=float(upper.pvalue), p=p, equivalent=bool(p < alpha),
                ci_low=float(ci.low), ci_high=float(ci.high))
+    return out
+
+
+# --------------------------------------------------------------------------- across datasets
+
+def pooled_relative_difference(pairs, confidence: float = 0.95, *, margin_pct: float | None = None,
+                               alpha: float = 0.05) -> dict:
+    """One variant against one reference on several datasets: the change in % of the reference's
+    mean, averaged over the datasets, with a t-CI and t-test, and whether the change differs between
+    datasets.
+
+    `pairs`: {dataset: (variant values, reference values)}, each paired over seeds. On dataset d each
+    seed's relative difference is r = 100 (v - ref) / mean(ref_d), the unit the per-dataset
+    comparisons report. The estimate is the unweighted mean over datasets of their mean r (each
+    dataset one replication of the question, whatever its seed count); its standard error uses the
+    within-dataset spread pooled over datasets, s_p^2 = sum_d sum_i (r - mean_d)^2 / sum_d (n_d - 1),
+    as SE = sqrt(s_p^2 sum_d 1 / n_d) / D, with t on sum_d (n_d - 1) degrees of freedom: the dataset
+    contrast of the linear model r ~ dataset (fixed datasets, one spread). Heterogeneity: the one-way
+    ANOVA F-test (scipy.stats.f_oneway) of r across datasets; a small p says the change is not the
+    same everywhere, and the average is then a summary of unlike effects.
+
+    With margin_pct: TOST of "the average change lies within +-margin_pct" on the same t (p_tost, the
+    larger one-sided p; equivalent iff p_tost < alpha).
+
+    Needs 2+ datasets with 2+ paired seeds each (datasets with fewer are left out and named);
+    per_dataset_pct has each dataset's mean r (the per-dataset comparisons' pct)."""
+    out = {"n_datasets": 0, "datasets": "", "n_pairs": 0, "pct": math.nan, "pct_ci_low": math.nan,
+           "pct_ci_high": math.nan, "t": math.nan, "df": math.nan, "p": math.nan, "f_heterogeneity": math.nan,
+           "p_heterogeneity": math.nan, "p_tost": math.nan, "equivalent": None, "per_dataset_pct": {}, "reason": ""}
+    rel, left_out = {}, []
+    for dataset, (variant, reference) in pairs.items():
+        a, b = _matched(variant, reference, str(dataset))
+        if a.size < 2 or not b.mean():
+            left_out.append(f"{dataset} ({a.size} paired)")
+            continue
+        rel[dataset] = 100.0 * (a - b) / b.mean()
+    reasons = [f"left out: {', '.join(left_out)}"] if left_out else []
+    out.update(n_datasets=len(rel), datasets=",".join(map(str, rel)), n_pairs=int(sum(r.size for r in rel.values())),
+               per_dataset_pct={d: float(r.mean()) for d, r in rel.items()})
+    if len(rel) < 2:
+        out["reason"] = "; ".join(reasons + [f"{len(rel)} dataset(s) with 2+ paired seeds; pooling needs 2"])
+        return out
+    means = np.array([r.mean() for r in rel.values()])
+    sizes = np.array([r.size for r in rel.values()])
+    df = int((sizes - 1).sum())
+    pooled_var = sum(float(((r - r.mean()) ** 2).sum()) for r in rel.values()) / df
+    out.update(pct=float(means.mean()), df=df)
+    if _no_spread(np.concatenate([r - r.mean() for r in rel.values()])):
+        out["pct_ci_low"] = out["pct_ci_high"] = out["pct"]
+        out["reason"] = "; ".join(reasons + ["no spread within datasets; the t-test is undefined"])
+        return out
+    se = math.sqrt(pooled_var * float((1.0 / sizes).sum())) / len(rel)
+    t_crit = float(sps.t.ppf(0.5 + confidence / 2, df))
+    t = out["pct"] / se
+    het = sps.f_oneway(*rel.values())
+    out.update(pct_ci_low=out["pct"] - t_crit * se, pct_ci_high=out["pct"] + t_crit * se, t=t,
+               p=float(2 * sps.t.sf(abs(t), df)), f_heterogeneity=float(het.statistic),
+               p_heterogeneity=float(het.pvalue), reason="; ".join(reasons))
+    if margin_pct is not None and margin_pct > 0:
+        p_lower = float(sps.t.sf((out["pct"] + margin_pct) / se, df))   # H0: change <= -margin
+        p_upper = float(sps.t.cdf((out["pct"] - margin_pct) / se, df))  # H0: change >= +margin
+        out["p_tost"] = max(p_lower, p_upper)
+        out["equivalent"] = bool(out["p_tost"] < alpha)
     return out
 
 

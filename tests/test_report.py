@@ -511,3 +511,44 @@ def test_provenance_names_device_commit_command_and_date(grid):
     line = report.provenance(runs, command="make ablations PROFILE=smoke")
     assert "8 finished" in line and "device cpu (8)" in line and "commit fixture (8)" in line
     assert "trained 2025-01-01" in line and "`make ablations PROFILE=smoke`" in line and "UTC" in line
+
+
+def test_pooled_across_datasets_uses_each_datasets_paired_seeds(tmp_path):
+    """Across datasets: a comparison gets a row once two datasets have 2+ paired seeds (here beauty and
+    toys; sports, with one paired seed, is left out); the
+    estimate is the mean of the datasets' seed-level % changes, the same numbers compare() reports
+    per dataset; the CSV is written beside the others."""
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(1)
+    for dataset, seeds in (("beauty", range(3)), ("toys", range(4)), ("sports", range(1))):
+        for s in seeds:
+            for variant, rate in (("sa", 0.30), ("hybrid", 0.27)):
+                write_run(root, dataset, variant, s, fixture_ranks(rng, 400, rate))
+    write_run(root, "sports", "sa", 1, fixture_ranks(rng, 400, 0.3))
+    runs = report.load_runs(root)
+    rep = report.build_report(runs, n_bootstrap=100, progress=False)
+    pooled = rep.pooled
+    row = pooled[(pooled["metric"] == "recall@10") & (pooled["reference"] == "sa") & (pooled["variant"] == "hybrid")]
+    assert len(row) == 1
+    row = row.iloc[0]
+    assert row["datasets"] == "beauty,toys" and row["n_datasets"] == 2 and row["n_pairs"] == 7 and row["df"] == 5
+    per = rep.comparisons[(rep.comparisons["metric"] == "recall@10") & (rep.comparisons["reference"] == "sa")
+                          & (rep.comparisons["variant"] == "hybrid")].set_index("dataset")["pct"]
+    assert row["pct"] == pytest.approx((per["beauty"] + per["toys"]) / 2)
+    assert row["per_dataset_pct"] == f"beauty {report._pct(per['beauty'])}; toys {report._pct(per['toys'])}"
+    assert row["pct_ci_low"] < row["pct"] < row["pct_ci_high"] and 0 <= row["p"] <= row["p_holm"] <= 1
+    assert row["margin_pct"] == 5.0 and isinstance(row["equivalent"], (bool, np.bool_))
+    assert set(pooled["reference"]) == {"sa", "hybrid"} and len(pooled) == 2 * len(METRICS)
+    paths = report.write_report(rep, tmp_path / "reports", runs_root=root)
+    assert len(pd.read_csv(paths["pooled"])) == len(pooled)
+    # the finding under "across datasets" and the table the notebook shows carry the same numbers
+    found = report.findings(rep)
+    text = found.loc[(found["dataset"] == "across datasets") & (found["topic"] == "pooled"), "text"].iloc[0]
+    assert text.startswith("Hybrid vs all-SA, averaged over beauty, toys (seed-level t on 5 df): Recall@10 "
+                           + report._pct_ci(row))
+    assert "sa vs hybrid" not in text   # the mirror of hybrid vs sa is not repeated
+    shown = report.pooled_table(pooled)
+    assert len(shown) == 2 * 2 and shown["Δ% [95% CI]"].iloc[0] in text
+    # one dataset only: no pooled rows, an empty table with its columns
+    single = report.build_report(runs[runs["dataset"] == "beauty"], n_bootstrap=100, progress=False)
+    assert single.pooled.empty and list(single.pooled.columns) == report.POOLED_COLUMNS
