@@ -696,9 +696,9 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
     of the number of GBLA layers with the per-seed metric), `depth` (hybrid-1to2-6L vs sa-6L),
     `bidirectional` (sa-causal vs sa), `published` (the GBLA paper's Tiger+GBLA-vs-Tiger gap beside
     ours), `not_run` (variants without finished seeds or with missing seeds); and, once two datasets
-    pair seeds, `pooled` under "across datasets" (rep.pooled: each change averaged over the datasets). A topic whose variants
-    are not in the grid at all says so; a dataset with no finished run at all gets only `published`
-    and `not_run`. Statistics are the seed-level ones (what retraining varies).
+    pair seeds, `pooled` under "across datasets" (rep.pooled: each change averaged over the datasets).
+    A topic whose variants are not in the grid at all says so; a dataset with no finished run at all
+    gets only `published` and `not_run`. Statistics are the seed-level ones (what retraining varies).
     """
     from scipy import stats as sps
 
