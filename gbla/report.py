@@ -1191,6 +1191,51 @@ def plot_forest(comparisons: pd.DataFrame, reference: str = "sa", *, user_level:
     return grid
 
 
+def plot_pooled(pooled: pd.DataFrame, comparisons: pd.DataFrame, reference: str = "sa",
+                metrics=("recall@10", "ndcg@10"), *, margin_pct: float | None = 5.0):
+    """Each change vs `reference` averaged across datasets (black, with its 95% t-CI) over each
+    dataset's own seed-level change (a marker per dataset), one panel per metric; the shaded band is
+    the +-margin_pct equivalence region. Returns the matplotlib Figure, or None with nothing to plot."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = pooled[(pooled["reference"] == reference) & pooled["metric"].isin(metrics)] if not pooled.empty else pooled
+    if data.empty:
+        return None
+    _theme()
+    metrics = [m for m in metrics if m in set(data["metric"])]
+    order = list(pd.unique(data["variant"]))
+    datasets = list(dict.fromkeys(d for ds in data["datasets"] for d in ds.split(",")))
+    colors = dict(zip(datasets, sns.color_palette(n_colors=len(datasets))))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 0.45 * len(order) + 1.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rows = data[data["metric"] == metric]
+        for _, r in rows.iterrows():
+            y = order.index(r["variant"])
+            per = comparisons[(comparisons["reference"] == reference) & (comparisons["variant"] == r["variant"])
+                              & (comparisons["metric"] == metric) & comparisons["dataset"].isin(r["datasets"].split(","))]
+            for k, (_, c) in enumerate(per.iterrows()):   # each dataset a little apart, above the average
+                ax.plot(c["pct"], y - 0.12 - 0.1 * k, "D", ms=4, color=colors[c["dataset"]],
+                        label=c["dataset"] if y == order.index(rows["variant"].iloc[0]) else None)
+            ax.errorbar(r["pct"], y + 0.1, xerr=[[r["pct"] - r["pct_ci_low"]], [r["pct_ci_high"] - r["pct"]]],
+                        fmt="o", color="black", capsize=3,
+                        label="average (95% CI)" if y == order.index(rows["variant"].iloc[0]) else None)
+        ax.axvline(0, color="black", lw=1)
+        if margin_pct:
+            ax.axvspan(-margin_pct, margin_pct, color="grey", alpha=0.15, lw=0)
+        ax.set_yticks(range(len(order)), order)
+        ax.set_ylim(len(order) - 0.5, -0.5)
+        ax.set_title(_label(metric))
+        ax.set_xlabel(f"% of {reference} mean")
+    axes[0][0].set_ylabel("variant")
+    band = f"; band: ±{margin_pct:g}%" if margin_pct else ""
+    fig.suptitle(f"Difference vs {reference} averaged across datasets, each dataset's beside it{band}")
+    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()   # below the panels: never over a point
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=len(labels), frameon=False)
+    return fig
+
+
 def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall@10", "ndcg@10"), *,
                      split: str = "test"):
     """Bars = mean over ok seeds with the 95% t-CI; dots = the individual seeds; above a bar whose

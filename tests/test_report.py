@@ -549,6 +549,16 @@ def test_pooled_across_datasets_uses_each_datasets_paired_seeds(tmp_path):
     assert "sa vs hybrid" not in text   # the mirror of hybrid vs sa is not repeated
     shown = report.pooled_table(pooled)
     assert len(shown) == 2 * 2 and shown["Δ% [95% CI]"].iloc[0] in text
+    # the figure: one panel per metric, each dataset's own change beside the average
+    fig = report.plot_pooled(pooled, rep.comparisons, "sa")
+    ax = fig.axes[0]
+    assert [a.get_title() for a in fig.axes] == ["Recall@10", "NDCG@10"]
+    assert sorted(line.get_label() for line in ax.lines if not line.get_label().startswith("_")) == ["beauty", "toys"]
+    assert sorted(round(line.get_xdata()[0], 9) for line in ax.lines if line.get_label() in ("beauty", "toys")) == \
+        sorted(round(per[d], 9) for d in ("beauty", "toys"))
+    assert report.plot_pooled(pooled.iloc[:0], rep.comparisons) is None   # nothing pooled: no figure
+    import matplotlib.pyplot as plt
+    plt.close("all")
     # one dataset only: no pooled rows, an empty table with its columns
     single = report.build_report(runs[runs["dataset"] == "beauty"], n_bootstrap=100, progress=False)
     assert single.pooled.empty and list(single.pooled.columns) == report.POOLED_COLUMNS
