@@ -531,6 +531,8 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
         html = out.with_suffix(".html")
         wanted = {"runs_root": str(grid.runs_root), "params_file": str(grid.params_file.resolve()),
                   "profile": grid.profile, "output": str(reports_root), "output_dir": str(reports_root)}
+        if grid.processed_root is not None:   # where the report finds the test users' histories
+            wanted["processed_root"] = str(grid.processed_root)
         declared = pm.inspect_notebook(str(src))
         params = {k: v for k, v in wanted.items() if k in declared} if declared else wanted
         entry = {"notebook": str(src), "ipynb": str(out), "html": str(html), "status": "ok"}

@@ -416,6 +416,111 @@ def pooled(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAMES
     return table
 
 
+# ============================================================================= by history length
+
+# lower edges of the history-length buckets, in items: <= 4 | 5 | 6-8 | 9+ (about the quartiles of the
+# test users of Beauty, Toys and Sports alike, whose histories hold 4 to 20 items)
+HISTORY_EDGES = (4, 5, 6, 9)
+BY_LENGTH_COLUMNS = ["dataset", "metric", "variant", "reference", "history", "n_users", "reference_mean",
+                     "variant_mean", "pct", "pct_ci_low", "pct_ci_high", "p_perm", "p_perm_holm", "reason"]
+
+
+def history_lengths_of_test_users(datasets, *, processed_root=None,
+                                  synthetic: dict | None = None) -> tuple[dict, list]:
+    """{dataset: (Series user -> items in that user's test history, the data's fingerprint)} for each
+    dataset whose processed data loads, and a note for each that does not."""
+    lengths, notes = {}, []
+    for dataset in datasets:
+        try:
+            data = runs_io.load_processed_dataset(dataset, processed_root, synthetic=synthetic)
+        except FileNotFoundError as e:
+            notes.append(f"{dataset}: no history lengths, {e}")
+            continue
+        lengths[dataset] = (pd.Series(data.test.history_len, index=data.test.user),
+                            data.provenance.get("fingerprint", "unknown"))
+    return lengths, notes
+
+
+def history_bucket_labels(edges=HISTORY_EDGES) -> list[str]:
+    """'<=4', '5', '6-8', '9+' for the default edges: the first bucket takes every shorter history too."""
+    labels = [f"<={edges[1] - 1}" if len(edges) > 1 else f"{edges[0]}+"]
+    labels += [f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in zip(edges[1:], edges[2:])]
+    return labels + ([f"{edges[-1]}+"] if len(edges) > 1 else [])
+
+
+def by_history_length(runs: pd.DataFrame, lengths: dict, pairs=(("hybrid", "sa"), ("all-gbla", "sa")),
+                      metrics=("recall@10",), *, edges=HISTORY_EDGES, n_bootstrap: int = 10_000, seed: int = 0,
+                      confidence: float = 0.95, ranks: PerUserRanks | None = None) -> pd.DataFrame:
+    """Each (variant, reference) pair's difference within buckets of the test user's history length,
+    at the user level of compare(): each user's metric averaged over the paired seeds, a paired
+    bootstrap CI of the difference in % of the reference's mean within the bucket, and a sign-flip
+    test (Holm over the buckets of each dataset, metric and pair). Blind to seed-to-seed variation, as
+    every user-level number is. `lengths`: history_lengths_of_test_users(); the runs must have trained
+    on the data the lengths come from (same fingerprint), else the pair's rows say so. Pairs without
+    paired seeds on a dataset get no rows."""
+    ranks = ranks or PerUserRanks()
+    labels = history_bucket_labels(edges)
+    ok = runs[runs["status"] == "ok"] if not runs.empty else runs
+    rows = []
+    for dataset, (hist, fingerprint) in lengths.items():
+        for variant, reference in pairs:
+            pair = _Pair.of(ok, dataset, variant, reference, split="test", ranks=ranks)
+            if not pair.seeds:
+                continue
+            base = {"dataset": dataset, "variant": variant, "reference": reference}
+            trained_on = set(pair.v_rows.loc[pair.seeds, "data_fingerprint"]) | \
+                set(pair.r_rows.loc[pair.seeds, "data_fingerprint"])
+            reason = pair.user_reason if pair.paired is None else ""
+            if not reason and trained_on != {fingerprint}:
+                reason = (f"runs trained on data {', '.join(sorted(map(str, trained_on)))}; the history lengths "
+                          f"come from {fingerprint}")
+            if not reason:
+                users = np.unique(np.concatenate([p[1] for p in pair.paired]))
+                h = hist.reindex(users).to_numpy(dtype=float)
+                if np.isnan(h).any():
+                    reason = f"{int(np.isnan(h).sum())} tested users are not in the processed test split"
+            if reason:
+                rows += [{**base, "metric": m, "reason": reason} for m in metrics]
+                continue
+            bucket = np.clip(np.searchsorted(edges, h, side="right") - 1, 0, len(labels) - 1)
+            for metric in metrics:
+                uv, ur = _user_means(pair.paired, metric)
+                for k, label in enumerate(labels):
+                    sel = bucket == k
+                    boot = stats.paired_bootstrap(uv[sel], ur[sel], n_resamples=n_bootstrap, confidence=confidence,
+                                                  seed=seed) if sel.sum() >= 2 else {"reason": f"{int(sel.sum())} users"}
+                    perm = stats.sign_flip_test(uv[sel] - ur[sel], n_resamples=n_bootstrap, seed=seed) \
+                        if sel.sum() >= 2 else {}
+                    rows.append({**base, "metric": metric, "history": label, "n_users": int(sel.sum()),
+                                 "reference_mean": float(ur[sel].mean()) if sel.any() else math.nan,
+                                 "variant_mean": float(uv[sel].mean()) if sel.any() else math.nan,
+                                 "pct": boot.get("pct", math.nan), "pct_ci_low": boot.get("pct_ci_low", math.nan),
+                                 "pct_ci_high": boot.get("pct_ci_high", math.nan), "p_perm": perm.get("p", math.nan),
+                                 "reason": boot.get("reason", "") or perm.get("reason", "")})
+    table = pd.DataFrame(rows, columns=BY_LENGTH_COLUMNS)
+    if not table.empty:
+        table["p_perm_holm"] = (table.groupby(["dataset", "metric", "variant", "reference"], sort=False)["p_perm"]
+                                .transform(lambda p: pd.Series(stats.holm(p.to_numpy(dtype=float)), index=p.index)))
+    return table
+
+
+def by_history_length_of_report(rep: "Report", *, params_file=None, profile: str | None = None, processed_root=None,
+                                pairs=(("hybrid", "sa"), ("all-gbla", "sa")), metrics=("recall@10",),
+                                n_bootstrap: int = 10_000, seed: int = 0) -> tuple[pd.DataFrame, list]:
+    """by_history_length() over the datasets of the report's runs, their processed data read from
+    processed_root (default outputs/processed or $GBLA_PROCESSED_DIR; the synthetic dataset from the
+    params file's settings); notes name the datasets without it."""
+    synthetic = None
+    if params_file:
+        from gbla.params import load_grid
+
+        synthetic = load_grid(repo_path(params_file), profile).synthetic
+    datasets = list(pd.unique(rep.runs["dataset"])) if not rep.runs.empty else []
+    lengths, notes = history_lengths_of_test_users(datasets, processed_root=processed_root, synthetic=synthetic)
+    metrics = [m for m in metrics if m in rep.parameters.get("metrics", metrics)]
+    return by_history_length(rep.runs, lengths, pairs, metrics, n_bootstrap=n_bootstrap, seed=seed), notes
+
+
 # ============================================================================= published numbers
 
 def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
@@ -473,6 +578,8 @@ class Report:
     histories: pd.DataFrame
     notes: list = field(default_factory=list)
     pooled: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=POOLED_COLUMNS))
+    # filled by by_history_length_of_report (it needs the processed data, which the runs do not hold)
+    by_history_length: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=BY_LENGTH_COLUMNS))
 
 
 # comparisons beyond "every variant against each reference": (variant, reference) pairs of equal depth
@@ -531,7 +638,7 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
     output_dir = repo_path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name in ("status", "summary", "comparisons", "equivalence", "published", "pooled"):
+    for name in ("status", "summary", "comparisons", "equivalence", "published", "pooled", "by_history_length"):
         path = output_dir / f"{name}.csv"
         _atomic_csv(getattr(report, name), path)
         paths[name] = path
@@ -1002,6 +1109,18 @@ def pooled_table(pooled: pd.DataFrame, metrics=("recall@10", "ndcg@10")) -> pd.D
     })
 
 
+def history_length_table(table: pd.DataFrame) -> pd.DataFrame:
+    """by_history_length() for reading: a row per dataset, pair, metric and bucket."""
+    return pd.DataFrame({
+        "dataset": table["dataset"], "comparison": table["variant"] + " vs " + table["reference"],
+        "metric": [_label(m) for m in table["metric"]], "history (items)": table["history"],
+        "users": table["n_users"], "reference": [_num(x) for x in table["reference_mean"]],
+        "variant": [_num(x) for x in table["variant_mean"]],
+        "Δ% [95% CI]": [f"{_pct(r['pct'])} [{_pct(r['pct_ci_low'])[:-1]}, {_pct(r['pct_ci_high'])[:-1]}]"
+                        if np.isfinite(r["pct"]) else f"n/a ({r['reason']})" for _, r in table.iterrows()],
+        "p (Holm)": [_p(p) for p in table["p_perm_holm"]]})
+
+
 def style_main_table(table: pd.DataFrame):
     """The main table for HTML: compact, no wrapping inside cells, a rule between datasets."""
     return (table.style
@@ -1234,6 +1353,41 @@ def plot_pooled(pooled: pd.DataFrame, comparisons: pd.DataFrame, reference: str 
     handles, labels = axes[0][0].get_legend_handles_labels()   # below the panels: never over a point
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=len(labels), frameon=False)
     return fig
+
+
+def plot_by_history_length(table: pd.DataFrame, metric: str = "recall@10"):
+    """by_history_length() as a figure: each pair's difference in % of the reference's mean per bucket
+    of history length, with its 95% bootstrap CI (user level), a panel per dataset. Returns the
+    seaborn FacetGrid, or None with nothing to plot."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = table[(table["metric"] == metric) & table["pct"].notna()] if not table.empty else table
+    if data.empty:
+        return None
+    _theme()
+    data = data.assign(pair=data["variant"] + " vs " + data["reference"])
+    pairs = list(pd.unique(data["pair"]))
+    colors = dict(zip(pairs, sns.color_palette(n_colors=len(pairs))))
+    buckets = list(pd.unique(data["history"]))
+    grid = sns.FacetGrid(data, col="dataset", height=3.2, aspect=1.2, sharey=True)
+
+    def draw(data, **_):
+        ax = plt.gca()
+        for k, (pair, g) in enumerate(data.groupby("pair", sort=False)):
+            x = np.array([buckets.index(b) for b in g["history"]]) + 0.08 * (k - (len(pairs) - 1) / 2)
+            ax.errorbar(x, g["pct"], yerr=[g["pct"] - g["pct_ci_low"], g["pct_ci_high"] - g["pct"]], fmt="o-",
+                        capsize=3, color=colors[pair], label=pair)
+        ax.axhline(0, color="black", lw=1)
+        ax.set_xticks(range(len(buckets)), buckets)
+
+    grid.map_dataframe(draw)
+    grid.set_titles(col_template="{col_name}")
+    grid.set_axis_labels("items in the test user's history", f"{_label(metric)}: % of reference mean")
+    grid.add_legend(title="")
+    _suptitle(grid, f"{_label(metric)} difference by history length (users' means over the paired seeds, "
+                    f"95% bootstrap CI)", [], "")
+    return grid
 
 
 def plot_metric_bars(runs: pd.DataFrame, summary: pd.DataFrame, metrics=("recall@10", "ndcg@10"), *,

@@ -295,6 +295,28 @@ def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd):
     assert not sockets() - sockets_before  # its kernel's sockets are cleaned up
 
 
+@pytest.mark.timeout(180)
+def test_reports_get_the_grids_processed_root(tmp_path):
+    """A grid with a processed_root hands it to a report notebook that declares it (where the report
+    reads the test users' histories); one without leaves the notebook's default."""
+    nb_path = tmp_path / "probe.ipynb"
+    params = nbformat.v4.new_code_cell("processed_root = None")
+    params.metadata["tags"] = ["parameters"]
+    probe = nbformat.v4.new_code_cell("print('processed_root:', processed_root)")
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, probe], metadata={"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}}), nb_path)
+    shown = []
+    for root in (str(tmp_path / "processed"), None):
+        g = G.load_grid(PARAMS, "smoke")
+        g.runtime["reports_root"] = str(tmp_path / "reports")
+        g.runtime["processed_root"] = root
+        [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
+        assert result["status"] == "ok", result
+        nb = nbformat.read(result["ipynb"], as_version=4)
+        shown.append("".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])).strip())
+    assert shown == [f"processed_root: {tmp_path / 'processed'}", "processed_root: None"]
+
+
 # ------------------------------------------------------------------------------ end to end
 
 REPORT_NB = """\

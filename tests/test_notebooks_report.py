@@ -79,7 +79,11 @@ def test_aggregate_notebook_on_a_partial_smoke_grid(tmp_path):
     hybrid = comparisons[(comparisons["variant"] == "hybrid") & (comparisons["reference"] == "sa")]
     assert (hybrid["n_paired_seeds"] == 1).all() and hybrid["p_perm"].notna().all()
     assert (out / "equivalence.csv").is_file() and (out / "published.csv").is_file()
-    assert {p.name for p in (out / "figures").glob("*.png")} >= {"forest_vs_sa_seeds.png", "metric_bars.png"}
+    assert {p.name for p in (out / "figures").glob("*.png")} >= {"forest_vs_sa_seeds.png", "metric_bars.png",
+                                                                 "by_history_length.png"}
+    # the synthetic test users' histories come from the profile's settings: hybrid vs sa split by length
+    by_length = pd.read_csv(out / "by_history_length.csv")
+    assert set(by_length["variant"]) == {"hybrid"} and by_length["n_users"].sum() == 120
     text = outputs_text(nb)
     assert "runs not finished" in text and "failed" in text
 

@@ -11,7 +11,7 @@ from scipy import stats as sps
 matplotlib.use("Agg")
 
 from gbla import report, stats  # noqa: E402
-from gbla.common import METRIC_NAMES  # noqa: E402
+from gbla.common import METRIC_NAMES, REPO_ROOT  # noqa: E402
 from gbla.config import RunConfig  # noqa: E402
 
 METRICS = METRIC_NAMES
@@ -562,3 +562,56 @@ def test_pooled_across_datasets_uses_each_datasets_paired_seeds(tmp_path):
     # one dataset only: no pooled rows, an empty table with its columns
     single = report.build_report(runs[runs["dataset"] == "beauty"], n_bootstrap=100, progress=False)
     assert single.pooled.empty and list(single.pooled.columns) == report.POOLED_COLUMNS
+
+
+def test_by_history_length_splits_the_user_level_difference_into_buckets(grid):
+    """Each bucket's difference is the users' (means over paired seeds) difference within it, by hand
+    from the per-user files; n_users counts the bucket; every user falls in one bucket (shorter ones in
+    the first); runs of other data or users missing from the lengths give a reason, not numbers."""
+    root, runs = grid
+    users = np.arange(300)
+    hist = pd.Series(np.random.default_rng(3).integers(2, 21, users.size), index=users)
+    assert report.history_bucket_labels() == ["<=4", "5", "6-8", "9+"]
+    table = report.by_history_length(runs, {"beauty": (hist, "fixture")}, [("hybrid", "sa")],
+                                     ("recall@10",), n_bootstrap=300)
+    assert list(table["history"]) == ["<=4", "5", "6-8", "9+"] and (table["reason"] == "").all()
+    assert table["n_users"].sum() == users.size
+    bucket = np.clip(np.searchsorted(report.HISTORY_EDGES, hist.to_numpy(), side="right") - 1, 0, 3)
+    ranks = {s: {v: pd.read_parquet(root / "beauty" / v / f"seed{s}" / "per_user_test.parquet").set_index("user")["rank"]
+                 for v in ("hybrid", "sa")} for s in (0, 2)}   # hybrid seed 1 failed: seeds 0 and 2 pair
+    hit = {v: np.mean([(ranks[s][v].loc[users].to_numpy() > 0) for s in (0, 2)], axis=0) for v in ("hybrid", "sa")}
+    for k, row in table.iterrows():
+        sel = bucket == k
+        assert row["n_users"] == sel.sum()
+        assert row["pct"] == pytest.approx(100 * (hit["hybrid"][sel].mean() - hit["sa"][sel].mean()) / hit["sa"][sel].mean())
+        assert row["pct_ci_low"] <= row["pct"] <= row["pct_ci_high"] and row["p_perm"] <= row["p_perm_holm"]
+    other = report.by_history_length(runs, {"beauty": (hist, "another")}, [("hybrid", "sa")], n_bootstrap=100)
+    assert other["reason"].iloc[0] == "runs trained on data fixture; the history lengths come from another"
+    short = report.by_history_length(runs, {"beauty": (hist.iloc[:-5], "fixture")}, [("hybrid", "sa")], n_bootstrap=100)
+    assert short["reason"].iloc[0] == "5 tested users are not in the processed test split"
+    # a pair without paired seeds on the dataset has no rows; the figure draws what has numbers
+    assert report.by_history_length(runs, {"beauty": (hist, "fixture")}, [("sa-6L", "sa")]).empty
+    shown = report.history_length_table(pd.concat([table, other]))
+    assert list(shown["history (items)"].iloc[:4]) == ["<=4", "5", "6-8", "9+"]
+    assert shown["Δ% [95% CI]"].iloc[-1].startswith("n/a (runs trained on data fixture")
+    fig = report.plot_by_history_length(table)
+    assert fig is not None and [ax.get_title() for ax in fig.axes.flat] == ["beauty"]
+    assert report.plot_by_history_length(other) is None
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+def test_history_lengths_come_from_the_processed_test_split(tmp_path):
+    """The synthetic dataset's test users and history lengths, its fingerprint beside them; a dataset
+    that is not built gives a note naming it instead."""
+    from gbla import runs as runs_io
+    from gbla.params import load_grid
+
+    synthetic = load_grid(REPO_ROOT / "params" / "ablations.yaml", "smoke").synthetic
+    lengths, notes = report.history_lengths_of_test_users(["synthetic", "beauty"], processed_root=tmp_path,
+                                                          synthetic=synthetic)
+    data = runs_io.load_processed_dataset("synthetic", synthetic=synthetic)
+    hist, fingerprint = lengths["synthetic"]
+    assert list(lengths) == ["synthetic"] and fingerprint == data.provenance["fingerprint"]
+    assert (hist.index.to_numpy() == data.test.user).all() and (hist.to_numpy() == data.test.history_len).all()
+    assert len(notes) == 1 and notes[0].startswith("beauty: no history lengths") and str(tmp_path) in notes[0]
