@@ -422,7 +422,8 @@ def pooled(runs: pd.DataFrame, references=("sa", "hybrid"), metrics=METRIC_NAMES
 # test users of Beauty, Toys and Sports alike, whose histories hold 4 to 20 items)
 HISTORY_EDGES = (4, 5, 6, 9)
 BY_LENGTH_COLUMNS = ["dataset", "metric", "variant", "reference", "history", "n_users", "reference_mean",
-                     "variant_mean", "pct", "pct_ci_low", "pct_ci_high", "p_perm", "p_perm_holm", "reason"]
+                     "variant_mean", "pct", "pct_ci_low", "pct_ci_high", "p_perm", "p_perm_holm",
+                     "p_between_buckets", "reason"]
 
 
 def history_lengths_of_test_users(datasets, *, processed_root=None,
@@ -454,10 +455,13 @@ def by_history_length(runs: pd.DataFrame, lengths: dict, pairs=(("hybrid", "sa")
     """Each (variant, reference) pair's difference within buckets of the test user's history length,
     at the user level of compare(): each user's metric averaged over the paired seeds, a paired
     bootstrap CI of the difference in % of the reference's mean within the bucket, and a sign-flip
-    test (Holm over the buckets of each dataset, metric and pair). Blind to seed-to-seed variation, as
-    every user-level number is. `lengths`: history_lengths_of_test_users(); the runs must have trained
+    test (Holm over the buckets of each dataset, metric and pair); p_between_buckets, the same for
+    every bucket of a pair, is the one-way ANOVA F-test of whether the per-user differences (absolute,
+    not in %) differ between the buckets. Blind to seed-to-seed variation, as every user-level number is. `lengths`: history_lengths_of_test_users(); the runs must have trained
     on the data the lengths come from (same fingerprint), else the pair's rows say so. Pairs without
     paired seeds on a dataset get no rows."""
+    from scipy import stats as sps
+
     ranks = ranks or PerUserRanks()
     labels = history_bucket_labels(edges)
     ok = runs[runs["status"] == "ok"] if not runs.empty else runs
@@ -485,6 +489,8 @@ def by_history_length(runs: pd.DataFrame, lengths: dict, pairs=(("hybrid", "sa")
             bucket = np.clip(np.searchsorted(edges, h, side="right") - 1, 0, len(labels) - 1)
             for metric in metrics:
                 uv, ur = _user_means(pair.paired, metric)
+                groups = [(uv - ur)[bucket == k] for k in range(len(labels)) if (bucket == k).sum() >= 2]
+                between = float(sps.f_oneway(*groups).pvalue) if len(groups) >= 2 else math.nan
                 for k, label in enumerate(labels):
                     sel = bucket == k
                     boot = stats.paired_bootstrap(uv[sel], ur[sel], n_resamples=n_bootstrap, confidence=confidence,
@@ -496,7 +502,7 @@ def by_history_length(runs: pd.DataFrame, lengths: dict, pairs=(("hybrid", "sa")
                                  "variant_mean": float(uv[sel].mean()) if sel.any() else math.nan,
                                  "pct": boot.get("pct", math.nan), "pct_ci_low": boot.get("pct_ci_low", math.nan),
                                  "pct_ci_high": boot.get("pct_ci_high", math.nan), "p_perm": perm.get("p", math.nan),
-                                 "reason": boot.get("reason", "") or perm.get("reason", "")})
+                                 "p_between_buckets": between, "reason": boot.get("reason", "") or perm.get("reason", "")})
     table = pd.DataFrame(rows, columns=BY_LENGTH_COLUMNS)
     if not table.empty:
         table["p_perm_holm"] = (table.groupby(["dataset", "metric", "variant", "reference"], sort=False)["p_perm"]
@@ -1118,7 +1124,8 @@ def history_length_table(table: pd.DataFrame) -> pd.DataFrame:
         "variant": [_num(x) for x in table["variant_mean"]],
         "Δ% [95% CI]": [f"{_pct(r['pct'])} [{_pct(r['pct_ci_low'])[:-1]}, {_pct(r['pct_ci_high'])[:-1]}]"
                         if np.isfinite(r["pct"]) else f"n/a ({r['reason']})" for _, r in table.iterrows()],
-        "p (Holm)": [_p(p) for p in table["p_perm_holm"]]})
+        "p (Holm)": [_p(p) for p in table["p_perm_holm"]],
+        "buckets differ (F p)": [_p(p) for p in table["p_between_buckets"]]})
 
 
 def style_main_table(table: pd.DataFrame):

@@ -580,6 +580,9 @@ def test_by_history_length_splits_the_user_level_difference_into_buckets(grid):
     ranks = {s: {v: pd.read_parquet(root / "beauty" / v / f"seed{s}" / "per_user_test.parquet").set_index("user")["rank"]
                  for v in ("hybrid", "sa")} for s in (0, 2)}   # hybrid seed 1 failed: seeds 0 and 2 pair
     hit = {v: np.mean([(ranks[s][v].loc[users].to_numpy() > 0) for s in (0, 2)], axis=0) for v in ("hybrid", "sa")}
+    diff = hit["hybrid"] - hit["sa"]
+    between = sps.f_oneway(*(diff[bucket == k] for k in range(4))).pvalue
+    assert table["p_between_buckets"].to_numpy() == pytest.approx(np.full(4, between))
     for k, row in table.iterrows():
         sel = bucket == k
         assert row["n_users"] == sel.sum()
