@@ -809,7 +809,8 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
     of the number of GBLA layers with the per-seed metric), `depth` (hybrid-1to2-6L vs sa-6L),
     `bidirectional` (sa-causal vs sa), `published` (the GBLA paper's Tiger+GBLA-vs-Tiger gap beside
     ours), `not_run` (variants without finished seeds or with missing seeds); and, once two datasets
-    pair seeds, `pooled` under "across datasets" (rep.pooled: each change averaged over the datasets).
+    pair seeds, `pooled` under "across datasets" (rep.pooled: each change averaged over the datasets);
+    `history` when rep.by_history_length holds the dataset's split by history length.
     A topic whose variants are not in the grid at all says so; a dataset with no finished run at all
     gets only `published` and `not_run`. Statistics are the seed-level ones (what retraining varies).
     """
@@ -969,9 +970,30 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
         if wanted:
             bits.append("not in this grid: " + ", ".join(dict.fromkeys(wanted)))
         add(d, "not_run", ("Not yet run — " + "; ".join(bits) + ".") if bits else "Every variant of the grid has all its seeds.")
+        history_text = _history_finding(rep.by_history_length, d, alpha)
+        if history_text:
+            rows.insert(len(rows) - 1, {"dataset": d, "topic": "history", "text": history_text})  # before not_run
     if not rep.pooled.empty:
         add("across datasets", "pooled", _pooled_finding(rep.pooled, metrics, alpha))
     return pd.DataFrame(rows, columns=["dataset", "topic", "text"])
+
+
+def _history_finding(table: pd.DataFrame, dataset: str, alpha: float) -> str | None:
+    """One sentence per dataset from by_history_length: each pair's change per bucket, the buckets
+    whose change is significant (Holm), and whether the buckets differ."""
+    rows = table[(table["dataset"] == dataset) & table["pct"].notna()] if not table.empty else table
+    if rows.empty:
+        return None
+    parts = []
+    for (variant, reference, metric), g in rows.groupby(["variant", "reference", "metric"], sort=False):
+        per = ", ".join(f"{h} {_pct(p)}{'*' if q <= alpha else ''}" for h, p, q in
+                        zip(g["history"], g["pct"], g["p_perm_holm"]))
+        between = g["p_between_buckets"].iloc[0]
+        differ = ("the buckets differ" if between <= alpha else "the buckets do not differ significantly") + \
+            f" (ANOVA p = {_p(between)})" if np.isfinite(between) else "no test between buckets"
+        parts.append(f"{variant} vs {reference}, {_label(metric)}: {per}; {differ}")
+    return ("By the test user's history length in items (user level; * significant after Holm over the "
+            "buckets): " + "; ".join(parts) + ".")
 
 
 def _pooled_finding(pooled: pd.DataFrame, metrics, alpha: float) -> str:

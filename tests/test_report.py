@@ -594,6 +594,15 @@ def test_by_history_length_splits_the_user_level_difference_into_buckets(grid):
     assert short["reason"].iloc[0] == "5 tested users are not in the processed test split"
     # a pair without paired seeds on the dataset has no rows; the figure draws what has numbers
     assert report.by_history_length(runs, {"beauty": (hist, "fixture")}, [("sa-6L", "sa")]).empty
+    # the findings carry it, per dataset, before what has not run
+    rep = report.build_report(runs, n_bootstrap=100, progress=False)
+    rep.by_history_length = table
+    found = report.findings(rep)
+    beauty = list(found.loc[found["dataset"] == "beauty", "topic"])
+    assert beauty[-2:] == ["history", "not_run"]
+    text = found.loc[found["topic"] == "history", "text"].iloc[0]
+    assert f"hybrid vs sa, Recall@10: <=4 {report._pct(table['pct'].iloc[0])}" in text
+    assert f"(ANOVA p = {report._p(between)})" in text
     shown = report.history_length_table(pd.concat([table, other]))
     assert list(shown["history (items)"].iloc[:4]) == ["<=4", "5", "6-8", "9+"]
     assert shown["Δ% [95% CI]"].iloc[-1].startswith("n/a (runs trained on data fixture")
