@@ -271,16 +271,21 @@ def test_local_cluster_does_not_warn_when_port_8787_is_taken():
     assert not [w for w in caught if "already in use" in str(w.message)]
 
 
+def probe_notebook(path, parameters: str, body: str):
+    """A two-cell notebook at `path`: a `parameters` cell and one code cell."""
+    params = nbformat.v4.new_code_cell(parameters)
+    params.metadata["tags"] = ["parameters"]
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(body)], metadata={"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}}), path)
+    return path
+
+
 @pytest.mark.timeout(180)
 def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd):
     """A rendered report shows results: no "IProgress not found" (tqdm.auto without ipywidgets) in
     its outputs, no "Kernel is running over TCP without encryption" from its kernel."""
-    nb_path = tmp_path / "probe.ipynb"
-    params = nbformat.v4.new_code_cell("runs_root = None")
-    params.metadata["tags"] = ["parameters"]
-    probe = nbformat.v4.new_code_cell("import warnings\nwarnings.simplefilter('always')\nimport gbla.train\nprint('ok')")
-    nbformat.write(nbformat.v4.new_notebook(cells=[params, probe], metadata={"kernelspec": {
-        "name": "python3", "display_name": "Python 3", "language": "python"}}), nb_path)
+    nb_path = probe_notebook(tmp_path / "probe.ipynb", "runs_root = None",
+                             "import warnings\nwarnings.simplefilter('always')\nimport gbla.train\nprint('ok')")
     g = G.load_grid(PARAMS, "smoke")
     g.runtime["reports_root"] = str(tmp_path / "reports")
     sockets = lambda: set(Path(__import__("tempfile").gettempdir()).glob("gbla-kernel-*/k-*"))  # noqa: E731
@@ -299,12 +304,8 @@ def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd):
 def test_reports_get_the_grids_processed_root(tmp_path):
     """A grid with a processed_root hands it to a report notebook that declares it (where the report
     reads the test users' histories); one without leaves the notebook's default."""
-    nb_path = tmp_path / "probe.ipynb"
-    params = nbformat.v4.new_code_cell("processed_root = None")
-    params.metadata["tags"] = ["parameters"]
-    probe = nbformat.v4.new_code_cell("print('processed_root:', processed_root)")
-    nbformat.write(nbformat.v4.new_notebook(cells=[params, probe], metadata={"kernelspec": {
-        "name": "python3", "display_name": "Python 3", "language": "python"}}), nb_path)
+    nb_path = probe_notebook(tmp_path / "probe.ipynb", "processed_root = None",
+                             "print('processed_root:', processed_root)")
     shown = []
     for root in (str(tmp_path / "processed"), None):
         g = G.load_grid(PARAMS, "smoke")
