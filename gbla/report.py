@@ -739,6 +739,8 @@ def _pct_ci(row) -> str:
     if not np.isfinite(row["pct"]):
         return "n/a"
     if not (np.isfinite(row["pct_ci_low"]) and np.isfinite(row["pct_ci_high"])):
+        if "n_paired_seeds" not in row:
+            return f"{_pct(row['pct'])} (no CI)"
         return f"{_pct(row['pct'])} (no CI: {int(row['n_paired_seeds'])} paired seed)"
     return f"{_pct(row['pct'])} [{_pct(row['pct_ci_low'])[:-1]}, {_pct(row['pct_ci_high'])[:-1]}]"
 
@@ -1144,8 +1146,7 @@ def history_length_table(table: pd.DataFrame) -> pd.DataFrame:
         "metric": [_label(m) for m in table["metric"]], "history (items)": table["history"],
         "users": table["n_users"], "reference": [_num(x) for x in table["reference_mean"]],
         "variant": [_num(x) for x in table["variant_mean"]],
-        "Δ% [95% CI]": [f"{_pct(r['pct'])} [{_pct(r['pct_ci_low'])[:-1]}, {_pct(r['pct_ci_high'])[:-1]}]"
-                        if np.isfinite(r["pct"]) else f"n/a ({r['reason']})" for _, r in table.iterrows()],
+        "Δ% [95% CI]": [_pct_ci(r) if np.isfinite(r["pct"]) else f"n/a ({r['reason']})" for _, r in table.iterrows()],
         "p (Holm)": [_p(p) for p in table["p_perm_holm"]],
         "buckets differ (F p)": [_p(p) for p in table["p_between_buckets"]]})
 
@@ -1358,16 +1359,15 @@ def plot_pooled(pooled: pd.DataFrame, comparisons: pd.DataFrame, reference: str 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 0.45 * len(order) + 1.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         rows = data[data["metric"] == metric]
-        for _, r in rows.iterrows():
+        for i, (_, r) in enumerate(rows.iterrows()):   # the first row's markers name the legend entries
             y = order.index(r["variant"])
             per = comparisons[(comparisons["reference"] == reference) & (comparisons["variant"] == r["variant"])
                               & (comparisons["metric"] == metric) & comparisons["dataset"].isin(r["datasets"].split(","))]
             for k, (_, c) in enumerate(per.iterrows()):   # each dataset a little apart, above the average
                 ax.plot(c["pct"], y - 0.12 - 0.1 * k, "D", ms=4, color=colors[c["dataset"]],
-                        label=c["dataset"] if y == order.index(rows["variant"].iloc[0]) else None)
+                        label=c["dataset"] if i == 0 else None)
             ax.errorbar(r["pct"], y + 0.1, xerr=[[r["pct"] - r["pct_ci_low"]], [r["pct_ci_high"] - r["pct"]]],
-                        fmt="o", color="black", capsize=3,
-                        label="average (95% CI)" if y == order.index(rows["variant"].iloc[0]) else None)
+                        fmt="o", color="black", capsize=3, label="average (95% CI)" if i == 0 else None)
         ax.axvline(0, color="black", lw=1)
         if margin_pct:
             ax.axvspan(-margin_pct, margin_pct, color="grey", alpha=0.15, lw=0)
