@@ -457,9 +457,10 @@ def by_history_length(runs: pd.DataFrame, lengths: dict, pairs=(("hybrid", "sa")
     bootstrap CI of the difference in % of the reference's mean within the bucket, and a sign-flip
     test (Holm over the buckets of each dataset, metric and pair); p_between_buckets, the same for
     every bucket of a pair, is the one-way ANOVA F-test of whether the per-user differences (absolute,
-    not in %) differ between the buckets. Blind to seed-to-seed variation, as every user-level number is. `lengths`: history_lengths_of_test_users(); the runs must have trained
-    on the data the lengths come from (same fingerprint), else the pair's rows say so. Pairs without
-    paired seeds on a dataset get no rows."""
+    not in %) differ between the buckets. Blind to seed-to-seed variation, as every user-level number
+    is. `lengths`: history_lengths_of_test_users(); the runs must have trained on the data the lengths
+    come from (same fingerprint), else the pair's rows say so. Pairs without paired seeds on a dataset
+    get no rows."""
     from scipy import stats as sps
 
     ranks = ranks or PerUserRanks()
