@@ -228,13 +228,14 @@ def _conv_config(device: torch.device, L: int, backward: bool = False):
         return 16, 32, 4
     o = CONFIG_OVERRIDE
     if not backward:
-        # H200, training shapes (outputs/bench/conv_speed.md, 16fc88c): 16-row tiles 1.57x / 0.93x /
+        # H200, training shapes (outputs/bench/conv_speed_16fc88c.md): 16-row tiles 1.57x / 0.93x /
         # 1.17x / 0.92x of 32-row ones at L = 13 / 25 / 41 / 81, as the rows each pads to a whole tile
         # predict (13 -> 16 or 32, 41 -> 48 or 64; equal at 25 and 81, where 32 wins); at L = 32768 32.
+        # These defaults measured again at 62dcac6 (conv_speed.md): the fastest at each length.
         return o.get("fwd_block_t", _row_tile(L, (32, 16))), o.get("fwd_block_c", 128), o.get("fwd_num_warps", 4)
     # H200, graphed fwd+bwd at L = 32768, C = 1536 (outputs/bench/NOTES.md, v3): fast path with 16 rows
     # and 4 warps 0.313 ms; 32 rows / 4 warps 0.412; 16 / 8 0.697; the general path 0.590. At the
-    # training shapes (conv_speed.md, 16fc88c) 8 rows: 0.98x / 1.11x / 1.09x / 1.09x at L = 13 / 25 / 41 / 81.
+    # training shapes (conv_speed_16fc88c.md) 8 rows: 0.98x / 1.11x / 1.09x / 1.09x at L = 13 / 25 / 41 / 81.
     block_t = 8 if 16 < L <= 128 else 16
     return o.get("bwd_block_t", block_t), o.get("bwd_block_c", 128), o.get("bwd_num_warps", 4)
 
