@@ -528,6 +528,91 @@ def by_history_length_of_report(rep: "Report", *, params_file=None, profile: str
     return by_history_length(rep.runs, lengths, pairs, metrics, n_bootstrap=n_bootstrap, seed=seed), notes
 
 
+# ============================================================================= model size and convergence
+
+MODEL_SIZE_COLUMNS = ["dataset", "variant", "encoder_layout", "encoder_params", "mixing_params",
+                      "encoder_params_vs_sa_pct", "n_ok", "epochs_trained_mean", "best_epoch_mean", "best_epoch_sd"]
+
+
+def encoder_parameters(model_config) -> tuple[int, int]:
+    """(encoder blocks, their SA / GBLA layers alone): parameters of one seed's encoder under
+    `model_config` (a gbla.config.ModelConfig). Counted on modules built on the meta device (no
+    memory, no init). The rest of the model (embeddings, decoder, head) does not depend on the layout."""
+    import torch
+
+    from gbla.model import EncoderBlock
+
+    with torch.device("meta"):
+        blocks = [EncoderBlock(t, model_config, "torch", 1) for t in model_config.encoder_layout]
+    encoder = sum(p.numel() for b in blocks for p in b.parameters())
+    mixing = sum(p.numel() for b in blocks for p in b.mix.parameters())
+    return int(encoder), int(mixing)
+
+
+def model_size(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, variant) with a finished run: the encoder's size (from the config its runs
+    recorded in metrics.json) and how long its seeds trained (epochs until early stopping, best epoch).
+    encoder_params_vs_sa_pct compares with the dataset's `sa` where that has a finished run."""
+    from gbla.config import RunConfig
+
+    ok = runs[runs["status"] == "ok"] if not runs.empty else runs
+    if ok.empty:
+        return pd.DataFrame(columns=MODEL_SIZE_COLUMNS)
+    counted: dict[str, tuple[int, int]] = {}
+    rows = []
+    for (dataset, variant), group in ok.groupby(["dataset", "variant"], sort=False):
+        configs = {}
+        for run_dir in group["run_dir"]:
+            try:
+                model_cfg = RunConfig.from_dict(runs_io.load_run_metrics(run_dir)["config"]).model
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{Path(run_dir) / runs_io.METRICS_FILE}: no readable 'config' ({e})") from e
+            configs[repr(model_cfg)] = model_cfg
+        if len(configs) > 1:  # the seeds of one variant share their model config (only the seed differs)
+            raise ValueError(f"{dataset}/{variant}: its finished runs recorded {len(configs)} different model configs")
+        key, model_cfg = next(iter(configs.items()))
+        if key not in counted:
+            counted[key] = encoder_parameters(model_cfg)
+        encoder, mixing = counted[key]
+        best = group["best_epoch"].astype(float)
+        rows.append({"dataset": dataset, "variant": variant, "encoder_layout": " ".join(model_cfg.encoder_layout),
+                     "encoder_params": encoder, "mixing_params": mixing, "n_ok": len(group),
+                     "epochs_trained_mean": float(group["epochs_trained"].astype(float).mean()),
+                     "best_epoch_mean": float(best.mean()),
+                     "best_epoch_sd": float(best.std(ddof=1)) if len(best) > 1 else float("nan")})
+    table = pd.DataFrame(rows)
+    sa = table[table["variant"] == "sa"].set_index("dataset")["encoder_params"]
+    table["encoder_params_vs_sa_pct"] = 100 * (table["encoder_params"] / table["dataset"].map(sa) - 1)
+    return table[MODEL_SIZE_COLUMNS]
+
+
+def model_size_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The model_size table as shown: one row per variant (its encoder is the same on every dataset),
+    parameters in thousands, and per dataset the epoch whose weights were kept (mean ± SD over seeds;
+    training went on `patience` epochs past it)."""
+    if table.empty:
+        return pd.DataFrame()
+    first = table.drop_duplicates("variant")
+    out = pd.DataFrame({
+        "variant": first["variant"].to_numpy(), "encoder layout": first["encoder_layout"].to_numpy(),
+        "encoder params (k)": [f"{n / 1000:,.1f}" for n in first["encoder_params"]],
+        "SA/GBLA layers (k)": [f"{n / 1000:,.1f}" for n in first["mixing_params"]],
+        "vs sa": [("" if math.isnan(x) else f"{x:+.1f}%") for x in first["encoder_params_vs_sa_pct"]],
+    })
+    for dataset in table["dataset"].unique():
+        of = table[table["dataset"] == dataset].set_index("variant")
+        cells = []
+        for v in out["variant"]:
+            if v not in of.index:
+                cells.append("")
+                continue
+            r = of.loc[v]
+            sd = "" if math.isnan(r["best_epoch_sd"]) else f" ± {r['best_epoch_sd']:.0f}"
+            cells.append(f"{r['best_epoch_mean']:.0f}{sd} ({r['n_ok']})")
+        out[f"{dataset}: best epoch (seeds)"] = cells
+    return out
+
+
 # ============================================================================= published numbers
 
 def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
@@ -587,6 +672,7 @@ class Report:
     pooled: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=POOLED_COLUMNS))
     # filled by by_history_length_of_report (it needs the processed data, which the runs do not hold)
     by_history_length: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=BY_LENGTH_COLUMNS))
+    model_size: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MODEL_SIZE_COLUMNS))
 
 
 # comparisons beyond "every variant against each reference": (variant, reference) pairs of equal depth
@@ -629,7 +715,8 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=MET
         comparisons=pd.concat(comparisons, ignore_index=True) if comparisons else compare(runs.iloc[:0]),
         equivalence=equivalence(runs, equivalence_pairs, metrics, margin=tost_margin, ranks=ranks),
         published=published, histories=histories, notes=notes,
-        pooled=pooled(runs, references, metrics, pairs=pairs, confidence=confidence, margin=tost_margin))
+        pooled=pooled(runs, references, metrics, pairs=pairs, confidence=confidence, margin=tost_margin),
+        model_size=model_size(runs))
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -645,7 +732,8 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
     output_dir = repo_path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name in ("status", "summary", "comparisons", "equivalence", "published", "pooled", "by_history_length"):
+    for name in ("status", "summary", "comparisons", "equivalence", "published", "pooled", "by_history_length",
+                 "model_size"):
         path = output_dir / f"{name}.csv"
         _atomic_csv(getattr(report, name), path)
         paths[name] = path

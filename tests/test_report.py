@@ -254,8 +254,9 @@ def test_build_and_write_report(grid, tmp_path):
     root, runs = grid
     rep = report.build_report(runs, n_bootstrap=200, progress=False)
     paths = report.write_report(rep, tmp_path / "reports", runs_root=root)
-    for name in ("status", "summary", "comparisons", "equivalence", "published", "runs"):
+    for name in ("status", "summary", "comparisons", "equivalence", "published", "runs", "model_size"):
         assert paths[name].is_file()
+    assert set(pd.read_csv(paths["model_size"])["variant"]) == {"sa", "hybrid", "all-gbla", "ratio-1to1"}
     assert len(pd.read_csv(paths["comparisons"])) == len(rep.comparisons) == 2 * 3 * len(METRICS) + 0 * 1
     meta = json.loads(paths["report"].read_text())
     assert meta["runs"] == {"expected": 12, "ok": 8, "missing": 3, "failed": 1}
@@ -627,3 +628,68 @@ def test_history_lengths_come_from_the_processed_test_split(tmp_path):
     assert list(lengths) == ["synthetic"] and fingerprint == data.provenance["fingerprint"]
     assert (hist.index.to_numpy() == data.test.user).all() and (hist.to_numpy() == data.test.history_len).all()
     assert len(notes) == 1 and notes[0].startswith("beauty: no history lengths") and str(tmp_path) in notes[0]
+
+
+# --------------------------------------------------------------------------- model size and convergence
+
+def test_encoder_parameters_count_the_built_encoder_and_the_gbla_layers_extras():
+    import torch  # noqa: F401  (the real modules below are built on the CPU)
+
+    from gbla.config import GBLAOptions, ModelConfig
+    from gbla.model import EncoderBlock
+
+    sa = ModelConfig(encoder_layout=("sa",) * 4)
+    hybrid = ModelConfig(encoder_layout=("sa", "gbla", "gbla", "sa"))
+    for cfg in (sa, hybrid, ModelConfig(encoder_layout=("gbla",) * 3, gbla=GBLAOptions(use_conv1d=False))):
+        blocks = [EncoderBlock(t, cfg, "torch", 1) for t in cfg.encoder_layout]
+        assert report.encoder_parameters(cfg) == (sum(p.numel() for b in blocks for p in b.parameters()),
+                                                  sum(p.numel() for b in blocks for p in b.mix.parameters()))
+    # by hand: a GBLA layer has, beyond the SA layer's q/k/v and output projections, a depthwise conv
+    # (K taps + a bias per q/k/v channel), a key gate (D -> H), the gated norm's z projection (D -> H E)
+    # and its weight (E), and lacks the SA layer's relative-position bias table (buckets x H)
+    D, H, E, K, buckets = sa.d_model, sa.num_heads, sa.head_dim, 4, sa.relative_attention_num_buckets
+    extra = 3 * H * E * (K + 1) + (D * H + H) + D * H * E + E - buckets * H
+    (n_sa, mix_sa), (n_hybrid, mix_hybrid) = report.encoder_parameters(sa), report.encoder_parameters(hybrid)
+    assert n_hybrid - n_sa == mix_hybrid - mix_sa == 2 * extra
+
+
+def test_model_size_reads_each_variants_config_and_its_best_epochs(tmp_path):
+    from gbla.config import ModelConfig
+
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    layouts = {"sa": ("sa",) * 4, "hybrid": ("sa", "gbla", "gbla", "sa")}
+    best = {"sa": [10, 14, 12], "hybrid": [8, 8]}
+    for variant, epochs in best.items():
+        for seed, e in enumerate(epochs):
+            config = RunConfig("beauty", variant, seed, model=ModelConfig(encoder_layout=layouts[variant]))
+            write_run(root, "beauty", variant, seed, fixture_ranks(rng, 50, 0.3), epochs=e, config=config)
+    write_run(root, "toys", "hybrid", 0, fixture_ranks(rng, 50, 0.3), epochs=5,
+              config=RunConfig("toys", "hybrid", 0, model=ModelConfig(encoder_layout=layouts["hybrid"])))
+    table = report.model_size(report.load_runs(root)).set_index(["dataset", "variant"])
+    n_sa = report.encoder_parameters(ModelConfig(encoder_layout=layouts["sa"]))[0]
+    n_hybrid = report.encoder_parameters(ModelConfig(encoder_layout=layouts["hybrid"]))[0]
+    assert table.loc[("beauty", "sa"), "encoder_params"] == n_sa
+    assert table.loc[("beauty", "hybrid"), "encoder_params"] == n_hybrid
+    assert table.loc[("beauty", "hybrid"), "encoder_params_vs_sa_pct"] == pytest.approx(100 * (n_hybrid / n_sa - 1))
+    assert math.isnan(table.loc[("toys", "hybrid"), "encoder_params_vs_sa_pct"])  # no sa on toys
+    assert table.loc[("beauty", "sa"), "best_epoch_mean"] == 12 and table.loc[("beauty", "sa"), "best_epoch_sd"] == 2
+    assert table.loc[("beauty", "hybrid"), "n_ok"] == 2 and table.loc[("beauty", "hybrid"), "best_epoch_sd"] == 0
+    assert math.isnan(table.loc[("toys", "hybrid"), "best_epoch_sd"])  # one seed: no SD
+    shown = report.model_size_table(table.reset_index()).set_index("variant")
+    assert shown.loc["sa", "beauty: best epoch (seeds)"] == "12 ± 2 (3)"
+    assert shown.loc["hybrid", "toys: best epoch (seeds)"] == "5 (1)" and shown.loc["sa", "toys: best epoch (seeds)"] == ""
+    assert shown.loc["hybrid", "vs sa"] == f"{100 * (n_hybrid / n_sa - 1):+.1f}%"
+    assert report.model_size_table(report.model_size(report.load_runs(tmp_path / "none"))).empty
+
+
+def test_model_size_refuses_seeds_of_one_variant_with_different_models(tmp_path):
+    from gbla.config import ModelConfig
+
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    for seed, layout in enumerate([("sa",) * 4, ("sa",) * 6]):
+        write_run(root, "beauty", "sa", seed, fixture_ranks(rng, 50, 0.3),
+                  config=RunConfig("beauty", "sa", seed, model=ModelConfig(encoder_layout=layout)))
+    with pytest.raises(ValueError, match="beauty/sa: its finished runs recorded 2 different model configs"):
+        report.model_size(report.load_runs(root))
