@@ -49,10 +49,72 @@ def test_save_run_result_writes_the_contract(tmp_path):
     assert list(per_user.columns) == ["user", "target", "rank"]
     assert [str(t) for t in per_user.dtypes] == ["int64", "int64", "int8"]
     assert per_user["rank"].tolist() == [1, 0, 10, 3]
+    import pyarrow.parquet as pq
+
+    encodings = pq.ParquetFile(run_dir / runs.PER_USER_FILE).metadata.row_group(0).column(0).encodings
+    assert "DELTA_BINARY_PACKED" in encodings  # the compact encoding (write_per_user)
     assert runs.is_done(run_dir, result.config_hash)
     assert not runs.is_done(run_dir, "0" * 12)
     assert runs.load_history(run_dir)["train_loss"].tolist() == pytest.approx([2.0, 1.0, 2 / 3])
     assert not list(run_dir.glob(".*tmp*")), "temporary files left behind"
+
+
+def _per_user_frame(n_users=5000, seed=0):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"user": np.arange(n_users, dtype=np.int64),
+                         "target": rng.integers(0, 12_000, n_users).astype(np.int64),
+                         "rank": np.where(rng.random(n_users) < 0.06, rng.integers(1, 11, n_users), 0).astype(np.int8)})
+
+
+def test_per_user_results_are_written_compactly_and_read_back_equal(tmp_path):
+    import pandas as pd
+
+    frame = _per_user_frame()
+    compact = runs.write_per_user(frame, tmp_path / "compact.parquet")
+    frame.to_parquet(tmp_path / "default.parquet", index=False)
+    assert pd.read_parquet(compact).equals(frame)
+    assert compact.stat().st_size < 0.5 * (tmp_path / "default.parquet").stat().st_size
+
+
+def test_per_user_falls_back_to_the_default_writer(tmp_path, monkeypatch):
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_table = pq.write_table
+
+    def without_column_encodings(*args, **kwargs):  # an older pyarrow; pandas' writer calls it too
+        if "column_encoding" in kwargs:
+            raise pa.ArrowNotImplementedError("no such encoding here")
+        return write_table(*args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", without_column_encodings)
+    frame = _per_user_frame(300)
+    path = runs.write_per_user(frame, tmp_path / "per_user.parquet")
+    monkeypatch.undo()
+    assert pd.read_parquet(path).equals(frame)
+    assert "DELTA_BINARY_PACKED" not in pq.ParquetFile(path).metadata.row_group(0).column(0).encodings
+
+
+def test_compact_per_user_files_rewrites_only_the_parquet_files_with_equal_values(tmp_path):
+    import pandas as pd
+
+    frames = {}
+    for i, (variant, seed) in enumerate([("sa", 0), ("sa", 1), ("hybrid", 0)]):
+        run_dir = runs.run_dir_for(tmp_path, "toys", variant, seed)
+        run_dir.mkdir(parents=True)
+        frames[run_dir] = _per_user_frame(2000, seed=i)
+        frames[run_dir].to_parquet(run_dir / runs.PER_USER_FILE, index=False)  # as older runs wrote it
+        (run_dir / runs.METRICS_FILE).write_text('{"status": "ok"}')
+    n, before, after = runs.compact_per_user_files(tmp_path)
+    assert n == 3 and after < 0.5 * before
+    for run_dir, frame in frames.items():
+        assert runs.load_per_user(run_dir).equals(frame)
+        assert (run_dir / runs.METRICS_FILE).read_text() == '{"status": "ok"}'
+        assert sorted(p.name for p in run_dir.iterdir()) == [runs.METRICS_FILE, runs.PER_USER_FILE]
+    assert runs.compact_per_user_files(tmp_path)[1:] == (after, after)  # compact already: the same bytes again
 
 
 def test_save_rejects_bad_ranks_and_wrong_hash(tmp_path):
