@@ -613,6 +613,204 @@ def model_size_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+# ============================================================================= top-5 diagnostics
+# Two candidate causes of a shortfall in the top 5 (hits landing at ranks 6-10), each checked from what
+# the runs recorded: the validation metric early stopping watches, and items that share a semantic-ID
+# prefix (their last, de-duplicating digit says nothing about the item, so a model can only guess
+# among them).
+
+RESELECTION_COLUMNS = ["dataset", "variant", "monitor", "n_ok", "kept_epoch_mean", "reselected_epoch_mean",
+                       "kept_mean", "reselected_mean", "reselected_pct", "best_recorded_mean",
+                       "best_recorded_pct", "n_censored", "reason"]
+
+
+def replay_early_stopping(history: pd.DataFrame, monitor: str, patience: int) -> tuple[int, bool]:
+    """(epoch, censored): the epoch whose weights gbla.train would keep had early stopping watched
+    `monitor` (a history column, e.g. "valid_recall@5"), replayed over the recorded evaluations with
+    the same rule (a strictly better value resets the count; `patience` evaluations without one
+    stop). censored: the record ended before this rule would have stopped, so a longer run might have
+    kept a later epoch."""
+    if monitor not in history.columns:
+        raise ValueError(f"the history has no column {monitor!r} (it has {sorted(history.columns)})")
+    evaluations = history.dropna(subset=[monitor]).sort_values("epoch")
+    if evaluations.empty:
+        raise ValueError(f"the history holds no evaluation of {monitor!r}")
+    best, best_epoch, without_gain = -math.inf, None, 0
+    for epoch, value in zip(evaluations["epoch"], evaluations[monitor]):
+        if value > best:
+            best, best_epoch, without_gain = value, int(epoch), 0
+        else:
+            without_gain += 1
+            if without_gain >= patience:
+                return best_epoch, False
+    return best_epoch, True
+
+
+def reselect_epochs(runs: pd.DataFrame, monitor: str = "recall@5", *, variants=("sa", "hybrid"),
+                    own_monitor: str = "recall@10") -> pd.DataFrame:
+    """Per (dataset, variant): what early stopping on validation `monitor` instead of the runs' own
+    `own_monitor` would have kept, from each finished run's recorded history. kept_*: the epoch the run
+    kept and validation `monitor` there; reselected_*: the replayed choice; best_recorded_*: the best
+    validation `monitor` anywhere in the record (in-sample, so an upper bound on what any choice of
+    epoch gains on validation; test metrics exist only for the kept epoch). Percentages compare the
+    seed means with kept_mean. Each run's own early stopping is replayed first: a run whose replay
+    does not give its recorded best epoch is not counted, and `reason` says so."""
+    from gbla.config import RunConfig
+
+    ok = runs[(runs["status"] == "ok") & runs["variant"].isin(variants)] if not runs.empty else runs
+    rows = []
+    column, own_column = f"valid_{monitor}", f"valid_{own_monitor}"
+    for (dataset, variant), group in (ok.groupby(["dataset", "variant"], sort=False) if not ok.empty else []):
+        kept, reselected, kept_value, reselected_value, best_value, censored, problems = [], [], [], [], [], 0, []
+        for row in group.itertuples():
+            recorded = runs_io.load_run_metrics(row.run_dir)
+            patience = RunConfig.from_dict(recorded["config"]).train.patience
+            history = runs_io.load_history(row.run_dir)
+            own_epoch, _ = replay_early_stopping(history, own_column, patience)
+            if own_epoch != int(row.best_epoch):
+                problems.append(f"seed {row.seed}: replaying its own early stopping gives epoch {own_epoch}, "
+                                f"not its recorded {int(row.best_epoch)}")
+                continue
+            epoch, cut = replay_early_stopping(history, column, patience)
+            at = history.set_index("epoch")[column]
+            kept.append(own_epoch)
+            reselected.append(epoch)
+            kept_value.append(float(at.loc[own_epoch]))
+            reselected_value.append(float(at.loc[epoch]))
+            best_value.append(float(at.max()))
+            censored += cut
+        base = {"dataset": dataset, "variant": variant, "monitor": monitor, "n_ok": len(kept),
+                "n_censored": censored, "reason": "; ".join(problems)}
+        if not kept:
+            rows.append(base)
+            continue
+        mean = float(np.mean(kept_value))
+        rows.append({**base, "kept_epoch_mean": float(np.mean(kept)), "reselected_epoch_mean": float(np.mean(reselected)),
+                     "kept_mean": mean, "reselected_mean": float(np.mean(reselected_value)),
+                     "reselected_pct": 100 * (np.mean(reselected_value) / mean - 1),
+                     "best_recorded_mean": float(np.mean(best_value)),
+                     "best_recorded_pct": 100 * (np.mean(best_value) / mean - 1)})
+    return pd.DataFrame(rows, columns=RESELECTION_COLUMNS)
+
+
+PREFIX_SHARING_COLUMNS = ["dataset", "variant", "target", "n_users", "share_of_users", "n_seeds", "recall@5",
+                          "recall@10", "recall@5_over_recall@10", "reason"]
+
+
+def sid_prefix_sharing(datasets, *, processed_root=None, synthetic: dict | None = None) -> tuple[dict, list]:
+    """{dataset: (array item -> how many items share its semantic ID's digits but the last, the data's
+    fingerprint)} for each dataset whose processed data loads, and a note for each that does not."""
+    sharing, notes = {}, []
+    for dataset in datasets:
+        try:
+            data = runs_io.load_processed_dataset(dataset, processed_root, synthetic=synthetic)
+        except FileNotFoundError as e:
+            notes.append(f"{dataset}: no semantic IDs, {e}")
+            continue
+        _, inverse, counts = np.unique(np.asarray(data.sids)[:, :-1], axis=0, return_inverse=True,
+                                       return_counts=True)
+        sharing[dataset] = (counts[inverse.reshape(-1)], data.provenance.get("fingerprint", "unknown"))
+    return sharing, notes
+
+
+def hits_by_prefix_sharing(runs: pd.DataFrame, sharing: dict, *, variants=("sa", "hybrid"),
+                           ranks: PerUserRanks | None = None) -> pd.DataFrame:
+    """Test Recall@5 / @10 of the users whose target shares its semantic-ID prefix (all digits but the
+    de-duplicating last) with other items, beside those whose target's prefix is its own; per seed,
+    then averaged over the finished seeds. If the shared prefixes caused a top-5 shortfall, the shared
+    group's Recall@5 / Recall@10 would sit below the unique group's. `sharing`: sid_prefix_sharing();
+    runs trained on other data give a reason instead of numbers."""
+    ranks = ranks or PerUserRanks()
+    ok = runs[(runs["status"] == "ok") & runs["variant"].isin(variants)] if not runs.empty else runs
+    rows = []
+    for (dataset, variant), group in (ok.groupby(["dataset", "variant"], sort=False) if not ok.empty else []):
+        if dataset not in sharing:
+            continue
+        sizes, fingerprint = sharing[dataset]
+        trained_on = set(group["data_fingerprint"])
+        if trained_on != {fingerprint}:
+            rows.append({"dataset": dataset, "variant": variant, "reason": (
+                f"runs trained on data {', '.join(sorted(map(str, trained_on)))}; the semantic IDs come from "
+                f"{fingerprint}")})
+            continue
+        per_seed, reason = [], ""
+        for run_dir in group["run_dir"]:
+            frame = ranks(run_dir)
+            targets = frame["target"].to_numpy()
+            if targets.size and (targets.min() < 0 or targets.max() >= len(sizes)):
+                reason = (f"{Path(run_dir) / runs_io.PER_USER_FILE}: test targets outside the {len(sizes)} items "
+                          f"of the processed data")
+                break
+            shared = sizes[targets] > 1
+            rank = frame["rank"].to_numpy()
+            per_seed.append({name: (int(sel.sum()), float(stats.per_user_metric(rank[sel], "recall@5").mean()),
+                                    float(stats.per_user_metric(rank[sel], "recall@10").mean()))
+                             for name, sel in (("shared prefix", shared), ("own prefix", ~shared), ("all", shared | ~shared))
+                             if sel.any()})
+        if reason or not per_seed or "all" not in per_seed[0]:
+            rows.append({"dataset": dataset, "variant": variant, "reason": reason or "no tested users"})
+            continue
+        n_all = per_seed[0]["all"][0]
+        for name in ("shared prefix", "own prefix", "all"):
+            cells = [s[name] for s in per_seed if name in s]
+            if not cells:
+                continue
+            r5, r10 = float(np.mean([c[1] for c in cells])), float(np.mean([c[2] for c in cells]))
+            rows.append({"dataset": dataset, "variant": variant, "target": name, "n_users": cells[0][0],
+                         "share_of_users": cells[0][0] / n_all, "n_seeds": len(cells), "recall@5": r5,
+                         "recall@10": r10, "recall@5_over_recall@10": r5 / r10 if r10 > 0 else math.nan,
+                         "reason": ""})
+    return pd.DataFrame(rows, columns=PREFIX_SHARING_COLUMNS)
+
+
+def reselection_table(table: pd.DataFrame) -> pd.DataFrame:
+    """reselect_epochs() as shown: epochs to one decimal, validation values to 4, changes to 0.1%."""
+    if table.empty:
+        return pd.DataFrame()
+    kept = [f"{r.kept_epoch_mean:.1f}" if r.n_ok else "" for r in table.itertuples()]
+    return pd.DataFrame({
+        "dataset": table["dataset"], "variant": table["variant"], "seeds": table["n_ok"],
+        "kept epoch (R@10)": kept,
+        "epoch on " + table["monitor"].iloc[0]: [f"{x:.1f}" if x == x else "" for x in table["reselected_epoch_mean"]],
+        "valid " + table["monitor"].iloc[0] + " kept": [_num(x) for x in table["kept_mean"]],
+        "re-selected": [f"{_num(x)} ({_pct(p)})" if x == x else "" for x, p in
+                        zip(table["reselected_mean"], table["reselected_pct"])],
+        "best recorded": [f"{_num(x)} ({_pct(p)})" if x == x else "" for x, p in
+                          zip(table["best_recorded_mean"], table["best_recorded_pct"])],
+        "censored": table["n_censored"], "note": table["reason"].fillna(""),
+    }).reset_index(drop=True)
+
+
+def prefix_sharing_table(table: pd.DataFrame) -> pd.DataFrame:
+    """hits_by_prefix_sharing() as shown: one row per dataset, variant and group of users."""
+    if table.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({
+        "dataset": table["dataset"], "variant": table["variant"], "target's prefix": table["target"].fillna(""),
+        "users": [f"{int(n):,} ({100 * s:.1f}%)" if n == n else "" for n, s in
+                  zip(table["n_users"], table["share_of_users"])],
+        "seeds": table["n_seeds"].fillna(0).astype(int),
+        "Recall@5": [_num(x) for x in table["recall@5"]], "Recall@10": [_num(x) for x in table["recall@10"]],
+        "R@5 / R@10": [f"{x:.3f}" if x == x else "" for x in table["recall@5_over_recall@10"]],
+        "note": table["reason"].fillna(""),
+    }).reset_index(drop=True)
+
+
+def prefix_sharing_of_report(rep: "Report", *, params_file=None, profile: str | None = None, processed_root=None,
+                             variants=("sa", "hybrid")) -> tuple[pd.DataFrame, list]:
+    """hits_by_prefix_sharing() over the datasets of the report's runs, the semantic IDs read from
+    processed_root as by_history_length_of_report() reads the history lengths; notes name the datasets
+    without processed data."""
+    synthetic = None
+    if params_file:
+        from gbla.params import load_grid
+
+        synthetic = load_grid(repo_path(params_file), profile).synthetic
+    datasets = list(pd.unique(rep.runs["dataset"])) if not rep.runs.empty else []
+    sharing, notes = sid_prefix_sharing(datasets, processed_root=processed_root, synthetic=synthetic)
+    return hits_by_prefix_sharing(rep.runs, sharing, variants=variants), notes
+
+
 # ============================================================================= published numbers
 
 def load_published(path=DEFAULT_PUBLISHED) -> pd.DataFrame:
@@ -673,6 +871,9 @@ class Report:
     # filled by by_history_length_of_report (it needs the processed data, which the runs do not hold)
     by_history_length: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=BY_LENGTH_COLUMNS))
     model_size: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MODEL_SIZE_COLUMNS))
+    reselection: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RESELECTION_COLUMNS))
+    # filled by prefix_sharing_of_report (the semantic IDs are in the processed data)
+    prefix_sharing: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PREFIX_SHARING_COLUMNS))
 
 
 # comparisons beyond "every variant against each reference": (variant, reference) pairs of equal depth
@@ -716,7 +917,7 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=MET
         equivalence=equivalence(runs, equivalence_pairs, metrics, margin=tost_margin, ranks=ranks),
         published=published, histories=histories, notes=notes,
         pooled=pooled(runs, references, metrics, pairs=pairs, confidence=confidence, margin=tost_margin),
-        model_size=model_size(runs))
+        model_size=model_size(runs), reselection=reselect_epochs(runs))
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -733,7 +934,7 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in ("status", "summary", "comparisons", "equivalence", "published", "pooled", "by_history_length",
-                 "model_size"):
+                 "model_size", "reselection", "prefix_sharing"):
         path = output_dir / f"{name}.csv"
         _atomic_csv(getattr(report, name), path)
         paths[name] = path

@@ -84,6 +84,11 @@ def test_aggregate_notebook_on_a_partial_smoke_grid(tmp_path):
     # the synthetic test users' histories come from the profile's settings: hybrid vs sa split by length
     by_length = pd.read_csv(out / "by_history_length.csv")
     assert set(by_length["variant"]) == {"hybrid"} and by_length["n_users"].sum() == 120
+    # the top-5 diagnostics: each finished sa / hybrid run's history replayed, users split by prefix
+    reselection = pd.read_csv(out / "reselection.csv")
+    assert set(reselection["variant"]) == {"sa", "hybrid"} and reselection["reason"].isna().all()
+    assert (reselection["n_ok"] == reselection["variant"].map({"sa": n_seeds, "hybrid": 1})).all()
+    assert set(pd.read_csv(out / "prefix_sharing.csv")["variant"]) == {"sa", "hybrid"}
     text = outputs_text(nb)
     assert "runs not finished" in text and "failed" in text
 

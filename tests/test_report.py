@@ -20,7 +20,7 @@ METRICS = METRIC_NAMES
 # --------------------------------------------------------------------------- fixture writer
 
 def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3, config=None,
-              data_fingerprint="fixture"):
+              data_fingerprint="fixture", history=None, best_epoch=None):
     """A finished run exactly as the contract lays it out; test metrics are the per-user means."""
     run_dir = root / dataset / variant / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -33,12 +33,12 @@ def write_run(root, dataset, variant, seed, rank, *, targets=None, epochs=3, con
     config = config or RunConfig(dataset, variant, seed)
     history = [{"epoch": e, "train_loss": 3.0 / e, "epoch_time_s": 1.0,
                 "valid_recall@5": 0.05 * e, "valid_recall@10": 0.08 * e, "valid_ndcg@5": 0.03 * e,
-                "valid_ndcg@10": 0.04 * e} for e in range(1, epochs + 1)]
+                "valid_ndcg@10": 0.04 * e} for e in range(1, epochs + 1)] if history is None else history
     (run_dir / "metrics.json").write_text(json.dumps({
         "status": "ok", "dataset": dataset, "variant": variant, "seed": seed, "config": config.to_dict(),
         "config_hash": config.config_hash(), "data_fingerprint": data_fingerprint, "commit": "fixture",
         "device": "cpu", "created_at": "2025-01-01T00:00:00+00:00", "wall_time_s": 1.0,
-        "epochs_trained": epochs, "best_epoch": epochs,
+        "epochs_trained": epochs, "best_epoch": epochs if best_epoch is None else best_epoch,
         "valid": {m: v * 0.9 for m, v in test.items()}, "test": test, "timings": {}, "history": history}))
     return run_dir
 
@@ -693,3 +693,109 @@ def test_model_size_refuses_seeds_of_one_variant_with_different_models(tmp_path)
                   config=RunConfig("beauty", "sa", seed, model=ModelConfig(encoder_layout=layout)))
     with pytest.raises(ValueError, match="beauty/sa: its finished runs recorded 2 different model configs"):
         report.model_size(report.load_runs(root))
+
+
+# --------------------------------------------------------------------------- top-5 diagnostics
+
+def _history(r5, r10):
+    return [{"epoch": e, "train_loss": 1.0, "epoch_time_s": 1.0, "valid_recall@5": a, "valid_recall@10": b,
+             "valid_ndcg@5": a / 2, "valid_ndcg@10": b / 2} for e, (a, b) in enumerate(zip(r5, r10), start=1)]
+
+
+def test_replay_early_stopping_follows_the_training_loops_rule():
+    """Strictly better resets the count (a tie does not), `patience` evaluations without a gain stop;
+    epochs without an evaluation are skipped; a record that ends first is censored."""
+    history = pd.DataFrame(_history([0.1, 0.3, 0.3, 0.2, 0.4, 0.1, 0.1], [0.2, 0.5, 0.4, 0.5, 0.3, 0.2, 0.1]))
+    assert report.replay_early_stopping(history, "valid_recall@10", 3) == (2, False)   # 0.5 tied at 4: no gain
+    assert report.replay_early_stopping(history, "valid_recall@10", 6) == (2, True)
+    assert report.replay_early_stopping(history, "valid_recall@5", 2) == (2, False)   # 0.3 tied at 3, 0.2
+    assert report.replay_early_stopping(history, "valid_recall@5", 3) == (5, True)    # 0.4 at 5, 2 more
+    sparse = history.copy()
+    sparse.loc[sparse["epoch"] % 2 == 0, "valid_recall@5"] = np.nan   # evaluated at odd epochs only
+    assert report.replay_early_stopping(history, "valid_recall@5", 1) == (2, False)
+    assert report.replay_early_stopping(sparse, "valid_recall@5", 1) == (5, False)    # 0.1, 0.3, 0.4, 0.1
+    with pytest.raises(ValueError, match="no column 'valid_mrr'"):
+        report.replay_early_stopping(history, "valid_mrr", 3)
+
+
+def test_reselect_epochs_replays_each_run_and_checks_its_own_stop_first(tmp_path):
+    from gbla.config import TrainConfig
+
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    train = TrainConfig(patience=2)
+    r5s = [[0.10, 0.20, 0.15, 0.30, 0.25], [0.10, 0.12, 0.20, 0.18, 0.19]]
+    r10s = [[0.20, 0.40, 0.30, 0.35, 0.30], [0.20, 0.30, 0.28, 0.35, 0.33]]
+    for seed, (r5, r10) in enumerate(zip(r5s, r10s)):
+        best = int(np.argmax(r10)) + 1
+        write_run(root, "beauty", "sa", seed, fixture_ranks(rng, 50, 0.3), epochs=5, best_epoch=best,
+                  history=_history(r5, r10), config=RunConfig("beauty", "sa", seed, train=train))
+    # a run whose recorded best epoch is not what its own early stopping gives is not counted
+    write_run(root, "beauty", "sa", 2, fixture_ranks(rng, 50, 0.3), epochs=5, best_epoch=5,
+              history=_history(r5s[0], r10s[0]), config=RunConfig("beauty", "sa", 2, train=train))
+    table = report.reselect_epochs(report.load_runs(root), "recall@5", variants=("sa",))
+    assert len(table) == 1
+    row = table.iloc[0]
+    # seed 0: kept epoch 2 (R@10 0.40, then two without a gain); on R@5 epoch 2, then 3 no gain, 4 gain
+    # (0.30), 5 no gain, and the record ends: censored. seed 1: kept 4 (0.35); on R@5 epoch 3 (0.20),
+    # then 4 and 5 without a gain: stops at 5.
+    assert row["n_ok"] == 2 and row["n_censored"] == 1
+    assert row["kept_epoch_mean"] == (2 + 4) / 2 and row["reselected_epoch_mean"] == (4 + 3) / 2
+    assert row["kept_mean"] == pytest.approx((0.20 + 0.18) / 2)
+    assert row["reselected_mean"] == pytest.approx((0.30 + 0.20) / 2)
+    assert row["reselected_pct"] == pytest.approx(100 * (0.25 / 0.19 - 1))
+    assert row["best_recorded_mean"] == pytest.approx((0.30 + 0.20) / 2)
+    assert row["reason"] == "seed 2: replaying its own early stopping gives epoch 2, not its recorded 5"
+    shown = report.reselection_table(table).iloc[0]
+    assert shown["kept epoch (R@10)"] == "3.0" and shown["epoch on recall@5"] == "3.5"
+    assert shown["re-selected"] == f"0.2500 (+{100 * (0.25 / 0.19 - 1):.1f}%)" and shown["censored"] == 1
+    assert report.reselect_epochs(report.load_runs(tmp_path / "none")).empty
+    assert report.reselection_table(report.reselect_epochs(report.load_runs(tmp_path / "none"))).empty
+
+
+def test_hits_by_prefix_sharing_splits_users_by_their_targets_prefix(grid):
+    """Recall@5 / @10 per seed within each group, by hand from the per-user files, averaged over the
+    finished seeds; runs of other data give a reason."""
+    root, runs = grid
+    sizes = np.ones(400, dtype=np.int64)
+    sizes[100:400:3] = 2                      # every third target (items 100, 103, ...) shares its prefix
+    table = report.hits_by_prefix_sharing(runs, {"beauty": (sizes, "fixture")}, variants=("sa", "hybrid"))
+    assert set(table["variant"]) == {"sa", "hybrid"} and (table["reason"] == "").all()
+    sa = table[table["variant"] == "sa"].set_index("target")
+    shared = (np.arange(300) % 3) == 0
+    frames = [pd.read_parquet(root / "beauty" / "sa" / f"seed{s}" / "per_user_test.parquet") for s in (0, 1, 2)]
+    for name, sel in (("shared prefix", shared), ("own prefix", ~shared)):
+        r5 = np.mean([((f["rank"].to_numpy()[sel] >= 1) & (f["rank"].to_numpy()[sel] <= 5)).mean() for f in frames])
+        r10 = np.mean([(f["rank"].to_numpy()[sel] >= 1).mean() for f in frames])
+        assert sa.loc[name, "n_users"] == sel.sum() and sa.loc[name, "n_seeds"] == 3
+        assert sa.loc[name, "recall@5"] == pytest.approx(r5) and sa.loc[name, "recall@10"] == pytest.approx(r10)
+        assert sa.loc[name, "recall@5_over_recall@10"] == pytest.approx(r5 / r10)
+    assert sa.loc["all", "share_of_users"] == 1 and sa.loc["shared prefix", "share_of_users"] == pytest.approx(1 / 3)
+    assert sa.loc["all", "recall@10"] == pytest.approx(metric_of(runs, "sa", 0) / 3 + metric_of(runs, "sa", 1) / 3
+                                                       + metric_of(runs, "sa", 2) / 3)
+    other = report.hits_by_prefix_sharing(runs, {"beauty": (sizes, "another")}, variants=("sa",))
+    assert other["reason"].iloc[0] == "runs trained on data fixture; the semantic IDs come from another"
+    shown = report.prefix_sharing_table(pd.concat([table, other], ignore_index=True))
+    first = shown[(shown["variant"] == "sa") & (shown["target's prefix"] == "shared prefix")].iloc[0]
+    assert first["users"] == "100 (33.3%)" and first["seeds"] == 3
+    assert first["R@5 / R@10"] == f"{sa.loc['shared prefix', 'recall@5_over_recall@10']:.3f}"
+    assert shown["note"].iloc[-1].startswith("runs trained on data fixture") and shown["users"].iloc[-1] == ""
+    small = report.hits_by_prefix_sharing(runs, {"beauty": (sizes[:350], "fixture")}, variants=("sa",))
+    assert small["reason"].iloc[0].endswith("per_user_test.parquet: test targets outside the 350 items of the "
+                                            "processed data")
+
+
+def test_sid_prefix_sharing_counts_items_with_the_same_digits_but_the_last():
+    from collections import Counter
+
+    from gbla import runs as runs_io
+    from gbla.params import load_grid
+
+    synthetic = load_grid(REPO_ROOT / "params" / "ablations.yaml", "smoke").synthetic
+    sharing, notes = report.sid_prefix_sharing(["synthetic"], synthetic=synthetic)
+    data = runs_io.load_processed_dataset("synthetic", synthetic=synthetic)
+    sizes, fingerprint = sharing["synthetic"]
+    prefixes = [tuple(row[:-1]) for row in np.asarray(data.sids)]
+    count = Counter(prefixes)
+    assert not notes and fingerprint == data.provenance["fingerprint"]
+    assert sizes.tolist() == [count[p] for p in prefixes] and (sizes > 1).any()
