@@ -597,8 +597,9 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
                                           fingerprints[c.dataset])]
     done_keys = {(c.dataset, c.variant, c.seed) for c in done}
     todo = [c for c in configs if (c.dataset, c.variant, c.seed) not in done_keys]
-    # dataset-major, then the profile's variant order (sa, hybrid first): one group per variant
-    order = {v: i for i, v in enumerate(grid.variant_names)}
+    # dataset-major, then variant by variant (one group each), in the order --datasets / --variants name
+    # them, else the profile's (sa, hybrid first)
+    order = {v: i for i, v in enumerate(variants or grid.variant_names)}
     datasets_order = {d: i for i, d in enumerate(datasets or grid.datasets)}
     todo.sort(key=lambda c: (datasets_order.get(c.dataset, 0), order.get(c.variant, 0), c.seed))
     log(f"grid {grid.profile} ({grid.params_file}): {len(configs)} runs = {len(set(c.dataset for c in configs))} "

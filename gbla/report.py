@@ -685,8 +685,8 @@ def reselect_epochs(runs: pd.DataFrame, monitor: str = "recall@5", *, variants=(
             rows.append(base)
             continue
         mean = float(np.mean(kept_value))
-        rows.append({**base, "kept_epoch_mean": float(np.mean(kept)), "reselected_epoch_mean": float(np.mean(reselected)),
-                     "kept_mean": mean, "reselected_mean": float(np.mean(reselected_value)),
+        rows.append({**base, "kept_epoch_mean": float(np.mean(kept)),
+                     "reselected_epoch_mean": float(np.mean(reselected)), "kept_mean": mean, "reselected_mean": float(np.mean(reselected_value)),
                      "reselected_pct": 100 * (np.mean(reselected_value) / mean - 1),
                      "best_recorded_mean": float(np.mean(best_value)),
                      "best_recorded_pct": 100 * (np.mean(best_value) / mean - 1)})
@@ -743,10 +743,10 @@ def hits_by_prefix_sharing(runs: pd.DataFrame, sharing: dict, *, variants=("sa",
                 break
             shared = sizes[targets] > 1
             rank = frame["rank"].to_numpy()
+            groups = (("shared prefix", shared), ("own prefix", ~shared), ("all", np.ones_like(shared)))
             per_seed.append({name: (int(sel.sum()), float(stats.per_user_metric(rank[sel], "recall@5").mean()),
                                     float(stats.per_user_metric(rank[sel], "recall@10").mean()))
-                             for name, sel in (("shared prefix", shared), ("own prefix", ~shared), ("all", shared | ~shared))
-                             if sel.any()})
+                             for name, sel in groups if sel.any()})
         if reason or not per_seed or "all" not in per_seed[0]:
             rows.append({"dataset": dataset, "variant": variant, "reason": reason or "no tested users"})
             continue

@@ -171,6 +171,12 @@ def test_dry_run_lists_what_would_run(tmp_path, capsys):
     assert "6 runs = 3 datasets x 2 variants x 1 seeds; 0 done, 6 to run" in out
     assert "would run toys/all-gbla/seed0" in out
     assert not (tmp_path / "runs").exists()
+    # groups run in the order the options name them: all-gbla before sa, toys before beauty
+    assert G.main(["--params", str(path), "--profile", "full", "--datasets", "toys", "beauty", "--variants",
+                   "all-gbla", "sa", "--seeds", "0", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    order = [line.split("would run ")[1].split()[0] for line in lines if "would run" in line]
+    assert order == ["toys/all-gbla/seed0", "toys/sa/seed0", "beauty/all-gbla/seed0", "beauty/sa/seed0"]
 
 
 def test_a_result_trained_on_other_data_is_not_done(tmp_path):
