@@ -426,20 +426,37 @@ BY_LENGTH_COLUMNS = ["dataset", "metric", "variant", "reference", "history", "n_
                      "p_between_buckets", "reason"]
 
 
-def history_lengths_of_test_users(datasets, *, processed_root=None,
-                                  synthetic: dict | None = None) -> tuple[dict, list]:
-    """{dataset: (Series user -> items in that user's test history, the data's fingerprint)} for each
-    dataset whose processed data loads, and a note for each that does not."""
-    lengths, notes = {}, []
+def _from_processed(datasets, extract, what: str, *, processed_root=None,
+                    synthetic: dict | None = None) -> tuple[dict, list]:
+    """{dataset: (extract(its ProcessedDataset), the data's fingerprint)} for each dataset whose
+    processed data loads, and a note "<dataset>: no <what>, <why>" for each that does not."""
+    found, notes = {}, []
     for dataset in datasets:
         try:
             data = runs_io.load_processed_dataset(dataset, processed_root, synthetic=synthetic)
         except FileNotFoundError as e:
-            notes.append(f"{dataset}: no history lengths, {e}")
+            notes.append(f"{dataset}: no {what}, {e}")
             continue
-        lengths[dataset] = (pd.Series(data.test.history_len, index=data.test.user),
-                            data.provenance.get("fingerprint", "unknown"))
-    return lengths, notes
+        found[dataset] = (extract(data), data.provenance.get("fingerprint", "unknown"))
+    return found, notes
+
+
+def _report_datasets(rep: "Report", params_file, profile) -> tuple[list, dict | None]:
+    """The datasets of the report's runs, and the synthetic dataset's settings from the params file."""
+    synthetic = None
+    if params_file:
+        from gbla.params import load_grid
+
+        synthetic = load_grid(repo_path(params_file), profile).synthetic
+    return (list(pd.unique(rep.runs["dataset"])) if not rep.runs.empty else []), synthetic
+
+
+def history_lengths_of_test_users(datasets, *, processed_root=None,
+                                  synthetic: dict | None = None) -> tuple[dict, list]:
+    """{dataset: (Series user -> items in that user's test history, the data's fingerprint)} for each
+    dataset whose processed data loads, and a note for each that does not."""
+    return _from_processed(datasets, lambda data: pd.Series(data.test.history_len, index=data.test.user),
+                           "history lengths", processed_root=processed_root, synthetic=synthetic)
 
 
 def history_bucket_labels(edges=HISTORY_EDGES) -> list[str]:
@@ -517,12 +534,7 @@ def by_history_length_of_report(rep: "Report", *, params_file=None, profile: str
     """by_history_length() over the datasets of the report's runs, their processed data read from
     processed_root (default outputs/processed or $GBLA_PROCESSED_DIR; the synthetic dataset from the
     params file's settings); notes name the datasets without it."""
-    synthetic = None
-    if params_file:
-        from gbla.params import load_grid
-
-        synthetic = load_grid(repo_path(params_file), profile).synthetic
-    datasets = list(pd.unique(rep.runs["dataset"])) if not rep.runs.empty else []
+    datasets, synthetic = _report_datasets(rep, params_file, profile)
     lengths, notes = history_lengths_of_test_users(datasets, processed_root=processed_root, synthetic=synthetic)
     metrics = [m for m in metrics if m in rep.parameters.get("metrics", metrics)]
     return by_history_length(rep.runs, lengths, pairs, metrics, n_bootstrap=n_bootstrap, seed=seed), notes
@@ -700,17 +712,12 @@ PREFIX_SHARING_COLUMNS = ["dataset", "variant", "target", "n_users", "share_of_u
 def sid_prefix_sharing(datasets, *, processed_root=None, synthetic: dict | None = None) -> tuple[dict, list]:
     """{dataset: (array item -> how many items share its semantic ID's digits but the last, the data's
     fingerprint)} for each dataset whose processed data loads, and a note for each that does not."""
-    sharing, notes = {}, []
-    for dataset in datasets:
-        try:
-            data = runs_io.load_processed_dataset(dataset, processed_root, synthetic=synthetic)
-        except FileNotFoundError as e:
-            notes.append(f"{dataset}: no semantic IDs, {e}")
-            continue
+    def sizes(data):
         _, inverse, counts = np.unique(np.asarray(data.sids)[:, :-1], axis=0, return_inverse=True,
                                        return_counts=True)
-        sharing[dataset] = (counts[inverse.reshape(-1)], data.provenance.get("fingerprint", "unknown"))
-    return sharing, notes
+        return counts[inverse.reshape(-1)]
+
+    return _from_processed(datasets, sizes, "semantic IDs", processed_root=processed_root, synthetic=synthetic)
 
 
 def hits_by_prefix_sharing(runs: pd.DataFrame, sharing: dict, *, variants=("sa", "hybrid"),
@@ -801,12 +808,7 @@ def prefix_sharing_of_report(rep: "Report", *, params_file=None, profile: str | 
     """hits_by_prefix_sharing() over the datasets of the report's runs, the semantic IDs read from
     processed_root as by_history_length_of_report() reads the history lengths; notes name the datasets
     without processed data."""
-    synthetic = None
-    if params_file:
-        from gbla.params import load_grid
-
-        synthetic = load_grid(repo_path(params_file), profile).synthetic
-    datasets = list(pd.unique(rep.runs["dataset"])) if not rep.runs.empty else []
+    datasets, synthetic = _report_datasets(rep, params_file, profile)
     sharing, notes = sid_prefix_sharing(datasets, processed_root=processed_root, synthetic=synthetic)
     return hits_by_prefix_sharing(rep.runs, sharing, variants=variants), notes
 
