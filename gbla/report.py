@@ -466,9 +466,14 @@ def history_bucket_labels(edges=HISTORY_EDGES) -> list[str]:
     return labels + ([f"{edges[-1]}+"] if len(edges) > 1 else [])
 
 
-def by_history_length(runs: pd.DataFrame, lengths: dict, pairs=(("hybrid", "sa"), ("all-gbla", "sa")),
-                      metrics=("recall@10",), *, edges=HISTORY_EDGES, n_bootstrap: int = 10_000, seed: int = 0,
-                      confidence: float = 0.95, ranks: PerUserRanks | None = None) -> pd.DataFrame:
+# the pairs split by history length: the hybrid and all-GBLA against all-SA, and the recency gate (a
+# cumulative forget gate, the one change that helps the hybrid) against the hybrid
+HISTORY_PAIRS = (("hybrid", "sa"), ("all-gbla", "sa"), ("hybrid-recency-gate", "hybrid"))
+
+
+def by_history_length(runs: pd.DataFrame, lengths: dict, pairs=HISTORY_PAIRS, metrics=("recall@10",), *,
+                      edges=HISTORY_EDGES, n_bootstrap: int = 10_000, seed: int = 0, confidence: float = 0.95,
+                      ranks: PerUserRanks | None = None) -> pd.DataFrame:
     """Each (variant, reference) pair's difference within buckets of the test user's history length,
     at the user level of compare(): each user's metric averaged over the paired seeds, a paired
     bootstrap CI of the difference in % of the reference's mean within the bucket, and a sign-flip
@@ -529,7 +534,7 @@ def by_history_length(runs: pd.DataFrame, lengths: dict, pairs=(("hybrid", "sa")
 
 
 def by_history_length_of_report(rep: "Report", *, params_file=None, profile: str | None = None, processed_root=None,
-                                pairs=(("hybrid", "sa"), ("all-gbla", "sa")), metrics=("recall@10",),
+                                pairs=HISTORY_PAIRS, metrics=("recall@10",),
                                 n_bootstrap: int = 10_000, seed: int = 0) -> tuple[pd.DataFrame, list]:
     """by_history_length() over the datasets of the report's runs, their processed data read from
     processed_root (default outputs/processed or $GBLA_PROCESSED_DIR; the synthetic dataset from the

@@ -595,6 +595,13 @@ def test_by_history_length_splits_the_user_level_difference_into_buckets(grid):
     assert short["reason"].iloc[0] == "5 tested users are not in the processed test split"
     # a pair without paired seeds on the dataset has no rows; the figure draws what has numbers
     assert report.by_history_length(runs, {"beauty": (hist, "fixture")}, [("sa-6L", "sa")]).empty
+    # by default: hybrid and all-gbla vs sa, and the recency gate vs hybrid (once it has run)
+    rng = np.random.default_rng(5)
+    for s in (0, 2):
+        write_run(root, "beauty", "hybrid-recency-gate", s, fixture_ranks(rng, 300, 0.35))
+    pairs = report.by_history_length(report.load_runs(root), {"beauty": (hist, "fixture")}, n_bootstrap=100)
+    assert list(pd.unique(pairs["variant"] + "/" + pairs["reference"])) == [
+        "hybrid/sa", "all-gbla/sa", "hybrid-recency-gate/hybrid"]
     # the findings carry it, per dataset, before what has not run
     rep = report.build_report(runs, n_bootstrap=100, progress=False)
     rep.by_history_length = table
