@@ -683,12 +683,16 @@ def reselect_epochs(runs: pd.DataFrame, monitor: str = "recall@5", *, variants=(
             recorded = runs_io.load_run_metrics(row.run_dir)
             patience = RunConfig.from_dict(recorded["config"]).train.patience
             history = runs_io.load_history(row.run_dir)
-            own_epoch, _ = replay_early_stopping(history, own_column, patience)
+            try:
+                own_epoch, _ = replay_early_stopping(history, own_column, patience)
+                epoch, cut = replay_early_stopping(history, column, patience)
+            except ValueError as e:   # a history without that metric (recorded by another version)
+                problems.append(f"seed {row.seed}: {e}")
+                continue
             if own_epoch != int(row.best_epoch):
                 problems.append(f"seed {row.seed}: replaying its own early stopping gives epoch {own_epoch}, "
                                 f"not its recorded {int(row.best_epoch)}")
                 continue
-            epoch, cut = replay_early_stopping(history, column, patience)
             at = history.set_index("epoch")[column]
             kept.append(own_epoch)
             reselected.append(epoch)
@@ -703,7 +707,8 @@ def reselect_epochs(runs: pd.DataFrame, monitor: str = "recall@5", *, variants=(
             continue
         mean = float(np.mean(kept_value))
         rows.append({**base, "kept_epoch_mean": float(np.mean(kept)),
-                     "reselected_epoch_mean": float(np.mean(reselected)), "kept_mean": mean, "reselected_mean": float(np.mean(reselected_value)),
+                     "reselected_epoch_mean": float(np.mean(reselected)), "kept_mean": mean,
+                     "reselected_mean": float(np.mean(reselected_value)),
                      "reselected_pct": 100 * (np.mean(reselected_value) / mean - 1),
                      "best_recorded_mean": float(np.mean(best_value)),
                      "best_recorded_pct": 100 * (np.mean(best_value) / mean - 1)})

@@ -740,6 +740,10 @@ def test_reselect_epochs_replays_each_run_and_checks_its_own_stop_first(tmp_path
     # a run whose recorded best epoch is not what its own early stopping gives is not counted
     write_run(root, "beauty", "sa", 2, fixture_ranks(rng, 50, 0.3), epochs=5, best_epoch=5,
               history=_history(r5s[0], r10s[0]), config=RunConfig("beauty", "sa", 2, train=train))
+    # a history that never recorded the monitored metric is named, not counted
+    write_run(root, "beauty", "sa", 3, fixture_ranks(rng, 50, 0.3), epochs=2, best_epoch=2,
+              history=[{"epoch": e, "train_loss": 1.0, "valid_recall@10": 0.1 * e} for e in (1, 2)],
+              config=RunConfig("beauty", "sa", 3, train=train))
     table = report.reselect_epochs(report.load_runs(root), "recall@5", variants=("sa",))
     assert len(table) == 1
     row = table.iloc[0]
@@ -752,7 +756,8 @@ def test_reselect_epochs_replays_each_run_and_checks_its_own_stop_first(tmp_path
     assert row["reselected_mean"] == pytest.approx((0.30 + 0.20) / 2)
     assert row["reselected_pct"] == pytest.approx(100 * (0.25 / 0.19 - 1))
     assert row["best_recorded_mean"] == pytest.approx((0.30 + 0.20) / 2)
-    assert row["reason"] == "seed 2: replaying its own early stopping gives epoch 2, not its recorded 5"
+    assert row["reason"].startswith("seed 2: replaying its own early stopping gives epoch 2, not its recorded 5; "
+                                    "seed 3: the history has no column 'valid_recall@5'")
     shown = report.reselection_table(table).iloc[0]
     assert shown["kept epoch (R@10)"] == "3.0" and shown["epoch on recall@5"] == "3.5"
     assert shown["re-selected"] == f"0.2500 (+{100 * (0.25 / 0.19 - 1):.1f}%)" and shown["censored"] == 1
