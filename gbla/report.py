@@ -1104,6 +1104,30 @@ def _published_finding(rep: "Report", comparisons: pd.DataFrame, d: str, metrics
     return f"The {g['paper'].iloc[0]} paper's hybrid vs its all-SA Tiger (mean of its runs): " + "; ".join(parts) + "."
 
 
+def _top5_finding(rep: "Report", d: str) -> str | None:
+    """`sa`'s top-5 diagnostics on dataset `d` as a sentence (None: neither was computed)."""
+    parts = []
+    r = rep.reselection[(rep.reselection["dataset"] == d) & (rep.reselection["variant"] == "sa")] \
+        if not rep.reselection.empty else rep.reselection
+    if not r.empty and r["n_ok"].iloc[0] > 0:
+        r = r.iloc[0]
+        parts.append(f"early stopping on validation {_label(r['monitor'])} instead of Recall@10 would change its "
+                     f"validation {_label(r['monitor'])} by {_pct(r['reselected_pct'])} (the best recorded epoch: "
+                     f"{_pct(r['best_recorded_pct'])}; {int(r['n_censored'])} of {int(r['n_ok'])} records end "
+                     f"before that replay would stop)")
+    p = rep.prefix_sharing[(rep.prefix_sharing["dataset"] == d) & (rep.prefix_sharing["variant"] == "sa")] \
+        if not rep.prefix_sharing.empty else rep.prefix_sharing
+    p = p[p["target"].notna()].set_index("target") if not p.empty else p
+    if {"shared prefix", "own prefix"} <= set(p.index):
+        ratio, share = p["recall@5_over_recall@10"], 100 * p.loc["shared prefix", "share_of_users"]
+        parts.append(f"users whose target shares its semantic-ID prefix ({share:.1f}%) "
+                     f"have Recall@5 / Recall@10 {ratio['shared prefix']:.3f} against {ratio['own prefix']:.3f} for "
+                     f"targets with a prefix of their own")
+    if not parts:
+        return None
+    return "Top five, sa (the report's top-5 diagnostics): " + "; ".join(parts) + "."
+
+
 def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 0.05) -> pd.DataFrame:
     """The results in sentences, one row per (dataset, topic), each sentence carrying its numbers.
 
@@ -1112,7 +1136,8 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
     `ratio` (sa, hybrid, ratio-1to1, ratio-1to3, all-gbla: means, differences vs sa, and Spearman's rho
     of the number of GBLA layers with the per-seed metric), `depth` (hybrid-1to2-6L vs sa-6L),
     `bidirectional` (sa-causal vs sa), `published` (the GBLA paper's Tiger+GBLA-vs-Tiger gap beside
-    ours), `not_run` (variants without finished seeds or with missing seeds); and, once two datasets
+    ours), `top5` (sa's top-5 diagnostics: rep.reselection, rep.prefix_sharing), `not_run` (variants
+    without finished seeds or with missing seeds); and, once two datasets
     pair seeds, `pooled` under "across datasets" (rep.pooled: each change averaged over the datasets);
     `history` when rep.by_history_length holds the dataset's split by history length.
     A topic whose variants are not in the grid at all says so; a dataset with no finished run at all
@@ -1262,6 +1287,9 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
         published_text = _published_finding(rep, comparisons, d, metrics)
         if published_text:
             add(d, "published", published_text)
+        top5_text = _top5_finding(rep, d)
+        if top5_text:
+            add(d, "top5", top5_text)
 
         # --- what is not run yet
         wanted = [v for v in ("sa", "sa-causal", "hybrid", *COMPONENT_VARIANTS, *RATIO_VARIANTS, "sa-6L", "hybrid-1to2-6L")

@@ -342,7 +342,7 @@ def test_findings_state_each_result_with_its_numbers(ablation_report):
     rep = ablation_report
     table = report.findings(rep)
     assert list(table["topic"]) == ["equivalence", "components", "ratio", "depth", "bidirectional", "published",
-                                    "not_run"]
+                                    "top5", "not_run"]
     c = rep.comparisons.set_index(["variant", "reference", "metric"])
     eq = rep.equivalence[(rep.equivalence["level"] == "seeds") & (rep.equivalence["variant"] == "hybrid")]
     eq = eq.set_index("metric")
@@ -374,6 +374,13 @@ def test_findings_state_each_result_with_its_numbers(ablation_report):
     assert "(significant)" in _finding(table, "bidirectional").split(";")[0]
     # the paper's gap beside ours: Tiger+GBLA 0.0611 vs Tiger 0.0641 on Beauty is -4.7%
     assert "Recall@10 −4.7% (0.0611 vs 0.0641), ours " in _finding(table, "published")
+    # sa's top-5 diagnostics: the replay of its histories (the fixture's rise every epoch: censored)
+    r = rep.reselection.set_index(["dataset", "variant"]).loc[("beauty", "sa")]
+    assert _finding(table, "top5") == (
+        f"Top five, sa (the report's top-5 diagnostics): early stopping on validation Recall@5 instead of "
+        f"Recall@10 would change its validation Recall@5 by {report._pct(r['reselected_pct'])} (the best recorded "
+        f"epoch: {report._pct(r['best_recorded_pct'])}; {r['n_ok']} of {r['n_ok']} records end before that replay "
+        f"would stop).")
     missing = _finding(table, "not_run")
     assert "hybrid-no-conv (3/4 seeds)" in missing and "hybrid-plain-la" in missing and "ratio-1to1" in missing
     md = report.findings_markdown(table)
@@ -792,6 +799,14 @@ def test_hits_by_prefix_sharing_splits_users_by_their_targets_prefix(grid):
     assert first["users"] == "100 (33.3%)" and first["seeds"] == 3
     assert first["R@5 / R@10"] == f"{sa.loc['shared prefix', 'recall@5_over_recall@10']:.3f}"
     assert shown["note"].iloc[-1].startswith("runs trained on data fixture") and shown["users"].iloc[-1] == ""
+    # the findings say it for sa, beside the replay of its histories
+    rep = report.build_report(runs, n_bootstrap=100, progress=False)
+    rep.prefix_sharing = table
+    text = _finding(report.findings(rep), "top5")
+    ratio = sa["recall@5_over_recall@10"]
+    assert text.endswith(f"; users whose target shares its semantic-ID prefix (33.3%) have Recall@5 / Recall@10 "
+                         f"{ratio['shared prefix']:.3f} against {ratio['own prefix']:.3f} for targets with a prefix "
+                         f"of their own.")
     small = report.hits_by_prefix_sharing(runs, {"beauty": (sizes[:350], "fixture")}, variants=("sa",))
     assert small["reason"].iloc[0].endswith("per_user_test.parquet: test targets outside the 350 items of the "
                                             "processed data")
