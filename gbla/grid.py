@@ -537,13 +537,16 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
         params = {k: v for k, v in wanted.items() if k in declared} if declared else wanted
         entry = {"notebook": str(src), "ipynb": str(out), "html": str(html), "status": "ok"}
         log(f"report: {shown_path(src)} -> {out}")
+        manager = ipc_kernel_manager_class()
         try:
             pm.execute_notebook(str(src), str(out), parameters=params, kernel_name=KERNEL_NAME,
-                                cwd=str(reports_root), progress_bar=False,
-                                kernel_manager_class=ipc_kernel_manager_class())
+                                cwd=str(reports_root), progress_bar=False, kernel_manager_class=manager)
         except Exception as exc:  # noqa: BLE001 - keep the executed notebook (it shows the error) and go on
             entry.update(status="failed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}")
             log(f"report FAILED: {entry['error']}")
+        finally:  # a kernel stopped by its shutdown timeout skips the manager's own clean-up
+            for folder in manager.socket_folders:
+                shutil.rmtree(folder, ignore_errors=True)
         if out.is_file():
             body = render_html(out)
             atomic_write_text(html, body)

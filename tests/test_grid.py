@@ -307,6 +307,32 @@ def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd):
 
 
 @pytest.mark.timeout(180)
+def test_reports_remove_their_kernels_socket_folder_when_its_own_cleanup_is_skipped(tmp_path, monkeypatch):
+    """A kernel stopped by a shutdown timeout skips the manager's clean-up; the folder goes anyway."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    real = G.ipc_kernel_manager_class
+
+    def leaky_manager_class():
+        class Leaky(real()):
+            async def _async_cleanup_resources(self, restart: bool = False) -> None:
+                await AsyncKernelManager._async_cleanup_resources(self, restart=restart)   # leaves the folder
+
+            cleanup_resources = _async_cleanup_resources
+        return Leaky
+
+    monkeypatch.setattr(G, "ipc_kernel_manager_class", leaky_manager_class)
+    nb_path = probe_notebook(tmp_path / "probe.ipynb", "runs_root = None", "print('ok')")
+    g = G.load_grid(PARAMS, "smoke")
+    g.runtime["reports_root"] = str(tmp_path / "reports")
+    folders = lambda: set(Path(__import__("tempfile").gettempdir()).glob("gbla-kernel-*"))  # noqa: E731
+    before = folders()
+    [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
+    assert result["status"] == "ok", result
+    assert not folders() - before
+
+
+@pytest.mark.timeout(180)
 def test_reports_get_the_grids_processed_root(tmp_path):
     """A grid with a processed_root hands it to a report notebook that declares it (where the report
     reads the test users' histories); one without leaves the notebook's default."""
