@@ -286,24 +286,34 @@ def probe_notebook(path, parameters: str, body: str):
     return path
 
 
+def kernel_files(pattern: str) -> set:
+    """The report kernels' private socket folders ("gbla-kernel-*") or sockets ("gbla-kernel-*/k-*")."""
+    return set(Path(__import__("tempfile").gettempdir()).glob(pattern))
+
+
+def render_probe_report(tmp_path, source: str) -> dict:
+    """run_reports() of the smoke grid over a one-cell probe notebook; its result, checked ok."""
+    nb_path = probe_notebook(tmp_path / "probe.ipynb", "runs_root = None", source)
+    g = G.load_grid(PARAMS, "smoke")
+    g.runtime["reports_root"] = str(tmp_path / "reports")
+    [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
+    assert result["status"] == "ok", result
+    return result
+
+
 @pytest.mark.timeout(180)
 def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd):
     """A rendered report shows results: no "IProgress not found" (tqdm.auto without ipywidgets) in
     its outputs, no "Kernel is running over TCP without encryption" from its kernel."""
-    nb_path = probe_notebook(tmp_path / "probe.ipynb", "runs_root = None",
-                             "import warnings\nwarnings.simplefilter('always')\nimport gbla.train\nprint('ok')")
-    g = G.load_grid(PARAMS, "smoke")
-    g.runtime["reports_root"] = str(tmp_path / "reports")
-    sockets = lambda: set(Path(__import__("tempfile").gettempdir()).glob("gbla-kernel-*/k-*"))  # noqa: E731
-    sockets_before = sockets()
-    [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
-    assert result["status"] == "ok", result
+    sockets_before = kernel_files("gbla-kernel-*/k-*")
+    result = render_probe_report(
+        tmp_path, "import warnings\nwarnings.simplefilter('always')\nimport gbla.train\nprint('ok')")
     nb = nbformat.read(result["ipynb"], as_version=4)
     shown = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "ok" in shown and "IProgress" not in shown and "Warning" not in shown, shown
     err = capfd.readouterr().err
     assert "without encryption" not in err and "already in use" not in err, err
-    assert not sockets() - sockets_before  # its kernel's sockets are cleaned up
+    assert not kernel_files("gbla-kernel-*/k-*") - sockets_before  # its kernel's sockets are cleaned up
 
 
 @pytest.mark.timeout(180)
@@ -322,14 +332,9 @@ def test_reports_remove_their_kernels_socket_folder_when_its_own_cleanup_is_skip
         return Leaky
 
     monkeypatch.setattr(G, "ipc_kernel_manager_class", leaky_manager_class)
-    nb_path = probe_notebook(tmp_path / "probe.ipynb", "runs_root = None", "print('ok')")
-    g = G.load_grid(PARAMS, "smoke")
-    g.runtime["reports_root"] = str(tmp_path / "reports")
-    folders = lambda: set(Path(__import__("tempfile").gettempdir()).glob("gbla-kernel-*"))  # noqa: E731
-    before = folders()
-    [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
-    assert result["status"] == "ok", result
-    assert not folders() - before
+    before = kernel_files("gbla-kernel-*")
+    render_probe_report(tmp_path, "print('ok')")
+    assert not kernel_files("gbla-kernel-*") - before
 
 
 @pytest.mark.timeout(180)
