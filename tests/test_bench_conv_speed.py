@@ -25,3 +25,19 @@ def test_smoke_run_writes_rows_and_a_table(tmp_path, monkeypatch):
     # the override was only for the measurement
     from gbla.ops.conv import triton as kernels
     assert kernels.CONFIG_OVERRIDE == {}
+
+
+def test_kernel_breakdown_is_tabulated_per_length_and_refused_without_cuda(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from gbla.bench import conv_speed
+
+    assert conv_speed.main(["--smoke", "--configs", "default", "--kernels", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "conv_speed.json").read_text())
+    assert result["kernels"] == "the kernel breakdown needs CUDA (torch profiler)"
+    assert "*the kernel breakdown needs CUDA (torch profiler)*" in (tmp_path / "conv_speed.md").read_text()
+    # on a GPU: a table row per length and kernel, in the order measured
+    result["kernels"] = {"13": {"_conv_bwd_dpre_kernel": 120.04, "_conv_fwd_kernel": 50.0}, "81": {"_sum": 3.25}}
+    table = conv_speed.markdown(result).split("## Kernels")[1].splitlines()
+    assert [line for line in table if line.startswith("| ")] == [
+        "| L | kernel | us per call |", "| 13 | `_conv_bwd_dpre_kernel` | 120.0 |",
+        "| 13 | `_conv_fwd_kernel` | 50.0 |", "| 81 | `_sum` | 3.2 |"]

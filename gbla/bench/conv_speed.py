@@ -3,6 +3,7 @@ under each launch configuration, side by side in one run.
 
     python -m gbla.bench.conv_speed                      # GPU: every length, every configuration
     python -m gbla.bench.conv_speed --lengths 81         # one length
+    python -m gbla.bench.conv_speed --configs default --kernels   # + each kernel's time (CUDA)
     python -m gbla.bench.conv_speed --smoke --out DIR    # tiny shapes, any device (writes the files)
 
 The GBLA layer convolves its fused q/k/v projection: x (S, B, L, C) bf16 with S = 5 seeds x B = 256
@@ -20,7 +21,9 @@ runs), or eager calls on the CPU (--smoke: the Triton interpreter; the numbers s
 
 Output: <out>/conv_speed.json (meta: device, commit, command, date, versions, shapes; rows rewritten
 after every measurement) and conv_speed.md (per length and pass: each configuration's ms and its
-speed-up over the default and over torch).
+speed-up over the default and over torch). With --kernels, also the device time per call of each
+kernel of the default configuration's fwd+bwd at each length (torch profiler), which says where a
+backward's time goes: its two kernels, the partial sums of the filter's gradient, or elsewhere.
 """
 from __future__ import annotations
 
@@ -102,6 +105,14 @@ def markdown(result: dict) -> str:
                  f"{base / ms:.2f}x" if ms and base else "", f"{ref / ms:.2f}x" if ms and ref else ""]
         override = "" if r["override"] is None else ", ".join(f"{k}={v}" for k, v in r["override"].items())
         lines.append(f"| {r['L']} | {r['pass']} | {r['config']} | {override} | " + " | ".join(cells) + " |")
+    kernels = result.get("kernels")
+    if kernels is not None:
+        lines += ["", "## Kernels of the default fwd+bwd (device time per call, torch profiler)", ""]
+        if isinstance(kernels, str):
+            lines.append(f"*{kernels}*")
+        else:
+            lines += ["| L | kernel | us per call |", "|---|---|---|"]
+            lines += [f"| {L} | `{name}` | {us:.1f} |" for L, per in kernels.items() for name, us in per.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -116,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="default: all")
     ap.add_argument("--warmup", type=int, help="calls before timing (default 10)")
     ap.add_argument("--repeats", type=int, help="timed calls, median taken (default 50)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also each kernel's device time in the default fwd+bwd at each length (CUDA only)")
     return ap
 
 
@@ -137,6 +150,8 @@ def main(argv=None) -> int:
             "triton": triton.__version__, "S": args.seeds, "B": args.batch, "C": args.channels,
             "lengths": args.lengths, "warmup": args.warmup, "repeats": args.repeats}
     result = {"meta": meta, "rows": []}
+    if args.kernels:   # a string says why there is no breakdown
+        result["kernels"] = {} if device.type == "cuda" else "the kernel breakdown needs CUDA (torch profiler)"
     for L in args.lengths:
         t = make_inputs(args.seeds, args.batch, L, args.channels, device)
         for pass_ in ("fwd", "fwd+bwd"):
@@ -148,6 +163,13 @@ def main(argv=None) -> int:
                 ms = f"{row['median_ms']:.4f} ms" if row["median_ms"] is not None else row["error"]
                 print(f"L={L:3d} {pass_:7s} {name:14s} {ms}", flush=True)
                 atomic_write_json(out / "conv_speed.json", result, indent=1)
+        if isinstance(result.get("kernels"), dict):
+            from gbla.bench.layer_speed import kernel_breakdown
+
+            leaves = (t["x"], t["weight"], t["bias"])
+            result["kernels"][str(L)] = kernel_breakdown(lambda: torch.autograd.grad(
+                causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend="triton"), leaves, t["grad_out"]))
+            atomic_write_json(out / "conv_speed.json", result, indent=1)
         del t
         if device.type == "cuda":
             torch.cuda.empty_cache()
