@@ -682,7 +682,7 @@ def reselect_epochs(runs: pd.DataFrame, monitor: str = "recall@5", *, variants=(
         for row in group.itertuples():
             recorded = runs_io.load_run_metrics(row.run_dir)
             patience = RunConfig.from_dict(recorded["config"]).train.patience
-            history = runs_io.load_history(row.run_dir)
+            history = pd.DataFrame(recorded.get("history", []))   # runs_io.load_history, without a second read
             try:
                 own_epoch, _ = replay_early_stopping(history, own_column, patience)
                 epoch, cut = replay_early_stopping(history, column, patience)

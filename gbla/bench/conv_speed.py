@@ -67,6 +67,12 @@ def make_inputs(S: int, B: int, L: int, C: int, device, seed: int = 0) -> dict:
     return {"x": x, "weight": weight, "bias": bias, "mask": mask, "grad_out": grad_out}
 
 
+def fwd_bwd(t: dict, backend: str):
+    """One forward and backward of the conv on make_inputs()' tensors: gradients of x, weight and bias."""
+    y = causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend=backend)
+    return torch.autograd.grad(y, (t["x"], t["weight"], t["bias"]), t["grad_out"])
+
+
 def measure(L: int, name: str, pass_: str, t: dict, args, device) -> dict:
     from gbla.ops.conv import triton as kernels
 
@@ -74,18 +80,13 @@ def measure(L: int, name: str, pass_: str, t: dict, args, device) -> dict:
     backend = "torch" if override is None else "triton"
     row = {"L": L, "config": name, "override": override, "pass": pass_,
            "mode": "graph" if device.type == "cuda" else "eager"}
-    leaves = (t["x"], t["weight"], t["bias"])
 
     def fwd():
         with torch.no_grad():
             causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend=backend)
-
-    def fwd_bwd():
-        y = causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend=backend)
-        torch.autograd.grad(y, leaves, t["grad_out"])
     with overridden(kernels.CONFIG_OVERRIDE, override or {}):
-        row.update(time_or_error(lambda: fwd if pass_ == "fwd" else fwd_bwd, device.type == "cuda",
-                                 args.warmup, args.repeats, device))
+        row.update(time_or_error(lambda: fwd if pass_ == "fwd" else (lambda: fwd_bwd(t, backend)),
+                                 device.type == "cuda", args.warmup, args.repeats, device))
     return row
 
 
@@ -166,9 +167,7 @@ def main(argv=None) -> int:
         if isinstance(result.get("kernels"), dict):
             from gbla.bench.layer_speed import kernel_breakdown
 
-            leaves = (t["x"], t["weight"], t["bias"])
-            result["kernels"][str(L)] = kernel_breakdown(lambda: torch.autograd.grad(
-                causal_conv1d_silu(t["x"], t["weight"], t["bias"], t["mask"], backend="triton"), leaves, t["grad_out"]))
+            result["kernels"][str(L)] = kernel_breakdown(lambda: fwd_bwd(t, "triton"))
             atomic_write_json(out / "conv_speed.json", result, indent=1)
         del t
         if device.type == "cuda":
