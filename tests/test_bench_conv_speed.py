@@ -35,9 +35,12 @@ def test_kernel_breakdown_is_tabulated_per_length_and_refused_without_cuda(tmp_p
     result = json.loads((tmp_path / "conv_speed.json").read_text())
     assert result["kernels"] == "the kernel breakdown needs CUDA (torch profiler)"
     assert "*the kernel breakdown needs CUDA (torch profiler)*" in (tmp_path / "conv_speed.md").read_text()
-    # on a GPU: a table row per length and kernel, in the order measured
-    result["kernels"] = {"13": {"_conv_bwd_dpre_kernel": 120.04, "_conv_fwd_kernel": 50.0}, "81": {"_sum": 3.25}}
+    # on a GPU: a table row per length, configuration and kernel, in the order measured
+    result["kernels"] = {"13": {"default": {"_conv_bwd_dpre_kernel": 120.04, "_conv_fwd_kernel": 50.0},
+                                "bwd-rows8": {"_conv_bwd_dpre_kernel": 40.0}},
+                         "81": {"default": {"_sum": 3.25}}}
     table = conv_speed.markdown(result).split("## Kernels")[1].splitlines()
     assert [line for line in table if line.startswith("| ")] == [
-        "| L | kernel | us per call |", "| 13 | `_conv_bwd_dpre_kernel` | 120.0 |",
-        "| 13 | `_conv_fwd_kernel` | 50.0 |", "| 81 | `_sum` | 3.2 |"]
+        "| L | config | kernel | us per call |", "| 13 | default | `_conv_bwd_dpre_kernel` | 120.0 |",
+        "| 13 | default | `_conv_fwd_kernel` | 50.0 |", "| 13 | bwd-rows8 | `_conv_bwd_dpre_kernel` | 40.0 |",
+        "| 81 | default | `_sum` | 3.2 |"]

@@ -162,3 +162,59 @@ def test_gpu_row_tiles_follow_the_length(monkeypatch):
     assert conv_triton._conv_config(cuda, 13)[0] == 64
     assert conv_triton._conv_config(cuda, 41, backward=True)[0] == 32
     assert conv_triton._conv_config(torch.device("cpu"), 41) == (16, 32, 4)
+
+
+def test_rows_per_program_choice(monkeypatch):
+    """The backward's rows per program: the largest divisor of the rows per seed under the cap that
+    leaves BWD_MIN_PROGRAMS_PER_SM programs per SM; the default cap keeps one row per program."""
+    from gbla.ops.conv import triton as conv_triton
+    pick = conv_triton._rows_per_program
+    # the training step's backward: 5 seeds x 256 rows, 9 channel blocks of 1152, one chunk, 132 SMs
+    assert pick(256, 9, 1280, 132) == conv_triton.BWD_MAX_ROWS == 1
+    monkeypatch.setattr(conv_triton, "CONFIG_OVERRIDE", {"bwd_rows": 16})
+    assert pick(256, 9, 1280, 132) == 8          # 16 rows would leave 720 programs, under 8 x 132
+    assert pick(256, 9, 1280, 4) == 16
+    assert pick(12, 1, 24, 1) == 3               # 4 and 6 divide 12 but leave fewer than 8 programs
+    assert pick(7, 100, 7, 1) == 7 and pick(7, 1, 7, 1) == 1
+    monkeypatch.setattr(conv_triton, "CONFIG_OVERRIDE", {"bwd_rows": 16, "bwd_min_programs_per_sm": 2})
+    assert pick(256, 9, 1280, 132) == 16
+    monkeypatch.setattr(conv_triton, "CONFIG_OVERRIDE", {"bwd_rows": 0})
+    with pytest.raises(ValueError, match="bwd_rows"):
+        pick(256, 9, 1280, 132)
+
+
+@pytest.mark.parametrize("rows_cap", [2, 4])
+@pytest.mark.parametrize("S,B,L,C,K,bias,masked,dtype", [STACKED_CASES[0], STACKED_CASES[1], STACKED_CASES[2]])
+def test_backward_with_rows_per_program(monkeypatch, rows_cap, S, B, L, C, K, bias, masked, dtype):
+    """Several rows per program in the backward's first kernel (each program accumulating dw / dbias over
+    its rows before one reduction): dx to the bit and dw / dbias up to summation order against one row
+    per program, and all three against the float64 reference."""
+    from gbla.ops.conv import triton as conv_triton
+    B = 2 * B   # 6 rows per seed: caps 2 and 4 take 2 and 3 rows per program
+    g = torch.Generator().manual_seed(S * 100 + L)
+    x = torch.randn(S, B, L, C, generator=g).to(DEVICE, dtype)
+    w = torch.randn(S, C, K, generator=g).to(DEVICE)
+    b = torch.randn(S, C, generator=g).to(DEVICE) if bias else None
+    mask = torch.stack([torch.cat([padded_mask(3, L)] * 2).roll(s, dims=0) for s in range(S)]) if masked else None
+    dy = torch.randn(S, B, L, C, generator=g).to(DEVICE, dtype)
+
+    def grads(fn, upcast):
+        leaves = [(t.detach().double() if upcast else t.detach()).requires_grad_() for t in (x, w, b) if t is not None]
+        y = fn(leaves[0], leaves[1], leaves[2] if bias else None, mask)
+        return torch.autograd.grad(y, leaves, dy.to(y.dtype))
+
+    one_row = grads(causal_conv1d_silu_triton, False)
+    chosen = []
+    monkeypatch.setattr(conv_triton, "CONFIG_OVERRIDE", {"bwd_rows": rows_cap})
+    monkeypatch.setattr(conv_triton, "BWD_MIN_PROGRAMS_PER_SM", 1)
+    real_pick = conv_triton._rows_per_program
+    monkeypatch.setattr(conv_triton, "_rows_per_program", lambda *a: chosen.append(real_pick(*a)) or chosen[-1])
+    grouped = grads(causal_conv1d_silu_triton, False)
+    ref64 = grads(causal_conv1d_silu_reference, True)
+    assert chosen == [{2: 2, 4: 3}[rows_cap]]
+    for name, got, one, r in zip(("dx", "dw", "db"), grouped, one_row, ref64):
+        assert_close(name, got, r, dtype if name == "dx" else torch.float32 if dtype == torch.float32 else dtype)
+        if name == "dx":
+            assert torch.equal(got, one)
+        else:
+            torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5)

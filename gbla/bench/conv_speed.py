@@ -13,7 +13,7 @@ first tuned at L = 32768 (one long row, gbla.bench.layer_speed); here the rows a
 the row tiles are picked by length from this benchmark's sweep ("fwd-t32" and "bwd-t16" time the
 L = 32768 tiles at every length). Each configuration sets the conv kernels'
 CONFIG_OVERRIDE (fwd_block_t, fwd_block_c, fwd_num_warps; bwd_block_t, bwd_block_c, bwd_num_warps,
-fast_path) for its timing only; "default" is the kernels as they are. Passes: "fwd" and "fwd+bwd"
+fast_path, bwd_rows, bwd_min_programs_per_sm) for its timing only; "default" is the kernels as they are. Passes: "fwd" and "fwd+bwd"
 (gradients of x, weight and bias for a fixed output gradient; backward-only settings are timed in it
 alone). Each timing is the median of --repeats
 calls after --warmup: CUDA events around replays of a CUDA graph of the call (as the training step
@@ -22,8 +22,8 @@ runs), or eager calls on the CPU (--smoke: the Triton interpreter; the numbers s
 Output: <out>/conv_speed.json (meta: device, commit, command, date, versions, shapes; rows rewritten
 after every measurement) and conv_speed.md (per length and pass: each configuration's ms and its
 speed-up over the default and over torch). With --kernels, also the device time per call of each
-kernel of the default configuration's fwd+bwd at each length (torch profiler), which says where a
-backward's time goes: its two kernels, the partial sums of the filter's gradient, or elsewhere.
+kernel in the fwd+bwd of each Triton configuration named at each length (torch profiler), which says
+where a backward's time goes: its two kernels, the partial sums of the filter's gradient, or elsewhere.
 """
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ CONFIGS: dict[str, dict | None] = {
     "bwd-c64": {"bwd_block_c": 64},
     "bwd-c256-w8": {"bwd_block_c": 256, "bwd_num_warps": 8},
     "bwd-general": {"fast_path": False},
+    # several rows per program in the backward's first kernel (gbla.ops.conv.triton._rows_per_program:
+    # the largest divisor of the rows per seed under the cap that leaves 8 programs per SM, or as set)
+    "bwd-rows2": {"bwd_rows": 2},
+    "bwd-rows4": {"bwd_rows": 4},
+    "bwd-rows8": {"bwd_rows": 8},
+    "bwd-rows16-min2": {"bwd_rows": 16, "bwd_min_programs_per_sm": 2},
+    "bwd-rows8-t16": {"bwd_rows": 8, "bwd_block_t": 16},
 }
 
 
@@ -108,12 +115,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['L']} | {r['pass']} | {r['config']} | {override} | " + " | ".join(cells) + " |")
     kernels = result.get("kernels")
     if kernels is not None:
-        lines += ["", "## Kernels of the default fwd+bwd (device time per call, torch profiler)", ""]
+        lines += ["", "## Kernels of each configuration's fwd+bwd (device time per call, torch profiler)", ""]
         if isinstance(kernels, str):
             lines.append(f"*{kernels}*")
         else:
-            lines += ["| L | kernel | us per call |", "|---|---|---|"]
-            lines += [f"| {L} | `{name}` | {us:.1f} |" for L, per in kernels.items() for name, us in per.items()]
+            lines += ["| L | config | kernel | us per call |", "|---|---|---|---|"]
+            lines += [f"| {L} | {config} | `{name}` | {us:.1f} |" for L, per_config in kernels.items()
+                      for config, per in per_config.items() for name, us in per.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -129,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, help="calls before timing (default 10)")
     ap.add_argument("--repeats", type=int, help="timed calls, median taken (default 50)")
     ap.add_argument("--kernels", action="store_true",
-                    help="also each kernel's device time in the default fwd+bwd at each length (CUDA only)")
+                    help="also each kernel's device time in the fwd+bwd of each Triton configuration named, at "
+                         "each length (CUDA only)")
     return ap
 
 
@@ -167,7 +176,11 @@ def main(argv=None) -> int:
         if isinstance(result.get("kernels"), dict):
             from gbla.bench.layer_speed import kernel_breakdown
 
-            result["kernels"][str(L)] = kernel_breakdown(lambda: fwd_bwd(t, "triton"))
+            from gbla.ops.conv import triton as kernels
+
+            for name in (n for n in names if CONFIGS[n] is not None):
+                with overridden(kernels.CONFIG_OVERRIDE, CONFIGS[name]):
+                    result["kernels"].setdefault(str(L), {})[name] = kernel_breakdown(lambda: fwd_bwd(t, "triton"))
             atomic_write_json(out / "conv_speed.json", result, indent=1)
         del t
         if device.type == "cuda":

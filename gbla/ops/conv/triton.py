@@ -20,6 +20,14 @@ kernel over all S * B rows, row b taking seed b // B's filter (a model of S seed
 once per seed and stack the outputs: S times the launches and a copy of the whole tensor). The dw and
 dbias partials of each chunk of rows are laid out (row chunk, seed, C, K), so one fixed-order sum over
 the chunk axis gives every seed's gradient.
+
+Rows per program (the backward's first kernel): at the training shapes (5 x 256 rows of 13-81 tokens)
+one program per (row, channel block) means ~11,500 programs that each stream a few tiles, then reduce
+their dw / dbias accumulators across the tile's rows and store a partial: per-program costs that do not
+shrink with L (the backward measured ~0.3 ms above its bytes' worth at every training length,
+outputs/bench/NOTES.md). A program may instead take ROWS consecutive rows of one seed, accumulating
+over all of them before its one reduction and store, which also divides the partials (and their sum)
+by ROWS. `_rows_per_program` picks ROWS.
 """
 from __future__ import annotations
 
@@ -95,17 +103,18 @@ def _store_dpre(pre, dy_ptr, dpre_ptr, mask_ptr, b, rows, cols, L, C, sdyb, sdyl
 @triton.jit
 def _conv_bwd_dpre_kernel(
     x_ptr, w_ptr, b_ptr, mask_ptr, dy_ptr, dpre_ptr, dwpart_ptr, dbpart_ptr,
-    sxb, sxl, smb, sml, sdyb, sdyl, L, C, TILES, ROWS_PER_SEED, SEEDS,
+    sxb, sxl, smb, sml, sdyb, sdyl, L, C, TILES, ROWS_PER_SEED, SEEDS, ROWS,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FAST: tl.constexpr,
 ):
-    """dpre[t] = dy[t] m[t] silu'(pre[t]) for one chunk of rows (pre recomputed from K shifted loads
-    of x), written to a contiguous (B, L, C) buffer; the chunk's partial dw and dbias, stored at
-    partial index (row within its seed, chunk) x SEEDS + seed."""
+    """dpre[t] = dy[t] m[t] silu'(pre[t]) for one chunk of tiles of ROWS consecutive rows of one seed
+    (pre recomputed from K shifted loads of x), written to a contiguous (B, L, C) buffer; the partial dw
+    and dbias of those rows' chunk, stored at partial index (row group within its seed, chunk) x SEEDS +
+    seed."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    s = b // ROWS_PER_SEED
+    b0 = tl.program_id(2) * ROWS   # ROWS divides ROWS_PER_SEED: every row of the group has seed s
+    s = b0 // ROWS_PER_SEED
     w_ptr += s * C * K
     b_ptr += s * C
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -134,8 +143,9 @@ def _conv_bwd_dpre_kernel(
             w3 = tl.load(w_ptr + cols * K + 3, mask=col_ok, other=0.0).to(tl.float32)
             a3 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         dacc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-        for t in range(0, TILES):
-            rows = (pid_t * TILES + t) * BLOCK_T + tl.arange(0, BLOCK_T)
+        for bt in range(0, ROWS * TILES):
+            b = b0 + bt // TILES
+            rows = (pid_t * TILES + bt % TILES) * BLOCK_T + tl.arange(0, BLOCK_T)
             x0 = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1), cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
             pre = bias[None, :] + w0[None, :] * x0
             if K >= 2:
@@ -165,8 +175,9 @@ def _conv_bwd_dpre_kernel(
         if K >= 4:
             dw += tl.where(taps[None, :] == 3, tl.sum(a3, axis=0)[:, None], 0.0)
     else:
-        for t in range(0, TILES):
-            rows = (pid_t * TILES + t) * BLOCK_T + tl.arange(0, BLOCK_T)
+        for bt in range(0, ROWS * TILES):
+            b = b0 + bt // TILES
+            rows = (pid_t * TILES + bt % TILES) * BLOCK_T + tl.arange(0, BLOCK_T)
             pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
             for i in tl.static_range(K):
                 wi = tl.load(w_ptr + cols * K + i, mask=col_ok, other=0.0).to(tl.float32)
@@ -176,7 +187,7 @@ def _conv_bwd_dpre_kernel(
             for i in tl.static_range(K):  # the same K tiles again: served by the cache
                 xs = _masked_x(x_ptr, mask_ptr, b, rows - (K - 1) + i, cols, L, C, sxb, sxl, smb, sml, HAS_MASK)
                 dw += tl.where(taps[None, :] == i, tl.sum(dpre * xs, axis=0)[:, None], 0.0)
-    part = ((b - s * ROWS_PER_SEED) * tl.num_programs(0) + pid_t) * SEEDS + s
+    part = ((b0 - s * ROWS_PER_SEED) // ROWS * tl.num_programs(0) + pid_t) * SEEDS + s
     tl.store(dwpart_ptr + part * C * K + cols[:, None] * K + taps[None, :], dw,
              mask=col_ok[:, None] & (taps < K)[None, :])
     tl.store(dbpart_ptr + part * C + cols, db, mask=col_ok)
@@ -211,14 +222,38 @@ def _conv_bwd_dx_kernel(
 
 
 # Benchmarks may set keys here: "fast_path" (bool, the K <= 4 register path of the backward),
-# "fwd_block_t", "fwd_block_c", "fwd_num_warps", "bwd_block_t", "bwd_block_c", "bwd_num_warps"
+# "fwd_block_t", "fwd_block_c", "fwd_num_warps", "bwd_block_t", "bwd_block_c", "bwd_num_warps",
+# "bwd_rows", "bwd_min_programs_per_sm" (rows per program of the backward's first kernel; see
+# _rows_per_program)
 # (gbla.bench.conv_speed sweeps them). Results never depend on them beyond rounding order.
 CONFIG_OVERRIDE: dict = {}
+
+# The backward's first kernel takes up to this many rows per program by default (1: one program per
+# row, the layout every grid run so far trained with).
+BWD_MAX_ROWS = 1
+# ... while leaving at least this many programs per SM (enough to fill it and hide memory latency)
+BWD_MIN_PROGRAMS_PER_SM = 8
 
 
 def _row_tile(L: int, choices: tuple[int, ...]) -> int:
     """The row tile of `choices` that pads L to the fewest rows (the first of equals)."""
     return min(choices, key=lambda t: -(-L // t) * t - L)
+
+
+def _rows_per_program(rows_per_seed: int, programs_per_row: int, n_rows: int, n_sms: int) -> int:
+    """Rows per program of the backward's first kernel: the largest divisor of rows_per_seed (a
+    program's rows share a seed) that is at most the cap (CONFIG_OVERRIDE["bwd_rows"], else
+    BWD_MAX_ROWS) and leaves at least BWD_MIN_PROGRAMS_PER_SM programs per SM (the override's
+    "bwd_min_programs_per_sm" wins); 1 if none does."""
+    cap = int(CONFIG_OVERRIDE.get("bwd_rows", BWD_MAX_ROWS))
+    if cap < 1:
+        raise ValueError(f"CONFIG_OVERRIDE['bwd_rows'] must be >= 1, got {cap}")
+    min_programs = CONFIG_OVERRIDE.get("bwd_min_programs_per_sm", BWD_MIN_PROGRAMS_PER_SM) * n_sms
+    best = 1
+    for rows in range(2, min(cap, rows_per_seed) + 1):
+        if rows_per_seed % rows == 0 and n_rows // rows * programs_per_row >= min_programs:
+            best = rows
+    return best
 
 
 def _conv_config(device: torch.device, L: int, backward: bool = False):
@@ -272,18 +307,19 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         chunks_wanted = max(1, (4 * n_sms) // (B * triton.cdiv(C, bc)))
         tiles = triton.cdiv(n_tiles, chunks_wanted)
         n_chunks = triton.cdiv(n_tiles, tiles)
+        rows = _rows_per_program(B // S, n_chunks * triton.cdiv(C, bc), B, n_sms)
         dx = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
         # dpre in the input's dtype (fp32 for fp32 inputs): its rounding is of the order of dx's own
         dpre = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
-        # (row of its seed, chunk) x seed: the sum over the first axis is every seed's gradient at once
-        dw_part = torch.empty((B // S * n_chunks, S, C, K), device=x.device, dtype=torch.float32)
-        db_part = torch.empty((B // S * n_chunks, S, C), device=x.device, dtype=torch.float32)
+        # (row group of its seed, chunk) x seed: the sum over the first axis is every seed's gradient at once
+        dw_part = torch.empty((B // S // rows * n_chunks, S, C, K), device=x.device, dtype=torch.float32)
+        db_part = torch.empty((B // S // rows * n_chunks, S, C), device=x.device, dtype=torch.float32)
         m = mask_u8 if mask_u8 is not None else x
         ms = mask_u8.stride() if mask_u8 is not None else (0, 0)
-        grid = (n_chunks, triton.cdiv(C, bc), B)
+        grid = (n_chunks, triton.cdiv(C, bc), B // rows)
         _conv_bwd_dpre_kernel[grid](x, weight, bias if bias is not None else weight, m, dy, dpre, dw_part, db_part,
                                     x.stride(0), x.stride(1), *ms, dy.stride(0), dy.stride(1), L, C, tiles,
-                                    B // S, S, K=K, K_PAD=triton.next_power_of_2(K), BLOCK_T=bt, BLOCK_C=bc,
+                                    B // S, S, rows, K=K, K_PAD=triton.next_power_of_2(K), BLOCK_T=bt, BLOCK_C=bc,
                                     HAS_BIAS=bias is not None, HAS_MASK=mask_u8 is not None,
                                     FAST=K <= 4 and CONFIG_OVERRIDE.get("fast_path", True), num_warps=nw)
         _conv_bwd_dx_kernel[(n_tiles, triton.cdiv(C, bc), B)](
