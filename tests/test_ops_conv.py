@@ -88,6 +88,14 @@ def test_bad_shapes_raise():
         causal_conv1d_silu_triton(x, torch.randn(8, 4, device=DEVICE), mask=torch.ones(2, 5, device=DEVICE))
 
 
+def stacked_fwd_bwd(fn, upcast, x, w, b, mask, dy):
+    """y = fn(x, w, b, mask) on fresh leaves (float64 copies with upcast) and the gradients of x, w and
+    b (when given) for the output gradient dy."""
+    leaves = [(t.detach().double() if upcast else t.detach()).requires_grad_() for t in (x, w, b) if t is not None]
+    y = fn(leaves[0], leaves[1], leaves[2] if b is not None else None, mask)
+    return y, torch.autograd.grad(y, leaves, dy.to(y.dtype))
+
+
 STACKED_CASES = [  # (S, B, L, C, K, bias, masked, dtype)
     (3, 3, 17, 48, 4, True, True, torch.float32),
     (2, 3, 40, 64, 4, True, True, torch.bfloat16),
@@ -109,9 +117,7 @@ def test_stacked_seeds_match_the_reference_and_one_call_per_seed(S, B, L, C, K, 
     dy = torch.randn(S, B, L, C, generator=g).to(DEVICE, dtype)
 
     def run(fn, upcast):
-        leaves = [(t.detach().double() if upcast else t.detach()).requires_grad_() for t in (x, w, b) if t is not None]
-        y = fn(leaves[0], leaves[1], leaves[2] if bias else None, mask)
-        return y, torch.autograd.grad(y, leaves, dy.to(y.dtype))
+        return stacked_fwd_bwd(fn, upcast, x, w, b, mask, dy)
 
     def per_seed(xx, ww, bb, m):
         return torch.stack([causal_conv1d_silu_triton(xx[s], ww[s], None if bb is None else bb[s],
@@ -199,9 +205,7 @@ def test_backward_with_rows_per_program(monkeypatch, rows_cap, S, B, L, C, K, bi
     dy = torch.randn(S, B, L, C, generator=g).to(DEVICE, dtype)
 
     def grads(fn, upcast):
-        leaves = [(t.detach().double() if upcast else t.detach()).requires_grad_() for t in (x, w, b) if t is not None]
-        y = fn(leaves[0], leaves[1], leaves[2] if bias else None, mask)
-        return torch.autograd.grad(y, leaves, dy.to(y.dtype))
+        return stacked_fwd_bwd(fn, upcast, x, w, b, mask, dy)[1]
 
     one_row = grads(causal_conv1d_silu_triton, False)
     chosen = []

@@ -11,11 +11,11 @@ rows, C = 3 x 6 heads x 64 = 1152 channels, one filter (C, 4) and bias per seed,
 L = 13, 25, 41, 81 (the length buckets' cut and the longest history). The kernels' launch settings were
 first tuned at L = 32768 (one long row, gbla.bench.layer_speed); here the rows are many and short, and
 the row tiles are picked by length from this benchmark's sweep ("fwd-t32" and "bwd-t16" time the
-L = 32768 tiles at every length). Each configuration sets the conv kernels'
-CONFIG_OVERRIDE (fwd_block_t, fwd_block_c, fwd_num_warps; bwd_block_t, bwd_block_c, bwd_num_warps,
-fast_path, bwd_rows, bwd_min_programs_per_sm) for its timing only; "default" is the kernels as they are. Passes: "fwd" and "fwd+bwd"
-(gradients of x, weight and bias for a fixed output gradient; backward-only settings are timed in it
-alone). Each timing is the median of --repeats
+L = 32768 tiles at every length). Each configuration sets the conv kernels' CONFIG_OVERRIDE
+(fwd_block_t, fwd_block_c, fwd_num_warps; bwd_block_t, bwd_block_c, bwd_num_warps, fast_path, bwd_rows,
+bwd_min_programs_per_sm) for its timing only; "default" is the kernels as they are. Passes: "fwd" and
+"fwd+bwd" (gradients of x, weight and bias for a fixed output gradient; backward-only settings are
+timed in it alone). Each timing is the median of --repeats
 calls after --warmup: CUDA events around replays of a CUDA graph of the call (as the training step
 runs), or eager calls on the CPU (--smoke: the Triton interpreter; the numbers say nothing about speed).
 
