@@ -211,6 +211,9 @@ def test_backward_with_rows_per_program(monkeypatch, rows_cap, S, B, L, C, K, bi
     chosen = []
     monkeypatch.setattr(conv_triton, "CONFIG_OVERRIDE", {"bwd_rows": rows_cap})
     monkeypatch.setattr(conv_triton, "BWD_MIN_PROGRAMS_PER_SM", 1)
+    # the SM count the choice sees: 2 on every device, so that these small shapes (18 rows) take several
+    # rows per program on a GPU too (with its real count, 132 on an H100/H200, they would take one)
+    monkeypatch.setattr(conv_triton, "num_sms", lambda device, default=4: 2)
     real_pick = conv_triton._rows_per_program
     monkeypatch.setattr(conv_triton, "_rows_per_program", lambda *a: chosen.append(real_pick(*a)) or chosen[-1])
     grouped = grads(causal_conv1d_silu_triton, False)
