@@ -231,14 +231,19 @@ def execute_group(task: GroupTask) -> list[dict]:
     base["wall_s"] = round(time.time() - start, 2)
     base["finished_at"] = _now()
     found = notebook_error(notebook_out)
+    done = [proc.returncode == 0 and is_done(run_dir, config_hash, task.data_fingerprint)
+            for run_dir, config_hash in zip(task.run_dirs(), task.config_hashes)]
+    # a pause tests and writes the seeds that had stopped early and leaves the checkpoint of the others,
+    # named by them (gbla.runs.save_group_results): the next command resumes those seeds alone
+    pending = checkpoint_path(variant_dir, [h for h, d in zip(task.config_hashes, done) if not d])
     outcomes = []
-    for seed, config_hash, run_dir in zip(task.seeds, task.config_hashes, task.run_dirs()):
+    for seed, config_hash, run_dir, is_finished in zip(task.seeds, task.config_hashes, task.run_dirs(), done):
         entry = {**base, "seed": seed, "config_hash": config_hash, "run_dir": str(run_dir)}
-        if proc.returncode == 0 and is_done(run_dir, config_hash, task.data_fingerprint):
+        if is_finished:
             shutil.copyfile(log_path, run_dir / LOG_FILE)  # the group's log, beside each seed's results
             outcomes.append({**entry, "outcome": "ran"})
             continue
-        if proc.returncode == 0 and not found and task.stop_at is not None and checkpoint.is_file():
+        if proc.returncode == 0 and not found and task.stop_at is not None and pending.is_file():
             outcomes.append({**entry, "outcome": "paused"})
             continue
         if found:

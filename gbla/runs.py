@@ -204,6 +204,30 @@ PER_USER_PARQUET = dict(compression="zstd", use_dictionary=False,
                                          "rank": "PLAIN"})
 
 
+def save_group_results(group, runs_root: str | os.PathLike, checkpoint: str | os.PathLike | None, *,
+                       data_fingerprint: str, commit: str, extra: dict | None = None) -> list[Path]:
+    """Write what a gbla.train.train_group call gave: each tested seed's run folder (save_run_result),
+    then the group's checkpoint. A finished group's checkpoint is removed. A paused group's holds only
+    its seeds still training (group.remaining): it is renamed to their checkpoint_path, which is where
+    the next call for the seeds not yet done (the grid's) looks for it. Results go first: if the
+    process dies in between, those seeds are done and the rest start afresh; nothing finished is lost.
+    Returns the metrics.json paths written."""
+    written = []
+    for result in group.results:
+        config = result.config
+        written.append(save_run_result(result, run_dir_for(runs_root, config.dataset, config.variant, config.seed),
+                                       data_fingerprint=data_fingerprint, commit=commit, extra=extra))
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if group.finished:
+            checkpoint.unlink(missing_ok=True)
+        elif group.remaining and checkpoint.is_file():
+            target = checkpoint_path(checkpoint.parent, group.remaining)
+            if target != checkpoint:
+                os.replace(checkpoint, target)
+    return written
+
+
 def write_per_user(frame: "pd.DataFrame", path: str | os.PathLike) -> Path:
     """Write a run's per-user results (columns user, target, rank) to `path` in the compact encoding,
     read it back, and keep it only if it equals `frame`; otherwise (a pyarrow that cannot write that

@@ -25,8 +25,11 @@ epoch is dropped (different examples each epoch).
 Checkpoints: with `checkpoint_path`, the whole group state (weights, AdamW state, RNG states, each
 seed's early-stopping state, best weights and history) is written atomically every
 `checkpoint_every_s` seconds, and a later call with the same group resumes from it; `stop_at` (a
-time.time() deadline) makes the group write a checkpoint and return unfinished at the first epoch end
-that would run past it. Imports only torch, numpy (+ tqdm): it runs on any GPU machine.
+time.time() deadline) makes the group return unfinished at the first epoch end that would run past it.
+A pause loses nothing finished: the seeds that have stopped early by then are tested and returned
+(GroupResult.results), and the checkpoint it writes holds only the seeds still training
+(GroupResult.remaining), the exact state of a group of just those seeds, which a later call with
+those configs resumes. Imports only torch, numpy (+ tqdm): it runs on any GPU machine.
 
 This module is longer than 500 lines: the group's loop, its checkpoint and resume, the dropping of
 stopped seeds and the graphed TrainStep are one path that every run takes, read best in one place.
@@ -74,12 +77,15 @@ class RunResult:
 
 @dataclass
 class GroupResult:
-    """results: one RunResult per config, in the order given (empty while unfinished);
-    finished: False when the group stopped at `stop_at` and left a checkpoint to resume from."""
+    """results: one RunResult per config, in the order given; finished: False when the group stopped
+    at `stop_at`: then results holds the seeds that had stopped early by then (tested), and
+    `remaining` the configs of the seeds still training, which the checkpoint left behind resumes
+    (a group of just those configs)."""
     results: list[RunResult]
     finished: bool
     epochs_done: int
     wall_time_s: float
+    remaining: list[RunConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -269,12 +275,17 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
     slots = list(range(S))
     examples_trained, resumed_train_s = 0, 0.0
 
-    def save_checkpoint(epoch: int) -> None:
-        payload = {"format": CHECKPOINT_FORMAT, "config_hashes": config_hashes, "epoch": epoch,
-                   "model": model.state_dict(), "optimizer": train_step.optimizer.state_dict(),
-                   "steps_done": train_step.steps_done, "states": [vars(st) for st in states], "slots": slots,
+    def save_checkpoint(epoch: int, members: list[int] | None = None) -> None:
+        """The group's state after `epoch`, as the state of a group of the configs `members` (indices
+        into configs, in order; default all): every slot of the model must be one of them."""
+        members = list(range(S)) if members is None else members
+        position = {i: k for k, i in enumerate(members)}
+        payload = {"format": CHECKPOINT_FORMAT, "config_hashes": [config_hashes[i] for i in members],
+                   "epoch": epoch, "model": model.state_dict(), "optimizer": train_step.optimizer.state_dict(),
+                   "steps_done": train_step.steps_done, "states": [vars(states[i]) for i in members],
+                   "slots": [position[i] for i in slots],
                    "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda"
-                   else None, "seed_generators": [g.get_state() for g in seed_generators],
+                   else None, "seed_generators": [seed_generators[i].get_state() for i in members],
                    "order_generator": order_generator.get_state(), "train_s": train_s, "eval_s": eval_s,
                    "n_evals": n_evals}
         with atomic_path(checkpoint_path) as tmp:
@@ -319,6 +330,45 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
         f"{[enc_len for enc_len, _ in groups]} ({[len(idx) for _, idx in groups]} examples)")
 
     stopped_by_time = finished = False
+
+    def test_seeds(indices: list[int], epochs_done: int) -> list[RunResult]:
+        """Test the seeds `indices` (of configs; each stopped, with best weights) in one model of
+        those seeds, on their best weights; their RunResults, with the group's timings so far."""
+        test_model = TIGER(first.model, data.codebook_sizes, backend=backend, num_seeds=len(indices)).to(dev)
+        for j, i in enumerate(indices):
+            load_seed_slice(test_model, j, states[i].best_weights)
+        t0 = time.perf_counter()
+        test_ranks = rank_targets(test_model, test.enc_tokens, test.target, trie, beam_size=tc.beam_size,
+                                  batch_size=eval_batch_size, autocast=use_autocast).cpu()
+        sync()
+        test_eval_s = time.perf_counter() - t0
+        wall = time.perf_counter() - t_start
+        group_timings = {
+            "group_seeds": S, "group_wall_s": wall, "setup_s": setup_s, "train_s": train_s, "eval_s": eval_s,
+            "test_eval_s": test_eval_s, "group_epochs": epochs_done, "epoch_time_s": train_s / max(1, epochs_done),
+            # examples of all seeds per second of training in this process (the group's throughput)
+            "examples_per_s": examples_trained / max(train_s - resumed_train_s, 1e-9),
+            "valid_eval_s": eval_s / max(1, n_evals), "stopped_by_time_limit": float(stopped_by_time),
+            "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch - 1,
+            # real encoder tokens over encoder token slots computed per epoch (the rest is padding)
+            "encoder_real_token_fraction": real_tokens * (steps_per_epoch * batch_size / n_train) / token_slots}
+        placement = device_placement(dev)
+        results = []
+        for j, i in enumerate(indices):
+            config, st = configs[i], states[i]
+            test_metrics = metrics_from_ranks(test_ranks[j])
+            log(f"[{config.dataset}/{config.variant}/seed{config.seed}] best epoch {st.best_epoch}/{st.stopped_at}: "
+                f"valid R@10 {st.best_valid['recall@10']:.4f}, test R@10 {test_metrics['recall@10']:.4f} "
+                f"NDCG@10 {test_metrics['ndcg@10']:.4f}")
+            results.append(RunResult(
+                config=config, config_hash=config_hashes[i], device=describe_device(dev), wall_time_s=wall,
+                epochs_trained=st.stopped_at, best_epoch=st.best_epoch, history=st.history,
+                valid_metrics=st.best_valid, test_metrics=test_metrics,
+                test_per_user={"user": test.user.cpu().numpy(), "target": test.target.cpu().numpy(),
+                               "rank": test_ranks[j].numpy().astype(np.int64)},
+                timings=dict(group_timings), placement=placement))
+        return results
+
     last_checkpoint = time.perf_counter()
     epoch = start_epoch - 1
     bar = tqdm(range(start_epoch, tc.max_epochs + 1), desc=label, disable=not progress, leave=False,
@@ -386,13 +436,27 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
             break
         now = time.perf_counter()
         if stop_at is not None and time.time() + 1.5 * (now - epoch_start) > stop_at:
+            bar.close()
+            # the seeds still training go on in a later call as a group of their own; the ones that have
+            # stopped are done: test them now, so that a pause (whose checkpoint may never be resumed:
+            # another machine, no time left) loses none of them
+            done = [i for i in range(S) if states[i].stopped_at is not None]
+            remaining = [i for i in range(S) if states[i].stopped_at is None]
+            keep = [j for j, i in enumerate(slots) if i in remaining]
+            if len(keep) < len(slots):   # under torch.compile stopped seeds keep their slots until now
+                model.keep_seed_slots(keep)
+                train_step = train_step.for_slots(keep)
+                slots = [slots[j] for j in keep]
             if checkpoint_path is not None:
-                save_checkpoint(epoch)
-                log(f"[{label}] paused after epoch {epoch}: checkpoint {checkpoint_path}")
+                save_checkpoint(epoch, remaining)
+                log(f"[{label}] paused after epoch {epoch}: checkpoint {checkpoint_path} of seeds "
+                    f"{', '.join(str(seeds[i]) for i in remaining)}")
             else:
                 log(f"[{label}] stopped after epoch {epoch} at stop_at, without a checkpoint to resume from")
-            bar.close()
-            return GroupResult([], False, epoch, time.perf_counter() - t_start)
+            train_step = None
+            results = test_seeds(done, epoch) if done else []
+            return GroupResult(results, False, epoch, time.perf_counter() - t_start,
+                               remaining=[configs[i] for i in remaining])
         if checkpoint_path is not None and now - last_checkpoint > checkpoint_every_s:
             save_checkpoint(epoch)
             last_checkpoint = time.perf_counter()
@@ -403,48 +467,10 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
 
     # every seed's best weights in one model of all S seeds, tested together
     train_step = None  # frees its graphs and optimizer state before the test pass
-    model = TIGER(first.model, data.codebook_sizes, backend=backend, num_seeds=S).to(dev)
-    for i, st in enumerate(states):
-        load_seed_slice(model, i, st.best_weights)
-    t0 = time.perf_counter()
-    test_ranks = rank_targets(model, test.enc_tokens, test.target, trie, beam_size=tc.beam_size,
-                              batch_size=eval_batch_size, autocast=use_autocast).cpu()
-    sync()
-    test_eval_s = time.perf_counter() - t0
+    results = test_seeds(list(range(S)), max(st.stopped_at for st in states))
     wall = time.perf_counter() - t_start
-    epochs_run = max(st.stopped_at for st in states) - start_epoch + 1
-    group_timings = {
-        "group_seeds": S, "group_wall_s": wall, "setup_s": setup_s, "train_s": train_s, "eval_s": eval_s,
-        "test_eval_s": test_eval_s, "group_epochs": max(st.stopped_at for st in states),
-        "epoch_time_s": train_s / max(1, epochs_run + start_epoch - 1),
-        # examples of all seeds per second of training in this process (the group's throughput)
-        "examples_per_s": examples_trained / max(train_s - resumed_train_s, 1e-9),
-        "valid_eval_s": eval_s / max(1, n_evals), "stopped_by_time_limit": float(stopped_by_time),
-        "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch - 1,
-        # real encoder tokens over encoder token slots computed per epoch (the rest is padding)
-        "encoder_real_token_fraction": real_tokens * (steps_per_epoch * batch_size / n_train) / token_slots}
-    placement = device_placement(dev)
-    results = []
-    for i, (config, st) in enumerate(zip(configs, states)):
-        test_metrics = metrics_from_ranks(test_ranks[i])
-        log(f"[{config.dataset}/{config.variant}/seed{config.seed}] best epoch {st.best_epoch}/{st.stopped_at}: "
-            f"valid R@10 {st.best_valid['recall@10']:.4f}, test R@10 {test_metrics['recall@10']:.4f} "
-            f"NDCG@10 {test_metrics['ndcg@10']:.4f}")
-        results.append(RunResult(
-            config=config, config_hash=config_hashes[i], device=describe_device(dev), wall_time_s=wall,
-            epochs_trained=st.stopped_at, best_epoch=st.best_epoch, history=st.history,
-            valid_metrics=st.best_valid, test_metrics=test_metrics,
-            test_per_user={"user": test.user.cpu().numpy(), "target": test.target.cpu().numpy(),
-                           "rank": test_ranks[i].numpy().astype(np.int64)},
-            timings=dict(group_timings), placement=placement))
     log(f"[{label}] {wall:.1f} s")
     return GroupResult(results, True, max(st.stopped_at for st in states), wall)
-
-
-def remove_checkpoint(path: str | os.PathLike | None) -> None:
-    """Delete a group's checkpoint once its results are saved."""
-    if path is not None:
-        Path(path).unlink(missing_ok=True)
 
 
 STEP_MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")

@@ -19,12 +19,14 @@ def _write_run(root, dataset, variant, seed, group_seeds, commit, created_at, re
 
 
 def _end(root, dataset, variant, seeds, at, t, wall_s, outcome, host="h", gpus="0"):
+    """A start and end event of one execution; `outcome`: every seed's, or a dict seed -> outcome."""
     path = root / dataset / variant / "dispatch.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
+    outcomes = {str(s): outcome[s] if isinstance(outcome, dict) else outcome for s in seeds}
     with open(path, "a") as f:
         f.write(json.dumps({"event": "start", "at": at, "time": t - wall_s, "group_seeds": seeds}) + "\n")
         f.write(json.dumps({"event": "end", "at": at, "time": t, "wall_s": wall_s, "group_seeds": seeds,
-                            "outcomes": {str(s): outcome for s in seeds}, "host": host, "worker": "0",
+                            "outcomes": outcomes, "host": host, "worker": "0",
                             "cuda_visible_devices": gpus}) + "\n")
 
 
@@ -140,3 +142,25 @@ def test_group_started_from_scratch_does_not_own_a_lost_groups_executions(tmp_pa
     text = group_runs.markdown(result)
     assert "Executions that finished no run (3, 690 GPU s)" in text
     assert "| beauty | plain | 0-1 | 2026-01-01T10:11:00+00:00 | paused | 516 |" in text
+
+
+def test_a_pause_that_wrote_the_stopped_seeds_belongs_to_their_group(tmp_path):
+    """Seeds 0-2 paused once, then paused again with seeds 0 and 1 finished (tested at the pause);
+    seed 2 resumed as a group of its own. The group of 0-2 (runs 0, 1) owns both executions, the
+    group of seed 2 only its own; no execution is left unfinished."""
+    root = tmp_path / "runs"
+    t0 = _ts("2026-01-01T10:00:00+00:00")
+    _end(root, "sports", "hybrid", [0, 1, 2], "2026-01-01T10:02:00+00:00", t0 + 120, 120.0, "paused")
+    for s in (0, 1):
+        _write_run(root, "sports", "hybrid", s, [0, 1, 2], "a" * 40, "2026-01-01T10:11:59+00:00", 0.05,
+                   resumed_from=15)
+    _end(root, "sports", "hybrid", [0, 1, 2], "2026-01-01T10:12:00+00:00", t0 + 720, 580.0,
+         {0: "ran", 1: "ran", 2: "paused"})
+    _write_run(root, "sports", "hybrid", 2, [2], "a" * 40, "2026-01-01T10:13:00+00:00", 0.05, resumed_from=81)
+    _end(root, "sports", "hybrid", [2], "2026-01-01T10:13:01+00:00", t0 + 781, 40.0, "ran")
+
+    first, second = group_runs.collect_groups(root)[0]
+    assert (first["seeds"], [e["wall_s"] for e in first["executions"]]) == ([0, 1, 2], [120.0, 580.0])
+    assert first["gpu_wall_s"] == 700.0
+    assert (second["seeds"], [e["wall_s"] for e in second["executions"]]) == ([2], [40.0])
+    assert group_runs.build(root)["unfinished_executions"] == []

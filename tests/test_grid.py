@@ -506,6 +506,14 @@ checkpoint = Path(checkpoint)
 if mode == "pause":
     print("epoch 1 done")
     checkpoint.write_bytes(b"group state")
+elif mode == "pause-after-first-seed":   # as gbla.runs.save_group_results leaves a pause where one seed stopped
+    from gbla.runs import checkpoint_path
+    print("epoch 1 done")
+    seed, config_hash = next(iter(config_hashes.items()))
+    (checkpoint.parent / f"seed{seed}").mkdir(exist_ok=True)
+    (checkpoint.parent / f"seed{seed}" / "metrics.json").write_text(
+        json.dumps({"status": "ok", "config_hash": config_hash}))
+    checkpoint_path(checkpoint.parent, list(config_hashes.values())[1:]).write_bytes(b"state of the rest")
 else:
     print("epoch 2 done" if checkpoint.is_file() else "epoch 1 and 2 done")
     for seed, config_hash in config_hashes.items():
@@ -566,6 +574,35 @@ def test_a_resumed_group_appends_to_the_log_of_its_paused_execution(tmp_path):
     assert execute("finish") == ["ran", "ran"]
     log = (vdir / "run.log").read_text()
     assert len([line for line in log.splitlines() if line.startswith("# ")]) == 1 and "epoch 1 and 2 done" in log
+
+
+@pytest.mark.timeout(300)
+def test_a_pause_after_a_seed_stopped_records_it_as_ran_and_the_rest_resume_as_their_own_group(tmp_path):
+    """The notebook pauses with seed 0 finished and tested and the checkpoint of seed 1 named by it:
+    seed 0 ran, seed 1 paused; the next group (seed 1 alone, what the grid asks for once seed 0 is
+    done) finds that checkpoint, resumes and appends to the log."""
+    notebook = _fake_train_notebook(tmp_path)
+    configs = G.load_grid(PARAMS, "smoke").expand(variants=["sa"], seeds=[0, 1])
+    vdir = runs.variant_dir_for(tmp_path / "runs", "synthetic", "sa")
+
+    def execute(mode, group):
+        task = G.GroupTask(dataset="synthetic", variant="sa", seeds=tuple(c.seed for c in group),
+                           config_hashes=tuple(c.config_hash() for c in group), variant_dir=str(vdir),
+                           notebook=str(notebook), cpu_threads=1, stop_at=time.time() + 3600,
+                           parameters={"mode": mode, "checkpoint": str(runs.checkpoint_path(vdir, group)),
+                                       "config_hashes": {c.seed: c.config_hash() for c in group},
+                                       "seeds": [c.seed for c in group]})
+        return [o["outcome"] for o in G.execute_group(task)]
+
+    assert execute("pause-after-first-seed", configs) == ["ran", "paused"]
+    assert runs.is_done(vdir / "seed0", configs[0].config_hash())
+    rest = runs.checkpoint_path(vdir, configs[1:])
+    assert rest.is_file() and not runs.checkpoint_path(vdir, configs).exists()
+    assert execute("finish", configs[1:]) == ["ran"]
+    headers = [line for line in (vdir / "run.log").read_text().splitlines() if line.startswith("# ")]
+    assert len(headers) == 2 and headers[1].endswith(f"resuming {rest.name}")
+    assert [e.get("outcomes") for e in G.read_dispatch_log(vdir) if e["event"] == "end"] == [
+        {"0": "ran", "1": "paused"}, {"1": "ran"}]
 
 
 @pytest.mark.timeout(300)

@@ -180,8 +180,8 @@ def test_dropping_stopped_seeds_leaves_the_others_unchanged(data):
 
 def test_seeds_stopping_at_different_epochs_match_single_runs_and_resume(data, tmp_path):
     """Seeds 3 and 0 stop after epochs 2 and 3 (patience 1), seed 1 trains on: the group drops each
-    as it stops, and every seed's result is that of its single run; a pause after a seed was
-    dropped resumes to the same results."""
+    as it stops, and every seed's result is that of its single run; a pause right after a seed
+    stopped returns that seed tested, and its checkpoint resumes the others to the same results."""
     import time
 
     configs = [tiny(s, max_epochs=6, patience=1) for s in (3, 0, 1)]
@@ -201,16 +201,29 @@ def test_seeds_stopping_at_different_epochs_match_single_runs_and_resume(data, t
             assert result.epochs_trained == alone.epochs_trained and result.best_epoch == alone.best_epoch
             assert np.mean(result.test_per_user["rank"] == alone.test_per_user["rank"]) >= 0.95
 
+    # pause after every epoch until the first seed has stopped: that pause tests and returns it, and
+    # leaves the checkpoint of a group of the two others, which resumes to their uninterrupted results
     path = tmp_path / "checkpoint.pt"
-    t_pause = time.time()
-    paused = train_group(configs, data, checkpoint_path=path, stop_at=t_pause, **kw)
-    while paused.epochs_done < min(stops):   # pause once the first seed has been dropped
+    paused = train_group(configs, data, checkpoint_path=path, stop_at=time.time(), **kw)
+    while not paused.results:
+        assert paused.remaining == configs and paused.epochs_done < min(stops)
         paused = train_group(configs, data, checkpoint_path=path, stop_at=time.time(), **kw)
-    assert not paused.finished and torch.load(path, weights_only=False)["slots"] != [0, 1, 2]
-    resumed = train_group(configs, data, checkpoint_path=path, **kw)
-    for a, b in zip(group.results, resumed.results):
-        assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
-        assert np.array_equal(a.test_per_user["rank"], b.test_per_user["rank"])
+    first = stops.index(min(stops))
+    assert not paused.finished and paused.epochs_done == min(stops)
+    assert [r.config for r in paused.results] == [configs[first]]
+    assert paused.remaining == [c for i, c in enumerate(configs) if i != first]
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["config_hashes"] == [c.config_hash() for c in paused.remaining] and ckpt["slots"] == [0, 1]
+    assert train_group(configs, data, checkpoint_path=path, **kw).results[0].timings["resumed_from_epoch"] == 0
+    resumed = train_group(paused.remaining, data, checkpoint_path=path, **kw)
+    assert resumed.finished and resumed.results[0].timings["resumed_from_epoch"] == min(stops)
+    straight = {r.config.seed: r for r in group.results}
+    for r in paused.results + resumed.results:
+        a = straight[r.config.seed]
+        assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in r.history]
+        assert a.valid_metrics == r.valid_metrics and (a.best_epoch, a.epochs_trained) == (r.best_epoch, r.epochs_trained)
+        # the same best weights, tested in a model of fewer seeds (batched matmuls round differently)
+        assert np.mean(a.test_per_user["rank"] == r.test_per_user["rank"]) >= 0.95
 
 
 def test_stacked_gbla_layer_with_the_triton_kernels_equals_separate_layers():

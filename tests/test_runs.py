@@ -291,3 +291,32 @@ def test_load_processed_dataset(tmp_path):
         runs.load_processed_dataset("beauty", tmp_path)
     assert str(tmp_path / "beauty") in str(err.value)
     assert runs.dataset_available("synthetic", tmp_path) and not runs.dataset_available("beauty", tmp_path)
+
+
+def test_save_group_results_writes_tested_seeds_and_names_a_paused_checkpoint_by_the_rest(tmp_path):
+    """A paused group: its tested seeds get their folders and its checkpoint (of the seeds still
+    training) is renamed to their checkpoint_path, where the grid looks for the seeds not done; a
+    finished group's checkpoint is removed."""
+    from gbla.train import GroupResult
+
+    results = [make_result(seed=s) for s in (0, 1, 2)]
+    configs = [r.config for r in results]
+    vdir = runs.variant_dir_for(tmp_path, "synthetic", "sa")
+    vdir.mkdir(parents=True)
+    checkpoint = runs.checkpoint_path(vdir, configs)
+    checkpoint.write_bytes(b"seeds 1 and 2")
+    paused = GroupResult([results[0]], False, 5, 10.0, remaining=configs[1:])
+    written = runs.save_group_results(paused, tmp_path, checkpoint, data_fingerprint="abc", commit="c0ffee")
+    assert written == [runs.run_dir_for(tmp_path, "synthetic", "sa", 0) / "metrics.json"]
+    assert runs.is_done(written[0].parent, configs[0].config_hash(), "abc")
+    assert not any(runs.is_done(runs.run_dir_for(tmp_path, "synthetic", "sa", s), configs[s].config_hash())
+                   for s in (1, 2))
+    rest = runs.checkpoint_path(vdir, configs[1:])
+    assert not checkpoint.exists() and rest.read_bytes() == b"seeds 1 and 2"
+    # a pause before any seed stopped keeps the name; the finished group removes its checkpoint
+    assert runs.save_group_results(GroupResult([], False, 6, 1.0, remaining=configs[1:]), tmp_path, rest,
+                                   data_fingerprint="abc", commit="c0ffee") == []
+    assert rest.is_file()
+    finished = GroupResult(results[1:], True, 9, 20.0)
+    assert len(runs.save_group_results(finished, tmp_path, rest, data_fingerprint="abc", commit="c0ffee")) == 2
+    assert not rest.exists() and list(vdir.glob("checkpoint-*")) == []

@@ -39,17 +39,20 @@ def _timestamp(iso: str) -> float:
     return dt.datetime.fromisoformat(iso).timestamp()
 
 
-def group_executions(events: list[dict], seeds: list[int], finished_at: str, resumed: bool = True) -> list[dict]:
+def group_executions(events: list[dict], seeds: list[int], finished_at: str, resumed: bool = True,
+                     ran_seeds: list[int] | None = None) -> list[dict]:
     """The executions (dispatch "end" events) of the group of `seeds` whose results were written at
-    `finished_at`: the first execution that ran them at or after that time and, if the group was
+    `finished_at`: the first execution that ran them (`ran_seeds`, default all: a pause writes the seeds
+    that had stopped and leaves the rest to a group of their own) at or after that time and, if the group was
     `resumed` from a checkpoint, the paused ones right before it (back to the previous execution that
     ran or failed). A group that started from scratch owns only its last execution: paused ones
     before it belonged to a group whose checkpoint was lost (its machine went away)."""
     ends = sorted((e for e in events if e.get("event") == "end" and e.get("group_seeds") == seeds),
                   key=lambda e: e["time"])
     written = _timestamp(finished_at)
+    ran = [str(s) for s in (seeds if ran_seeds is None else ran_seeds)]
     last = next((i for i, e in enumerate(ends) if e["time"] >= written - 1
-                 and all(o == "ran" for o in e.get("outcomes", {}).values())), None)
+                 and all(e.get("outcomes", {}).get(s) == "ran" for s in ran)), None)
     if last is None:
         return []
     first = last
@@ -139,7 +142,8 @@ def collect_groups(runs_root: str | Path, intervals: list[dict] | None = None) -
         g["runs"].sort(key=lambda r: r["seed"])
         if g.get("finished_at"):
             executions = group_executions(read_dispatch_log(runs_root / dataset / variant), g["seeds"],
-                                          g["finished_at"], resumed=bool(g.get("resumed_from_epoch")))
+                                          g["finished_at"], resumed=bool(g.get("resumed_from_epoch")),
+                                          ran_seeds=[r["seed"] for r in g["runs"]])
             if executions:
                 g["executions"] = executions
                 # a resumed group whose paused executions left no record: the sum would undercount
