@@ -72,3 +72,47 @@ def test_a_hand_run_writes_to_the_scratch_folder_by_default():
     ignored = subprocess.run(["git", "check-ignore", "-q", f"{runs.SCRATCH_RUNS_ROOT}/x/y/seed0/metrics.json"],
                              cwd=runs.REPO_ROOT)
     assert ignored.returncode == 0, "the scratch folder must be git-ignored"
+
+
+@pytest.mark.timeout(600)
+def test_a_pause_after_a_seed_stopped_writes_it_and_the_other_seed_resumes_alone(tmp_path, monkeypatch):
+    """Seeds 1 and 2 (patience 4): seed 1 stops after epoch 5, seed 2 trains on. The group is paused
+    after each of epochs 1-4 (in this process), then the notebook resumes it with a deadline that
+    pauses it again after epoch 5: seed 1's folder is written and the checkpoint is named by seed 2
+    alone; the notebook for seed 2 (what the grid asks for next) resumes it and finishes."""
+    import time
+
+    from gbla.train import train_group
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    seeds, overrides = [1, 2], {"max_epochs": 8, "patience": 4}
+    grid = load_grid(runs.REPO_ROOT / "params" / "ablations.yaml", "smoke")
+    configs = [grid.run_config("synthetic", "hybrid", s, train_overrides=overrides) for s in seeds]
+    data = runs.load_processed_dataset("synthetic", None, synthetic=grid.synthetic)
+    vdir = runs.variant_dir_for(tmp_path / "runs", "synthetic", "hybrid")
+    checkpoint = runs.checkpoint_path(vdir, configs)
+    vdir.mkdir(parents=True)
+    for _ in range(4):
+        paused = train_group(configs, data, device="cpu", progress=False, log=lambda *_: None,
+                             checkpoint_path=checkpoint, stop_at=time.time())
+        assert not paused.finished and not paused.results
+    assert paused.epochs_done == 4
+
+    def execute(group_seeds, stop_at):
+        pm.execute_notebook(str(NOTEBOOK), str(tmp_path / f"seeds{group_seeds}.ipynb"), kernel_name="python3",
+                            cwd=str(tmp_path), progress_bar=False,
+                            parameters={"runs_root": str(tmp_path / "runs"), "seeds": group_seeds, "progress": False,
+                                        "variant": "hybrid", "stop_at": stop_at, **overrides})
+
+    execute(seeds, time.time())
+    seed1, seed2 = (runs.load_run_metrics(runs.run_dir_for(tmp_path / "runs", "synthetic", "hybrid", s)) for s in seeds)
+    assert seed1 is not None and seed2 is None, "premise: seed 1 stops after epoch 5, seed 2 does not"
+    assert (seed1["epochs_trained"], seed1["config_hash"]) == (5, configs[0].config_hash())
+    assert seed1["timings"]["resumed_from_epoch"] == 4 and seed1["group_seeds"] == seeds
+    rest = runs.checkpoint_path(vdir, configs[1:])
+    assert rest.is_file() and not checkpoint.exists()
+    execute([2], None)
+    seed2 = runs.load_run_metrics(runs.run_dir_for(tmp_path / "runs", "synthetic", "hybrid", 2))
+    assert seed2["epochs_trained"] > 5 and seed2["timings"]["resumed_from_epoch"] == 5
+    assert seed2["config_hash"] == configs[1].config_hash() and len(seed2["history"]) == seed2["epochs_trained"]
+    assert not list(vdir.glob("checkpoint-*.pt"))
