@@ -778,13 +778,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list what would run; run nothing")
     ap.add_argument("--no-aggregate", action="store_true", help="skip the aggregation notebooks")
     ap.add_argument("--time-budget", type=float, metavar="SECONDS",
-                    help="stop after about this long: running groups checkpoint and pause, groups not started "
-                         "stay to do; the same command resumes them")
+                    help="stop after about this long: running groups pause (their seeds that stopped early are "
+                         "tested and written, the others checkpointed), groups not started stay to do; the same "
+                         "command resumes them")
     ap.add_argument("--min-start", type=float, metavar="SECONDS", default=MIN_GROUP_START_S,
                     help="with --time-budget: start a group that has no checkpoint only with at least this long "
                          "left (a group resuming its checkpoint still starts with %(default)g s left); for a last "
                          "command on a machine that goes away after it, about one group's length, so that no "
-                         "group is paused with a checkpoint nobody will resume")
+                         "group is paused with seeds still training in a checkpoint nobody will resume")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="run a grid on real data even without a GPU (CPU-days per run; see the estimate)")
     ap.add_argument("--archive", metavar="PATH.tgz",
