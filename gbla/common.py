@@ -151,3 +151,11 @@ def frame_markdown(df, floatfmt: str = ".3f") -> str:
     """A pandas DataFrame as a markdown table, index included (pandas' to_markdown needs tabulate)."""
     df = df.reset_index()
     return markdown_table(list(df.columns), list(df.itertuples(index=False)), floatfmt)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's content; a file that is not valid JSON raises a ValueError that names it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e

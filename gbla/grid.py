@@ -46,9 +46,9 @@ from gbla.params import CLUSTERS, DEFAULT_PARAMS, Grid, ParamsError, load_grid  
 from gbla.params import KNOWN_DATASETS, SYNTHETIC, check_dataset_names  # noqa: F401  (re-exported)
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit, shown_path
 from gbla.run_archive import merge_runs, pack_runs
-from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, checkpoint_path, collect_runs, dataset_available,
-                       dataset_path, expected_data_fingerprint, is_done, keep_earlier_group_notebook, record_failure,
-                       run_dir_for, variant_dir_for)
+from gbla.datasets import dataset_available, dataset_path, expected_data_fingerprint
+from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, checkpoint_path, collect_runs, is_done,
+                       keep_earlier_group_notebook, record_failure, run_dir_for, variant_dir_for)
 
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
 # with a deadline (--time-budget), a group is not started with less than this many seconds left (a
@@ -690,7 +690,7 @@ def train_examples(dataset: str, processed_root: Path | None, synthetic: dict) -
     """Training examples of a dataset: from its meta.json when built, else from the published counts
     (leave-one-out on 5-core data: interactions - 3 x users)."""
     from gbla.data.amazon import PUBLISHED_COUNTS
-    from gbla.runs import load_processed_dataset
+    from gbla.datasets import load_processed_dataset
 
     if dataset == SYNTHETIC:
         return len(load_processed_dataset(dataset, synthetic=synthetic).train)

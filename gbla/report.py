@@ -27,6 +27,7 @@ import pandas as pd
 from gbla import runs as runs_io
 from gbla import stats
 from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_path, atomic_write_json, git_commit, repo_path, shown_path
+from gbla.datasets import load_processed_dataset
 DEFAULT_PUBLISHED = REPO_ROOT / "params" / "published.yaml"
 
 
@@ -433,7 +434,7 @@ def _from_processed(datasets, extract, what: str, *, processed_root=None,
     found, notes = {}, []
     for dataset in datasets:
         try:
-            data = runs_io.load_processed_dataset(dataset, processed_root, synthetic=synthetic)
+            data = load_processed_dataset(dataset, processed_root, synthetic=synthetic)
         except FileNotFoundError as e:
             notes.append(f"{dataset}: no {what}, {e}")
             continue

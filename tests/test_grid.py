@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from gbla import grid as G
-from gbla import runs
+from gbla import datasets, runs
 from gbla.config import GBLAOptions
 
 PARAMS = runs.REPO_ROOT / "params" / "ablations.yaml"
@@ -185,7 +185,7 @@ def test_a_result_trained_on_other_data_is_not_done(tmp_path):
 
     g = G.load_grid(PARAMS, "smoke")
     cfg = g.expand()[0]
-    current = runs.expected_data_fingerprint(cfg.dataset, synthetic=g.synthetic)
+    current = datasets.expected_data_fingerprint(cfg.dataset, synthetic=g.synthetic)
     result = RunResult(config=cfg, config_hash=cfg.config_hash(), device="cpu", wall_time_s=1.0, epochs_trained=1,
                        best_epoch=1, history=[], valid_metrics=dict.fromkeys(runs.METRIC_NAMES, 0.1),
                        test_metrics=dict.fromkeys(runs.METRIC_NAMES, 0.1),

@@ -46,7 +46,7 @@ def test_aggregate_notebook_on_a_partial_smoke_grid(tmp_path):
     """Expected grid from params/ablations.yaml (smoke): one variant complete, one with a failed
     seed, the others never ran. The notebook shows them and writes its tables."""
     from gbla.grid import load_grid
-    from gbla.runs import expected_data_fingerprint
+    from gbla.datasets import expected_data_fingerprint
 
     params = REPO / "params" / "ablations.yaml"
     configs = load_grid(params, "smoke").expand()

@@ -6,7 +6,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from gbla import runs
+from gbla import datasets, runs
 from gbla.grid import load_grid
 
 NOTEBOOK = runs.REPO_ROOT / "notebooks" / "train.ipynb"
@@ -88,7 +88,7 @@ def test_a_pause_after_a_seed_stopped_writes_it_and_the_other_seed_resumes_alone
     seeds, overrides = [1, 2], {"max_epochs": 8, "patience": 4}
     grid = load_grid(runs.REPO_ROOT / "params" / "ablations.yaml", "smoke")
     configs = [grid.run_config("synthetic", "hybrid", s, train_overrides=overrides) for s in seeds]
-    data = runs.load_processed_dataset("synthetic", None, synthetic=grid.synthetic)
+    data = datasets.load_processed_dataset("synthetic", None, synthetic=grid.synthetic)
     vdir = runs.variant_dir_for(tmp_path / "runs", "synthetic", "hybrid")
     checkpoint = runs.checkpoint_path(vdir, configs)
     vdir.mkdir(parents=True)

@@ -10,7 +10,7 @@ from scipy import stats as sps
 
 matplotlib.use("Agg")
 
-from gbla import report, stats  # noqa: E402
+from gbla import datasets, report, stats  # noqa: E402
 from gbla.common import METRIC_NAMES, REPO_ROOT  # noqa: E402
 from gbla.config import RunConfig  # noqa: E402
 
@@ -631,13 +631,12 @@ def test_by_history_length_splits_the_user_level_difference_into_buckets(grid):
 def test_history_lengths_come_from_the_processed_test_split(tmp_path):
     """The synthetic dataset's test users and history lengths, its fingerprint beside them; a dataset
     that is not built gives a note naming it instead."""
-    from gbla import runs as runs_io
     from gbla.params import load_grid
 
     synthetic = load_grid(REPO_ROOT / "params" / "ablations.yaml", "smoke").synthetic
     lengths, notes = report.history_lengths_of_test_users(["synthetic", "beauty"], processed_root=tmp_path,
                                                           synthetic=synthetic)
-    data = runs_io.load_processed_dataset("synthetic", synthetic=synthetic)
+    data = datasets.load_processed_dataset("synthetic", synthetic=synthetic)
     hist, fingerprint = lengths["synthetic"]
     assert list(lengths) == ["synthetic"] and fingerprint == data.provenance["fingerprint"]
     assert (hist.index.to_numpy() == data.test.user).all() and (hist.to_numpy() == data.test.history_len).all()
@@ -815,12 +814,11 @@ def test_hits_by_prefix_sharing_splits_users_by_their_targets_prefix(grid):
 def test_sid_prefix_sharing_counts_items_with_the_same_digits_but_the_last():
     from collections import Counter
 
-    from gbla import runs as runs_io
     from gbla.params import load_grid
 
     synthetic = load_grid(REPO_ROOT / "params" / "ablations.yaml", "smoke").synthetic
     sharing, notes = report.sid_prefix_sharing(["synthetic"], synthetic=synthetic)
-    data = runs_io.load_processed_dataset("synthetic", synthetic=synthetic)
+    data = datasets.load_processed_dataset("synthetic", synthetic=synthetic)
     sizes, fingerprint = sharing["synthetic"]
     prefixes = [tuple(row[:-1]) for row in np.asarray(data.sids)]
     count = Counter(prefixes)

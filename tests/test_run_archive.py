@@ -132,7 +132,7 @@ def test_grid_cli_merge(tmp_path, configs, capsys):
 
 
 def test_grid_cli_archive_after_a_grid_with_nothing_left_to_do(tmp_path, configs, capsys):
-    from gbla.runs import expected_data_fingerprint
+    from gbla.datasets import expected_data_fingerprint
 
     grid = load_grid("params/ablations.yaml", "smoke")
     fingerprint = expected_data_fingerprint("synthetic", synthetic=grid.synthetic)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gbla import runs
+from gbla import datasets, runs
 from gbla.config import ModelConfig, RunConfig, TrainConfig
 from gbla.train import RunResult
 
@@ -257,8 +257,8 @@ def test_collect_runs_from_params_checks_the_current_data(tmp_path):
     params = runs.REPO_ROOT / "params" / "ablations.yaml"
     grid = load_grid(params, "smoke")
     cfg = grid.expand()[0]
-    current = runs.expected_data_fingerprint(cfg.dataset, synthetic=grid.synthetic)
-    assert current == runs.load_processed_dataset(cfg.dataset, synthetic=grid.synthetic).provenance["fingerprint"]
+    current = datasets.expected_data_fingerprint(cfg.dataset, synthetic=grid.synthetic)
+    assert current == datasets.load_processed_dataset(cfg.dataset, synthetic=grid.synthetic).provenance["fingerprint"]
     result = make_result()
     result = dataclasses.replace(result, config=cfg, config_hash=cfg.config_hash())
     for fingerprint, status in ((current, "ok"), ("built-from-other-data", "stale")):
@@ -270,10 +270,10 @@ def test_collect_runs_from_params_checks_the_current_data(tmp_path):
 
 
 def test_expected_data_fingerprint_reads_meta_json(tmp_path):
-    assert runs.expected_data_fingerprint("beauty", tmp_path) is None   # not built: cannot be checked
+    assert datasets.expected_data_fingerprint("beauty", tmp_path) is None   # not built: cannot be checked
     (tmp_path / "beauty").mkdir()
     (tmp_path / "beauty" / "meta.json").write_text(json.dumps({"provenance": {"fingerprint": "abc"}}))
-    assert runs.expected_data_fingerprint("beauty", tmp_path) == "abc"
+    assert datasets.expected_data_fingerprint("beauty", tmp_path) == "abc"
 
 
 def test_collect_runs_from_a_params_profile(tmp_path):
@@ -283,14 +283,14 @@ def test_collect_runs_from_a_params_profile(tmp_path):
 
 
 def test_load_processed_dataset(tmp_path):
-    ds = runs.load_processed_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
+    ds = datasets.load_processed_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
     assert ds.num_users == 30 and ds.num_items == 12
-    again = runs.load_processed_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
+    again = datasets.load_processed_dataset("synthetic", synthetic={"num_users": 30, "num_items": 12, "seed": 1})
     assert again.provenance["fingerprint"] == ds.provenance["fingerprint"]
     with pytest.raises(FileNotFoundError, match=r"make data") as err:
-        runs.load_processed_dataset("beauty", tmp_path)
+        datasets.load_processed_dataset("beauty", tmp_path)
     assert str(tmp_path / "beauty") in str(err.value)
-    assert runs.dataset_available("synthetic", tmp_path) and not runs.dataset_available("beauty", tmp_path)
+    assert datasets.dataset_available("synthetic", tmp_path) and not datasets.dataset_available("beauty", tmp_path)
 
 
 def test_save_group_results_writes_tested_seeds_and_names_a_paused_checkpoint_by_the_rest(tmp_path):

@@ -33,7 +33,7 @@ import torch
 
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.params import load_grid
-from gbla.runs import load_processed_dataset
+from gbla.datasets import load_processed_dataset
 from gbla.train import train_group
 
 

@@ -47,7 +47,7 @@ from gbla.evaluate import SIDTrie, rank_targets
 from gbla.model import TIGER, DecoderBlock, EncoderBlock, FeedForward
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.params import load_grid
-from gbla.runs import load_processed_dataset
+from gbla.datasets import load_processed_dataset
 from gbla.train import BUCKET_ORDER_SEED, TrainStep, epoch_batches, length_bucket_groups, to_device_split
 
 
