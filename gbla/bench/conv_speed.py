@@ -19,9 +19,13 @@ timed in it alone). Each timing is the median of --repeats
 calls after --warmup: CUDA events around replays of a CUDA graph of the call (as the training step
 runs), or eager calls on the CPU (--smoke: the Triton interpreter; the numbers say nothing about speed).
 
+Every fwd+bwd row also says how far that configuration's gradients are from the reference's on the
+same inputs (`rel_err_vs_torch`: the largest |difference| over dx, dw and dbias, each over the largest
+|value| of the reference's): a configuration that is fast because it computes something else shows it.
+
 Output: <out>/conv_speed.json (meta: device, commit, command, date, versions, shapes; rows rewritten
-after every measurement) and conv_speed.md (per length and pass: each configuration's ms and its
-speed-up over the default and over torch). With --kernels, also the device time per call of each
+after every measurement) and conv_speed.md (per length and pass: each configuration's ms, its
+speed-up over the default and over torch, and its gradients' error). With --kernels, also the device time per call of each
 kernel in the fwd+bwd of each Triton configuration named at each length (torch profiler), which says
 where a backward's time goes: its two kernels, the partial sums of the filter's gradient, or elsewhere.
 """
@@ -80,7 +84,19 @@ def fwd_bwd(t: dict, backend: str):
     return torch.autograd.grad(y, (t["x"], t["weight"], t["bias"]), t["grad_out"])
 
 
-def measure(L: int, name: str, pass_: str, t: dict, args, device) -> dict:
+def relative_error(got, ref) -> float:
+    """The largest |got - ref| of each pair of tensors over the largest |ref| of that pair (0 for a zero
+    reference that is matched), the worst of the pairs."""
+    worst = 0.0
+    for g, r in zip(got, ref):
+        diff, scale = (g.float() - r.float()).abs().max().item(), r.float().abs().max().item()
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return worst
+
+
+def measure(L: int, name: str, pass_: str, t: dict, args, device, reference=None) -> dict:
+    """One configuration's timing; for fwd+bwd with `reference` (the torch gradients of the same
+    inputs), also the relative error of its own gradients."""
     from gbla.ops.conv import triton as kernels
 
     override = CONFIGS[name]
@@ -94,6 +110,8 @@ def measure(L: int, name: str, pass_: str, t: dict, args, device) -> dict:
     with overridden(kernels.CONFIG_OVERRIDE, override or {}):
         row.update(time_or_error(lambda: fwd if pass_ == "fwd" else (lambda: fwd_bwd(t, backend)),
                                  device.type == "cuda", args.warmup, args.repeats, device))
+        if pass_ == "fwd+bwd" and reference is not None and row.get("median_ms") is not None:
+            row["rel_err_vs_torch"] = relative_error(fwd_bwd(t, backend), reference)
     return row
 
 
@@ -104,13 +122,17 @@ def markdown(result: dict) -> str:
              f"triton {meta['triton']}. x ({meta['S']}, {meta['B']}, L, {meta['C']}) bf16, filter 4, right "
              f"padding masked; median of {meta['repeats']} calls ({'CUDA-graph replays' if meta['device'] != 'cpu' else 'eager, interpreter'}). "
              "x default: the default configuration's time over this one's.", "",
-             "| L | pass | config | override | ms | x default | x torch |", "|---|---|---|---|---|---|---|"]
+             "rel. error: the gradients' largest difference from torch's, relative to their scale.", "",
+             "| L | pass | config | override | ms | x default | x torch | rel. error |",
+             "|---|---|---|---|---|---|---|---|"]
     by = {(r["L"], r["pass"], r["config"]): r.get("median_ms") for r in result["rows"]}
     for r in result["rows"]:
         ms = r.get("median_ms")
         base, ref = by.get((r["L"], r["pass"], "default")), by.get((r["L"], r["pass"], "torch"))
+        err = r.get("rel_err_vs_torch")
         cells = [f"{ms:.4f}" if ms else f"error: {r.get('error', '')[:60]}",
-                 f"{base / ms:.2f}x" if ms and base else "", f"{ref / ms:.2f}x" if ms and ref else ""]
+                 f"{base / ms:.2f}x" if ms and base else "", f"{ref / ms:.2f}x" if ms and ref else "",
+                 f"{err:.1e}" if err is not None else ""]
         override = "" if r["override"] is None else ", ".join(f"{k}={v}" for k, v in r["override"].items())
         lines.append(f"| {r['L']} | {r['pass']} | {r['config']} | {override} | " + " | ".join(cells) + " |")
     kernels = result.get("kernels")
@@ -164,11 +186,12 @@ def main(argv=None) -> int:
         result["kernels"] = {} if device.type == "cuda" else "the kernel breakdown needs CUDA (torch profiler)"
     for L in args.lengths:
         t = make_inputs(args.seeds, args.batch, L, args.channels, device)
+        reference = fwd_bwd(t, "torch")
         for pass_ in ("fwd", "fwd+bwd"):
             for name in names:
                 if pass_ == "fwd" and CONFIGS[name] and all(k.startswith(("bwd_", "fast_path")) for k in CONFIGS[name]):
                     continue   # a backward setting: the forward is the default's
-                row = measure(L, name, pass_, t, args, device)
+                row = measure(L, name, pass_, t, args, device, reference)
                 result["rows"].append(row)
                 ms = f"{row['median_ms']:.4f} ms" if row["median_ms"] is not None else row["error"]
                 print(f"L={L:3d} {pass_:7s} {name:14s} {ms}", flush=True)
@@ -182,7 +205,7 @@ def main(argv=None) -> int:
                 with overridden(kernels.CONFIG_OVERRIDE, CONFIGS[name]):
                     result["kernels"].setdefault(str(L), {})[name] = kernel_breakdown(lambda: fwd_bwd(t, "triton"))
             atomic_write_json(out / "conv_speed.json", result, indent=1)
-        del t
+        del t, reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
     atomic_write_text(out / "conv_speed.md", markdown(result))
