@@ -163,4 +163,32 @@ def test_a_pause_that_wrote_the_stopped_seeds_belongs_to_their_group(tmp_path):
     assert (first["seeds"], [e["wall_s"] for e in first["executions"]]) == ([0, 1, 2], [120.0, 580.0])
     assert first["gpu_wall_s"] == 700.0
     assert (second["seeds"], [e["wall_s"] for e in second["executions"]]) == ([2], [40.0])
-    assert group_runs.build(root)["unfinished_executions"] == []
+    # the split group's GPU seconds are its own execution's: with the larger group's, the sum is the total
+    assert second["gpu_wall_s"] == 40.0 and "split_from" not in first
+    assert second["split_from"] == {"seeds": [0, 1, 2], "at": "2026-01-01T10:12:00+00:00"}
+    result = group_runs.build(root)
+    assert result["unfinished_executions"] == []
+    assert "| sports | hybrid | 2 | aaaaaaa | GPU | 1 + | 40 |" in group_runs.markdown(result)
+
+
+def test_split_from_needs_the_seeds_paused_and_another_ran(tmp_path):
+    """A group resumed from its own paused execution, or one whose seeds ran after the larger group's
+    pause, was not split off it; a resumed group with no record of either keeps a blank GPU s."""
+    t0 = _ts("2026-01-01T10:00:00+00:00")
+    events = [{"event": "end", "time": t0 + 100, "at": "a", "group_seeds": [0, 1, 2],
+               "outcomes": {"0": "ran", "1": "paused", "2": "paused"}}]
+    assert group_runs.split_from(events, [1, 2], t0 + 200)["at"] == "a"
+    assert group_runs.split_from(events, [1, 2], t0 + 50) is None  # the split came after
+    assert group_runs.split_from(events, [0, 1], t0 + 200) is None  # seed 0 ran there
+    assert group_runs.split_from(events, [1, 2, 3], t0 + 200) is None  # seed 3 was not in it
+    all_paused = [{**events[0], "outcomes": {"0": "paused", "1": "paused", "2": "paused"}}]
+    assert group_runs.split_from(all_paused, [1, 2], t0 + 200) is None
+    later = events + [{"event": "end", "time": t0 + 150, "at": "b", "group_seeds": [1, 2],
+                       "outcomes": {"1": "failed", "2": "failed"}}]
+    assert group_runs.split_from(later, [1, 2], t0 + 200) is None
+
+    root = tmp_path / "runs"
+    _write_run(root, "sports", "hybrid", 2, [2], "a" * 40, "2026-01-01T10:13:00+00:00", 0.05, resumed_from=81)
+    _end(root, "sports", "hybrid", [2], "2026-01-01T10:13:01+00:00", t0 + 781, 40.0, "ran")
+    (group,) = group_runs.collect_groups(root)[0]
+    assert group["gpu_wall_s"] is None and "split_from" not in group

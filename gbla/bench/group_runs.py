@@ -63,6 +63,22 @@ def group_executions(events: list[dict], seeds: list[int], finished_at: str, res
              "outcome": "ran" if i == last else "paused"} for i, e in zip(range(first, last + 1), ends[first:last + 1])]
 
 
+def split_from(events: list[dict], seeds: list[int], before: float) -> dict | None:
+    """The execution that handed the group of `seeds` its checkpoint by a pause that wrote other seeds
+    (they had stopped early): the last "end" event before time `before` of a group of more seeds, in
+    which every one of `seeds` paused and some other seed ran. None if there is none."""
+    mine = {str(s) for s in seeds}
+    for e in sorted((e for e in events if e.get("event") == "end" and e.get("time", float("inf")) <= before),
+                    key=lambda e: e["time"], reverse=True):
+        outcomes = e.get("outcomes") or {}
+        if mine < set(outcomes) and all(outcomes[s] == "paused" for s in mine) \
+                and any(o == "ran" for s, o in outcomes.items() if s not in mine):
+            return e
+        if mine & set(outcomes):
+            return None  # a later execution of these seeds came between: the split was not this group's start
+    return None
+
+
 def execution_intervals(runs_root: str | Path) -> list[dict]:
     """Every finished execution (dispatch "end" event with its wall seconds) under `runs_root`, of any
     group, also one that never finished a run: its dataset, variant, host, GPUs, start and end time."""
@@ -141,13 +157,20 @@ def collect_groups(runs_root: str | Path, intervals: list[dict] | None = None) -
     for (dataset, variant, _, _), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1]["finished_at"] or "")):
         g["runs"].sort(key=lambda r: r["seed"])
         if g.get("finished_at"):
-            executions = group_executions(read_dispatch_log(runs_root / dataset / variant), g["seeds"],
-                                          g["finished_at"], resumed=bool(g.get("resumed_from_epoch")),
+            events = read_dispatch_log(runs_root / dataset / variant)
+            executions = group_executions(events, g["seeds"], g["finished_at"],
+                                          resumed=bool(g.get("resumed_from_epoch")),
                                           ran_seeds=[r["seed"] for r in g["runs"]])
             if executions:
                 g["executions"] = executions
+                # a group split off a larger one (its pause wrote the seeds that had stopped) owns only the
+                # executions after the split: the larger group owns that execution and those before it
+                split = (split_from(events, g["seeds"], executions[0]["end_time"] - (executions[0]["wall_s"] or 0))
+                         if g.get("resumed_from_epoch") else None)
+                if split is not None:
+                    g["split_from"] = {"seeds": split["group_seeds"], "at": split["at"]}
                 # a resumed group whose paused executions left no record: the sum would undercount
-                complete = len(executions) > 1 or not g.get("resumed_from_epoch")
+                complete = len(executions) > 1 or not g.get("resumed_from_epoch") or split is not None
                 g["gpu_wall_s"] = round(sum(e["wall_s"] or 0 for e in executions), 1) if complete else None
                 g["gpu_shared_with"] = sorted({v for e in executions for v in shared_gpu_with(e, g, intervals)})
         # seconds in training, evaluation and setup over all executions (the checkpoint carries them)
@@ -217,7 +240,9 @@ def markdown(result: dict) -> str:
              f"Built {m['built_at']} at commit {m['commit'][:7]} from the finished runs under `{m['runs_root']}` "
              f"(`python -m gbla.bench.group_runs`). One row per group: the seeds of one variant trained in one "
              "process at one commit. GPU s: the wall seconds of the group's executions (a paused and resumed "
-             "group has several; blank where a paused execution left no record; a group that shared its GPU with "
+             "group has several; a group of the seeds that a pause left training, split off a larger group, owns "
+             "only its executions after the split, marked +; blank where a paused execution left no record; "
+             "a group that shared its GPU with "
              "other groups, named in the last column, had it for only part of those seconds); train+eval s: the group's own "
              "training, validation, test and setup seconds over all its executions; epoch s: one epoch with "
              "every seed still training; examples/s over the whole training.", "",
@@ -230,7 +255,8 @@ def markdown(result: dict) -> str:
         n10 = sum(r["test_ndcg@10"] for r in g["runs"]) / len(g["runs"])
         gpu_s = g["gpu_wall_s"] if "gpu_wall_s" in g else g.get("wall_s")
         lines.append(f"| {g['dataset']} | {g['variant']} | {seed_text} | {(g['commit'] or '')[:7]} | "
-                     f"{(g.get('device') or '').removeprefix('cuda:')} | {len(g.get('executions', [])) or ''} | "
+                     f"{(g.get('device') or '').removeprefix('cuda:')} | {len(g.get('executions', [])) or ''}"
+                     f"{' +' if g.get('split_from') else ''} | "
                      f"{_fmt(gpu_s, '.0f')} | {_fmt(g.get('train_eval_s'), '.0f')} | {_fmt(g.get('group_epochs'), 'd')} | {_fmt(g.get('epoch_time_s'), '.2f')} | "
                      f"{_fmt(g.get('examples_per_s'), ',.0f')} | {r10:.4f} | {n10:.4f} | "
                      f"{', '.join(g.get('gpu_shared_with') or [])} |")
@@ -246,7 +272,8 @@ def markdown(result: dict) -> str:
     if unfinished:
         total = sum(e["wall_s"] or 0 for e in unfinished)
         lines += ["", f"Executions that finished no run ({len(unfinished)}, {total:.0f} GPU s): paused ones not resumed "
-                  "(yet, or their checkpoint was lost with the machine) and failed ones:", "",
+                  "(yet, or their checkpoint was lost with the machine), failed ones, and pauses that wrote the seeds "
+                  "that had stopped (paused,ran) when a later execution trained those seeds again:", "",
                   "| dataset | variant | seeds | ended | outcome | GPU s |", "|---|---|---|---|---|---|"]
         for e in unfinished:
             lines.append(f"| {e['dataset']} | {e['variant']} | {seeds_label(e['seeds'] or [], sep=',')} | {e['at'] or ''} | {e['outcome']} | "
