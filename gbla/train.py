@@ -64,7 +64,7 @@ class RunResult:
     config: RunConfig
     config_hash: str
     device: str
-    wall_time_s: float
+    wall_time_s: float   # the group's, over all its executions (a resumed group's too)
     epochs_trained: int
     best_epoch: int
     history: list[dict]
@@ -80,7 +80,7 @@ class GroupResult:
     """results: one RunResult per config, in the order given; finished: False when the group stopped
     at `stop_at`: then results holds the seeds that had stopped early by then (tested), and
     `remaining` the configs of the seeds still training, which the checkpoint left behind resumes
-    (a group of just those configs)."""
+    (a group of just those configs). wall_time_s: this execution's seconds."""
     results: list[RunResult]
     finished: bool
     epochs_done: int
@@ -274,6 +274,9 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
     # stopped early are dropped from the model (TIGER.keep_seed_slots), so they cost nothing after
     slots = list(range(S))
     examples_trained, resumed_train_s = 0, 0.0
+    # wall and setup seconds of the executions before a resume (the checkpoint carries them): a run's
+    # wall_time_s and setup_s cover all of its executions, as train_s and eval_s do
+    wall_before, setup_before = 0.0, 0.0
 
     def save_checkpoint(epoch: int, members: list[int] | None = None) -> None:
         """The group's state after `epoch`, as the state of a group of the configs `members` (indices
@@ -287,7 +290,7 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
                    "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda"
                    else None, "seed_generators": [seed_generators[i].get_state() for i in members],
                    "order_generator": order_generator.get_state(), "train_s": train_s, "eval_s": eval_s,
-                   "n_evals": n_evals}
+                   "n_evals": n_evals, "wall_s": wall_before + time.perf_counter() - t_start, "setup_s": setup_s}
         with atomic_path(checkpoint_path) as tmp:
             torch.save(payload, tmp)
 
@@ -316,6 +319,7 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
         start_epoch = ckpt["epoch"] + 1
         train_s, eval_s, n_evals = ckpt["train_s"], ckpt["eval_s"], ckpt["n_evals"]
         resumed_train_s = train_s
+        wall_before, setup_before = ckpt.get("wall_s", 0.0), ckpt.get("setup_s", 0.0)
         log(f"[{label}] resumed from {checkpoint_path} after epoch {ckpt['epoch']}")
         del ckpt
 
@@ -324,7 +328,7 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
             torch.cuda.synchronize(dev)
 
     sync()
-    setup_s = time.perf_counter() - t_start
+    setup_s = setup_before + time.perf_counter() - t_start
     log(f"[{label}] {n_train} training examples, {steps_per_epoch} steps/epoch of {S} x {batch_size}, device "
         f"{dev}, backend {backend}, step {step_mode}, configs {' '.join(config_hashes)}; encoder lengths "
         f"{[enc_len for enc_len, _ in groups]} ({[len(idx) for _, idx in groups]} examples)")
@@ -342,9 +346,10 @@ def train_group(configs: Sequence[RunConfig], data, *, device: str = "auto", bac
                                   batch_size=eval_batch_size, autocast=use_autocast).cpu()
         sync()
         test_eval_s = time.perf_counter() - t0
-        wall = time.perf_counter() - t_start
+        wall = wall_before + time.perf_counter() - t_start
         group_timings = {
-            "group_seeds": S, "group_wall_s": wall, "setup_s": setup_s, "train_s": train_s, "eval_s": eval_s,
+            "group_seeds": S, "group_wall_s": wall, "resumed_wall_s": wall_before, "setup_s": setup_s,
+            "train_s": train_s, "eval_s": eval_s,
             "test_eval_s": test_eval_s, "group_epochs": epochs_done, "epoch_time_s": train_s / max(1, epochs_done),
             # examples of all seeds per second of training in this process (the group's throughput)
             "examples_per_s": examples_trained / max(train_s - resumed_train_s, 1e-9),

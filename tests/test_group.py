@@ -127,8 +127,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path):
     import time
     paused = train_group(configs, data, checkpoint_path=path, stop_at=time.time(), **kw)  # pauses after epoch 1
     assert not paused.finished and paused.epochs_done == 1 and path.is_file()
+    first_setup_s = torch.load(path, weights_only=False)["setup_s"]
     resumed = train_group(configs, data, checkpoint_path=path, **kw)
     assert resumed.finished and resumed.results[0].timings["resumed_from_epoch"] == 1
+    # a run's wall and setup seconds cover both executions; the group result's, only the resumed one
+    timings = resumed.results[0].timings
+    assert 0 < timings["resumed_wall_s"] <= paused.wall_time_s
+    assert resumed.results[0].wall_time_s == pytest.approx(timings["resumed_wall_s"] + resumed.wall_time_s, abs=0.05)
+    assert 0 < first_setup_s < timings["setup_s"] and straight.results[0].timings["resumed_wall_s"] == 0
     for a, b in zip(straight.results, resumed.results):
         assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
         assert a.valid_metrics == b.valid_metrics and a.best_epoch == b.best_epoch
