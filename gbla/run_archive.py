@@ -163,6 +163,15 @@ def _check_dispatch(path: Path, label: str) -> None:
                 raise ArchiveError(f"{label}:{n}: not a JSON line ({e.msg})") from None
 
 
+def unpack_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Unpack an archive of pack_runs into `dest`; ArchiveError (naming the archive) if it cannot be read."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(dest, filter="data")  # refuses absolute paths, '..' and links out of dest
+    except (OSError, tarfile.TarError) as e:
+        raise ArchiveError(f"{archive}: not a readable run archive ({e})") from None
+
+
 def merge_runs(archive: str | os.PathLike, runs_root: str | os.PathLike, configs: Iterable, *,
                replace_finished: bool = False) -> MergeReport:
     """Merge the archive's runs into `runs_root`; `configs` (RunConfigs) are the runs it may hold."""
@@ -172,11 +181,7 @@ def merge_runs(archive: str | os.PathLike, runs_root: str | os.PathLike, configs
     report = MergeReport()
     with tempfile.TemporaryDirectory(prefix="gbla-merge-") as tmp:
         tmp = Path(tmp)
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(tmp, filter="data")  # refuses absolute paths, '..' and links out of tmp
-        except (OSError, tarfile.TarError) as e:
-            raise ArchiveError(f"{archive}: not a readable run archive ({e})") from None
+        unpack_archive(archive, tmp)
         if not (tmp / MANIFEST).is_file():
             raise ArchiveError(f"{archive}: no {MANIFEST} (not written by pack_runs)")
         # every check first, so a bad archive writes nothing

@@ -64,5 +64,8 @@ def test_main_reads_an_archive_and_refuses_different_runs(tmp_path, capsys):
     assert "different config_hash" in capsys.readouterr().err
     assert rerun_check.main([str(tmp_path / "a"), str(tmp_path / "b"), "sports/hybrid/seed1"]) == 2
     assert "no finished run" in capsys.readouterr().err
+    (tmp_path / "broken.tgz").write_bytes(b"not gzip")
+    assert rerun_check.main([str(tmp_path / "a"), str(tmp_path / "broken.tgz"), "sports/hybrid/seed0"]) == 2
+    assert "broken.tgz: not a readable run archive" in capsys.readouterr().err
     _run(tmp_path / "g", ranks=(2, 0, 3, 10))
     assert rerun_check.main([str(tmp_path / "a"), str(tmp_path / "g"), "sports/hybrid/seed0"]) == 1

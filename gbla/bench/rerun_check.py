@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 import polars as pl
 
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit, shown_path
+from gbla.run_archive import ArchiveError, unpack_archive
 from gbla.runs import PER_USER_FILE, load_run_metrics
 
 PROVENANCE = ("commit", "device", "created_at", "data_fingerprint", "group_seeds")
@@ -73,11 +73,13 @@ def _runs_root(path: Path, scratch: Path) -> Path:
     """A runs folder as given, or an archive unpacked into `scratch`."""
     if path.is_dir():
         return path
-    if path.is_file() and tarfile.is_tarfile(path):
-        with tarfile.open(path) as tar:
-            tar.extractall(scratch, filter="data")
-        return scratch
-    raise RerunError(f"{path}: neither a runs folder nor an archive")
+    if not path.is_file():
+        raise RerunError(f"{path}: neither a runs folder nor an archive")
+    try:
+        unpack_archive(path, scratch)
+    except ArchiveError as e:
+        raise RerunError(str(e)) from None
+    return scratch
 
 
 def markdown(result: dict) -> str:
