@@ -631,6 +631,86 @@ def model_size_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+# ============================================================================= early stopping
+# Variants with GBLA layers keep earlier epochs (model_size). If seeds that stop earlier also score
+# lower within a variant, part of a variant's gap could come from the stopping rule (patience) rather
+# than from its architecture. The runs can say how strongly the two go together; not why (a seed that
+# learns worse may also stop earlier), and not what a longer patience would give (that needs new runs).
+
+STOPPING_COLUMNS = ["dataset", "metric", "n_runs", "n_groups", "df", "pct_per_10_epochs", "ci_low", "ci_high",
+                    "r", "p", "reason"]
+ALL_DATASETS = "all datasets"
+
+
+def stopping_dependence(runs: pd.DataFrame, metrics=("recall@10", "ndcg@10"), *, split: str = "test",
+                        confidence: float = 0.95) -> pd.DataFrame:
+    """How a seed's metric moves with the epoch whose weights it kept, within its (dataset, variant):
+    per dataset and over all datasets, the within-group slope (gbla.stats.within_group_slope) of the
+    metric in % of its variant's mean on the best epoch, given per 10 epochs, with its CI, p and the
+    partial correlation r. A variant with one finished seed adds nothing."""
+    ok = runs[runs["status"] == "ok"] if not runs.empty else runs
+    rows = []
+    scopes = ([(d, ok[ok["dataset"] == d]) for d in pd.unique(ok["dataset"])] + [(ALL_DATASETS, ok)]) if not ok.empty else []
+    for metric in metrics:
+        column = f"{split}_{metric}"
+        for scope, table in scopes:
+            if scope == ALL_DATASETS and table["dataset"].nunique() < 2:
+                continue
+            groups = (table["dataset"] + "/" + table["variant"]).to_numpy()
+            values = table[column].astype(float)
+            mean = values.groupby(groups).transform("mean")
+            fit = stats.within_group_slope(table["best_epoch"].astype(float).to_numpy(),
+                                           (100.0 * (values / mean - 1.0)).to_numpy(), groups, confidence)
+            rows.append({"dataset": scope, "metric": metric, "n_runs": fit["n"], "n_groups": fit["n_groups"],
+                         "df": fit["df"], "pct_per_10_epochs": 10 * fit["slope"], "ci_low": 10 * fit["ci_low"],
+                         "ci_high": 10 * fit["ci_high"], "r": fit["r"], "p": fit["p"], "reason": fit["reason"]})
+    return pd.DataFrame(rows, columns=STOPPING_COLUMNS)
+
+
+def stopping_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The stopping_dependence table as shown: % per 10 epochs with its CI, r, p to 3 digits."""
+    if table.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({
+        "dataset": table["dataset"], "metric": [_label(m) for m in table["metric"]],
+        "runs (variants)": [f"{n} ({g})" for n, g in zip(table["n_runs"], table["n_groups"])],
+        "Δ% per 10 epochs later [95% CI]": [
+            (f"{_pct(r['pct_per_10_epochs'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"
+             if np.isfinite(r["pct_per_10_epochs"]) else f"– ({r['reason']})") for _, r in table.iterrows()],
+        "r": [("" if not np.isfinite(x) else f"{x:+.2f}") for x in table["r"]],
+        "p": [_p(x) for x in table["p"]],
+    })
+
+
+def _stopping_finding(rep: "Report", metric: str, alpha: float) -> str | None:
+    """The across-datasets sentence on early stopping: the within-variant slope over all datasets, and
+    what it would make of the hybrid's earlier best epoch on each dataset (the gap in epochs times the
+    slope: what the stopping rule would explain of the gap if the slope were all its doing)."""
+    table = rep.stopping
+    rows = table[(table["dataset"] == ALL_DATASETS) & (table["metric"] == metric)] if not table.empty else table
+    if rows.empty or not np.isfinite(rows["pct_per_10_epochs"].iloc[0]):
+        return None
+    r = rows.iloc[0]
+    verdict = "a significant" if r["p"] <= alpha else "no significant"
+    text = (f"Early stopping, within a variant: a seed that keeps an epoch 10 later scores "
+            f"{_pct(r['pct_per_10_epochs'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] {_label(metric)} "
+            f"(% of its variant's mean; r = {r['r']:+.2f}, p = {_p(r['p'])}, {int(r['n_runs'])} runs of "
+            f"{int(r['n_groups'])} variants x datasets): {verdict} dependence")
+    size = rep.model_size
+    gaps = []
+    if not size.empty:
+        for d in pd.unique(size["dataset"]):
+            of = size[size["dataset"] == d].set_index("variant")["best_epoch_mean"]
+            if {"hybrid", "sa"} <= set(of.index):
+                gap = float(of["hybrid"] - of["sa"])
+                epochs = f"{gap:+.0f}".replace("-", "−")
+                gaps.append(f"{d} {epochs} epochs, {_pct(gap / 10 * r['pct_per_10_epochs'])}")
+    if gaps:
+        text += ("; at that slope the hybrid's best epoch beside sa's would be worth " + "; ".join(gaps) +
+                 " (correlational: a seed that learns worse may also stop earlier)")
+    return text + "."
+
+
 # ============================================================================= top-5 diagnostics
 # Two candidate causes of a shortfall in the top 5 (hits landing at ranks 6-10), each checked from what
 # the runs recorded: the validation metric early stopping watches, and items that share a semantic-ID
@@ -885,6 +965,7 @@ class Report:
     by_history_length: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=BY_LENGTH_COLUMNS))
     model_size: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MODEL_SIZE_COLUMNS))
     reselection: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RESELECTION_COLUMNS))
+    stopping: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=STOPPING_COLUMNS))
     # filled by prefix_sharing_of_report (the semantic IDs are in the processed data)
     prefix_sharing: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PREFIX_SHARING_COLUMNS))
 
@@ -930,7 +1011,9 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=MET
         equivalence=equivalence(runs, equivalence_pairs, metrics, margin=tost_margin, ranks=ranks),
         published=published, histories=histories, notes=notes,
         pooled=pooled(runs, references, metrics, pairs=pairs, confidence=confidence, margin=tost_margin),
-        model_size=model_size(runs), reselection=reselect_epochs(runs))
+        model_size=model_size(runs), reselection=reselect_epochs(runs),
+        stopping=stopping_dependence(runs, [m for m in ("recall@10", "ndcg@10") if m in metrics] or metrics[:1],
+                                     confidence=confidence))
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -947,7 +1030,7 @@ def write_report(report: Report, output_dir, *, runs_root=None, params_file=None
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in ("status", "summary", "comparisons", "equivalence", "published", "pooled", "by_history_length",
-                 "model_size", "reselection", "prefix_sharing"):
+                 "model_size", "stopping", "reselection", "prefix_sharing"):
         path = output_dir / f"{name}.csv"
         _atomic_csv(getattr(report, name), path)
         paths[name] = path
@@ -1139,7 +1222,8 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
     `bidirectional` (sa-causal vs sa), `published` (the GBLA paper's Tiger+GBLA-vs-Tiger gap beside
     ours), `top5` (sa's top-5 diagnostics: rep.reselection, rep.prefix_sharing), `not_run` (variants
     without finished seeds or with missing seeds); and, once two datasets
-    pair seeds, `pooled` under "across datasets" (rep.pooled: each change averaged over the datasets);
+    pair seeds, `pooled` under "across datasets" (rep.pooled: each change averaged over the datasets)
+    and `stopping` (rep.stopping: does a seed's metric move with the epoch it kept, within its variant);
     `history` when rep.by_history_length holds the dataset's split by history length.
     A topic whose variants are not in the grid at all says so; a dataset with no finished run at all
     gets only `published` and `not_run`. Statistics are the seed-level ones (what retraining varies).
@@ -1308,6 +1392,9 @@ def findings(rep: "Report", metrics=("recall@10", "ndcg@10"), *, alpha: float = 
             rows.insert(len(rows) - 1, {"dataset": d, "topic": "history", "text": history_text})  # before not_run
     if not rep.pooled.empty:
         add("across datasets", "pooled", _pooled_finding(rep.pooled, metrics, alpha))
+    stopping_text = _stopping_finding(rep, metrics[0], alpha)
+    if stopping_text:
+        add("across datasets", "stopping", stopping_text)
     return pd.DataFrame(rows, columns=["dataset", "topic", "text"])
 
 

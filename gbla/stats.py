@@ -331,6 +331,56 @@ def pooled_relative_difference(pairs, confidence: float = 0.95, *, margin_pct: f
     return out
 
 
+# --------------------------------------------------------------------------- within-group regression
+
+def within_group_slope(x, y, groups, confidence: float = 0.95) -> dict:
+    """The slope of y on x within groups: the least-squares fit y = a_g + b x with one intercept per
+    group (the fixed-effects, or "within", estimator), so that only how y moves with x inside a group
+    counts, not how the groups' means differ. Used for "do the seeds of one variant that kept a later
+    epoch score higher?", with a group per (dataset, variant).
+
+    Both are centred on their group means; b = sum(x y) / sum(x^2), its standard error from the
+    residuals on n - G - 1 degrees of freedom (G groups with 2+ members; a group of one holds no
+    within-group information and is left out), a t-CI and t-test of b = 0, and r, the correlation of the
+    centred values (the partial correlation given the group). NaN with a reason when the groups leave
+    under one degree of freedom or x does not vary within them."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    groups = np.asarray(groups, dtype=object)
+    if not (x.shape == y.shape == groups.shape) or x.ndim != 1:
+        raise ValueError(f"x, y and groups must be 1-d and of one length (got {x.shape}, {y.shape}, {groups.shape})")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y, groups = x[keep], y[keep], groups[keep]
+    labels, index, counts = np.unique(groups.astype(str), return_inverse=True, return_counts=True)
+    members = counts[index] >= 2
+    x, y = x[members], y[members]
+    index = np.unique(index[members], return_inverse=True)[1]   # groups of one gone: number the rest 0..G-1
+    n, n_groups = int(x.size), int(np.unique(index).size)
+    out = {"n": n, "n_groups": n_groups, "df": n - n_groups - 1, "slope": math.nan, "ci_low": math.nan,
+           "ci_high": math.nan, "r": math.nan, "t": math.nan, "p": math.nan, "reason": ""}
+    if out["df"] < 1:
+        out["df"] = max(out["df"], 0)
+        out["reason"] = f"{n} values in {n_groups} groups of 2+: no degree of freedom left for the slope's error"
+        return out
+    xc = x - (np.bincount(index, weights=x) / np.bincount(index))[index]
+    yc = y - (np.bincount(index, weights=y) / np.bincount(index))[index]
+    sxx, syy, sxy = float(xc @ xc), float(yc @ yc), float(xc @ yc)
+    if _no_spread(xc):
+        out["reason"] = "x does not vary within any group"
+        return out
+    slope = sxy / sxx
+    residual_var = float(((yc - slope * xc) ** 2).sum()) / out["df"]
+    se = math.sqrt(residual_var / sxx)
+    half = float(sps.t.ppf(0.5 + confidence / 2, out["df"])) * se
+    out.update(slope=slope, ci_low=slope - half, ci_high=slope + half,
+               r=sxy / math.sqrt(sxx * syy) if syy > 0 else math.nan)
+    if se > 0:
+        out["t"] = slope / se
+        out["p"] = float(2 * sps.t.sf(abs(out["t"]), out["df"]))
+    else:
+        out["reason"] = "y lies exactly on the fitted lines: no residual spread"
+    return out
+
+
 # --------------------------------------------------------------------------- power
 
 def paired_mde(sd_diff: float, n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:

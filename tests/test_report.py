@@ -254,7 +254,7 @@ def test_build_and_write_report(grid, tmp_path):
     root, runs = grid
     rep = report.build_report(runs, n_bootstrap=200, progress=False)
     paths = report.write_report(rep, tmp_path / "reports", runs_root=root)
-    for name in ("status", "summary", "comparisons", "equivalence", "published", "runs", "model_size"):
+    for name in ("status", "summary", "comparisons", "equivalence", "published", "runs", "model_size", "stopping"):
         assert paths[name].is_file()
     assert set(pd.read_csv(paths["model_size"])["variant"]) == {"sa", "hybrid", "all-gbla", "ratio-1to1"}
     assert len(pd.read_csv(paths["comparisons"])) == len(rep.comparisons) == 2 * 3 * len(METRICS) + 0 * 1
@@ -694,6 +694,59 @@ def test_model_size_reads_each_variants_config_and_its_best_epochs(tmp_path):
     assert shown.loc["hybrid", "toys: best epoch (seeds)"] == "5 (1)" and shown.loc["sa", "toys: best epoch (seeds)"] == ""
     assert shown.loc["hybrid", "vs sa"] == f"{100 * (n_hybrid / n_sa - 1):+.1f}%"
     assert report.model_size_table(report.model_size(report.load_runs(tmp_path / "none"))).empty
+
+
+def test_stopping_dependence_fits_within_each_variant_and_says_what_the_hybrid_epochs_are_worth(tmp_path):
+    """A grid built so that within each variant a later best epoch goes with more hits: the table's
+    slope (in % of the variant's mean per 10 epochs) is the within-variant least-squares slope, per
+    dataset and over both; a variant with one seed adds nothing; the finding turns the hybrid's best
+    epoch minus sa's into a % at the pooled slope."""
+    root = tmp_path / "runs"
+    n_users = 200
+    # (best epochs, hits among n_users at rank 1): later epochs, more hits, at different rates
+    plan = {("beauty", "sa"): ([40, 50, 60], [60, 62, 65]), ("beauty", "hybrid"): ([30, 34, 46], [58, 57, 61]),
+            ("toys", "sa"): ([20, 44], [40, 43]), ("toys", "hybrid"): ([25, 31, 36], [41, 40, 44]),
+            ("toys", "all-gbla"): ([70], [90])}
+    for (dataset, variant), (epochs, hits) in plan.items():
+        for seed, (e, h) in enumerate(zip(epochs, hits)):
+            write_run(root, dataset, variant, seed, np.r_[np.ones(h, int), np.zeros(n_users - h, int)],
+                      epochs=e + 10, best_epoch=e)
+    runs = report.load_runs(root)
+    table = report.stopping_dependence(runs, ["recall@10"]).set_index("dataset")
+    assert list(table.index) == ["beauty", "toys", report.ALL_DATASETS]
+
+    def expected(keys):
+        x, y, g = [], [], []
+        for key in keys:
+            epochs, hits = plan[key]
+            if len(epochs) < 2:
+                continue
+            values = np.array(hits) / n_users
+            x += epochs
+            y += list(100 * (values / values.mean() - 1))
+            g += ["/".join(key)] * len(epochs)
+        return stats.within_group_slope(np.array(x, float), np.array(y), np.array(g))
+
+    for scope, keys in (("beauty", [k for k in plan if k[0] == "beauty"]), ("toys", [k for k in plan if k[0] == "toys"]),
+                        (report.ALL_DATASETS, list(plan))):
+        fit = expected(keys)
+        row = table.loc[scope]
+        assert row["pct_per_10_epochs"] == pytest.approx(10 * fit["slope"]) and row["p"] == pytest.approx(fit["p"])
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((10 * fit["ci_low"], 10 * fit["ci_high"]))
+        assert row["n_runs"] == fit["n"] and row["n_groups"] == fit["n_groups"]
+    assert table.loc["toys", "n_runs"] == 5 and table.loc[report.ALL_DATASETS, "n_groups"] == 4  # all-gbla: one seed
+    assert table.loc[report.ALL_DATASETS, "pct_per_10_epochs"] > 0
+
+    rep = report.build_report(runs, metrics=["recall@10"], n_bootstrap=100, progress=False)
+    text = report.findings(rep, ["recall@10"]).set_index("topic").loc["stopping", "text"]
+    slope = table.loc[report.ALL_DATASETS, "pct_per_10_epochs"]
+    gap_beauty = np.mean([30, 34, 46]) - np.mean([40, 50, 60])
+    assert f"beauty −13 epochs, {report._pct(gap_beauty / 10 * slope)}" in text
+    assert f"scores {report._pct(slope)}" in text and "11 runs of 4 variants" in text
+    shown = report.stopping_table(rep.stopping)
+    assert list(shown["runs (variants)"]) == ["6 (2)", "5 (2)", "11 (4)"]
+    one_dataset = report.stopping_dependence(runs[runs["dataset"] == "beauty"], ["recall@10"])
+    assert list(one_dataset["dataset"]) == ["beauty"]  # no "all datasets" row from a single dataset
 
 
 def test_model_size_refuses_seeds_of_one_variant_with_different_models(tmp_path):
