@@ -29,9 +29,10 @@ merged one after another (paused, then finished) keep every execution's records:
     run.log         installed when there is none here; replaced when the archive's log continues the
                     local one (starts with it); kept when the local one already holds the archive's;
                     otherwise each execution's section of it (from its "# <date> ..." header) that the
-                    local one lacks is appended (executions whose logs the remote no longer had, or a
-                    remote copy of the local tree taken before the previous archive was merged), so
-                    logs merged in the order they were written stay in order and none is repeated
+                    local one lacks is added (executions whose logs the remote no longer had, or a
+                    remote copy of the local tree taken before the previous archive was merged) and
+                    the sections are put in the order of their headers' dates, so that none is
+                    repeated and an execution merged late still reads before those that followed it
     train.ipynb     replaced when runs of that variant are installed, installed when there is none here;
                     a local notebook of another group of seeds is kept as train-seeds<its seeds>.ipynb
 
@@ -48,6 +49,7 @@ import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
@@ -264,14 +266,21 @@ def _merge_log(src: Path, dest: Path) -> bool:
         return True
     # other executions' logs: the remote lost the earlier ones, or its folder was copied again from a
     # local tree that had not merged them yet (so the archive's log repeats the local executions and
-    # then has its own). Each execution's section goes in once, after the local ones, in the archive's order.
-    merged = ours
+    # then has its own). Each execution's section goes in once; the sections are then put in the order
+    # of their headers' dates, so that an execution whose archive is merged late (one that a later
+    # command restarted from scratch) still reads before the executions that came after it.
+    sections = _log_sections(ours)
+    added = False
     for section in _log_sections(theirs):
-        if section in merged:
+        if section in ours or section in sections:
             continue
-        merged += (b"" if merged.endswith(b"\n") else b"\n") + section
-    if merged == ours:
+        sections.append(section)
+        added = True
+    if not added:
         return False
+    merged = b""
+    for section in _in_date_order(sections):
+        merged += (b"" if not merged or merged.endswith(b"\n") else b"\n") + section
     with atomic_path(dest) as tmp_copy:
         Path(tmp_copy).write_bytes(merged)
     return True
@@ -284,6 +293,20 @@ _SECTION_START = re.compile(rb"(?m)^(?=# \d{4}-\d{2}-\d{2})")
 def _log_sections(log: bytes) -> list[bytes]:
     """run.log cut into its executions' sections (anything before the first header is one too)."""
     return [part for part in _SECTION_START.split(log) if part]
+
+
+def _in_date_order(sections: list[bytes]) -> list[bytes]:
+    """Sections sorted by the date of their header line (stable: equal dates keep their order; text
+    before the first header stays first). A header whose date does not parse leaves the order as it is."""
+    def date_of(section: bytes):
+        if not section.startswith(b"# "):
+            return datetime.min.replace(tzinfo=timezone.utc)
+        stamp = datetime.fromisoformat(section[2:].split(maxsplit=1)[0].decode())
+        return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+    try:
+        return sorted(sections, key=date_of)
+    except (ValueError, UnicodeDecodeError, IndexError):
+        return sections
 
 
 def _append_new_lines(src: Path, dest: Path) -> bool:

@@ -269,6 +269,34 @@ def test_a_remote_copy_taken_before_the_last_merge_repeats_no_execution(tmp_path
     assert snapshot(dest) == before
 
 
+def test_an_execution_merged_late_reads_before_the_ones_after_it(tmp_path, configs):
+    """Execution 1's archive is merged only after executions 2 and 3 (its command was lost and a later
+    command started the group again): its log section goes before theirs, by the headers' dates, and
+    merging any archive again changes nothing. Real headers carry a time and a UTC offset."""
+    dest, lost, later = tmp_path / "dest", tmp_path / "lost", tmp_path / "later"
+    sa0 = configs[0]
+    _, log1 = fake_execution(lost, sa0, 1, outcome="paused", log_lines=["epoch 1", "paused"])
+    _, log2 = fake_execution(later, sa0, 2, outcome="paused", log_lines=["epoch 1 again"])
+    _, log3 = fake_execution(later, sa0, 3, outcome="ran", log_lines=["resumed", "done"])
+    pack_runs(lost, configs, tmp_path / "lost.tgz")
+    pack_runs(later, configs, tmp_path / "later.tgz")
+    merge_runs(tmp_path / "later.tgz", dest, configs)
+    vdir = variant_dir_for(dest, "synthetic", "sa")
+    assert (vdir / "run.log").read_text() == log2 + log3
+    assert merge_runs(tmp_path / "lost.tgz", dest, configs).group_files == ["synthetic/sa"]
+    assert (vdir / "run.log").read_text() == log1 + log2 + log3
+    before = snapshot(dest)
+    for archive in ("lost.tgz", "later.tgz"):
+        assert merge_runs(tmp_path / archive, dest, configs).group_files == []
+    assert snapshot(dest) == before
+    # full timestamps with offsets compare as instants; a header without a date keeps the order as it is
+    from gbla.run_archive import _in_date_order
+    a = b"# 2026-12-02T02:29:51+00:00 x\nline\n"
+    b = b"# 2026-12-02T03:20:16+01:00 y\n"      # 02:20:16 UTC: before a
+    assert _in_date_order([b"preamble\n", a, b]) == [b"preamble\n", b, a]
+    assert _in_date_order([a, b"# not-a-date z\n", b]) == [a, b"# not-a-date z\n", b]
+
+
 def test_group_files_outside_the_profile_are_refused(tmp_path, configs):
     src, dest = tmp_path / "src", tmp_path / "dest"
     fake_run(src, configs[0])
