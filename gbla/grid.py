@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -91,6 +92,7 @@ class GroupTask:
     stop_at: float | None = None
     data_fingerprint: str | None = None   # the processed data's; a result on other data is not done
     min_start_s: float = MIN_GROUP_START_S  # a group without a checkpoint needs this much time left to start
+    command: str = ""   # the grid command that dispatched it, recorded with each execution (provenance)
 
     @property
     def label(self) -> str:
@@ -199,7 +201,7 @@ def execute_group(task: GroupTask) -> list[dict]:
     execution = {"execution": uuid.uuid4().hex[:12], "label": task.label, "pid": os.getpid(),
                  **{k: base[k] for k in ("host", "worker", "cuda_visible_devices", "group_seeds")}}
     append_dispatch_event(variant_dir, {"event": "start", "at": _now(), "time": round(time.time(), 3),
-                                        **execution})
+                                        **execution, **({"command": task.command} if task.command else {})})
     for run_dir in task.run_dirs():  # an earlier failure no longer describes this run
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
     threads = str(task.cpu_threads)
@@ -377,7 +379,7 @@ def start_cluster(grid: Grid, kind: str, gpus: list[str] | None = None):
 
 def make_group_task(grid: Grid, configs: list[RunConfig], cpu_threads: int, overrides: dict | None = None,
                     stop_at: float | None = None, data_fingerprint: str | None = None,
-                    min_start_s: float = MIN_GROUP_START_S) -> GroupTask:
+                    min_start_s: float = MIN_GROUP_START_S, command: str = "") -> GroupTask:
     overrides = overrides or {}
     runs_root = grid.runs_root
     processed_root = overrides.get("processed_root") or grid.processed_root
@@ -396,7 +398,7 @@ def make_group_task(grid: Grid, configs: list[RunConfig], cpu_threads: int, over
                      variant_dir=str(variant_dir_for(runs_root, first.dataset, first.variant)),
                      notebook=str(TRAIN_NOTEBOOK), parameters=parameters, cpu_threads=cpu_threads,
                      cell_timeout_s=grid.runtime.get("cell_timeout_s"), stop_at=stop_at,
-                     data_fingerprint=data_fingerprint, min_start_s=min_start_s)
+                     data_fingerprint=data_fingerprint, min_start_s=min_start_s, command=command)
 
 
 def group_configs(configs: list[RunConfig]) -> list[list[RunConfig]]:
@@ -582,12 +584,13 @@ def results_table(frame) -> str:
 def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: str | None = None,
              runs_per_gpu: int | None = None, gpus: list[str] | None = None, dry_run: bool = False,
              aggregate: bool = True, overrides: dict | None = None, time_budget_s: float | None = None,
-             min_start_s: float = MIN_GROUP_START_S,
+             min_start_s: float = MIN_GROUP_START_S, command: str = "",
              log=print) -> dict:
     """Expand, skip what is done, dispatch the rest (one task per (dataset, variant): its pending
     seeds), write summary.json, run the reports. time_budget_s: groups still training when it runs
     out write a checkpoint and stop (outcome "paused"); the same call later resumes them. min_start_s: a
-    group without a checkpoint is not started with less of the budget left (outcome "not-run")."""
+    group without a checkpoint is not started with less of the budget left (outcome "not-run"). command:
+    the command line that asked for this, recorded in each group execution's dispatch "start" record."""
     started, t0 = _now(), time.time()
     kind = cluster or grid.dask["cluster"]
     if runs_per_gpu is not None:
@@ -629,7 +632,7 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     check_datasets(sorted({c.dataset for c in todo}), processed_root)
     stop_at = t0 + time_budget_s if time_budget_s is not None else None
     tasks = [make_group_task(grid, group, plan.cpu_threads, overrides, stop_at, fingerprints[group[0].dataset],
-                             min_start_s=min_start_s)
+                             min_start_s=min_start_s, command=command)
              for group in group_configs(todo)]
     outcomes, interrupted = [], False
     if tasks:
@@ -821,7 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run_grid(grid, datasets=args.datasets, variants=args.variants, seeds=args.seeds,
                            cluster=args.cluster, runs_per_gpu=args.runs_per_gpu, gpus=gpus, dry_run=args.dry_run,
                            aggregate=not args.no_aggregate, overrides=overrides, time_budget_s=args.time_budget,
-                           min_start_s=args.min_start)
+                           min_start_s=args.min_start,
+                           command=shlex.join(["python", "-m", "gbla.grid", *(sys.argv[1:] if argv is None else argv)]))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -552,7 +552,8 @@ def test_a_resumed_group_appends_to_the_log_of_its_paused_execution(tmp_path):
                            config_hashes=tuple(c.config_hash() for c in configs), variant_dir=str(vdir),
                            notebook=str(notebook), cpu_threads=1, stop_at=time.time() + 3600,
                            parameters={"mode": mode, "checkpoint": str(checkpoint),
-                                       "config_hashes": {c.seed: c.config_hash() for c in configs}})
+                                       "config_hashes": {c.seed: c.config_hash() for c in configs}},
+                           command=f"python -m gbla.grid --profile smoke  # {mode}")
         return [o["outcome"] for o in G.execute_group(task)]
 
     assert execute("pause") == ["paused", "paused"]
@@ -569,6 +570,9 @@ def test_a_resumed_group_appends_to_the_log_of_its_paused_execution(tmp_path):
     events = [(e["event"], e.get("outcomes")) for e in G.read_dispatch_log(vdir)]
     assert events == [("start", None), ("end", {"0": "paused", "1": "paused"}),
                       ("start", None), ("end", {"0": "ran", "1": "ran"})]
+    # each execution's start record names the command that dispatched it
+    assert [e.get("command") for e in G.read_dispatch_log(vdir)] == [
+        "python -m gbla.grid --profile smoke  # pause", None, "python -m gbla.grid --profile smoke  # finish", None]
     # a group that starts afresh (no checkpoint of its own) writes a new log
     assert not checkpoint.exists()
     assert execute("finish") == ["ran", "ran"]
@@ -666,8 +670,13 @@ def test_min_start_reaches_the_tasks_from_the_command_line(tmp_path, monkeypatch
     monkeypatch.setattr(G, "check_cpu_cost", lambda *a, **k: None)
     G.main(["--profile", "smoke", "--time-budget", "500", "--min-start", "450", "--no-aggregate"])
     assert seen["time_budget_s"] == 500 and seen["min_start_s"] == 450
-    G.main(["--profile", "smoke", "--no-aggregate"])
+    assert seen["command"] == "python -m gbla.grid --profile smoke --time-budget 500 --min-start 450 --no-aggregate"
+    G.main(["--profile", "smoke", "--no-aggregate", "--datasets", "synthetic"])
     assert seen["min_start_s"] == G.MIN_GROUP_START_S
+    assert seen["command"] == "python -m gbla.grid --profile smoke --no-aggregate --datasets synthetic"
+    grid = G.load_grid(PARAMS, "smoke")
+    task = G.make_group_task(grid, grid.expand(variants=["sa"], seeds=[0]), 1, command=seen["command"])
+    assert task.command == seen["command"]
 
 
 def test_group_configs_keeps_one_task_per_variant():
