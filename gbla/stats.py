@@ -350,7 +350,7 @@ def within_group_slope(x, y, groups, confidence: float = 0.95) -> dict:
         raise ValueError(f"x, y and groups must be 1-d and of one length (got {x.shape}, {y.shape}, {groups.shape})")
     keep = np.isfinite(x) & np.isfinite(y)
     x, y, groups = x[keep], y[keep], groups[keep]
-    labels, index, counts = np.unique(groups.astype(str), return_inverse=True, return_counts=True)
+    _, index, counts = np.unique(groups.astype(str), return_inverse=True, return_counts=True)
     members = counts[index] >= 2
     x, y = x[members], y[members]
     index = np.unique(index[members], return_inverse=True)[1]   # groups of one gone: number the rest 0..G-1
@@ -361,8 +361,9 @@ def within_group_slope(x, y, groups, confidence: float = 0.95) -> dict:
         out["df"] = max(out["df"], 0)
         out["reason"] = f"{n} values in {n_groups} groups of 2+: no degree of freedom left for the slope's error"
         return out
-    xc = x - (np.bincount(index, weights=x) / np.bincount(index))[index]
-    yc = y - (np.bincount(index, weights=y) / np.bincount(index))[index]
+    sizes = np.bincount(index)
+    xc = x - (np.bincount(index, weights=x) / sizes)[index]
+    yc = y - (np.bincount(index, weights=y) / sizes)[index]
     sxx, syy, sxy = float(xc @ xc), float(yc @ yc), float(xc @ yc)
     if _no_spread(xc):
         out["reason"] = "x does not vary within any group"
