@@ -49,7 +49,7 @@ from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_com
 from gbla.run_archive import merge_runs, pack_runs
 from gbla.datasets import dataset_available, dataset_path, expected_data_fingerprint
 from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, checkpoint_path, collect_runs, is_done,
-                       keep_earlier_group_notebook, record_failure, run_dir_for, variant_dir_for)
+                       keep_earlier_group_notebook, load_run_metrics, record_failure, run_dir_for, variant_dir_for)
 
 TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
 # with a deadline (--time-budget), a group is not started with less than this many seconds left (a
@@ -581,16 +581,48 @@ def results_table(frame) -> str:
     return table.drop(columns="runs").to_string(float_format=lambda x: f"{x:.4f}")
 
 
+class DataMismatchError(ValueError):
+    """The processed data differ from those a dataset's finished runs were trained on."""
+
+
+def runs_on_other_data(grid: Grid, dataset: str, fingerprint: str | None) -> dict[str, list[str]]:
+    """The finished runs of `dataset` (every variant and seed of the profile) trained on other data
+    than `fingerprint`: {their data fingerprint: ["variant/seedK", ...]}."""
+    clash: dict[str, list[str]] = {}
+    if fingerprint is None:
+        return clash
+    for c in grid.expand([dataset], None, None):
+        metrics = load_run_metrics(run_dir_for(grid.runs_root, c.dataset, c.variant, c.seed))
+        if metrics and metrics.get("status") == "ok" and metrics.get("data_fingerprint") != fingerprint:
+            clash.setdefault(str(metrics.get("data_fingerprint")), []).append(f"{c.variant}/seed{c.seed}")
+    return clash
+
+
+def describe_data_mismatch(dataset: str, fingerprint: str, clash: dict[str, list[str]], path: Path) -> str:
+    n = sum(len(v) for v in clash.values())
+    were = "; ".join(f"{fp}: {len(runs)} runs ({', '.join(runs[:4])}{', ...' if len(runs) > 4 else ''})"
+                     for fp, runs in sorted(clash.items()))
+    return (f"{dataset}: the processed data in {path} (fingerprint {fingerprint}) are not the data {n} finished "
+            f"runs of {dataset} were trained on ({were}). New runs would be compared with them in the report "
+            f"although their semantic IDs differ. A rebuild on another CPU or with other library versions "
+            f"gives other codes (README, 'What is bit-reproducible'): compare the environment in "
+            f"{path / 'meta.json'} with the build record (outputs/data/build_report.md), or point "
+            f"--processed-root at the data of those runs. To train on these data anyway (every finished run "
+            f"of {dataset} then needs training again), pass --accept-new-data.")
+
+
 def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: str | None = None,
              runs_per_gpu: int | None = None, gpus: list[str] | None = None, dry_run: bool = False,
              aggregate: bool = True, overrides: dict | None = None, time_budget_s: float | None = None,
-             min_start_s: float = MIN_GROUP_START_S, command: str = "",
+             min_start_s: float = MIN_GROUP_START_S, command: str = "", accept_new_data: bool = False,
              log=print) -> dict:
     """Expand, skip what is done, dispatch the rest (one task per (dataset, variant): its pending
     seeds), write summary.json, run the reports. time_budget_s: groups still training when it runs
     out write a checkpoint and stop (outcome "paused"); the same call later resumes them. min_start_s: a
     group without a checkpoint is not started with less of the budget left (outcome "not-run"). command:
-    the command line that asked for this, recorded in each group execution's dispatch "start" record."""
+    the command line that asked for this, recorded in each group execution's dispatch "start" record.
+    Raises DataMismatchError when a dataset to train has finished runs (of any variant of the profile)
+    trained on other processed data than there is now, unless accept_new_data."""
     started, t0 = _now(), time.time()
     kind = cluster or grid.dask["cluster"]
     if runs_per_gpu is not None:
@@ -621,6 +653,16 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     if other_data:
         log(f"{len(other_data)} runs have results trained on other data than the processed data there now "
             f"(fingerprints {fingerprints}): stale, to be run again")
+    # new runs on other semantic IDs than a dataset's finished runs would be compared with them in the
+    # report as if trained on the same data: refuse (a dry run warns), naming what differs
+    for dataset in sorted({c.dataset for c in todo}) if not accept_new_data else []:
+        clash = runs_on_other_data(grid, dataset, fingerprints[dataset])
+        if clash:
+            message = describe_data_mismatch(dataset, fingerprints[dataset], clash,
+                                             dataset_path(dataset, processed_root))
+            if not dry_run:
+                raise DataMismatchError(message)
+            log(f"warning: {message}")
     if dry_run:
         for c in todo:
             log(f"  would run {c.dataset}/{c.variant}/seed{c.seed} (config {c.config_hash()})")
@@ -797,6 +839,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--merge", metavar="PATH.tgz",
                     help="train nothing: merge an archive written by --archive into the runs folder, checking "
                          "each run against this profile (never replaces a finished run)")
+    ap.add_argument("--accept-new-data", action="store_true",
+                    help="train although a dataset's finished runs were trained on other processed data than "
+                         "there is now (those runs become stale and are trained again when selected)")
     ap.add_argument("--replace-finished", action="store_true",
                     help="with --merge: let the archive's finished runs replace finished local ones")
     args = ap.parse_args(argv)
@@ -824,7 +869,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run_grid(grid, datasets=args.datasets, variants=args.variants, seeds=args.seeds,
                            cluster=args.cluster, runs_per_gpu=args.runs_per_gpu, gpus=gpus, dry_run=args.dry_run,
                            aggregate=not args.no_aggregate, overrides=overrides, time_budget_s=args.time_budget,
-                           min_start_s=args.min_start,
+                           min_start_s=args.min_start, accept_new_data=args.accept_new_data,
                            command=shlex.join(["python", "-m", "gbla.grid", *(sys.argv[1:] if argv is None else argv)]))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -201,6 +201,44 @@ def test_a_result_trained_on_other_data_is_not_done(tmp_path):
     assert any("trained on other data" in line for line in logged)
 
 
+def test_new_runs_on_other_data_than_a_datasets_finished_runs_are_refused(tmp_path, capsys):
+    """Finished runs of one variant on other processed data (a rebuild on another CPU, say): training
+    another variant of that dataset would mix semantic IDs in the report, so the grid stops before
+    dispatching anything, names both fingerprints and the runs, and goes on only with --accept-new-data."""
+    from gbla.train import RunResult
+
+    g = G.load_grid(PARAMS, "smoke")
+    finished, other = g.expand()[0], next(c for c in g.expand() if c.variant != g.expand()[0].variant)
+    current = datasets.expected_data_fingerprint(finished.dataset, synthetic=g.synthetic)
+    result = RunResult(config=finished, config_hash=finished.config_hash(), device="cpu", wall_time_s=1.0,
+                       epochs_trained=1, best_epoch=1, history=[], valid_metrics=dict.fromkeys(runs.METRIC_NAMES, 0.1),
+                       test_metrics=dict.fromkeys(runs.METRIC_NAMES, 0.1),
+                       test_per_user={"user": [0], "target": [1], "rank": [1]}, timings={})
+    runs.save_run_result(result, runs.run_dir_for(tmp_path, finished.dataset, finished.variant, finished.seed),
+                         data_fingerprint="0123456789ab", commit="c")
+    select = dict(datasets=[other.dataset], variants=[other.variant], seeds=[other.seed],
+                  overrides={"runs_root": str(tmp_path)}, aggregate=False)
+    with pytest.raises(G.DataMismatchError) as refused:
+        G.run_grid(G.load_grid(PARAMS, "smoke"), log=lambda _: None, **select)
+    message = str(refused.value)
+    assert f"fingerprint {current}" in message and "0123456789ab: 1 runs" in message
+    assert f"{finished.variant}/seed{finished.seed}" in message and "--accept-new-data" in message
+    assert not runs.run_dir_for(tmp_path, other.dataset, other.variant, other.seed).exists()
+    # a dry run says the same as a warning
+    logged = []
+    G.run_grid(G.load_grid(PARAMS, "smoke"), dry_run=True, log=logged.append, **select)
+    assert any(line.startswith("warning: ") and "0123456789ab" in line for line in logged)
+    # the command line: exit 2, the message on stderr
+    args = ["--params", str(PARAMS), "--profile", "smoke", "--datasets", other.dataset, "--variants", other.variant,
+            "--seeds", str(other.seed), "--runs-root", str(tmp_path), "--no-aggregate"]
+    assert G.main(args) == 2
+    assert "--accept-new-data" in capsys.readouterr().err
+    # accepted: dispatched (a zero time budget starts no group, so nothing trains here)
+    summary = G.run_grid(G.load_grid(PARAMS, "smoke"), accept_new_data=True, time_budget_s=0, log=lambda _: None,
+                         **select)
+    assert summary["counts"]["not_run"] == 1
+
+
 def test_unknown_dataset_on_the_command_line_lists_the_known_ones(capsys):
     assert G.main(["--params", str(PARAMS), "--profile", "full", "--datasets", "beuty", "--dry-run"]) == 2
     captured = capsys.readouterr()
