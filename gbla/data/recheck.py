@@ -11,6 +11,10 @@ taken as stored, so a match means this machine reproduces the build. --expect: t
 (default: the one the folder records); --out: on a match, write the dataset there (its provenance
 says where the codes were recomputed). Exit status 0 on a match, 1 on a mismatch.
 
+MKL's sums can depend on its thread count: on a machine with more cores than the build's, set
+OMP_NUM_THREADS and MKL_NUM_THREADS to the build's (meta.json: provenance.environment.threadpools; the
+committed builds were made with 2).
+
 Only the semantic-ID step runs (no raw sources or polars needed): a GPU machine whose CPU reproduces
 a build can take a processed folder made elsewhere and recompute its codes in a minute or two.
 """
