@@ -58,3 +58,61 @@ def test_command_line(built, tmp_path, monkeypatch, capsys):
     # no dataset there: one line naming the folder, exit 2
     assert recheck.main([str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ codes kept as files
+
+def test_codes_exported_then_built_from_give_the_same_dataset(built, tmp_path, monkeypatch, capsys):
+    """A build that takes its semantic IDs from a code file gets the exported dataset's fingerprint
+    without embedding anything, whatever encoder it would have used; the file is part of its build key."""
+    from gbla.data import semantic_ids
+
+    original = load_processed(built)
+    codes = tmp_path / "codes" / "beauty.npz"
+    assert semantic_ids.main(["export", str(built), "--out", str(codes)]) == 0
+    assert original.provenance["fingerprint"] in capsys.readouterr().out
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("a build from a code file embeds nothing")
+
+    monkeypatch.setattr(text, "embed_texts", no_embedding)
+    out = tmp_path / "from_codes" / "beauty"
+    meta = build.build_dataset("beauty", source_dir=tmp_path / "src", raw=True, out_dir=out, codebook_size=4,
+                               encoder=OtherEncoder(), encoder_id="fake", progress=False, log=lambda *_: None,
+                               semantic_ids_file=codes)
+    again = load_processed(out)
+    assert meta["provenance"]["fingerprint"] == original.provenance["fingerprint"]
+    assert np.array_equal(again.sids, original.sids) and again.codebook_sizes == original.codebook_sizes
+    assert again.stats["semantic_ids"]["collision_rate"] == original.stats["semantic_ids"]["collision_rate"]
+    assert meta["provenance"]["params"]["semantic_ids_file"]["name"] == "beauty.npz"
+    assert meta["provenance"]["build_key"] != original.provenance["build_key"]
+    # the command line: a folder of code files
+    monkeypatch.setattr(text, "resolve_model", lambda model: (model, "fake"))
+    assert build.main(["--dataset", "beauty", "--raw", "--source-dir", str(tmp_path / "src"), "--out-root",
+                       str(tmp_path / "cli"), "--codebook-size", "4", "--semantic-ids", str(codes.parent),
+                       "--no-report", "--no-progress"]) == 0
+    assert load_processed(tmp_path / "cli" / "beauty").provenance["fingerprint"] == original.provenance["fingerprint"]
+
+
+def test_code_files_are_checked_against_the_items(built, tmp_path):
+    from gbla.data import semantic_ids
+
+    ds = load_processed(built)
+    path = semantic_ids.save_codes(tmp_path / "c.npz", ds.sids, ds.item_asins, fingerprint="f", params={})
+    loaded = semantic_ids.load_codes(path, ds.item_asins, 3, 4)
+    assert np.array_equal(loaded.sids, ds.sids)
+    with pytest.raises(ValueError, match=r"c\.npz: its codes are for another list of items"):
+        semantic_ids.load_codes(path, list(reversed(ds.item_asins)), 3, 4)
+    with pytest.raises(ValueError, match=r"c\.npz: codes of shape"):
+        semantic_ids.load_codes(path, ds.item_asins, 2, 4)
+    with pytest.raises(ValueError, match=r"c\.npz: codes outside 0\.\.1"):
+        semantic_ids.load_codes(path, ds.item_asins, 3, 2)
+    twins = ds.sids.copy()
+    twins[1] = twins[0]
+    semantic_ids.save_codes(tmp_path / "twins.npz", twins, ds.item_asins, fingerprint="f", params={})
+    with pytest.raises(ValueError, match=r"twins\.npz: two items share a semantic ID"):
+        semantic_ids.load_codes(tmp_path / "twins.npz", ds.item_asins, 3, 4)
+    with pytest.raises(FileNotFoundError, match=r"none\.npz: no such code file"):
+        semantic_ids.load_codes(tmp_path / "none.npz", ds.item_asins, 3, 4)
+    with pytest.raises(ValueError, match="a single code file serves one --dataset"):
+        build._codes_file(path, "beauty", 2)

@@ -148,10 +148,12 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
                   levels: int = 3, codebook_size: int = 256, n_init: int = 1, max_iter: int = 100,
                   max_history: int = MAX_HISTORY, k_core: int = 5, force: bool = False, progress: bool = True,
                   cache_dir: Path | None = None, encoder=None, encoder_id: str | None = None,
-                  log=print) -> dict:
+                  semantic_ids_file: Path | None = None, log=print) -> dict:
     """Build one dataset (or skip it when an identical build exists). Returns its meta.json content
     (plus "skipped": True when nothing was rebuilt).
-    `encoder`/`encoder_id` replace the sentence-transformers model (tests use a tiny fake encoder)."""
+    `encoder`/`encoder_id` replace the sentence-transformers model (tests use a tiny fake encoder).
+    `semantic_ids_file`: take the items' codes from this code file (gbla.data.semantic_ids.save_codes)
+    instead of embedding and clustering; the file (its sha256) is part of the build key."""
     from gbla.data import semantic_ids, text
 
     amazon.check_dataset(dataset)
@@ -171,7 +173,10 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
     params = {"source_format": "raw" if raw else "mirror", "embedding_model": model_id, "seed": seed,
               "levels": levels, "codebook_size": codebook_size, "n_init": n_init, "max_iter": max_iter,
               "kmeans_threads": 1,
-              "max_history": max_history, **({"k_core": k_core} if raw else {})}
+              "max_history": max_history, **({"k_core": k_core} if raw else {}),
+              **({"semantic_ids_file": {"name": Path(semantic_ids_file).name,
+                                        "sha256": amazon.sha256_file(semantic_ids_file)}}
+                 if semantic_ids_file is not None else {})}
     key = build_key(dataset, sources, params)
     existing = read_meta(out_dir)
     if existing is not None and not force:
@@ -199,12 +204,20 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
 
     t = time.perf_counter()
     texts = text.item_texts(item_asins, data.items)
-    emb, emb_info = text.embed_texts(texts, embedding_model, cache_dir=cache_dir, progress=progress,
-                                     encoder=encoder, model_id=model_id if encoder is not None else None, log=log)
+    if semantic_ids_file is None:
+        emb, emb_info = text.embed_texts(texts, embedding_model, cache_dir=cache_dir, progress=progress,
+                                         encoder=encoder, model_id=model_id if encoder is not None else None, log=log)
+        emb_info["cache_file"] = Path(emb_info["cache_file"]).name
+    else:   # the codes come from the file: nothing to embed
+        emb, emb_info = None, {"model_id": model_id, "semantic_ids_file": str(semantic_ids_file)}
     timings["embed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sid = semantic_ids.build_semantic_ids(emb, levels, codebook_size, seed, n_init, max_iter, progress)
+    if semantic_ids_file is None:
+        sid = semantic_ids.build_semantic_ids(emb, levels, codebook_size, seed, n_init, max_iter, progress)
+    else:
+        sid = semantic_ids.load_codes(semantic_ids_file, item_asins, levels, codebook_size)
+        log(f"[{dataset}] semantic IDs from {semantic_ids_file}")
     timings["semantic_ids_s"] = time.perf_counter() - t
 
     stats = sequence_stats(sequences, len(item_asins))
@@ -215,10 +228,10 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
                   "matches_published": (stats["users"], stats["items"], stats["interactions"]) == published,
                   "semantic_ids": sid.report,
                   "text_fields": {f: sum(1 for a in item_asins if data.items[a].get(f)) for f in amazon.META_FIELDS},
-                  "embedding_dim": int(emb.shape[1])})
+                  "embedding_dim": None if emb is None else int(emb.shape[1])})
     provenance = {"build_key": key, "pipeline_version": PIPELINE_VERSION, "source_dir": str(source_dir),
-                  "source_files": sources, "params": params, "embedding": {**emb_info, "cache_file": Path(
-                      emb_info["cache_file"]).name}, "commit": git_commit(), "machine": machine(),
+                  "source_files": sources, "params": params, "embedding": emb_info, "commit": git_commit(),
+                  "machine": machine(),
                   "environment": environment(),
                   "command": " ".join(shlex.quote(a) for a in sys.argv),
                   "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -339,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default outputs/cache/embeddings)")
+    p.add_argument("--semantic-ids", type=Path, default=None, metavar="PATH",
+                   help="take the semantic IDs from code files instead of embedding + k-means: a folder holding "
+                        "<dataset>.npz (datasets without one are embedded as usual), or one file with one "
+                        "--dataset; outputs/data/semantic_ids holds those of the committed runs' data")
     p.add_argument("--force", action="store_true",
                    help="rebuild even if an identical build exists, and replace a build with other settings")
     p.add_argument("--if-missing", action="store_true",
@@ -361,6 +378,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _codes_file(path: Path | None, dataset: str, n_datasets: int) -> Path | None:
+    """--semantic-ids: a folder -> its <dataset>.npz if there is one; a file -> itself (one dataset only)."""
+    if path is None:
+        return None
+    if path.is_dir():
+        return path / f"{dataset}.npz" if (path / f"{dataset}.npz").is_file() else None
+    if n_datasets > 1:
+        raise ValueError(f"--semantic-ids {path}: a single code file serves one --dataset; give the folder "
+                         f"that holds <dataset>.npz for several")
+    if not path.is_file():
+        raise FileNotFoundError(f"--semantic-ids {path}: no such file or folder")
+    return path
+
+
 def _run(args, argv) -> int:
     from gbla.data.text import pin_cpu_kernels  # (text imports the embedding stack lazily)
 
@@ -381,7 +412,8 @@ def _run(args, argv) -> int:
         metas[name] = build_dataset(name, source_dir=args.source_dir, raw=args.raw, out_dir=out_dir,
                                     embedding_model=args.embedding_model, seed=args.seed, levels=args.levels,
                                     codebook_size=args.codebook_size, n_init=args.n_init, force=args.force,
-                                    progress=not args.no_progress, cache_dir=args.cache_dir)
+                                    progress=not args.no_progress, cache_dir=args.cache_dir,
+                                    semantic_ids_file=_codes_file(args.semantic_ids, name, len(names)))
     wall = time.perf_counter() - t0
     print("\n" + stats_table(metas) + "\n\n" + sid_table(metas) + "\n\n" + timing_table(metas))
     print(f"\nwall time {wall:.1f} s")

@@ -6,13 +6,30 @@ level refines the previous one. scikit-learn's KMeans with a fixed random_state 
 for a seed (on a given machine and thread count). It runs single-threaded by default: on a 2-core
 x86-64 machine that other processes loaded, threaded BLAS/OpenMP in k-means++ was ~15x slower than one
 thread (38 s vs 2.2 s per level).
+
+The codes depend on the CPU below what its kernels can be pinned to (README, "What is
+bit-reproducible"), so the codes the committed runs were trained on are kept as files
+(outputs/data/semantic_ids/<dataset>.npz: the digits, a hash of the item order they belong to, the
+fingerprint they give) that a build can take instead of embedding and clustering:
+
+    python -m gbla.data.semantic_ids export outputs/processed/sports    # -> outputs/data/semantic_ids/sports.npz
+    python -m gbla.data.build --dataset sports --semantic-ids outputs/data/semantic_ids
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from gbla.common import REPO_ROOT, atomic_path
+
+CODES_DIR = REPO_ROOT / "outputs" / "data" / "semantic_ids"
 
 
 @dataclass
@@ -97,3 +114,68 @@ def build_semantic_ids(embeddings: np.ndarray, levels: int = 3, codebook_size: i
     report["kmeans_seconds"] = round(time.perf_counter() - t0, 2)
     return SemanticIDs(sids=sids, codebook_sizes=(codebook_size,) * levels + (int(digit.max()) + 1,),
                        centroids=centroids, report=report)
+
+
+# ---------------------------------------------------------------------------------------------
+# codes kept as files
+
+def item_order_hash(item_asins) -> str:
+    """sha256 of the item ids in item-index order: which items, in which order, a code file is for."""
+    return hashlib.sha256("\n".join(item_asins).encode()).hexdigest()
+
+
+def save_codes(path: str | Path, sids: np.ndarray, item_asins, *, fingerprint: str, params: dict) -> Path:
+    """Write a dataset's semantic IDs (int16 digits) with the hash of its item order, the fingerprint of
+    the dataset they belong to and the build parameters that made them (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, sids=np.asarray(sids, dtype=np.int16), item_order_sha256=item_order_hash(item_asins),
+                            fingerprint=fingerprint, params=json.dumps(params, sort_keys=True))
+    return path
+
+
+def load_codes(path: str | Path, item_asins, levels: int, codebook_size: int) -> SemanticIDs:
+    """The semantic IDs of a code file, checked against the items they are for: the item order's hash,
+    the shape (items x levels + 1), the codebook range, uniqueness. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such code file (`python -m gbla.data.semantic_ids export` writes one)")
+    with np.load(path) as f:
+        sids, order = f["sids"].astype(np.int64), str(f["item_order_sha256"])
+    if order != item_order_hash(item_asins):
+        raise ValueError(f"{path}: its codes are for another list of items (item order sha256 {order[:12]}, "
+                         f"these items {item_order_hash(item_asins)[:12]}): other sources or another parse")
+    if sids.shape != (len(item_asins), levels + 1):
+        raise ValueError(f"{path}: codes of shape {sids.shape}, expected ({len(item_asins)}, {levels + 1})")
+    codes, digit = sids[:, :levels], sids[:, levels]
+    if codes.min() < 0 or codes.max() >= codebook_size or digit.min() < 0:
+        raise ValueError(f"{path}: codes outside 0..{codebook_size - 1} (or a negative de-duplicating digit)")
+    if len(np.unique(sids, axis=0)) != len(sids):
+        raise ValueError(f"{path}: two items share a semantic ID")
+    return SemanticIDs(sids=sids, codebook_sizes=(codebook_size,) * levels + (int(digit.max()) + 1,),
+                       centroids=[], report=sid_report(codes, digit, codebook_size))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gbla.data.semantic_ids",
+                                 description="export a processed dataset's semantic IDs as a code file")
+    ap.add_argument("command", choices=["export"])
+    ap.add_argument("processed", type=Path, help="a processed dataset folder")
+    ap.add_argument("--out", type=Path, help="the code file (default outputs/data/semantic_ids/<dataset>.npz)")
+    args = ap.parse_args(argv)
+    from gbla.data.processed import load_processed
+
+    try:
+        ds = load_processed(args.processed)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = save_codes(args.out or CODES_DIR / f"{ds.name}.npz", ds.sids, ds.item_asins,
+                     fingerprint=ds.provenance.get("fingerprint", ""), params=ds.provenance.get("params", {}))
+    print(f"{ds.name}: {ds.num_items} items' codes (fingerprint {ds.provenance.get('fingerprint')}) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
