@@ -1,6 +1,7 @@
 # Everything a fresh machine needs goes through the venv at .venv/ (created on first use).
 #   make test                       run the test suite (what CI runs)
-#   make data                       build the processed Beauty / Sports / Toys datasets
+#   make data                       build the processed Beauty / Sports / Toys datasets (the committed
+#                                   semantic IDs; SEMANTIC_IDS= to embed and cluster again)
 #   make ablations [PROFILE=smoke]  run the ablation grid, then the aggregation notebooks
 #   make lab                        JupyterLab with this project's environment
 #                                   (headless / root: no browser and --allow-root are added by themselves;
@@ -26,6 +27,10 @@ TORCH_INDEX_URL ?=
 WHEELHOUSE ?=
 EXTRAS ?= $(if $(WHEELHOUSE),run,all)
 PROFILE ?= full
+# code files of the semantic IDs the committed runs were trained on (gbla.data.semantic_ids): `make data`
+# takes the codes from them instead of embedding + k-means, whose results depend on the CPU; empty
+# (SEMANTIC_IDS=) recomputes them
+SEMANTIC_IDS ?= outputs/data/semantic_ids
 # pip constraints pinning the numerical stack (README "What is bit-reproducible"); with another torch
 # than the pinned one (e.g. a CUDA build of another version) pass CONSTRAINTS= (empty)
 CONSTRAINTS ?= constraints.txt
@@ -79,12 +84,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 data: $(STAMP)
-	$(PY) -m gbla.data.build --all
+	$(PY) -m gbla.data.build --all $(if $(SEMANTIC_IDS),--semantic-ids $(SEMANTIC_IDS))
 
 # the smoke profile runs on a synthetic dataset; every other profile needs the processed data:
 # only datasets not built yet are built (a build with other settings, e.g. another embedding model, is kept)
 ablations: $(STAMP)
-	$(if $(filter smoke,$(PROFILE)),,$(PY) -m gbla.data.build --all --if-missing)
+	$(if $(filter smoke,$(PROFILE)),,$(PY) -m gbla.data.build --all --if-missing $(if $(SEMANTIC_IDS),--semantic-ids $(SEMANTIC_IDS)))
 	$(PY) -m gbla.grid --profile $(PROFILE)
 
 lab: $(STAMP)

@@ -606,8 +606,10 @@ def describe_data_mismatch(dataset: str, fingerprint: str, clash: dict[str, list
             f"runs of {dataset} were trained on ({were}). New runs would be compared with them in the report "
             f"although their semantic IDs differ. A rebuild on another CPU or with other library versions "
             f"gives other codes (README, 'What is bit-reproducible'): compare the environment in "
-            f"{path / 'meta.json'} with the build record (outputs/data/build_report.md), or point "
-            f"--processed-root at the data of those runs. To train on these data anyway (every finished run "
+            f"{path / 'meta.json'} with the build record (outputs/data/build_report.md); rebuild the data from "
+            f"the committed codes (`python -m gbla.data.build --dataset {dataset} --semantic-ids "
+            f"outputs/data/semantic_ids --force`) or point --processed-root at the data of those runs. To "
+            f"train on these data anyway (every finished run "
             f"of {dataset} then needs training again), pass --accept-new-data.")
 
 

@@ -92,6 +92,11 @@ def test_codes_exported_then_built_from_give_the_same_dataset(built, tmp_path, m
                        str(tmp_path / "cli"), "--codebook-size", "4", "--semantic-ids", str(codes.parent),
                        "--no-report", "--no-progress"]) == 0
     assert load_processed(tmp_path / "cli" / "beauty").provenance["fingerprint"] == original.provenance["fingerprint"]
+    # a folder that already holds those data (built by embedding) is left as it is
+    logs = []
+    meta = build.build_dataset("beauty", source_dir=tmp_path / "src", raw=True, out_dir=built, codebook_size=4,
+                               progress=False, log=logs.append, semantic_ids_file=codes)
+    assert meta["skipped"] and any("already holds the data of" in line for line in logs)
 
 
 def test_code_files_are_checked_against_the_items(built, tmp_path):

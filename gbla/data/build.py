@@ -184,6 +184,11 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
         if old.get("build_key") == key:
             log(f"[{dataset}] up to date in {out_dir} (build key {key}); skipping (use --force to rebuild)")
             return {**existing, "skipped": True}
+        if (semantic_ids_file is not None and old.get("source_files") == sources
+                and old.get("fingerprint") == semantic_ids.code_file_fingerprint(semantic_ids_file)):
+            log(f"[{dataset}] {out_dir} already holds the data of {semantic_ids_file} (fingerprint "
+                f"{old['fingerprint']}); skipping (use --force to rebuild)")
+            return {**existing, "skipped": True}
         diffs = _differences(old, {"params": params, "source_files": sources})
         raise BuildConflict(
             f"{out_dir / 'meta.json'}: holds a {dataset} build with other settings ({'; '.join(diffs)}). "

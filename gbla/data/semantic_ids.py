@@ -135,6 +135,12 @@ def save_codes(path: str | Path, sids: np.ndarray, item_asins, *, fingerprint: s
     return path
 
 
+def code_file_fingerprint(path: str | Path) -> str:
+    """The fingerprint of the dataset a code file was exported from."""
+    with np.load(path) as f:
+        return str(f["fingerprint"])
+
+
 def load_codes(path: str | Path, item_asins, levels: int, codebook_size: int) -> SemanticIDs:
     """The semantic IDs of a code file, checked against the items they are for: the item order's hash,
     the shape (items x levels + 1), the codebook range, uniqueness. Errors name the file."""
