@@ -47,6 +47,7 @@ from gbla.params import CLUSTERS, DEFAULT_PARAMS, Grid, ParamsError, load_grid  
 from gbla.params import KNOWN_DATASETS, SYNTHETIC, check_dataset_names  # noqa: F401  (re-exported)
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit, shown_path
 from gbla.run_archive import merge_runs, pack_runs
+from gbla.data.semantic_ids import CODES_DIR
 from gbla.datasets import dataset_available, dataset_path, expected_data_fingerprint
 from gbla.runs import (ERROR_FILE, LOG_FILE, NOTEBOOK_FILE, _now, checkpoint_path, collect_runs, is_done,
                        keep_earlier_group_notebook, load_run_metrics, record_failure, run_dir_for, variant_dir_for)
@@ -606,10 +607,11 @@ def describe_data_mismatch(dataset: str, fingerprint: str, clash: dict[str, list
             f"runs of {dataset} were trained on ({were}). New runs would be compared with them in the report "
             f"although their semantic IDs differ. A rebuild on another CPU or with other library versions "
             f"gives other codes (README, 'What is bit-reproducible'): compare the environment in "
-            f"{path / 'meta.json'} with the build record (outputs/data/build_report.md); rebuild the data from "
-            f"the committed codes (`python -m gbla.data.build --dataset {dataset} --semantic-ids "
-            f"outputs/data/semantic_ids --force`) or point --processed-root at the data of those runs. To "
-            f"train on these data anyway (every finished run "
+            f"{path / 'meta.json'} with the build record (outputs/data/build_report.md); "
+            + (f"rebuild the data from the committed codes (`python -m gbla.data.build --dataset {dataset} "
+               f"--semantic-ids {shown_path(CODES_DIR)} --force`) or " if (CODES_DIR / f"{dataset}.npz").is_file()
+               else "")
+            + f"point --processed-root at the data of those runs. To train on these data anyway (every finished run "
             f"of {dataset} then needs training again), pass --accept-new-data.")
 
 

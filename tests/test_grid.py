@@ -223,6 +223,9 @@ def test_new_runs_on_other_data_than_a_datasets_finished_runs_are_refused(tmp_pa
     message = str(refused.value)
     assert f"fingerprint {current}" in message and "0123456789ab: 1 runs" in message
     assert f"{finished.variant}/seed{finished.seed}" in message and "--accept-new-data" in message
+    assert "--semantic-ids" not in message    # no committed code file for this dataset: no such rebuild offered
+    assert "--semantic-ids outputs/data/semantic_ids --force" in G.describe_data_mismatch(
+        "sports", "x", {"y": ["sa/seed0"]}, Path("p"))   # sports has one
     assert not runs.run_dir_for(tmp_path, other.dataset, other.variant, other.seed).exists()
     # a dry run says the same as a warning
     logged = []
