@@ -121,3 +121,18 @@ def test_code_files_are_checked_against_the_items(built, tmp_path):
         semantic_ids.load_codes(tmp_path / "none.npz", ds.item_asins, 3, 4)
     with pytest.raises(ValueError, match="a single code file serves one --dataset"):
         build._codes_file(path, "beauty", 2)
+
+
+def test_a_code_file_serves_only_the_settings_that_made_it(built, tmp_path):
+    from gbla.data import semantic_ids
+
+    ds = load_processed(built)
+    codes = semantic_ids.save_codes(tmp_path / "beauty.npz", ds.sids, ds.item_asins,
+                                    fingerprint=ds.provenance["fingerprint"], params=ds.provenance["params"])
+    kw = dict(source_dir=tmp_path / "src", raw=True, codebook_size=4, encoder=FakeEncoder(), encoder_id="fake",
+              progress=False, log=lambda *_: None, semantic_ids_file=codes)
+    with pytest.raises(ValueError, match=r"beauty\.npz: its codes were made with other settings \(seed 0 there, 1 "):
+        build.build_dataset("beauty", out_dir=tmp_path / "seed1", seed=1, **kw)
+    with pytest.raises(ValueError, match=r"embedding_model 'fake' there, 'other' requested"):
+        build.build_dataset("beauty", out_dir=tmp_path / "other", **{**kw, "encoder_id": "other"})
+    assert not (tmp_path / "seed1").exists() and not (tmp_path / "other").exists()

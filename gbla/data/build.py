@@ -177,6 +177,8 @@ def build_dataset(dataset: str, *, source_dir: Path | None = None, raw: bool = F
               **({"semantic_ids_file": {"name": Path(semantic_ids_file).name,
                                         "sha256": amazon.sha256_file(semantic_ids_file)}}
                  if semantic_ids_file is not None else {})}
+    if semantic_ids_file is not None:
+        semantic_ids.check_code_params(semantic_ids_file, params)
     key = build_key(dataset, sources, params)
     existing = read_meta(out_dir)
     if existing is not None and not force:

@@ -141,6 +141,21 @@ def code_file_fingerprint(path: str | Path) -> str:
         return str(f["fingerprint"])
 
 
+# the build parameters that make the codes: a code file serves only a build that asks for the same
+CODE_PARAMS = ("embedding_model", "levels", "codebook_size", "seed", "n_init", "max_iter")
+
+
+def check_code_params(path: str | Path, params: dict) -> None:
+    """ValueError naming the file when the codes were made with other CODE_PARAMS than `params`."""
+    with np.load(path) as f:
+        made = json.loads(str(f["params"]))
+    differ = [f"{k} {made.get(k)!r} there, {params.get(k)!r} requested" for k in CODE_PARAMS
+              if k in made and made.get(k) != params.get(k)]
+    if differ:
+        raise ValueError(f"{path}: its codes were made with other settings ({'; '.join(differ)}); build without "
+                         f"--semantic-ids to make codes for these settings")
+
+
 def load_codes(path: str | Path, item_asins, levels: int, codebook_size: int) -> SemanticIDs:
     """The semantic IDs of a code file, checked against the items they are for: the item order's hash,
     the shape (items x levels + 1), the codebook range, uniqueness. Errors name the file."""
