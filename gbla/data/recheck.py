@@ -41,7 +41,7 @@ def recompute_semantic_ids(path: str | Path, *, encoder=None, encoder_id: str | 
         raise ValueError(f"{Path(path) / 'items.parquet'}: no item texts stored (column 'text'); rebuild the "
                          f"dataset with `python -m gbla.data.build` to get them")
     params = ds.provenance.get("params", {})
-    missing = [k for k in ("embedding_model", "levels", "codebook_size", "seed", "n_init", "max_iter") if k not in params]
+    missing = [k for k in semantic_ids.CODE_PARAMS if k not in params]
     if missing:
         raise ValueError(f"{Path(path) / 'meta.json'}: provenance.params lacks {', '.join(missing)}")
     model_id = encoder_id if encoder is not None else text.resolve_model(text.DEFAULT_MODEL)[1]

@@ -128,8 +128,7 @@ def save_codes(path: str | Path, sids: np.ndarray, item_asins, *, fingerprint: s
     """Write a dataset's semantic IDs (int16 digits) with the hash of its item order, the fingerprint of
     the dataset they belong to and the build parameters that made them (atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".npz") as tmp:
+    with atomic_path(path, suffix=".npz") as tmp:   # (makes the folder)
         np.savez_compressed(tmp, sids=np.asarray(sids, dtype=np.int16), item_order_sha256=item_order_hash(item_asins),
                             fingerprint=fingerprint, params=json.dumps(params, sort_keys=True))
     return path
