@@ -327,9 +327,23 @@ def probe_notebook(path, parameters: str, body: str):
     return path
 
 
-def kernel_files(pattern: str) -> set:
+@pytest.fixture
+def private_tempdir(monkeypatch):
+    """tempfile's folder for this test alone: the report kernels' socket folders are made there, so
+    that another process rendering a notebook at the same time (a second test run, a report) cannot
+    add or remove folders that these tests count. Short, because a Unix socket path must be."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="gk-")
+    monkeypatch.setattr(tempfile, "tempdir", folder)
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def kernel_files(folder: Path, pattern: str) -> set:
     """The report kernels' private socket folders ("gbla-kernel-*") or sockets ("gbla-kernel-*/k-*")."""
-    return set(Path(__import__("tempfile").gettempdir()).glob(pattern))
+    return set(folder.glob(pattern))
 
 
 def render_probe_report(tmp_path, source: str) -> dict:
@@ -343,10 +357,9 @@ def render_probe_report(tmp_path, source: str) -> dict:
 
 
 @pytest.mark.timeout(180)
-def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd):
+def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd, private_tempdir):
     """A rendered report shows results: no "IProgress not found" (tqdm.auto without ipywidgets) in
     its outputs, no "Kernel is running over TCP without encryption" from its kernel."""
-    sockets_before = kernel_files("gbla-kernel-*/k-*")
     result = render_probe_report(
         tmp_path, "import warnings\nwarnings.simplefilter('always')\nimport gbla.train\nprint('ok')")
     nb = nbformat.read(result["ipynb"], as_version=4)
@@ -354,15 +367,18 @@ def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd):
     assert "ok" in shown and "IProgress" not in shown and "Warning" not in shown, shown
     err = capfd.readouterr().err
     assert "without encryption" not in err and "already in use" not in err, err
-    assert not kernel_files("gbla-kernel-*/k-*") - sockets_before  # its kernel's sockets are cleaned up
+    assert not kernel_files(private_tempdir, "gbla-kernel-*/k-*")  # its kernel's sockets are cleaned up
 
 
 @pytest.mark.timeout(180)
-def test_reports_remove_their_kernels_socket_folder_when_its_own_cleanup_is_skipped(tmp_path, monkeypatch):
+def test_reports_remove_their_kernels_socket_folder_when_its_own_cleanup_is_skipped(
+        tmp_path, monkeypatch, private_tempdir):
     """A kernel stopped by a shutdown timeout skips the manager's clean-up; the folder goes anyway."""
     from jupyter_client.manager import AsyncKernelManager
 
     real = G.ipc_kernel_manager_class
+
+    made = []
 
     def leaky_manager_class():
         class Leaky(real()):
@@ -370,12 +386,14 @@ def test_reports_remove_their_kernels_socket_folder_when_its_own_cleanup_is_skip
                 await AsyncKernelManager._async_cleanup_resources(self, restart=restart)   # leaves the folder
 
             cleanup_resources = _async_cleanup_resources
+        made.append(Leaky)
         return Leaky
 
     monkeypatch.setattr(G, "ipc_kernel_manager_class", leaky_manager_class)
-    before = kernel_files("gbla-kernel-*")
     render_probe_report(tmp_path, "print('ok')")
-    assert not kernel_files("gbla-kernel-*") - before
+    [manager] = made
+    assert manager.socket_folders and all(Path(f).parent == private_tempdir for f in manager.socket_folders)
+    assert not kernel_files(private_tempdir, "gbla-kernel-*")
 
 
 @pytest.mark.timeout(180)
