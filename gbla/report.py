@@ -101,9 +101,29 @@ def status_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def problem_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that are not ok, with the error of failed ones."""
-    cols = [c for c in ("dataset", "variant", "seed", "status", "error", "run_dir") if c in runs.columns]
+    """The runs that are not ok, with the error of failed ones and why stale ones are stale."""
+    cols = [c for c in ("dataset", "variant", "seed", "status", "error", "stale_reason", "stale_data_fingerprint",
+                        "stale_expected_data_fingerprint", "run_dir") if c in runs.columns]
     return runs.loc[runs["status"] != "ok", cols].reset_index(drop=True) if not runs.empty else pd.DataFrame(columns=cols)
+
+
+def stale_data_notes(runs: pd.DataFrame) -> list[str]:
+    """One sentence per dataset whose finished runs were trained on other processed data than there is
+    now: those runs are left out of every statistic, which a reader must not mistake for runs never made
+    (the usual cause: semantic IDs recomputed on another CPU; see README, "What is bit-reproducible")."""
+    needed = {"stale_reason", "stale_data_fingerprint", "stale_expected_data_fingerprint"}
+    if runs.empty or not needed <= set(runs.columns):
+        return []
+    stale = runs[(runs["status"] == "stale") & runs["stale_reason"].astype(str).str.contains("data")]
+    notes = []
+    for dataset, group in stale.groupby("dataset", sort=True):
+        trained_on = ", ".join(sorted(group["stale_data_fingerprint"].dropna().astype(str).unique())) or "unknown"
+        here = ", ".join(sorted(group["stale_expected_data_fingerprint"].dropna().astype(str).unique()))
+        notes.append(f"{dataset}: {len(group)} finished runs were trained on data {trained_on}, not on the "
+                     f"processed data here ({here}); they are left out of every statistic. Build the data "
+                     f"they were trained on (`python -m gbla.data.build --dataset {dataset} --semantic-ids "
+                     f"outputs/data/semantic_ids` where a code file exists) and render again to include them.")
+    return notes
 
 
 # ============================================================================= mean +- CI over seeds
@@ -987,7 +1007,7 @@ def build_report(runs: pd.DataFrame, *, references=("sa", "hybrid"), metrics=MET
         stats.parse_metric(m)
     ranks = PerUserRanks()
     summary = summarize(runs, metrics, confidence=confidence)
-    notes = []
+    notes = stale_data_notes(runs)
     published_file = repo_path(published_file)
     if published_file is not None and published_file.is_file():
         published = published_comparison(summary, load_published(published_file))

@@ -392,6 +392,8 @@ def _row(dataset: str, variant: str, seed: int, run_dir: Path, expected_hash: st
                 ("config", expected_hash is not None and metrics.get("config_hash") != expected_hash),
                 ("data", not _data_matches(metrics, expected_fingerprint))) if differs]
             row["stale_reason"] = "+".join(reasons) or f"status {metrics.get('status')!r}"
+            if "data" in reasons:   # the data there is now, which the run was not trained on
+                row["stale_expected_data_fingerprint"] = expected_fingerprint
     return row
 
 

@@ -11,6 +11,7 @@ from scipy import stats as sps
 matplotlib.use("Agg")
 
 from gbla import datasets, report, stats  # noqa: E402
+from gbla import runs as runs_io  # noqa: E402
 from gbla.common import METRIC_NAMES, REPO_ROOT  # noqa: E402
 from gbla.config import RunConfig  # noqa: E402
 
@@ -95,6 +96,25 @@ def test_load_runs_shows_failed_and_missing_runs(grid):
     problems = report.problem_runs(runs)
     assert len(problems) == 4
     assert "out of memory" in problems.loc[problems["variant"] == "hybrid", "error"].iloc[0]
+
+
+def test_runs_trained_on_other_data_are_named_in_the_report_notes(grid):
+    """Finished runs whose data is not the processed data there is now drop out of every statistic as
+    stale; the report says so per dataset, with both fingerprints, instead of leaving a bare count."""
+    root, _ = grid
+    expected = [RunConfig("beauty", v, s) for v in ("sa", "hybrid") for s in (0, 1, 2)]
+    same = report.load_runs(root, expected=expected)
+    assert report.stale_data_notes(same) == []
+    runs = runs_io.collect_runs(root, expected, data_fingerprints={"beauty": "rebuilt-elsewhere"})
+    stale = runs[runs["status"] == "stale"]
+    assert len(stale) == 5   # every finished run (hybrid seed 1 failed: it stays failed)
+    [note] = report.stale_data_notes(runs)
+    assert note.startswith("beauty: 5 finished runs were trained on data fixture,")
+    assert "(rebuilt-elsewhere)" in note and "--semantic-ids" in note
+    problems = report.problem_runs(runs)
+    assert set(problems.loc[problems["status"] == "stale", "stale_expected_data_fingerprint"]) == {"rebuilt-elsewhere"}
+    rep = report.build_report(runs, references=("sa",), metrics=("recall@10",), n_bootstrap=50, progress=False)
+    assert note in rep.notes
 
 
 def test_load_runs_with_an_expected_grid_lists_variants_that_never_ran(grid):

@@ -244,9 +244,13 @@ def test_a_run_on_other_data_is_stale_not_done(tmp_path):
     row = frame.iloc[0]
     assert row["status"] == "stale" and row["stale_reason"] == "data"
     assert row["stale_data_fingerprint"] == "minilm-build" and math.isnan(row["test_recall@10"])
+    assert row["stale_expected_data_fingerprint"] == "t5-build"   # the data there is now
     other = make_result(max_epochs=9).config   # another config on other data: both reasons named
     row = runs.collect_runs(tmp_path, [other], data_fingerprints={"synthetic": "t5-build"}).iloc[0]
     assert row["status"] == "stale" and row["stale_reason"] == "config+data"
+    # stale for its config alone: no data fingerprint to name
+    row = runs.collect_runs(tmp_path, [other], data_fingerprints={"synthetic": "minilm-build"}).iloc[0]
+    assert row["stale_reason"] == "config" and "stale_expected_data_fingerprint" not in row.index
     # a dataset whose current data is unknown (not built here) is not checked
     assert runs.collect_runs(tmp_path, [result.config], data_fingerprints={}).iloc[0]["status"] == "ok"
 
