@@ -10,12 +10,17 @@ from gbla.bench import backend_parity
 
 def test_parse_setting():
     assert backend_parity.parse_setting("torch") == ("torch", {})
+    # keys without a namespace are the short attention's (settings written before the conv had any)
     assert backend_parity.parse_setting("auto:bwd_scheme=rows,q_block=32") == (
-        "auto", {"bwd_scheme": "rows", "q_block": 32})
+        "auto", {"attention": {"bwd_scheme": "rows", "q_block": 32}})
+    assert backend_parity.parse_setting("auto:conv.bwd_rows=8,attention.q_block=32") == (
+        "auto", {"conv": {"bwd_rows": 8}, "attention": {"q_block": 32}})
     with pytest.raises(ValueError, match="backend must be"):
         backend_parity.parse_setting("cuda")
-    with pytest.raises(ValueError, match="expected key=value"):
+    with pytest.raises(ValueError, match="setting 'auto:quad'.*expected"):
         backend_parity.parse_setting("auto:quad")
+    with pytest.raises(ValueError, match="unknown namespace 'norm'"):
+        backend_parity.parse_setting("auto:norm.block=8")
 
 
 def row(setting, losses, recalls):

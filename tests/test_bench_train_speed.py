@@ -75,6 +75,40 @@ def test_throughput_times_each_attention_backend(tmp_path, monkeypatch):
     assert "| attention |" in table[0]
 
 
+def test_throughput_times_each_kernel_setting(tmp_path, monkeypatch):
+    """--kernel-settings "" conv.bwd_rows=8: one row per setting, each measured with its overrides in the
+    conv kernels' CONFIG_OVERRIDE (and nothing left there after); the command records the empty one."""
+    import json
+    from types import SimpleNamespace
+
+    from gbla.bench import train_throughput as tt
+    from gbla.ops.conv import triton as conv_kernels
+
+    seen = []
+
+    def fake_measure(configs, data, dev, steps, backend, eval_pass, mode="cuda_graph", attention_backend=None,
+                     dropout_backend=None):
+        seen.append(dict(conv_kernels.CONFIG_OVERRIDE))
+        return {"mode": mode, "ms_per_step": 2.0, "examples_per_s": 1000.0, "valid_eval_s": None}
+
+    config = SimpleNamespace(train=SimpleNamespace(batch_size=256), config_hash=lambda: "h")
+    monkeypatch.setattr(tt, "load_data", lambda args: SimpleNamespace(provenance={"fingerprint": "f"}))
+    monkeypatch.setattr(tt, "load_configs", lambda params, profile, dataset, variant, seeds: [config] * len(seeds))
+    monkeypatch.setattr(tt, "measure", fake_measure)
+    argv = ["--variants", "hybrid", "--seeds", "2", "--paths", "multi_seed", "--kernel-settings", "",
+            "conv.bwd_rows=8", "--out", str(tmp_path)]
+    tt.main(argv)
+    assert seen == [{}, {"bwd_rows": 8}] and conv_kernels.CONFIG_OVERRIDE == {}
+    result = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert [r["kernels"] for r in result["rows"]] == ["default", "conv.bwd_rows=8"]
+    assert "--kernel-settings '' conv.bwd_rows=8" in result["meta"]["command"]
+    table = [line for line in (tmp_path / "train_throughput.md").read_text().splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1 and ", conv.bwd_rows=8) |" in table[-1], table
+    with pytest.raises(SystemExit):   # a bad setting stops before anything is measured
+        tt.main(["--kernel-settings", "conv.bwd_rows"])
+    assert len(seen) == 2
+
+
 def test_throughput_times_each_dropout_backend(tmp_path, monkeypatch):
     """--dropout-backends torch auto: one row per FFN backend, which reaches the model: the FFN modules
     of the measured model run on the backend named (the other ops keep --backend)."""

@@ -50,6 +50,7 @@ import torch
 from gbla.bench.layer_speed import cuda_graph_replay
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.ops import short_attention, short_attention_q_kv, short_attention_qkv
+from gbla.ops.overrides import overridden
 
 BASELINE = "triton-rows-unpacked"
 SCHEMES = ("per_row", "rows")
@@ -131,18 +132,6 @@ def attention_call(case: Case, impl: Impl, t: dict, S: int):
     if case.cross:
         return (lambda: short_attention(leaves["q"], *packed.unbind(2), **kw)), list(leaves.values())
     return (lambda: short_attention(*packed.unbind(2), **kw)), list(leaves.values())
-
-
-@contextlib.contextmanager
-def overridden(config: dict, values: dict):
-    """A kernels module's CONFIG_OVERRIDE with `values` set while inside, as it was after."""
-    saved = dict(config)
-    config.update(values)
-    try:
-        yield
-    finally:
-        config.clear()
-        config.update(saved)
 
 
 def kernel_config(impl: Impl):

@@ -2,12 +2,12 @@
 change what the model learns?
 
     python -m gbla.bench.backend_parity --variant sa-causal --seeds 0 1 --epochs 5 \\
-        --settings torch auto auto:bwd_scheme=rows --out outputs/bench
+        --settings torch auto auto:bwd_scheme=rows auto:conv.bwd_rows=8 --out outputs/bench
 
 A setting is a kernel backend of TIGER (gbla.ops.backend: "torch" = the plain-PyTorch references,
 "auto" / "triton" = the Triton kernels), optionally followed by ":key=value,..." overrides of the
-short-attention kernels' launch configuration (gbla.ops.attention.triton.CONFIG_OVERRIDE, e.g.
-bwd_scheme=rows or q_block=32). Each setting trains the same seeds of one (dataset, variant)
+kernels' launch configuration (gbla.ops.overrides: "conv.bwd_rows=8" for the conv's, a key without a
+namespace for the short attention's, e.g. bwd_scheme=rows or q_block=32). Each setting trains the same seeds of one (dataset, variant)
 as one group (gbla.train.train_group: the params profile's settings, max_epochs = --epochs, no early
 stop), and the table gives, per epoch, the mean over seeds of the training loss and of the validation
 Recall@10 next to the first setting's.
@@ -34,35 +34,27 @@ import torch
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.params import load_grid
 from gbla.datasets import load_processed_dataset
+from gbla.ops.overrides import kernel_overrides, parse_overrides
 from gbla.train import train_group
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
-    """"auto:bwd_scheme=rows,q_block=32" -> ("auto", {"bwd_scheme": "rows", "q_block": 32})."""
+    """"auto:bwd_scheme=rows,conv.bwd_rows=8" -> ("auto", {"attention": {"bwd_scheme": "rows"},
+    "conv": {"bwd_rows": 8}})."""
     backend, _, rest = text.partition(":")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"setting {text!r}: backend must be auto, torch or triton, got {backend!r}")
-    override = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"setting {text!r}: expected key=value, got {item!r}")
-        override[key] = int(value) if value.lstrip("-").isdigit() else value
-    return backend, override
+    try:
+        return backend, parse_overrides(rest)
+    except ValueError as e:
+        raise ValueError(f"setting {text!r}: {e}") from None
 
 
 def train_setting(configs, data, setting: str, device: str) -> dict:
     """Train the group under one setting; per seed, its per-epoch history."""
-    from gbla.ops.attention import triton as attention_kernels
-
     backend, override = parse_setting(setting)
-    saved = dict(attention_kernels.CONFIG_OVERRIDE)
-    attention_kernels.CONFIG_OVERRIDE.update(override)
-    try:
+    with kernel_overrides(override):
         group = train_group(configs, data, device=device, backend=backend, progress=False, log=lambda *_: None)
-    finally:
-        attention_kernels.CONFIG_OVERRIDE.clear()
-        attention_kernels.CONFIG_OVERRIDE.update(saved)
     return {"setting": setting, "backend": backend, "override": override, "wall_s": group.wall_time_s,
             "seeds": {str(r.config.seed): {"history": list(r.history), "test": r.test_metrics}
                       for r in group.results}}

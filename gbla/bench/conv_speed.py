@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from gbla.bench.attention_speed import overridden, time_or_error
+from gbla.bench.attention_speed import time_or_error
+from gbla.ops.overrides import overridden
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.ops import causal_conv1d_silu
 

@@ -19,22 +19,23 @@ a validation batch with its wall time (`..._eval.txt`).
 --attention-backends times each path and mode once per backend of the softmax attention
 (TIGER's attention_backend: SA layers, decoder self- and cross-attention); the other ops keep
 --backend. Without it the attention uses --backend too. --dropout-backends does the same for the fused
-dropouts (gbla.ops.dropout: the FFNs' ReLU + dropout, the residual dropout-adds). --processes 1 2 also times the multi-seed
-step in that many worker processes at once on the one GPU (each its own K-seed model, all timed over
-the same window after every one has warmed up; --mps shares the GPU through CUDA MPS, the daemon
-already running or one started for the measurement): whether two groups per GPU (`python -m gbla.grid --runs-per-gpu 2`) train more
-examples per second than one.
+dropouts (gbla.ops.dropout: the FFNs' ReLU + dropout, the residual dropout-adds), --kernel-settings for
+the kernels' launch overrides ("" conv.bwd_rows=8: the defaults, then the conv backward's rows per
+program; gbla.ops.overrides). --processes 1 2 also times the multi-seed step in that many worker
+processes at once on the one GPU (each its own K-seed model, timed over one window after all have
+warmed up; --mps shares the GPU through CUDA MPS): whether two groups per GPU (`python -m gbla.grid
+--runs-per-gpu 2`) train more examples per second than one.
 
 Output: <out>/train_throughput.json and .md (rows: path, seeds, batch_size_per_seed, dataset, variant,
-attention_backend, examples_per_s, ms_per_step, valid_eval_s, device, commit, command, date).
+attention_backend, kernels, examples_per_s, ms_per_step, valid_eval_s, device, commit, command, date).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,7 @@ from gbla.model import TIGER, DecoderBlock, EncoderBlock, FeedForward
 from gbla.common import REPO_ROOT, atomic_write_json, atomic_write_text, git_commit
 from gbla.params import load_grid
 from gbla.datasets import load_processed_dataset
+from gbla.ops.overrides import format_overrides, kernel_overrides, parse_overrides
 from gbla.train import BUCKET_ORDER_SEED, TrainStep, epoch_batches, length_bucket_groups, to_device_split
 
 
@@ -132,7 +134,7 @@ def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode:
         valid = to_device_split(data.valid, model, sids, tc.max_history, dev)
         trie = SIDTrie(data.sids, data.codebook_sizes, device=dev)
         for key, use_cache, override in EVAL_SETTINGS:
-            with eval_kernel_config(override):
+            with kernel_overrides(override):
                 # the warm-up is the very pass timed next: each batch's shapes (its history length, a
                 # last batch of other size) compile their own kernels, and a warm-up on a few users
                 # left most of that compilation inside the timed pass (at 62dcac6: 5.97 s timed for a
@@ -152,20 +154,7 @@ def measure(configs, data, dev, steps: int, backend: str, eval_pass: bool, mode:
 # decoded again at every level (the reference), and the cache with decoding steps on the general
 # attention forward instead of its one-query kernel (when the attention runs on the kernels)
 EVAL_SETTINGS = (("valid_eval_s", True, {}), ("valid_eval_full_prefix_s", False, {}),
-                 ("valid_eval_general_kernel_s", True, {"one_query_kernel": False}))
-
-
-def eval_kernel_config(override: dict):
-    """The short attention kernels' CONFIG_OVERRIDE with `override` set while inside (nothing without
-    an override, or without Triton)."""
-    if not override:
-        return contextlib.nullcontext()
-    try:
-        from gbla.ops.attention import triton as kernels
-    except ImportError:
-        return contextlib.nullcontext()
-    from gbla.bench.attention_speed import overridden
-    return overridden(kernels.CONFIG_OVERRIDE, override)
+                 ("valid_eval_general_kernel_s", True, {"attention": {"one_query_kernel": False}}))
 
 
 def profile_eager(configs, data, dev, backend: str, path: Path, n: int = 6,
@@ -378,7 +367,8 @@ def markdown(result: dict) -> str:
                          f"{r.get('attention_backend', '')} | {r.get('dropout_backend', '')} | | | | error: {r['error'][:80]} | | | | | |")
             continue
         ratio = r["examples_per_s"] / base[r["variant"]] if r["variant"] in base else None
-        lines.append(f"| {r['variant']} | {r['path']} | {r.get('code')} ({r.get('commit', '')[:7]}) | "
+        kernels = f", {r['kernels']}" if r.get("kernels") not in (None, "default") else ""
+        lines.append(f"| {r['variant']} | {r['path']} | {r.get('code')} ({r.get('commit', '')[:7]}{kernels}) | "
                      f"{r.get('mode', 'cuda_graph')} | {r.get('attention_backend', '')} | {r.get('dropout_backend', '')} | {r['seeds']} | "
                      f"{_processes_cell(r)} | {r['batch_size_per_seed']} | {r['ms_per_step']:.2f} | {r['examples_per_s']:,.0f} | "
                      f"{'' if ratio is None else format(ratio, '.2f') + 'x'} | "
@@ -416,8 +406,14 @@ def main(argv=None) -> int:
                          "points at (CUDA_MPS_PIPE_DIRECTORY) if one answers, else one started for the "
                          "measurement and stopped after it")
     ap.add_argument("--worker", nargs=3, metavar=("FOLDER", "INDEX", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--kernel-settings", nargs="+", default=[""], metavar="OVERRIDES",
+                    help='kernel launch overrides, one measurement each: "" (the defaults) conv.bwd_rows=8 ...')
     ap.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench"))
     args = ap.parse_args(argv)
+    try:   # a bad override fails before anything is measured
+        kernel_settings = [parse_overrides(o) for o in args.kernel_settings]
+    except ValueError as e:
+        ap.error(str(e))
     if args.worker:
         return run_worker(args, Path(args.worker[0]), int(args.worker[1]), int(args.worker[2]))
     out = Path(args.out)
@@ -425,7 +421,7 @@ def main(argv=None) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = load_data(args)
     import triton
-    meta = {"command": "python -m gbla.bench.train_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": "python -m gbla.bench.train_throughput " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "commit": git_commit(), "dataset": args.dataset,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
@@ -448,17 +444,19 @@ def main(argv=None) -> int:
     attention_backends = args.attention_backends or [None]  # None: the attention follows --backend
     dropout_backends = args.dropout_backends or [None]   # None: the fused dropouts follow --backend
     for variant in args.variants:
-        for (path, k), mode, attn, drop in [(p, m, a, f) for p in (("single", 1), ("multi_seed", args.seeds))
-                                           if p[0] in args.paths for m in args.modes for a in attention_backends
-                                           for f in dropout_backends]:
+        for (path, k), mode, attn, drop, kernels in [
+                (p, m, a, f, o) for p in (("single", 1), ("multi_seed", args.seeds)) if p[0] in args.paths
+                for m in args.modes for a in attention_backends for f in dropout_backends for o in kernel_settings]:
             configs = load_configs(args.params, args.profile_name, args.dataset, variant, list(range(k)))
             row = {"path": path, "seeds": k, "batch_size_per_seed": configs[0].train.batch_size,
                    "dataset": args.dataset, "variant": variant, "code": "this", "commit": meta["commit"],
                    "device": meta["device"], "config_hashes": [c.config_hash() for c in configs], "mode": mode,
-                   "attention_backend": attn or args.backend, "dropout_backend": drop or args.backend}
+                   "attention_backend": attn or args.backend, "dropout_backend": drop or args.backend,
+                   "kernels": format_overrides(kernels) or "default"}
             try:
-                measured = measure(configs, data, dev, args.steps, args.backend, eval_pass=mode == args.modes[0],
-                                   mode=mode, attention_backend=attn, dropout_backend=drop)
+                with kernel_overrides(kernels):
+                    measured = measure(configs, data, dev, args.steps, args.backend, eval_pass=mode == args.modes[0],
+                                       mode=mode, attention_backend=attn, dropout_backend=drop)
                 row.update(measured)
             except Exception as err:  # noqa: BLE001 - a failing row is a result too; the others still run
                 row["error"] = f"{type(err).__name__}: {err}"[:500]
