@@ -215,6 +215,11 @@ def test_paired_mde_has_the_power_it_claims():
     assert paired_mde(1.0, 2) > paired_mde(1.0, 3) > paired_mde(1.0, 5) > paired_mde(1.0, 10)
     assert paired_mde(1.0, 5, power=0.9) > mde / sd
     assert math.isnan(paired_mde(1.0, 1)) and math.isnan(paired_mde(math.nan, 5)) and paired_mde(0.0, 5) == 0.0
+    # the MDE scales with the spread (one root per number of pairs serves every comparison)
+    for spread in (1e-4, 0.37, 12.0):
+        assert paired_mde(spread, 5) == pytest.approx(spread * paired_mde(1.0, 5), rel=1e-12)
+        assert paired_mde(spread, 3, alpha=0.01) == pytest.approx(spread * paired_mde(1.0, 3, alpha=0.01), rel=1e-12)
+    assert paired_mde(1.0, 3, alpha=0.01) > paired_mde(1.0, 3)
 
 
 def test_pooled_relative_difference_is_the_dataset_contrast_of_a_linear_model():
