@@ -404,23 +404,22 @@ def _paired_mde_in_sds(n: int, alpha: float, power: float) -> float:
     """paired_mde for sd_diff = 1. The rejection rate depends on the effect only through effect / sd_diff,
     so the MDE is sd_diff times this root: one numerical integration + root search per (n, alpha,
     power) instead of one per comparison (a report has hundreds, nearly all with n = 5)."""
-    sd_diff = 1.0
     df = n - 1
     t_crit = sps.t.ppf(1 - alpha / 2, df)
 
     def rejection_rate(delta: float) -> float:
         # P(|T| > t_crit) for T = (Z + nc) / sqrt(V / df), V ~ chi2(df), as an expectation over
         # sqrt(V) ~ chi(df): scipy's nct returns NaN for the large nc that df = 1 needs
-        nc = delta * math.sqrt(n) / sd_diff
+        nc = delta * math.sqrt(n)
         scale = t_crit / math.sqrt(df)
         return float(sps.chi(df).expect(lambda x: sps.norm.cdf(nc - scale * x) + sps.norm.cdf(-nc - scale * x)))
 
-    high = sd_diff
+    high = 1.0
     while rejection_rate(high) < power:
         high *= 2
     from scipy.optimize import brentq
 
-    return float(brentq(lambda d: rejection_rate(d) - power, 0.0, high, xtol=1e-12 * sd_diff, rtol=1e-10))
+    return float(brentq(lambda d: rejection_rate(d) - power, 0.0, high, xtol=1e-12, rtol=1e-10))
 
 
 def percent_of(value: float, reference_mean: float) -> float:

@@ -468,7 +468,8 @@ def main(argv=None) -> int:
             attn = attention_backends[0]
             row = {"path": "multi_seed", "seeds": args.seeds, "batch_size_per_seed": None, "dataset": args.dataset,
                    "variant": variant, "code": "this", "commit": meta["commit"], "device": meta["device"],
-                   "mode": args.modes[0], "attention_backend": attn or args.backend, "processes": n}
+                   "mode": args.modes[0], "attention_backend": attn or args.backend, "processes": n,
+                   "kernels": "default"}   # the worker processes launch with the kernels' defaults
             try:
                 row.update(measure_processes(args, variant, n, args.modes[0], attn, args.mps))
             except Exception as err:  # noqa: BLE001 - a failing row is a result too
