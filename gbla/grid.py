@@ -8,7 +8,7 @@ For every (dataset, variant, seed) of the profile: if <runs_root>/<dataset>/<var
 metrics.json exists with the same config hash the run is skipped, otherwise notebooks/train.ipynb
 is executed with papermill into that folder (log in run.log). A failed run gets error.json next to
 its executed notebook and the other runs go on. Then the aggregation notebooks run into
-outputs/reports/ (ipynb + HTML) and outputs/runs/summary.json says what ran, was skipped, failed.
+outputs/reports/ (ipynb + HTML) and outputs/runs/summary-<profile>.json says what ran, was skipped, failed.
 
 Runs execute on a Dask cluster: locally one worker per GPU (pinned with CUDA_VISIBLE_DEVICES) with
 `runs_per_gpu` threads, i.e. concurrent runs, each a papermill subprocess; without GPUs a small
@@ -621,7 +621,7 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
              min_start_s: float = MIN_GROUP_START_S, command: str = "", accept_new_data: bool = False,
              log=print) -> dict:
     """Expand, skip what is done, dispatch the rest (one task per (dataset, variant): its pending
-    seeds), write summary.json, run the reports. time_budget_s: groups still training when it runs
+    seeds), write summary-<profile>.json, run the reports. time_budget_s: groups still training when it runs
     out write a checkpoint and stop (outcome "paused"); the same call later resumes them. min_start_s: a
     group without a checkpoint is not started with less of the budget left (outcome "not-run"). command:
     the command line that asked for this, recorded in each group execution's dispatch "start" record.
@@ -704,7 +704,9 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
                           "not_run": len(runs) - len(done) - len(ran) - len(failed) - len(paused)},
                "groups": len(tasks), "time_budget_s": time_budget_s,
                "runs": runs, "reports": []}
-    summary_path = runs_root / "summary.json"
+    # one file per profile: the smoke profile's runs share runs_root with the full grid's, and the full
+    # grid's last summary (every run skipped as done, none failed) is committed with its results
+    summary_path = runs_root / f"summary-{grid.profile}.json"
     atomic_write_json(summary_path, summary)
     if aggregate and not interrupted and not paused:
         summary["reports"] = run_reports(grid, grid.runtime["reports"], log=log)

@@ -491,7 +491,8 @@ def test_smoke_grid_runs_records_the_failure_and_goes_on(smoke):
     assert "negative dimension" in failure["error"] and "train_group" in failure["traceback"]
     assert (broken.parent / "train.ipynb").is_file() and not (broken / "metrics.json").exists()
 
-    summary = json.loads((root / "summary.json").read_text())
+    assert not (root / "summary.json").exists()   # one summary per profile, beside the full grid's
+    summary = json.loads((root / f"summary-{g.profile}.json").read_text())
     assert summary["counts"] == {"total": 3, "skipped": 0, "ran": 2, "failed": 1, "paused": 0, "not_run": 0}
     assert summary["groups"] == 3
     assert {r["outcome"] for r in summary["runs"]} == {"ran", "failed"}

@@ -19,7 +19,7 @@ path a user takes - once per case, each in a fresh runs folder under --work:
 The evidence comes from the records the grid keeps anyway: each variant folder's dispatch.jsonl
 (a start and an end line per execution of a group: worker, CUDA_VISIBLE_DEVICES, process, times),
 each run's metrics.json (`placement`: host, process, GPU UUID and PCI address) and the grid's
-summary.json. Output: <out>/multi_gpu.json and .md with device, commit, command and date.
+summary-<profile>.json. Output: <out>/multi_gpu.json and .md with device, commit, command and date.
 """
 from __future__ import annotations
 
