@@ -659,8 +659,8 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
             f"(fingerprints {fingerprints}): stale, to be run again")
     # new runs on other semantic IDs than a dataset's finished runs would be compared with them in the
     # report as if trained on the same data: refuse (a dry run warns), naming what differs
-    for dataset in sorted({c.dataset for c in todo}):
-        clash = {} if accept_new_data else runs_on_other_data(grid, dataset, fingerprints[dataset])
+    for dataset in sorted({c.dataset for c in todo}) if not accept_new_data else []:
+        clash = runs_on_other_data(grid, dataset, fingerprints[dataset])
         if clash:
             message = describe_data_mismatch(dataset, fingerprints[dataset], clash,
                                              dataset_path(dataset, processed_root))
