@@ -307,6 +307,34 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _check_shared_run_folders(src: _Source, profiles: dict[str, Grid]) -> None:
+    """Two profiles writing to the same runs folder must agree on the config of every run they share.
+
+    A run folder is named by (dataset, variant, seed), not by config: a profile that trains `sa` on
+    Beauty with other settings (say patience 20) into the full grid's runs folder would see the full
+    grid's finished runs as not done and replace them, and the full grid would then replace its runs
+    again. Such a profile needs a runs folder of its own (runtime.runs_root)."""
+    names = list(profiles)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            a, b = profiles[first], profiles[second]
+            if a.runs_root != b.runs_root:
+                continue
+            for dataset in (d for d in a.datasets if d in b.datasets):
+                for variant in (v for v in a.variant_names if v in b.variant_names):
+                    for seed in (s for s in a.seeds if s in b.seeds):
+                        ours = a.run_config(dataset, variant, seed).config_hash()
+                        theirs = b.run_config(dataset, variant, seed).config_hash()
+                        if ours != theirs:
+                            raise src.error(
+                                ("profiles", second),
+                                f"its run {dataset}/{variant}/seed{seed} (config {theirs}) and profile "
+                                f"{first!r}'s (config {ours}) would share the folder "
+                                f"{a.runtime['runs_root']}/{dataset}/{variant}/seed{seed}, each "
+                                f"replacing the other's finished results; give profile {second!r} a runs "
+                                f"folder of its own (runtime: {{runs_root: outputs/runs-{second}}})")
+
+
 def load_grid(params_file: str | os.PathLike = DEFAULT_PARAMS, profile: str = "full") -> Grid:
     """Parse and validate a params file (every profile) and resolve `profile`.
 
@@ -373,6 +401,7 @@ def load_grid(params_file: str | os.PathLike = DEFAULT_PARAMS, profile: str = "f
         except (ValueError, TypeError) as e:
             raise src.error(path, f"variant {v!r} does not give a valid config: {e}") from None
         resolved[name] = grid
+    _check_shared_run_folders(src, resolved)
     if profile not in resolved:
         raise ParamsError(f"{params_file}: no profile {profile!r}; defined: {', '.join(resolved)}")
     return resolved[profile]

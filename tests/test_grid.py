@@ -153,6 +153,42 @@ def test_base_params_parse_and_other_errors(tmp_path):
         G.load_grid(path, "smoke")
 
 
+def test_profiles_sharing_a_runs_folder_must_agree_on_shared_runs(tmp_path):
+    # a second profile training `hyb` with other settings into the same runs folder would replace the first
+    # profile's finished runs (a run folder is named by dataset/variant/seed, not by config)
+    clash = BASE + "  longer:\n    variants: [hyb]\n    seeds: [1]\n    train: {patience: 20}\n"
+    path = tmp_path / "clash.yaml"
+    path.write_text(clash)
+    with pytest.raises(G.ParamsError) as err:
+        G.load_grid(path, "smoke")  # whichever profile is asked for: the file itself is inconsistent
+    text = str(err.value)
+    assert text.startswith(f"{path}:14: profiles.longer:"), text
+    assert "synthetic/hyb/seed1" in text and "outputs/runs/synthetic/hyb/seed1" in text
+    smoke = G.load_grid(_write(tmp_path, "ok.yaml", BASE), "smoke")
+    assert smoke.run_config("synthetic", "hyb", 1).config_hash() in text
+    assert "runs_root: outputs/runs-longer" in text
+    # the same profile with a runs folder of its own loads, and keeps its own settings there
+    own = clash + "    runtime: {runs_root: outputs/runs-longer}\n"
+    longer = G.load_grid(_write(tmp_path, "own.yaml", own), "longer")
+    assert longer.runs_root.name == "runs-longer" and longer.expand()[0].train.patience == 20
+    # profiles that share runs with identical configs (one narrows the other) may share the folder
+    narrow = BASE + "  only-hyb:\n    variants: [hyb]\n    seeds: [1]\n"
+    assert G.load_grid(_write(tmp_path, "narrow.yaml", narrow), "only-hyb").runs_root == smoke.runs_root
+
+
+def test_shipped_profiles_keep_their_runs_apart():
+    full = G.load_grid(PARAMS, "full")
+    check = G.load_grid(PARAMS, "multi-gpu-check")  # Beauty sa/hybrid with 3 epochs: not the full grid's runs
+    assert check.runs_root != full.runs_root
+    assert check.run_config("beauty", "sa", 0).config_hash() != full.run_config("beauty", "sa", 0).config_hash()
+
+
+def _write(folder, name, text):
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
 def test_cli_reports_params_errors_without_a_traceback(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(BASE.replace("[sa, gbla]", "[sa, linear]"))

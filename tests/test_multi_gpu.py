@@ -21,7 +21,7 @@ TWO_GROUPS = """
     model: {d_model: 32, num_heads: 2, head_dim: 16, d_ff: 64, num_decoder_layers: 1, dropout: 0.1,
             num_user_buckets: 64}
     train: {batch_size: 128, max_epochs: 2, patience: 2, beam_size: 10}
-    runtime: {device: cpu}
+    runtime: {device: cpu, runs_root: outputs/runs-two-groups}  # the smoke profile's synthetic runs differ
     dask: {runs_per_gpu: 1}
 """
 
