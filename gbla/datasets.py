@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gbla.common import read_json
+from gbla.common import read_json, shown_path
 from gbla.params import SYNTHETIC
 
 
@@ -28,7 +28,7 @@ def load_processed_dataset(name: str, processed_root: str | os.PathLike | None =
     path = dataset_path(name, processed_root)
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(
-            f"processed dataset {name!r} not found at {path} (no meta.json). Build it with `make data` "
+            f"processed dataset {name!r} not found at {shown_path(path)} (no meta.json). Build it with `make data` "
             f"(or `python -m gbla.data.build --dataset {name}`), or point processed_root / "
             f"$GBLA_PROCESSED_DIR at the folder that holds it.")
     return load_processed(path)

@@ -537,7 +537,9 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
             continue
         out = reports_root / f"{src.stem}-{grid.profile}.ipynb"
         html = out.with_suffix(".html")
-        wanted = {"runs_root": str(grid.runs_root), "params_file": str(grid.params_file.resolve()),
+        # paths inside the repository go in relative (the notebook resolves them from the root), so the
+        # rendered report names them the same on every checkout
+        wanted = {"runs_root": shown_path(grid.runs_root), "params_file": shown_path(grid.params_file),
                   "profile": grid.profile, "output": str(reports_root), "output_dir": str(reports_root)}
         if grid.processed_root is not None:   # where the report finds the test users' histories
             wanted["processed_root"] = str(grid.processed_root)

@@ -101,10 +101,16 @@ def status_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def problem_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that are not ok, with the error of failed ones and why stale ones are stale."""
+    """The runs that are not ok, with the error of failed ones and why stale ones are stale; run folders
+    as results show paths (relative to the repository root when inside it: the same on every checkout)."""
     cols = [c for c in ("dataset", "variant", "seed", "status", "error", "stale_reason", "stale_data_fingerprint",
                         "stale_expected_data_fingerprint", "run_dir") if c in runs.columns]
-    return runs.loc[runs["status"] != "ok", cols].reset_index(drop=True) if not runs.empty else pd.DataFrame(columns=cols)
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    problems = runs.loc[runs["status"] != "ok", cols].reset_index(drop=True)
+    if "run_dir" in problems.columns:
+        problems["run_dir"] = [shown_path(d) for d in problems["run_dir"]]
+    return problems
 
 
 def stale_data_notes(runs: pd.DataFrame) -> list[str]:

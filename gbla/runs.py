@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 # REPO_ROOT, git_commit and METRIC_NAMES are also read as runs.* by notebooks/train.ipynb
-from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_write_json, git_commit, read_json  # noqa: F401
+from gbla.common import METRIC_NAMES, REPO_ROOT, atomic_write_json, git_commit, read_json, repo_path  # noqa: F401
 from gbla.datasets import expected_data_fingerprint
 
 DEFAULT_RUNS_ROOT = REPO_ROOT / "outputs" / "runs"
@@ -414,7 +414,7 @@ def collect_runs(runs_root: str | os.PathLike = DEFAULT_RUNS_ROOT, expected: Ite
     """
     import pandas as pd
 
-    runs_root = Path(runs_root)
+    runs_root = repo_path(runs_root)   # relative: from the repository root, as notebooks' parameters are
     if expected is None and params_file is not None:
         from gbla.params import load_grid
 

@@ -450,6 +450,22 @@ def test_reports_get_the_grids_processed_root(tmp_path):
     assert shown == [f"processed_root: {tmp_path / 'processed'}", "processed_root: None"]
 
 
+@pytest.mark.timeout(180)
+def test_reports_get_paths_inside_the_repository_relative(tmp_path):
+    """The grid's runs folder and params file inside the repository reach a report as paths from its
+    root (what the rendered report shows is the same on every checkout); the notebook runs in the
+    reports folder, and the package resolves them from the root."""
+    nb_path = probe_notebook(tmp_path / "probe.ipynb", "runs_root = None\nparams_file = None",
+                             "from gbla.common import repo_path\nprint(runs_root, params_file, repo_path(runs_root).is_dir())")
+    g = G.load_grid(PARAMS, "full")
+    g.runtime["reports_root"] = str(tmp_path / "reports")
+    [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
+    assert result["status"] == "ok", result
+    nb = nbformat.read(result["ipynb"], as_version=4)
+    shown = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])).strip()
+    assert shown == "outputs/runs params/ablations.yaml True"
+
+
 # ------------------------------------------------------------------------------ end to end
 
 REPORT_NB = """\

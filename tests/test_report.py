@@ -98,6 +98,15 @@ def test_load_runs_shows_failed_and_missing_runs(grid):
     assert "out of memory" in problems.loc[problems["variant"] == "hybrid", "error"].iloc[0]
 
 
+def test_problem_runs_name_run_folders_from_the_repository_root(grid):
+    root, runs = grid
+    inside = runs.assign(run_dir=[str(runs_io.REPO_ROOT / "outputs" / "runs" / f"d/v/seed{i}") for i in range(len(runs))])
+    problems = report.problem_runs(inside)
+    assert len(problems) == 4 and all(d.startswith("outputs/runs/d/v/seed") for d in problems["run_dir"])
+    outside = report.problem_runs(runs)   # a runs folder elsewhere keeps its absolute path
+    assert all(d.startswith(str(root.resolve())) for d in outside["run_dir"])
+
+
 def test_runs_trained_on_other_data_are_named_in_the_report_notes(grid):
     """Finished runs whose data is not the processed data there is now drop out of every statistic as
     stale; the report says so per dataset, with both fingerprints, instead of leaving a bare count."""
@@ -897,3 +906,11 @@ def test_sid_prefix_sharing_counts_items_with_the_same_digits_but_the_last():
     count = Counter(prefixes)
     assert not notes and fingerprint == data.provenance["fingerprint"]
     assert sizes.tolist() == [count[p] for p in prefixes] and (sizes > 1).any()
+
+
+def test_a_missing_processed_dataset_is_named_from_the_repository_root(tmp_path):
+    """The report's notes quote this error: a folder inside the repository is named from its root."""
+    with pytest.raises(FileNotFoundError, match=r"'toys' not found at outputs/no-such-processed/toys \(no meta.json\)"):
+        datasets.load_processed_dataset("toys", REPO_ROOT / "outputs" / "no-such-processed")
+    with pytest.raises(FileNotFoundError, match=f"not found at {tmp_path.resolve() / 'toys'} "):
+        datasets.load_processed_dataset("toys", tmp_path)
