@@ -181,6 +181,15 @@ def test_shipped_profiles_keep_their_runs_apart():
     check = G.load_grid(PARAMS, "multi-gpu-check")  # Beauty sa/hybrid with 3 epochs: not the full grid's runs
     assert check.runs_root != full.runs_root
     assert check.run_config("beauty", "sa", 0).config_hash() != full.run_config("beauty", "sa", 0).config_hash()
+    # the stopping-rule sensitivity: the full grid's sa and hybrid runs with a patience of 20, nothing else
+    longer = G.load_grid(PARAMS, "patience-20")
+    assert longer.runs_root not in (full.runs_root, check.runs_root)
+    assert {(c.dataset, c.variant, c.seed) for c in longer.expand()} == {
+        (c.dataset, c.variant, c.seed) for c in full.expand(variants=["sa", "hybrid"])}
+    for c in longer.expand():
+        ours, theirs = c.to_dict(), full.run_config(c.dataset, c.variant, c.seed).to_dict()
+        assert (ours["train"].pop("patience"), theirs["train"].pop("patience")) == (20, 10)
+        assert ours == theirs
 
 
 def _write(folder, name, text):
