@@ -659,6 +659,16 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     if other_data:
         log(f"{len(other_data)} runs have results trained on other data than the processed data there now "
             f"(fingerprints {fingerprints}): stale, to be run again")
+    # finished runs of another config in the folders of runs to train: replaced, which is what a changed
+    # setting asks for; said before anything is replaced, so that a wrong --runs-root is noticed
+    replaced = [(c, m["config_hash"]) for c in todo
+                if (m := load_run_metrics(run_dir_for(runs_root, c.dataset, c.variant, c.seed)))
+                and m.get("status") == "ok" and m.get("config_hash") not in (None, c.config_hash())]
+    if replaced:
+        c, old = replaced[0]
+        log(f"{len(replaced)} runs hold finished results of another config (settings changed since, or another "
+            f"profile's runs): trained again and replaced, e.g. {c.dataset}/{c.variant}/seed{c.seed} config "
+            f"{old} -> {c.config_hash()}")
     # new runs on other semantic IDs than a dataset's finished runs would be compared with them in the
     # report as if trained on the same data: refuse (a dry run warns), naming what differs
     for dataset in sorted({c.dataset for c in todo}) if not accept_new_data else []:

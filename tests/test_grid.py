@@ -1,5 +1,6 @@
 """The ablation grid: params parsing (with errors that point at file, line and key), expansion, Dask
 dispatch, and the smoke grid end to end through papermill (run, skip, redo, failure, reports)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -244,6 +245,17 @@ def test_a_result_trained_on_other_data_is_not_done(tmp_path):
                           seeds=[cfg.seed], dry_run=True, overrides={"runs_root": str(tmp_path)}, log=logged.append)
         assert plan["done"] == done and plan["to_run"] == 1 - done
     assert any("trained on other data" in line for line in logged)
+    assert not any("another config" in line for line in logged)
+    # a finished run of another config (the settings changed): to be replaced, and said so beforehand
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, patience=cfg.train.patience + 5))
+    runs.save_run_result(dataclasses.replace(result, config=longer, config_hash=longer.config_hash()), run_dir,
+                         data_fingerprint=current, commit="c")
+    logged.clear()
+    plan = G.run_grid(G.load_grid(PARAMS, "smoke"), datasets=[cfg.dataset], variants=[cfg.variant],
+                      seeds=[cfg.seed], dry_run=True, overrides={"runs_root": str(tmp_path)}, log=logged.append)
+    assert plan["to_run"] == 1
+    [line] = [line for line in logged if "another config" in line]
+    assert line.startswith("1 runs hold") and f"{longer.config_hash()} -> {cfg.config_hash()}" in line
 
 
 def test_new_runs_on_other_data_than_a_datasets_finished_runs_are_refused(tmp_path, capsys):
