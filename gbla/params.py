@@ -10,6 +10,7 @@ notebooks and gbla/runs.py import only this.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -314,25 +315,22 @@ def _check_shared_run_folders(src: _Source, profiles: dict[str, Grid]) -> None:
     Beauty with other settings (say patience 20) into the full grid's runs folder would see the full
     grid's finished runs as not done and replace them, and the full grid would then replace its runs
     again. Such a profile needs a runs folder of its own (runtime.runs_root)."""
-    names = list(profiles)
-    for i, first in enumerate(names):
-        for second in names[i + 1:]:
-            a, b = profiles[first], profiles[second]
-            if a.runs_root != b.runs_root:
-                continue
-            for dataset in (d for d in a.datasets if d in b.datasets):
-                for variant in (v for v in a.variant_names if v in b.variant_names):
-                    for seed in (s for s in a.seeds if s in b.seeds):
-                        ours = a.run_config(dataset, variant, seed).config_hash()
-                        theirs = b.run_config(dataset, variant, seed).config_hash()
-                        if ours != theirs:
-                            raise src.error(
-                                ("profiles", second),
-                                f"its run {dataset}/{variant}/seed{seed} (config {theirs}) and profile "
-                                f"{first!r}'s (config {ours}) would share the folder "
-                                f"{a.runtime['runs_root']}/{dataset}/{variant}/seed{seed}, each "
-                                f"replacing the other's finished results; give profile {second!r} a runs "
-                                f"folder of its own (runtime: {{runs_root: outputs/runs-{second}}})")
+    for first, second in itertools.combinations(profiles, 2):
+        a, b = profiles[first], profiles[second]
+        if a.runs_root != b.runs_root:
+            continue
+        shared = itertools.product([d for d in a.datasets if d in b.datasets],
+                                   [v for v in a.variant_names if v in b.variant_names],
+                                   [s for s in a.seeds if s in b.seeds])
+        for dataset, variant, seed in shared:
+            ours = a.run_config(dataset, variant, seed).config_hash()
+            theirs = b.run_config(dataset, variant, seed).config_hash()
+            if ours != theirs:
+                raise src.error(("profiles", second),
+                                f"its run {dataset}/{variant}/seed{seed} (config {theirs}) and profile {first!r}'s "
+                                f"(config {ours}) would share the folder {a.runtime['runs_root']}/{dataset}/{variant}/"
+                                f"seed{seed}, each replacing the other's finished results; give profile {second!r} "
+                                f"a runs folder of its own (runtime: {{runs_root: outputs/runs-{second}}})")
 
 
 def load_grid(params_file: str | os.PathLike = DEFAULT_PARAMS, profile: str = "full") -> Grid:
