@@ -26,7 +26,8 @@ from gbla.data.amazon import DATASETS as AMAZON_DATASETS
 DEFAULT_PARAMS = REPO_ROOT / "params" / "ablations.yaml"
 
 TOP_LEVEL_KEYS = {"datasets", "seeds", "model", "train", "variants", "synthetic", "runtime", "dask", "profiles"}
-PROFILE_KEYS = {"description", "datasets", "seeds", "variants", "model", "train", "synthetic", "runtime", "dask"}
+PROFILE_KEYS = {"description", "datasets", "seeds", "variants", "model", "train", "synthetic", "runtime", "dask",
+                "compares_with"}
 VARIANT_KEYS = {"name", "description", "encoder_layout", "gbla", "model"}
 RUNTIME_DEFAULTS: dict[str, Any] = {
     "device": "auto", "backend": "auto", "step_mode": "auto", "processed_root": None, "runs_root": "outputs/runs",
@@ -259,6 +260,8 @@ class Grid:
     synthetic: dict
     runtime: dict
     dask: dict
+    # the profile whose runs this one reruns with one setting changed (its report pairs them seed by seed)
+    compares_with: str | None = None
 
     def run_config(self, dataset: str, variant: str, seed: int, *, train_overrides: dict | None = None) -> RunConfig:
         if variant not in self.variants:
@@ -308,6 +311,36 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def setting_changes(base: Grid, other: Grid) -> dict[str, tuple]:
+    """{"train.patience": (10, 20)}: the settings in which every run of `other` differs from the run of
+    the same dataset, variant and seed in `base` (its twin). ValueError where a run has no twin, where
+    runs differ in different settings, or where nothing differs (nothing to compare)."""
+    twins = {(c.dataset, c.variant, c.seed): c for c in base.expand()}
+    changes = None
+    for c in other.expand():
+        twin = twins.get((c.dataset, c.variant, c.seed))
+        if twin is None:
+            raise ValueError(f"profile {other.profile!r} has {c.dataset}/{c.variant}/seed{c.seed}, which profile "
+                             f"{base.profile!r} does not: nothing to pair it with")
+        ours, theirs = _flat(twin.to_dict()), _flat(c.to_dict())
+        diff = {k: (ours.get(k), theirs.get(k)) for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)}
+        if changes is not None and diff != changes:
+            raise ValueError(f"profile {other.profile!r} changes {', '.join(diff) or 'nothing'} for "
+                             f"{c.dataset}/{c.variant} but {', '.join(changes) or 'nothing'} elsewhere: not one setting")
+        changes = diff
+    if not changes:
+        raise ValueError(f"profile {other.profile!r} gives its runs the same configs as profile {base.profile!r}: "
+                         f"nothing changed to compare")
+    return changes
+
+
 def _check_shared_run_folders(src: _Source, profiles: dict[str, Grid]) -> None:
     """Two profiles writing to the same runs folder must agree on the config of every run they share.
 
@@ -338,6 +371,15 @@ def load_grid(params_file: str | os.PathLike = DEFAULT_PARAMS, profile: str = "f
 
     Relative params paths are taken from the repo root when they do not exist from the cwd.
     """
+    profiles = load_profiles(params_file)
+    if profile not in profiles:
+        first = next(iter(profiles.values()))
+        raise ParamsError(f"{first.params_file}: no profile {profile!r}; defined: {', '.join(profiles)}")
+    return profiles[profile]
+
+
+def load_profiles(params_file: str | os.PathLike = DEFAULT_PARAMS) -> dict[str, Grid]:
+    """Every profile of a params file, resolved and validated, in file order (see load_grid)."""
     params_file = Path(params_file)
     if not params_file.is_absolute() and not params_file.exists() and (REPO_ROOT / params_file).exists():
         params_file = REPO_ROOT / params_file
@@ -391,7 +433,8 @@ def load_grid(params_file: str | os.PathLike = DEFAULT_PARAMS, profile: str = "f
             model={**model, **p_model}, train={**train, **p_train},
             synthetic={**synthetic, **_known_keys(src, path + ("synthetic",), prof.get("synthetic"),
                                                    _synthetic_keys(), "synthetic option")},
-            runtime=_merge(runtime, p_runtime), dask=_merge(dask_cfg, p_dask))
+            runtime=_merge(runtime, p_runtime), dask=_merge(dask_cfg, p_dask),
+            compares_with=str(prof["compares_with"]) if prof.get("compares_with") is not None else None)
         _check_runtime(src, path, grid)
         try:  # every variant must build a valid config under this profile's settings
             for v in grid.variant_names:
@@ -400,9 +443,16 @@ def load_grid(params_file: str | os.PathLike = DEFAULT_PARAMS, profile: str = "f
             raise src.error(path, f"variant {v!r} does not give a valid config: {e}") from None
         resolved[name] = grid
     _check_shared_run_folders(src, resolved)
-    if profile not in resolved:
-        raise ParamsError(f"{params_file}: no profile {profile!r}; defined: {', '.join(resolved)}")
-    return resolved[profile]
+    for name, grid in resolved.items():
+        if grid.compares_with is not None:
+            where = ("profiles", name, "compares_with")
+            if grid.compares_with not in resolved or grid.compares_with == name:
+                raise src.error(where, f"no other profile {grid.compares_with!r}; defined: {', '.join(resolved)}")
+            try:
+                setting_changes(resolved[grid.compares_with], grid)
+            except ValueError as e:
+                raise src.error(where, str(e)) from None
+    return resolved
 
 
 def _synthetic_keys() -> set[str]:

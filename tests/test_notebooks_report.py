@@ -91,6 +91,7 @@ def test_aggregate_notebook_on_a_partial_smoke_grid(tmp_path):
     assert set(pd.read_csv(out / "prefix_sharing.csv")["variant"]) == {"sa", "hybrid"}
     text = outputs_text(nb)
     assert "runs not finished" in text and "failed" in text
+    assert "no profile of the params file reruns this profile's runs" in text
 
 
 def test_aggregate_notebook_on_an_empty_runs_folder(tmp_path):
@@ -116,3 +117,45 @@ def test_latency_notebook_says_when_the_benchmark_is_missing(tmp_path):
                  output_dir=str(tmp_path / "out"))
     assert "No benchmark results yet" in outputs_text(nb)
     assert not (tmp_path / "out").exists()
+
+
+def test_aggregate_notebook_pairs_a_profile_that_changes_one_setting(tmp_path):
+    """A profile whose compares_with names the report's profile: its runs are paired with their twins,
+    shown in the findings and in their own section, and written as CSV beside the report's tables."""
+    import copy
+
+    import yaml
+
+    from gbla.datasets import expected_data_fingerprint
+    from gbla.grid import load_grid
+
+    data = yaml.safe_load((REPO / "params" / "ablations.yaml").read_text())
+    longer = copy.deepcopy(data["profiles"]["smoke"])
+    longer.update(compares_with="smoke", variants=["sa", "hybrid"])
+    longer["train"]["patience"] = data["profiles"]["smoke"]["train"]["patience"] + 3
+    longer["runtime"]["runs_root"] = str(tmp_path / "runs-longer")
+    data["profiles"] = {"smoke": data["profiles"]["smoke"], "smoke-longer": longer}
+    data["profiles"]["smoke"]["runtime"]["runs_root"] = str(tmp_path / "runs")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+    rng = np.random.default_rng(1)
+    for profile, variants in (("smoke", ("sa", "hybrid")), ("smoke-longer", ("sa",))):
+        grid = load_grid(params, profile)
+        for cfg in grid.expand(variants=list(variants)):
+            write_run(grid.runs_root, cfg.dataset, cfg.variant, cfg.seed, fixture_ranks(rng, 120, 0.3), config=cfg,
+                      data_fingerprint=expected_data_fingerprint(cfg.dataset, synthetic=grid.synthetic))
+    nb = execute(AGGREGATE, tmp_path / "aggregate.ipynb", tmp_path, runs_root=str(tmp_path / "runs"),
+                 params_file=str(params), profile="smoke", output_dir=str(tmp_path / "reports"), n_bootstrap=200)
+    out = tmp_path / "reports" / "aggregate-smoke"
+    changed = pd.read_csv(out / "sensitivity-smoke-longer.csv")
+    label = f"patience {longer['train']['patience']}"
+    per_dataset = changed[changed["dataset"] == "synthetic"]
+    assert set(zip(per_dataset["variant"], per_dataset["reference"])) == {
+        (f"sa ({label})", "sa"), (f"hybrid ({label})", "hybrid")}
+    sa = per_dataset[per_dataset["reference"] == "sa"]
+    assert (sa["n_paired_seeds"] == 2).all() and sa["pct"].notna().all() and sa["p_perm"].notna().all()
+    assert (per_dataset.loc[per_dataset["reference"] == "hybrid", "n_paired_seeds"] == 0).all()
+    assert (out / "sensitivity-smoke-longer-gaps.csv").is_file()
+    text = outputs_text(nb)
+    assert "One setting changed" in text and f"{label} (2 of 4 runs)" in text
+    assert "`train.patience` 2 → 5" in text

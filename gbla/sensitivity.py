@@ -1,0 +1,193 @@
+"""One setting changed: a second profile's runs against the main profile's, seed by seed.
+
+A profile such as `patience-20` reruns some variants of the full grid with one training setting
+changed, into a runs folder of its own (gbla.params refuses two profiles that would share one). Each
+of its runs has a twin in the main profile: the same dataset, variant, seed, data and everything else.
+This module pairs them:
+
+    changed = setting_sensitivity(runs, "params/ablations.yaml", "full", "patience-20", metrics=...)
+    changed.comparisons   # "sa (patience 20)" against "sa", ... per dataset (gbla.report.compare's columns)
+    changed.pooled        # the same, averaged over the datasets (gbla.report.pooled)
+    changed.gaps          # hybrid against sa under each setting: does the change move the gap?
+
+The variants of the second profile are relabelled "<variant> (<label>)", where the label names the
+setting and its value in that profile ("patience 20", read from the configs), and stacked onto the
+main runs table, so the pairing, tests and tables are the report's own (gbla.report): a seed pairs
+with the same seed, a user with the same user.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from gbla import params, report
+
+GAP_COLUMNS = ["dataset", "metric", "variant", "reference", "setting", "n_paired_seeds", "pct", "pct_ci_low",
+               "pct_ci_high", "p_ttest", "reason"]
+
+
+def setting_changes(params_file, base_profile: str, other_profile: str) -> dict[str, tuple]:
+    """{"train.patience": (10, 20)}: what the other profile changes in its runs' twins of the base
+    profile (gbla.params.setting_changes; ValueError where it is not one change of twins)."""
+    return params.setting_changes(params.load_grid(params_file, base_profile),
+                                  params.load_grid(params_file, other_profile))
+
+
+def profiles_comparing_with(params_file, profile: str) -> list[str]:
+    """The profiles of the params file whose compares_with names `profile`, in file order."""
+    return [name for name, grid in params.load_profiles(params_file).items() if grid.compares_with == profile]
+
+
+def setting_label(changes: dict[str, tuple]) -> str:
+    """'patience 20' for {"train.patience": (10, 20)}; several settings joined by ', '."""
+    return ", ".join(f"{key.rsplit('.', 1)[-1].replace('_', ' ')} {new}" for key, (_, new) in changes.items())
+
+
+@dataclass
+class Sensitivity:
+    label: str                      # "patience 20"
+    changes: dict                   # {"train.patience": (10, 20)}
+    runs: pd.DataFrame              # the second profile's runs (status rows as gbla.report.load_runs)
+    comparisons: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=report.COMPARISON_COLUMNS))
+    pooled: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=report.POOLED_COLUMNS))
+    gaps: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=GAP_COLUMNS))
+
+    @property
+    def n_done(self) -> int:
+        return int((self.runs["status"] == "ok").sum()) if not self.runs.empty else 0
+
+
+def compare_changed(base: pd.DataFrame, changed: pd.DataFrame, label: str, metrics=report.METRIC_NAMES, *,
+                    gap_pairs=(("hybrid", "sa"),), confidence: float = 0.95, margin: float = 0.05,
+                    n_bootstrap: int = 10_000, seed: int = 0) -> Sensitivity:
+    """Each variant of `changed` (runs table of the second profile) against the same variant of `base`,
+    per dataset (seed-paired t-test, per-user bootstrap and sign-flip test as gbla.report.compare; each
+    variant its own Holm family of one) and averaged over the datasets; and each (variant, reference)
+    of `gap_pairs` under both settings, from the seeds both settings finished for both variants."""
+    result = Sensitivity(label, {}, changed)
+    if changed.empty or not (changed["status"] == "ok").any():
+        return result
+    suffix = f" ({label})"
+    stacked = pd.concat([base, changed.assign(variant=changed["variant"] + suffix)], ignore_index=True)
+    variants = list(pd.unique(changed["variant"]))
+    pairs = [(v + suffix, v) for v in variants]
+    ranks = report.PerUserRanks()
+    kw = dict(confidence=confidence, n_bootstrap=n_bootstrap, seed=seed, ranks=ranks)
+    tables = [report.compare(stacked[stacked["variant"].isin(p)], (p[1],), metrics, **kw) for p in pairs]
+    tables = [t for t in tables if not t.empty]
+    if tables:
+        result.comparisons = pd.concat(tables, ignore_index=True)
+    result.pooled = report.pooled(stacked, (), metrics, pairs=pairs, confidence=confidence, margin=margin)
+    gaps = []
+    for variant, reference in gap_pairs:
+        if not {variant, reference} <= set(variants):
+            continue
+        for setting, names in (("base", (variant, reference)), (label, (variant + suffix, reference + suffix))):
+            t = report.compare(stacked[stacked["variant"].isin(names)], (names[1],), metrics, **kw)
+            if t.empty:
+                continue
+            t = t.assign(variant=variant, reference=reference, setting=setting)
+            gaps.append(t[GAP_COLUMNS])
+    if gaps:
+        result.gaps = pd.concat(gaps, ignore_index=True)
+    return result
+
+
+def setting_sensitivity(base: pd.DataFrame, params_file, base_profile: str, other_profile: str,
+                        metrics=report.METRIC_NAMES, **kw) -> Sensitivity:
+    """compare_changed with the second profile's runs loaded from its own runs folder (its params say
+    where) and its label read from the settings it changes (setting_changes)."""
+    changes = setting_changes(params_file, base_profile, other_profile)
+    other = params.load_grid(params_file, other_profile)
+    changed = report.load_runs(other.runs_root, params_file, other_profile)
+    result = compare_changed(base, changed, setting_label(changes) or other_profile, metrics, **kw)
+    result.changes = changes
+    return result
+
+
+def sensitivity_table(s: Sensitivity, metrics=("recall@10", "ndcg@10")) -> pd.DataFrame:
+    """One row per dataset and variant: each metric's change (in % of the base setting's mean, 95% CI)
+    and its seed-level p; then the average over the datasets."""
+    rows = []
+    comp = s.comparisons[s.comparisons["metric"].isin(metrics)].sort_values("dataset", kind="stable")
+    for (dataset, variant), g in comp.groupby(["dataset", "reference"], sort=False):
+        row = {"dataset": dataset, "variant": variant, "seeds": int(g["n_paired_seeds"].max())}
+        for _, r in g.iterrows():
+            name = report._label(r["metric"])
+            row[f"{name} before"] = report._num(r["reference_mean"])
+            row[f"{name} {s.label}"] = report._num(r["variant_mean"])
+            row[f"{name} Δ% [95% CI]"] = report._pct_ci(r)
+            row[f"{name} p"] = report._p(r["p_ttest"])
+        rows.append(row)
+    pooled = s.pooled[s.pooled["metric"].isin(metrics)]
+    for variant, g in pooled.groupby("reference", sort=False):
+        row = {"dataset": f"average of {int(g['n_datasets'].max())}", "variant": variant,
+               "seeds": int(g["n_pairs"].max())}
+        for _, r in g.iterrows():
+            name = report._label(r["metric"])
+            row[f"{name} Δ% [95% CI]"] = report._pct_ci(r)
+            row[f"{name} p"] = report._p(r["p"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.fillna("") if not table.empty else table
+
+
+def gap_table(s: Sensitivity, metric: str = "recall@10") -> pd.DataFrame:
+    """Per dataset and gap pair: the variant's change against its reference in % under the base setting
+    and under the changed one, side by side."""
+    g = s.gaps[s.gaps["metric"] == metric]
+    rows = []
+    for (dataset, variant, reference), part in g.groupby(["dataset", "variant", "reference"], sort=False):
+        row = {"dataset": dataset, "comparison": f"{variant} vs {reference}"}
+        for _, r in part.iterrows():
+            name = "before" if r["setting"] == "base" else s.label
+            row[f"{report._label(metric)} Δ% {name}"] = report._pct_ci(r)
+            row[f"seeds {name}"] = int(r["n_paired_seeds"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_sensitivity(s: Sensitivity, folder, profile: str) -> dict[str, "Path"]:
+    """sensitivity-<profile>.csv (the comparisons, with the averages over datasets as rows of dataset
+    "average") and sensitivity-<profile>-gaps.csv in `folder`; {name: path}."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    pooled = s.pooled.rename(columns={"n_pairs": "n_paired_seeds", "p": "p_ttest", "p_holm": "p_ttest_holm"})
+    pooled = pooled.assign(dataset="average", setting=s.label)
+    comparisons = pd.concat([s.comparisons.assign(setting=s.label), pooled], ignore_index=True)
+    paths = {f"sensitivity_{profile}": folder / f"sensitivity-{profile}.csv",
+             f"sensitivity_{profile}_gaps": folder / f"sensitivity-{profile}-gaps.csv"}
+    report._atomic_csv(comparisons, paths[f"sensitivity_{profile}"])
+    report._atomic_csv(s.gaps, paths[f"sensitivity_{profile}_gaps"])
+    return paths
+
+
+def sensitivity_finding(s: Sensitivity, metric: str = "recall@10", *, alpha: float = 0.05) -> str:
+    """One sentence per variant averaged over the datasets (or per dataset where only one has paired
+    seeds); a line saying what is not run yet where nothing has finished."""
+    name = report._label(metric)
+    if s.n_done == 0:
+        return (f"{s.label}: not run yet ({len(s.runs)} runs expected).")
+    parts = []
+    pooled = s.pooled[s.pooled["metric"] == metric]
+    comp = s.comparisons[s.comparisons["metric"] == metric]
+    for variant in pd.unique(s.runs.loc[s.runs["status"] == "ok", "variant"]):
+        p = pooled[pooled["reference"] == variant]
+        if not p.empty:
+            r = p.iloc[0]
+            parts.append(f"`{variant}` {report._pct_ci(r)} averaged over {int(r['n_datasets'])} datasets "
+                         f"(p {report._p(r['p'])}{', significant' if r['p'] <= alpha else ''})")
+            continue
+        for _, r in comp[comp["reference"] == variant].iterrows():
+            parts.append(f"`{variant}` on {r['dataset']} {report._pct_ci(r)} ({int(r['n_paired_seeds'])} seeds, "
+                         f"p {report._p(r['p_ttest'])})")
+    done = f"{s.n_done} of {len(s.runs)} runs"
+    if not parts:
+        return f"{s.label}: {done} finished, none paired with a finished run of the main grid yet."
+    return f"{s.label} ({done}), {name} against the same seeds before: " + "; ".join(parts) + "."
+
+
+__all__ = ["Sensitivity", "setting_changes", "profiles_comparing_with", "setting_label", "compare_changed", "setting_sensitivity",
+           "sensitivity_table", "gap_table", "write_sensitivity", "sensitivity_finding"]
