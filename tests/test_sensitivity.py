@@ -6,6 +6,7 @@ import yaml
 from scipy import stats as sps
 
 from gbla import report, sensitivity
+from gbla.datasets import expected_data_fingerprint
 from gbla.params import load_grid
 from gbla.runs import REPO_ROOT
 from tests.test_report import fixture_ranks, write_run
@@ -42,13 +43,14 @@ def test_a_profile_with_runs_the_main_grid_lacks_is_refused(tmp_path):
 
 
 def _write_grid(path, profile, rates, rng, n_users=400):
-    """Finished runs of `profile` (configs from the params file, so they count as ok): rates[(dataset,
-    variant)] = per-seed hit rates."""
+    """Finished runs of `profile` (configs from the params file and the data this checkout would train
+    on, so they count as ok): rates[(dataset, variant)] = per-seed hit rates."""
     grid = load_grid(path, profile)
     for (dataset, variant), per_seed in rates.items():
         for seed, rate in enumerate(per_seed):
             write_run(grid.runs_root, dataset, variant, seed, fixture_ranks(rng, n_users, rate),
-                      config=grid.run_config(dataset, variant, seed))
+                      config=grid.run_config(dataset, variant, seed),
+                      data_fingerprint=expected_data_fingerprint(dataset, grid.processed_root) or "fixture")
 
 
 def test_each_variant_is_paired_seed_by_seed_with_its_twin(tmp_path):
