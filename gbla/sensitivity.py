@@ -18,6 +18,7 @@ with the same seed, a user with the same user.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -97,11 +98,14 @@ def compare_changed(base: pd.DataFrame, changed: pd.DataFrame, label: str, metri
 def setting_sensitivity(base: pd.DataFrame, params_file, base_profile: str, other_profile: str,
                         metrics=report.METRIC_NAMES, **kw) -> Sensitivity:
     """compare_changed with the second profile's runs loaded from its own runs folder (its params say
-    where) and its label read from the settings it changes (setting_changes)."""
-    changes = setting_changes(params_file, base_profile, other_profile)
-    other = params.load_grid(params_file, other_profile)
-    changed = report.load_runs(other.runs_root, params_file, other_profile)
-    result = compare_changed(base, changed, setting_label(changes) or other_profile, metrics, **kw)
+    where) and its label read from the settings it changes (gbla.params.setting_changes)."""
+    profiles = params.load_profiles(params_file)
+    for name in (base_profile, other_profile):
+        if name not in profiles:
+            raise params.ParamsError(f"{params_file}: no profile {name!r}; defined: {', '.join(profiles)}")
+    changes = params.setting_changes(profiles[base_profile], profiles[other_profile])
+    changed = report.load_runs(profiles[other_profile].runs_root, params_file, other_profile)
+    result = compare_changed(base, changed, setting_label(changes), metrics, **kw)
     result.changes = changes
     return result
 
@@ -148,11 +152,9 @@ def gap_table(s: Sensitivity, metric: str = "recall@10") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_sensitivity(s: Sensitivity, folder, profile: str) -> dict[str, "Path"]:
+def write_sensitivity(s: Sensitivity, folder, profile: str) -> dict[str, Path]:
     """sensitivity-<profile>.csv (the comparisons, with the averages over datasets as rows of dataset
     "average") and sensitivity-<profile>-gaps.csv in `folder`; {name: path}."""
-    from pathlib import Path
-
     folder = Path(folder)
     pooled = s.pooled.rename(columns={"n_pairs": "n_paired_seeds", "p": "p_ttest", "p_holm": "p_ttest_holm"})
     pooled = pooled.assign(dataset="average", setting=s.label)
@@ -189,5 +191,5 @@ def sensitivity_finding(s: Sensitivity, metric: str = "recall@10", *, alpha: flo
     return f"{s.label} ({done}), {name} against the same seeds before: " + "; ".join(parts) + "."
 
 
-__all__ = ["Sensitivity", "setting_changes", "profiles_comparing_with", "setting_label", "compare_changed", "setting_sensitivity",
-           "sensitivity_table", "gap_table", "write_sensitivity", "sensitivity_finding"]
+__all__ = ["Sensitivity", "setting_changes", "profiles_comparing_with", "setting_label", "compare_changed",
+           "setting_sensitivity", "sensitivity_table", "gap_table", "write_sensitivity", "sensitivity_finding"]
