@@ -9,14 +9,21 @@ This module pairs them:
     changed.comparisons   # "sa (patience 20)" against "sa", ... per dataset (gbla.report.compare's columns)
     changed.pooled        # the same, averaged over the datasets (gbla.report.pooled)
     changed.gaps          # hybrid against sa under each setting: does the change move the gap?
+    changed.retrace       # per pair: how many epochs the rerun repeats its twin's training exactly
 
 The variants of the second profile are relabelled "<variant> (<label>)", where the label names the
 setting and its value in that profile ("patience 20", read from the configs), and stacked onto the
 main runs table, so the pairing, tests and tables are the report's own (gbla.report): a seed pairs
 with the same seed, a user with the same user.
+
+Where training is deterministic (same device, software and kernels), a rerun that only trains longer
+repeats its twin epoch for epoch up to the twin's last epoch, and keeps the twin's test result unless a
+later epoch validates better; `retrace` says, per pair, whether that held (else the pair also differs
+by the noise of a second training, and the change is measured over that noise).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +31,9 @@ import pandas as pd
 
 from gbla import params, report
 
+RETRACE_COLUMNS = ["dataset", "variant", "seed", "epochs_before", "best_epoch_before", "epochs", "best_epoch",
+                   "epochs_retraced", "retraced_to_end", "same_test", "device_before", "device", "commit_before",
+                   "commit"]
 GAP_COLUMNS = ["dataset", "metric", "variant", "reference", "setting", "n_paired_seeds", "pct", "pct_ci_low",
                "pct_ci_high", "p_ttest", "reason"]
 
@@ -53,10 +63,68 @@ class Sensitivity:
     comparisons: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=report.COMPARISON_COLUMNS))
     pooled: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=report.POOLED_COLUMNS))
     gaps: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=GAP_COLUMNS))
+    retrace: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RETRACE_COLUMNS))
 
     @property
     def n_done(self) -> int:
         return int((self.runs["status"] == "ok").sum()) if not self.runs.empty else 0
+
+
+def _history(run_dir) -> list[dict]:
+    return json.loads((Path(run_dir) / "metrics.json").read_text()).get("history", [])
+
+
+def epochs_retraced(before: list[dict], after: list[dict]) -> int:
+    """How many leading epochs of two training histories agree exactly: the same training loss and
+    validation metrics (every recorded key but the epoch's seconds), to the last bit."""
+    n = 0
+    for a, b in zip(before, after):
+        keys = {k for k in a.keys() | b.keys() if k == "train_loss" or k.startswith("valid_")}
+        if not keys or any(a.get(k) != b.get(k) for k in keys):
+            break
+        n += 1
+    return n
+
+
+def retrace_table(base: pd.DataFrame, changed: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished run of `changed` with a finished twin in `base` (same dataset, variant,
+    seed): both runs' epochs and best epochs, how many leading epochs the rerun repeats exactly
+    (epochs_retraced), whether it does so up to the twin's last epoch (retraced_to_end), whether the
+    test metrics are the same, and both runs' device and commit (where they differ, exact repetition is
+    not expected)."""
+    ok_base = base[base["status"] == "ok"].set_index(["dataset", "variant", "seed"])
+    tests = [c for c in changed.columns if c.startswith("test_")]
+    rows = []
+    for _, r in changed[changed["status"] == "ok"].iterrows():
+        key = (r["dataset"], r["variant"], r["seed"])
+        if key not in ok_base.index:
+            continue
+        b = ok_base.loc[key]
+        n = epochs_retraced(_history(b["run_dir"]), _history(r["run_dir"]))
+        rows.append({"dataset": key[0], "variant": key[1], "seed": int(key[2]),
+                     "epochs_before": int(b["epochs_trained"]), "best_epoch_before": int(b["best_epoch"]),
+                     "epochs": int(r["epochs_trained"]), "best_epoch": int(r["best_epoch"]),
+                     "epochs_retraced": n, "retraced_to_end": n >= int(b["epochs_trained"]),
+                     "same_test": bool(tests) and all(r[c] == b[c] for c in tests),
+                     "device_before": b["device"], "device": r["device"],
+                     "commit_before": b["commit"], "commit": r["commit"]})
+    return pd.DataFrame(rows, columns=RETRACE_COLUMNS)
+
+
+def retrace_summary(s: Sensitivity) -> pd.DataFrame:
+    """Per dataset and variant: paired runs, how many repeat their twin to its last epoch, how many keep
+    its test result, and the median number of epochs trained more."""
+    t = s.retrace
+    if t.empty:
+        return pd.DataFrame()
+    rows = []
+    for (dataset, variant), g in t.groupby(["dataset", "variant"], sort=False):
+        rows.append({"dataset": dataset, "variant": variant, "paired runs": len(g),
+                     "repeat the twin to its last epoch": int(g["retraced_to_end"].sum()),
+                     "same test metrics": int(g["same_test"].sum()),
+                     "best epoch later": int((g["best_epoch"] > g["best_epoch_before"]).sum()),
+                     "epochs more (median)": float((g["epochs"] - g["epochs_before"]).median())})
+    return pd.DataFrame(rows)
 
 
 def compare_changed(base: pd.DataFrame, changed: pd.DataFrame, label: str, metrics=report.METRIC_NAMES, *,
@@ -92,6 +160,7 @@ def compare_changed(base: pd.DataFrame, changed: pd.DataFrame, label: str, metri
             gaps.append(t[GAP_COLUMNS])
     if gaps:
         result.gaps = pd.concat(gaps, ignore_index=True)
+    result.retrace = retrace_table(base, changed)
     return result
 
 
@@ -154,15 +223,18 @@ def gap_table(s: Sensitivity, metric: str = "recall@10") -> pd.DataFrame:
 
 def write_sensitivity(s: Sensitivity, folder, profile: str) -> dict[str, Path]:
     """sensitivity-<profile>.csv (the comparisons, with the averages over datasets as rows of dataset
-    "average") and sensitivity-<profile>-gaps.csv in `folder`; {name: path}."""
+    "average"), sensitivity-<profile>-gaps.csv and sensitivity-<profile>-retrace.csv in `folder`;
+    {name: path}."""
     folder = Path(folder)
     pooled = s.pooled.rename(columns={"n_pairs": "n_paired_seeds", "p": "p_ttest", "p_holm": "p_ttest_holm"})
     pooled = pooled.assign(dataset="average", setting=s.label)
     comparisons = pd.concat([s.comparisons.assign(setting=s.label), pooled], ignore_index=True)
     paths = {f"sensitivity_{profile}": folder / f"sensitivity-{profile}.csv",
-             f"sensitivity_{profile}_gaps": folder / f"sensitivity-{profile}-gaps.csv"}
+             f"sensitivity_{profile}_gaps": folder / f"sensitivity-{profile}-gaps.csv",
+             f"sensitivity_{profile}_retrace": folder / f"sensitivity-{profile}-retrace.csv"}
     report._atomic_csv(comparisons, paths[f"sensitivity_{profile}"])
     report._atomic_csv(s.gaps, paths[f"sensitivity_{profile}_gaps"])
+    report._atomic_csv(s.retrace, paths[f"sensitivity_{profile}_retrace"])
     return paths
 
 
@@ -188,8 +260,13 @@ def sensitivity_finding(s: Sensitivity, metric: str = "recall@10", *, alpha: flo
     done = f"{s.n_done} of {len(s.runs)} runs"
     if not parts:
         return f"{s.label}: {done} finished, none paired with a finished run of the main grid yet."
-    return f"{s.label} ({done}), {name} against the same seeds before: " + "; ".join(parts) + "."
+    t = s.retrace
+    retraced = (f" Of {len(t)} paired runs, {int(t['retraced_to_end'].sum())} repeat their twin exactly up to its "
+                f"last epoch, {int(t['same_test'].sum())} end with its test metrics unchanged and "
+                f"{int((t['best_epoch'] > t['best_epoch_before']).sum())} with a later best epoch." if not t.empty else "")
+    return f"{s.label} ({done}), {name} against the same seeds before: " + "; ".join(parts) + "." + retraced
 
 
 __all__ = ["Sensitivity", "setting_changes", "profiles_comparing_with", "setting_label", "compare_changed",
-           "setting_sensitivity", "sensitivity_table", "gap_table", "write_sensitivity", "sensitivity_finding"]
+           "setting_sensitivity", "sensitivity_table", "gap_table", "write_sensitivity", "sensitivity_finding",
+           "epochs_retraced", "retrace_table", "retrace_summary"]

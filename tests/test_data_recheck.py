@@ -1,9 +1,12 @@
 """gbla.data.recheck: recomputing a build's semantic IDs from its stored item texts reproduces its
 fingerprint with the same embeddings and not with other ones; the command line's exit status and --out."""
+import json
+
 import numpy as np
 import pytest
 
-from gbla.data import build, recheck, text
+from gbla.common import REPO_ROOT
+from gbla.data import amazon, build, recheck, text
 from gbla.data.processed import load_processed
 from test_data_amazon import write_raw
 from test_data_text_sids import FakeEncoder
@@ -136,3 +139,42 @@ def test_a_code_file_serves_only_the_settings_that_made_it(built, tmp_path):
     with pytest.raises(ValueError, match=r"embedding_model 'fake' there, 'other' requested"):
         build.build_dataset("beauty", out_dir=tmp_path / "other", **{**kw, "encoder_id": "other"})
     assert not (tmp_path / "seed1").exists() and not (tmp_path / "other").exists()
+
+
+# ------------------------------------------------------------------------------ the committed code files
+
+COMMITTED_CODES = REPO_ROOT / "outputs" / "data" / "semantic_ids"
+
+
+def _runs_fingerprints(dataset: str) -> set[str]:
+    """The data fingerprints the committed runs of one dataset (every profile's runs folder) trained on."""
+    return {json.loads(p.read_text())["data_fingerprint"]
+            for p in REPO_ROOT.glob(f"outputs/runs*/{dataset}/*/seed*/metrics.json")}
+
+
+def test_committed_code_files_are_the_committed_runs_data():
+    """Every dataset with committed runs has a code file, and it names the data those runs trained on:
+    `make data` on any CPU then gives the data of the results in outputs/runs."""
+    from gbla.data import semantic_ids
+
+    datasets = sorted(p.name for p in (REPO_ROOT / "outputs" / "runs").iterdir()
+                      if p.is_dir() and _runs_fingerprints(p.name))
+    if not datasets:
+        pytest.skip("no committed runs in this checkout")
+    for name in datasets:
+        codes = COMMITTED_CODES / f"{name}.npz"
+        assert codes.exists(), f"{name}: runs committed but no code file {codes}"
+        assert _runs_fingerprints(name) == {semantic_ids.code_file_fingerprint(codes)}, name
+
+
+@pytest.mark.skipif(not amazon.default_source_dir().is_dir(), reason="the Amazon mirror is not beside the repo")
+@pytest.mark.parametrize("dataset", ["beauty", "sports", "toys"])
+def test_committed_code_file_builds_its_fingerprint_from_the_mirror(dataset, tmp_path):
+    """From the offline mirror and the committed code file, the build gives the fingerprint the file
+    records (seconds, no embedding model needed), on whatever CPU runs the tests."""
+    from gbla.data import semantic_ids
+
+    codes = COMMITTED_CODES / f"{dataset}.npz"
+    meta = build.build_dataset(dataset, out_dir=tmp_path / dataset, progress=False, log=lambda *_: None,
+                               semantic_ids_file=codes)
+    assert meta["provenance"]["fingerprint"] == semantic_ids.code_file_fingerprint(codes)

@@ -135,3 +135,55 @@ def test_compares_with_is_checked_when_the_params_file_loads(tmp_path):
     path.write_text(text.replace("      patience: 20\n", "      patience: 10\n"))
     with pytest.raises(ValueError, match="same configs as profile 'full'"):
         load_grid(path, "full")
+
+
+def _history(epochs, *, seed, diverge_at=None, offset=0.0):
+    """A training history whose values depend on the seed; from epoch diverge_at on, the training loss
+    differs in its last bits (another device's rounding)."""
+    return [{"epoch": e, "train_loss": 3.0 / e + seed / 100 + (1e-12 if diverge_at and e >= diverge_at else 0.0),
+             "epoch_time_s": 1.0 + offset, "valid_recall@5": 0.01 * e + seed / 1000,
+             "valid_recall@10": 0.02 * e + seed / 1000} for e in range(1, epochs + 1)]
+
+
+def test_epochs_retraced_counts_the_exactly_equal_leading_epochs():
+    h = _history(5, seed=1)
+    assert sensitivity.epochs_retraced(h, _history(8, seed=1, offset=0.5)) == 5   # seconds are not compared
+    assert sensitivity.epochs_retraced(h, _history(8, seed=1, diverge_at=3)) == 2
+    assert sensitivity.epochs_retraced(h, _history(5, seed=2)) == 0
+    assert sensitivity.epochs_retraced(h, [{k: v for k, v in e.items() if k != "valid_recall@5"} for e in h]) == 0
+    assert sensitivity.epochs_retraced([], h) == 0
+
+
+def test_retrace_says_which_reruns_repeat_their_twin(tmp_path):
+    """A rerun that repeats its twin to the twin's last epoch and keeps its best epoch has its test
+    metrics; one that found a later best epoch has others; one that diverged earlier is told apart."""
+    path = _params(tmp_path)
+    rng = np.random.default_rng(5)
+    full, longer = load_grid(path, "full"), load_grid(path, "patience-20")
+    fp = lambda grid: expected_data_fingerprint("beauty", grid.processed_root) or "fixture"
+    ranks = [fixture_ranks(rng, 200, 0.3) for _ in range(3)]
+    for seed in range(3):
+        write_run(full.runs_root, "beauty", "sa", seed, ranks[seed], epochs=4, best_epoch=3,
+                  history=_history(4, seed=seed), config=full.run_config("beauty", "sa", seed), data_fingerprint=fp(full))
+    plan = {0: (7, 3, None, ranks[0]),                          # repeats, then nothing better: same test
+            1: (9, 6, None, fixture_ranks(rng, 200, 0.35)),     # repeats, then a later best epoch
+            2: (6, 3, 3, fixture_ranks(rng, 200, 0.3))}         # diverges at epoch 3
+    for seed, (epochs, best, diverge_at, rank) in plan.items():
+        write_run(longer.runs_root, "beauty", "sa", seed, rank, epochs=epochs, best_epoch=best,
+                  history=_history(epochs, seed=seed, diverge_at=diverge_at, offset=0.2),
+                  config=longer.run_config("beauty", "sa", seed), data_fingerprint=fp(longer))
+    base = report.load_runs(tmp_path / "runs", path, "full")
+    s = sensitivity.setting_sensitivity(base, path, "full", "patience-20", METRICS, n_bootstrap=200)
+    t = s.retrace.set_index("seed")
+    assert list(t["epochs_retraced"]) == [4, 4, 2]
+    assert list(t["retraced_to_end"]) == [True, True, False]
+    assert list(t["same_test"]) == [True, False, False]
+    assert list(t["epochs"] - t["epochs_before"]) == [3, 5, 2]
+    summary = sensitivity.retrace_summary(s).iloc[0]
+    assert (summary["paired runs"], summary["repeat the twin to its last epoch"], summary["same test metrics"],
+            summary["best epoch later"], summary["epochs more (median)"]) == (3, 2, 1, 1, 3.0)
+    assert sensitivity.sensitivity_finding(s).endswith(
+        "Of 3 paired runs, 2 repeat their twin exactly up to its last epoch, 1 end with its test metrics "
+        "unchanged and 1 with a later best epoch.")
+    paths = sensitivity.write_sensitivity(s, tmp_path / "out", "patience-20")
+    assert pd.read_csv(paths["sensitivity_patience-20_retrace"])["epochs_retraced"].tolist() == [4, 4, 2]
