@@ -147,6 +147,16 @@ def _tail(path: Path, n: int = 40) -> str:
         return ""
 
 
+def summary_as_written(summary: dict) -> dict:
+    """The grid's summary with its paths (run folders, report notebooks and HTML) relative to the repository
+    root where they lie inside it: the committed summary then reads the same on every checkout."""
+    report_paths = ("notebook", "ipynb", "html")
+    return {**summary,
+            "runs": [{**r, "run_dir": shown_path(r["run_dir"])} for r in summary["runs"]],
+            "reports": [{k: shown_path(v) if k in report_paths and v else v for k, v in r.items()}
+                        for r in summary["reports"]]}
+
+
 def _seed_outcomes(task: GroupTask, base: dict, outcome: str, **extra) -> list[dict]:
     return [{**base, "seed": seed, "config_hash": h, "run_dir": str(d), "outcome": outcome, **extra}
             for seed, h, d in zip(task.seeds, task.config_hashes, task.run_dirs())]
@@ -719,11 +729,11 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     # one file per profile: the smoke profile's runs share runs_root with the full grid's, and the full
     # grid's last summary (every run skipped as done, none failed) is committed with its results
     summary_path = runs_root / f"summary-{grid.profile}.json"
-    atomic_write_json(summary_path, summary)
+    atomic_write_json(summary_path, summary_as_written(summary))
     if aggregate and not interrupted and not paused:
         summary["reports"] = run_reports(grid, grid.runtime["reports"], log=log)
         summary["wall_s"] = round(time.time() - t0, 1)
-        atomic_write_json(summary_path, summary)
+        atomic_write_json(summary_path, summary_as_written(summary))
 
     frame = collect_runs(runs_root, configs, data_fingerprints=fingerprints)
     log("")

@@ -849,3 +849,20 @@ def test_real_data_grid_without_a_gpu_needs_allow_cpu(tmp_path, capsys):
     assert G.check_cpu_cost(g, configs, allow_cpu=False, **{**kw, "gpus": ["0"]}) is None    # a GPU is there
     assert G.check_cpu_cost(G.load_grid(PARAMS, "smoke"), G.load_grid(PARAMS, "smoke").expand(),
                             allow_cpu=False, **kw) is None                                   # synthetic: cheap
+
+
+def test_the_written_summary_names_paths_inside_the_repository_relative_to_it(tmp_path):
+    """The committed summary of the full grid must read the same on every checkout: its run folders and
+    report files inside the repository are relative to its root; paths elsewhere stay absolute."""
+    inside = G.REPO_ROOT / "outputs" / "runs" / "beauty" / "sa" / "seed0"
+    summary = {"profile": "full", "runs": [{"seed": 0, "run_dir": str(inside), "outcome": "skipped"},
+                                           {"seed": 1, "run_dir": str(tmp_path / "seed1"), "outcome": "ran"}],
+               "reports": [{"notebook": str(G.REPO_ROOT / "notebooks" / "aggregate.ipynb"),
+                            "html": str(G.REPO_ROOT / "outputs" / "reports" / "aggregate-full.html"),
+                            "status": "ok"}, {"notebook": "absent.ipynb", "status": "skipped", "html": None}]}
+    written = G.summary_as_written(summary)
+    assert [r["run_dir"] for r in written["runs"]] == ["outputs/runs/beauty/sa/seed0", str(tmp_path / "seed1")]
+    assert written["reports"][0] == {"notebook": "notebooks/aggregate.ipynb",
+                                     "html": "outputs/reports/aggregate-full.html", "status": "ok"}
+    assert written["reports"][1]["html"] is None and written["runs"][0]["outcome"] == "skipped"
+    assert summary["runs"][0]["run_dir"] == str(inside)   # the summary the grid returns is left as it was
