@@ -17,9 +17,12 @@ main runs table, so the pairing, tests and tables are the report's own (gbla.rep
 with the same seed, a user with the same user.
 
 Where training is deterministic (same device, software and kernels), a rerun that only trains longer
-repeats its twin epoch for epoch up to the twin's last epoch, and keeps the twin's test result unless a
-later epoch validates better; `retrace` says, per pair, whether that held (else the pair also differs
-by the noise of a second training, and the change is measured over that noise).
+repeats its twin epoch for epoch until the first seed of the twin's group stopped: the seeds of a group
+share one dropout stream (gbla.train), so once a seed leaves the group the others draw other masks than
+in a group where it trains on. A seed that was the first of its group to stop is repeated to its last
+epoch and keeps its test result unless a later epoch validates better. `retrace` says, per pair, how
+far that held; beyond it the pair also differs by the noise of a second training, and the change is
+measured over that noise (as every comparison of variants is).
 """
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ import pandas as pd
 from gbla import params, report
 
 RETRACE_COLUMNS = ["dataset", "variant", "seed", "epochs_before", "best_epoch_before", "epochs", "best_epoch",
-                   "epochs_retraced", "retraced_to_end", "same_test", "device_before", "device", "commit_before",
-                   "commit"]
+                   "epochs_retraced", "first_stop_before", "retraced_to_first_stop", "retraced_to_end", "same_test",
+                   "device_before", "device", "commit_before", "commit"]
 GAP_COLUMNS = ["dataset", "metric", "variant", "reference", "setting", "n_paired_seeds", "pct", "pct_ci_low",
                "pct_ci_high", "p_ttest", "reason"]
 
@@ -89,10 +92,14 @@ def epochs_retraced(before: list[dict], after: list[dict]) -> int:
 def retrace_table(base: pd.DataFrame, changed: pd.DataFrame) -> pd.DataFrame:
     """One row per finished run of `changed` with a finished twin in `base` (same dataset, variant,
     seed): both runs' epochs and best epochs, how many leading epochs the rerun repeats exactly
-    (epochs_retraced), whether it does so up to the twin's last epoch (retraced_to_end), whether the
-    test metrics are the same, and both runs' device and commit (where they differ, exact repetition is
-    not expected)."""
-    ok_base = base[base["status"] == "ok"].set_index(["dataset", "variant", "seed"])
+    (epochs_retraced); first_stop_before, the earliest epoch at which a seed of that variant stopped in
+    `base` (the first stop in the twin's group where the variant's seeds trained as one group; earlier
+    otherwise), and whether the rerun repeats its twin up to it (retraced_to_first_stop) and up to the
+    twin's last epoch (retraced_to_end); whether the test metrics are the same; both runs' device and
+    commit (where they differ, exact repetition is not expected)."""
+    ok_base = base[base["status"] == "ok"]
+    first_stop = ok_base.groupby(["dataset", "variant"])["epochs_trained"].min()
+    ok_base = ok_base.set_index(["dataset", "variant", "seed"])
     tests = [c for c in changed.columns if c.startswith("test_")]
     rows = []
     for _, r in changed[changed["status"] == "ok"].iterrows():
@@ -101,10 +108,12 @@ def retrace_table(base: pd.DataFrame, changed: pd.DataFrame) -> pd.DataFrame:
             continue
         b = ok_base.loc[key]
         n = epochs_retraced(_history(b["run_dir"]), _history(r["run_dir"]))
+        first = int(first_stop[key[:2]])
         rows.append({"dataset": key[0], "variant": key[1], "seed": int(key[2]),
                      "epochs_before": int(b["epochs_trained"]), "best_epoch_before": int(b["best_epoch"]),
                      "epochs": int(r["epochs_trained"]), "best_epoch": int(r["best_epoch"]),
-                     "epochs_retraced": n, "retraced_to_end": n >= int(b["epochs_trained"]),
+                     "epochs_retraced": n, "first_stop_before": first, "retraced_to_first_stop": n >= first,
+                     "retraced_to_end": n >= int(b["epochs_trained"]),
                      "same_test": bool(tests) and all(r[c] == b[c] for c in tests),
                      "device_before": b["device"], "device": r["device"],
                      "commit_before": b["commit"], "commit": r["commit"]})
@@ -112,14 +121,16 @@ def retrace_table(base: pd.DataFrame, changed: pd.DataFrame) -> pd.DataFrame:
 
 
 def retrace_summary(s: Sensitivity) -> pd.DataFrame:
-    """Per dataset and variant: paired runs, how many repeat their twin to its last epoch, how many keep
-    its test result, and the median number of epochs trained more."""
+    """Per dataset and variant: paired runs, how many repeat their twin up to the first stop in the main
+    grid and up to the twin's own last epoch, how many keep its test result, how many found a later
+    best epoch, and the median number of epochs trained more."""
     t = s.retrace
     if t.empty:
         return pd.DataFrame()
     rows = []
     for (dataset, variant), g in t.groupby(["dataset", "variant"], sort=False):
         rows.append({"dataset": dataset, "variant": variant, "paired runs": len(g),
+                     "repeat the twin to the first stop": int(g["retraced_to_first_stop"].sum()),
                      "repeat the twin to its last epoch": int(g["retraced_to_end"].sum()),
                      "same test metrics": int(g["same_test"].sum()),
                      "best epoch later": int((g["best_epoch"] > g["best_epoch_before"]).sum()),
@@ -261,8 +272,9 @@ def sensitivity_finding(s: Sensitivity, metric: str = "recall@10", *, alpha: flo
     if not parts:
         return f"{s.label}: {done} finished, none paired with a finished run of the main grid yet."
     t = s.retrace
-    retraced = (f" Of {len(t)} paired runs, {int(t['retraced_to_end'].sum())} repeat their twin exactly up to its "
-                f"last epoch, {int(t['same_test'].sum())} end with its test metrics unchanged and "
+    retraced = (f" Of {len(t)} paired runs, {int(t['retraced_to_first_stop'].sum())} repeat their twin exactly up to "
+                f"the first stop of a seed in its group ({int(t['retraced_to_end'].sum())} up to the twin's own last "
+                f"epoch), {int(t['same_test'].sum())} end with its test metrics unchanged and "
                 f"{int((t['best_epoch'] > t['best_epoch_before']).sum())} with a later best epoch." if not t.empty else "")
     return f"{s.label} ({done}), {name} against the same seeds before: " + "; ".join(parts) + "." + retraced
 

@@ -158,9 +158,10 @@ def test_aggregate_notebook_pairs_a_profile_that_changes_one_setting(tmp_path):
     assert (out / "sensitivity-smoke-longer-gaps.csv").is_file()
     # the fixture runs share their histories (3 epochs each): every rerun repeats its twin to its end
     retrace = pd.read_csv(out / "sensitivity-smoke-longer-retrace.csv")
-    assert len(retrace) == 2 and retrace["retraced_to_end"].all() and not retrace["same_test"].any()
+    assert len(retrace) == 2 and retrace["retraced_to_end"].all() and retrace["retraced_to_first_stop"].all()
+    assert not retrace["same_test"].any()
     text = outputs_text(nb)
     assert "One setting changed" in text and f"{label} (2 of 4 runs)" in text
     assert "`train.patience` 2 → 5" in text
-    assert "Of 2 paired runs, 2 repeat their twin exactly up to its last epoch" in text
-    assert "repeat the twin to its last epoch" in text       # the summary table of the section
+    assert "Of 2 paired runs, 2 repeat their twin exactly up to the first stop of a seed in its group" in text
+    assert "repeat the twin to the first stop" in text       # the summary table of the section

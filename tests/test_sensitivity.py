@@ -155,19 +155,22 @@ def test_epochs_retraced_counts_the_exactly_equal_leading_epochs():
 
 
 def test_retrace_says_which_reruns_repeat_their_twin(tmp_path):
-    """A rerun that repeats its twin to the twin's last epoch and keeps its best epoch has its test
-    metrics; one that found a later best epoch has others; one that diverged earlier is told apart."""
+    """The main grid's seeds stopped after 4, 5 and 6 epochs. A rerun that repeats its twin to the twin's
+    last epoch and keeps its best epoch has its test metrics; one that repeats it only up to the group's
+    first stop (epoch 4: the shared dropout stream changes there) and then found a later best epoch has
+    others; one that diverged before the first stop is told apart."""
     path = _params(tmp_path)
     rng = np.random.default_rng(5)
     full, longer = load_grid(path, "full"), load_grid(path, "patience-20")
     fp = lambda grid: expected_data_fingerprint("beauty", grid.processed_root) or "fixture"
     ranks = [fixture_ranks(rng, 200, 0.3) for _ in range(3)]
     for seed in range(3):
-        write_run(full.runs_root, "beauty", "sa", seed, ranks[seed], epochs=4, best_epoch=3,
-                  history=_history(4, seed=seed), config=full.run_config("beauty", "sa", seed), data_fingerprint=fp(full))
-    plan = {0: (7, 3, None, ranks[0]),                          # repeats, then nothing better: same test
-            1: (9, 6, None, fixture_ranks(rng, 200, 0.35)),     # repeats, then a later best epoch
-            2: (6, 3, 3, fixture_ranks(rng, 200, 0.3))}         # diverges at epoch 3
+        write_run(full.runs_root, "beauty", "sa", seed, ranks[seed], epochs=4 + seed, best_epoch=3,
+                  history=_history(4 + seed, seed=seed), config=full.run_config("beauty", "sa", seed),
+                  data_fingerprint=fp(full))
+    plan = {0: (7, 3, None, ranks[0]),                          # repeats all 4, then nothing better: same test
+            1: (9, 6, 5, fixture_ranks(rng, 200, 0.35)),        # repeats 4 of 5, then a later best epoch
+            2: (6, 3, 3, fixture_ranks(rng, 200, 0.3))}         # diverges at epoch 3, before the first stop
     for seed, (epochs, best, diverge_at, rank) in plan.items():
         write_run(longer.runs_root, "beauty", "sa", seed, rank, epochs=epochs, best_epoch=best,
                   history=_history(epochs, seed=seed, diverge_at=diverge_at, offset=0.2),
@@ -175,15 +178,17 @@ def test_retrace_says_which_reruns_repeat_their_twin(tmp_path):
     base = report.load_runs(tmp_path / "runs", path, "full")
     s = sensitivity.setting_sensitivity(base, path, "full", "patience-20", METRICS, n_bootstrap=200)
     t = s.retrace.set_index("seed")
-    assert list(t["epochs_retraced"]) == [4, 4, 2]
-    assert list(t["retraced_to_end"]) == [True, True, False]
+    assert list(t["epochs_retraced"]) == [4, 4, 2] and set(t["first_stop_before"]) == {4}
+    assert list(t["retraced_to_first_stop"]) == [True, True, False]
+    assert list(t["retraced_to_end"]) == [True, False, False]
     assert list(t["same_test"]) == [True, False, False]
-    assert list(t["epochs"] - t["epochs_before"]) == [3, 5, 2]
+    assert list(t["epochs"] - t["epochs_before"]) == [3, 4, 0]
     summary = sensitivity.retrace_summary(s).iloc[0]
-    assert (summary["paired runs"], summary["repeat the twin to its last epoch"], summary["same test metrics"],
-            summary["best epoch later"], summary["epochs more (median)"]) == (3, 2, 1, 1, 3.0)
+    assert (summary["paired runs"], summary["repeat the twin to the first stop"],
+            summary["repeat the twin to its last epoch"], summary["same test metrics"],
+            summary["best epoch later"], summary["epochs more (median)"]) == (3, 2, 1, 1, 1, 3.0)
     assert sensitivity.sensitivity_finding(s).endswith(
-        "Of 3 paired runs, 2 repeat their twin exactly up to its last epoch, 1 end with its test metrics "
-        "unchanged and 1 with a later best epoch.")
+        "Of 3 paired runs, 2 repeat their twin exactly up to the first stop of a seed in its group (1 up to "
+        "the twin's own last epoch), 1 end with its test metrics unchanged and 1 with a later best epoch.")
     paths = sensitivity.write_sensitivity(s, tmp_path / "out", "patience-20")
     assert pd.read_csv(paths["sensitivity_patience-20_retrace"])["epochs_retraced"].tolist() == [4, 4, 2]
