@@ -18,8 +18,8 @@ with the same seed, a user with the same user.
 
 Where training is deterministic (same device, software and kernels), a rerun that only trains longer
 repeats its twin epoch for epoch until the first seed of the twin's group stopped: the seeds of a group
-share one dropout stream (gbla.train), so once a seed leaves the group the others draw other masks than
-in a group where it trains on. A seed that was the first of its group to stop is repeated to its last
+share one dropout stream (gbla.train), so once a seed leaves the group the others' masks can differ from
+those of a group where it trains on. A seed that was the first of its group to stop is repeated to its last
 epoch and keeps its test result unless a later epoch validates better. `retrace` says, per pair, how
 far that held; beyond it the pair also differs by the noise of a second training, and the change is
 measured over that noise (as every comparison of variants is).
