@@ -1,5 +1,7 @@
-import os
 import random
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,3 +19,16 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def private_tempdir(monkeypatch):
+    """The temporary folder for this test alone, in this process (tempfile) and in the processes it
+    starts (TMPDIR): the notebook kernels' socket folders ("gbla-kernel-*") are made there, so that
+    another process rendering a notebook at the same time (a second test run, a report) cannot add or
+    remove folders that a test counts. Short, because a Unix socket path must be."""
+    folder = tempfile.mkdtemp(prefix="gk-")
+    monkeypatch.setattr(tempfile, "tempdir", folder)
+    monkeypatch.setenv("TMPDIR", folder)
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)

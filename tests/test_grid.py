@@ -384,20 +384,6 @@ def probe_notebook(path, parameters: str, body: str):
     return path
 
 
-@pytest.fixture
-def private_tempdir(monkeypatch):
-    """tempfile's folder for this test alone: the report kernels' socket folders are made there, so
-    that another process rendering a notebook at the same time (a second test run, a report) cannot
-    add or remove folders that these tests count. Short, because a Unix socket path must be."""
-    import shutil
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="gk-")
-    monkeypatch.setattr(tempfile, "tempdir", folder)
-    yield Path(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def kernel_files(folder: Path, pattern: str) -> set:
     """The report kernels' private socket folders ("gbla-kernel-*") or sockets ("gbla-kernel-*/k-*")."""
     return set(folder.glob(pattern))

@@ -3,8 +3,6 @@ CUDA_VISIBLE_DEVICES) train on the CPU, through the same commands gbla.bench.mul
 multi-GPU machine: both groups at once, each on its worker's device; a Ctrl-C and a killed worker
 lose and duplicate nothing. Plus the record-reading checks on hand-made dispatch logs."""
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -67,11 +65,11 @@ def test_dispatch_log_errors_name_file_and_line(tmp_path):
     assert read_dispatch_log(tmp_path / "none") == []
 
 
-def test_two_pinned_workers_train_at_once_and_survive_ctrl_c_and_a_killed_worker(tmp_path):
+def test_two_pinned_workers_train_at_once_and_survive_ctrl_c_and_a_killed_worker(tmp_path, private_tempdir):
     params = tmp_path / "params.yaml"
     params.write_text((REPO_ROOT / "params" / "ablations.yaml").read_text() + TWO_GROUPS)
     out = tmp_path / "out"
-    sockets = lambda: set(Path(tempfile.gettempdir()).glob("gbla-kernel-*"))  # noqa: E731
+    sockets = lambda: set(private_tempdir.glob("gbla-kernel-*"))  # noqa: E731
     sockets_before = sockets()
     code = multi_gpu.main(["--gpus", "0,1", "--params", str(params), "--profile", "two-groups",
                            "--cases", "all_gpus", "ctrl_c", "killed_worker", "--work", str(tmp_path / "work"),
