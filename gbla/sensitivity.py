@@ -26,13 +26,13 @@ measured over that noise (as every comparison of variants is).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from gbla import params, report
+from gbla.runs import load_run_metrics
 
 RETRACE_COLUMNS = ["dataset", "variant", "seed", "epochs_before", "best_epoch_before", "epochs", "best_epoch",
                    "epochs_retraced", "first_stop_before", "retraced_to_first_stop", "retraced_to_end", "same_test",
@@ -74,7 +74,7 @@ class Sensitivity:
 
 
 def _history(run_dir) -> list[dict]:
-    return json.loads((Path(run_dir) / "metrics.json").read_text()).get("history", [])
+    return (load_run_metrics(run_dir) or {}).get("history", [])
 
 
 def epochs_retraced(before: list[dict], after: list[dict]) -> int:
