@@ -23,6 +23,7 @@ end to end in tests/test_grid.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -530,48 +531,148 @@ def ipc_kernel_manager_class():
     return IPCKernelManager
 
 
-def run_reports(grid: Grid, notebooks: Iterable[str], log=print) -> list[dict]:
-    """Execute the aggregation notebooks into reports_root (<stem>-<profile>.ipynb) and render HTML."""
+# where an executed report keeps the key of what it was computed from (notebook metadata)
+REPORT_INPUTS_FIELD = "gbla_report_inputs"
+
+
+def _runs_roots(grid: Grid) -> list[Path]:
+    """The runs folders a report of `grid` reads: its own and those of the profiles of its params file
+    that compare with it (reruns with one setting changed, paired with its runs in its report)."""
+    from gbla.params import load_profiles
+
+    roots = {grid.runs_root}
+    try:
+        roots |= {g.runs_root for g in load_profiles(grid.params_file).values() if g.compares_with == grid.profile}
+    except (ParamsError, OSError):   # the report itself says what is wrong with the params file
+        pass
+    return sorted(roots)
+
+
+def report_inputs_key(grid: Grid, src: Path, params: dict) -> str:
+    """One sha256 over what an aggregation notebook's result is computed from: the notebook, the files
+    under params/ (the grid, the published numbers), the parameters it gets, the package's source,
+    every file under the runs folders it reads (finished runs, group notebooks and logs; not the
+    checkpoints of paused groups, nor the grid's own summary-*.json) and the fingerprints of the
+    processed datasets. Contents only (no times, no absolute paths), so a fresh clone gets the key its
+    committed report was rendered with. The same key: the report would show the same again."""
+    import hashlib
+
+    digest = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        digest.update(label.encode() + b"\0" + hashlib.sha256(data).digest())
+
+    add("notebook", src.read_bytes())
+    add("parameters", json.dumps({k: shown_path(v) if isinstance(v, (str, Path)) and k != "profile" else v
+                                  for k, v in sorted(params.items())}, sort_keys=True).encode())
+    for folder in (REPO_ROOT / "params", REPO_ROOT / "gbla"):
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and (folder.name == "params" or f.suffix == ".py"):
+                add(str(f.relative_to(REPO_ROOT)), f.read_bytes())
+    if grid.params_file.is_file():
+        add("params_file", grid.params_file.read_bytes())
+    for root in _runs_roots(grid):
+        if not root.is_dir():
+            continue
+        for f in sorted(root.rglob("*")):
+            rel = f.relative_to(root)
+            if (f.is_file() and not f.name.startswith("checkpoint-") and ".tmp" not in f.name
+                    and not (len(rel.parts) == 1 and f.name.startswith("summary-"))):
+                add(f"{shown_path(root)}/{rel.as_posix()}", f.read_bytes())
+    for dataset in sorted(set(grid.datasets) - {SYNTHETIC}):
+        add(f"data/{dataset}", str(expected_data_fingerprint(dataset, grid.processed_root)).encode())
+    return digest.hexdigest()
+
+
+def recorded_report_inputs(path: Path) -> str | None:
+    """The inputs key an executed report was rendered with (None: none recorded, or not readable)."""
+    try:
+        meta = json.loads(path.read_text()).get("metadata", {})
+    except (OSError, ValueError):
+        return None
+    return meta.get(REPORT_INPUTS_FIELD)
+
+
+def _record_report_inputs(path: Path, key: str) -> None:
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    nb.metadata[REPORT_INPUTS_FIELD] = key
+    text = nbformat.writes(nb)
+    atomic_write_text(path, text if text.endswith("\n") else text + "\n")   # as nbformat.write ends a file
+
+
+def run_reports(grid: Grid, notebooks: Iterable[str], log=print, *, force: bool = False) -> list[dict]:
+    """Execute the aggregation notebooks into reports_root (<stem>-<profile>.ipynb) and render HTML.
+    A report whose inputs (report_inputs_key) are those it was last rendered from is left as it is
+    (status "up-to-date"), unless `force`."""
     import papermill as pm
     from gbla.report import render_html
 
     results = []
     reports_root = grid.reports_root
     reports_root.mkdir(parents=True, exist_ok=True)
-    for nb in notebooks:
-        src = Path(nb) if Path(nb).is_absolute() else REPO_ROOT / nb
-        if not src.is_file():
-            warnings.warn(f"report notebook {src} does not exist; skipped", stacklevel=2)
-            log(f"WARNING: report notebook {src} does not exist; skipped")
-            results.append({"notebook": str(src), "status": "skipped", "error": "notebook not found"})
-            continue
-        out = reports_root / f"{src.stem}-{grid.profile}.ipynb"
-        html = out.with_suffix(".html")
-        # paths inside the repository go in relative (the notebook resolves them from the root), so the
-        # rendered report names them the same on every checkout
-        wanted = {"runs_root": shown_path(grid.runs_root), "params_file": shown_path(grid.params_file),
-                  "profile": grid.profile, "output": str(reports_root), "output_dir": str(reports_root)}
-        if grid.processed_root is not None:   # where the report finds the test users' histories
-            wanted["processed_root"] = str(grid.processed_root)
-        declared = pm.inspect_notebook(str(src))
-        params = {k: v for k, v in wanted.items() if k in declared} if declared else wanted
-        entry = {"notebook": str(src), "ipynb": str(out), "html": str(html), "status": "ok"}
-        log(f"report: {shown_path(src)} -> {out}")
-        manager = ipc_kernel_manager_class()
-        try:
-            pm.execute_notebook(str(src), str(out), parameters=params, kernel_name=KERNEL_NAME,
-                                cwd=str(reports_root), progress_bar=False, kernel_manager_class=manager)
-        except Exception as exc:  # noqa: BLE001 - keep the executed notebook (it shows the error) and go on
-            entry.update(status="failed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}")
-            log(f"report FAILED: {entry['error']}")
-        finally:  # a kernel stopped by its shutdown timeout skips the manager's own clean-up
-            for folder in manager.socket_folders:
-                shutil.rmtree(folder, ignore_errors=True)
-        if out.is_file():
-            body = render_html(out)
-            atomic_write_text(html, body)
-        results.append(entry)
+    with _sigterm_raises_interrupt():
+        for nb in notebooks:
+            results.append(_run_report(grid, nb, reports_root, log, force, pm, render_html))
     return results
+
+
+@contextlib.contextmanager
+def _sigterm_raises_interrupt():
+    """Inside the block SIGTERM raises KeyboardInterrupt, where this is the main thread and SIGTERM has
+    its default action: a report killed with `kill` still removes its kernel's socket folder on the way
+    out (`python -m gbla.grid` installs the same handler for the whole command)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_report(grid: Grid, nb: str, reports_root: Path, log, force: bool, pm, render_html) -> dict:
+    src = Path(nb) if Path(nb).is_absolute() else REPO_ROOT / nb
+    if not src.is_file():
+        warnings.warn(f"report notebook {src} does not exist; skipped", stacklevel=2)
+        log(f"WARNING: report notebook {src} does not exist; skipped")
+        return {"notebook": str(src), "status": "skipped", "error": "notebook not found"}
+    out = reports_root / f"{src.stem}-{grid.profile}.ipynb"
+    html = out.with_suffix(".html")
+    # paths inside the repository go in relative (the notebook resolves them from the root), so the
+    # rendered report names them the same on every checkout
+    wanted = {"runs_root": shown_path(grid.runs_root), "params_file": shown_path(grid.params_file),
+              "profile": grid.profile, "output": str(reports_root), "output_dir": str(reports_root)}
+    if grid.processed_root is not None:   # where the report finds the test users' histories
+        wanted["processed_root"] = str(grid.processed_root)
+    declared = pm.inspect_notebook(str(src))
+    params = {k: v for k, v in wanted.items() if k in declared} if declared else wanted
+    entry = {"notebook": str(src), "ipynb": str(out), "html": str(html), "status": "ok"}
+    inputs = report_inputs_key(grid, src, params)
+    if not force and html.is_file() and recorded_report_inputs(out) == inputs:
+        log(f"report up to date (its notebook, params, package and runs are those it was rendered from): {out}")
+        return {**entry, "status": "up-to-date"}
+    log(f"report: {shown_path(src)} -> {out}")
+    manager = ipc_kernel_manager_class()
+    try:
+        pm.execute_notebook(str(src), str(out), parameters=params, kernel_name=KERNEL_NAME,
+                            cwd=str(reports_root), progress_bar=False, kernel_manager_class=manager)
+    except Exception as exc:  # noqa: BLE001 - keep the executed notebook (it shows the error) and go on
+        entry.update(status="failed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}")
+        log(f"report FAILED: {entry['error']}")
+    finally:  # a kernel stopped by its shutdown timeout skips the manager's own clean-up
+        for folder in manager.socket_folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    if out.is_file():
+        if entry["status"] == "ok":   # a failed report is rendered again by the next command
+            _record_report_inputs(out, inputs)
+        body = render_html(out)
+        atomic_write_text(html, body)
+    return entry
 
 
 def check_datasets(datasets: Iterable[str], processed_root: Path | None) -> None:
@@ -631,7 +732,7 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
              runs_per_gpu: int | None = None, gpus: list[str] | None = None, dry_run: bool = False,
              aggregate: bool = True, overrides: dict | None = None, time_budget_s: float | None = None,
              min_start_s: float = MIN_GROUP_START_S, command: str = "", accept_new_data: bool = False,
-             log=print) -> dict:
+             force_reports: bool = False, log=print) -> dict:
     """Expand, skip what is done, dispatch the rest (one task per (dataset, variant): its pending
     seeds), write summary-<profile>.json, run the reports. time_budget_s: groups still training when it runs
     out write a checkpoint and stop (outcome "paused"); the same call later resumes them. min_start_s: a
@@ -731,7 +832,7 @@ def run_grid(grid: Grid, *, datasets=None, variants=None, seeds=None, cluster: s
     summary_path = runs_root / f"summary-{grid.profile}.json"
     atomic_write_json(summary_path, summary_as_written(summary))
     if aggregate and not interrupted and not paused:
-        summary["reports"] = run_reports(grid, grid.runtime["reports"], log=log)
+        summary["reports"] = run_reports(grid, grid.runtime["reports"], log=log, force=force_reports)
         summary["wall_s"] = round(time.time() - t0, 1)
         atomic_write_json(summary_path, summary_as_written(summary))
 
@@ -850,6 +951,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs-root", help="where run folders go (default outputs/runs)")
     ap.add_argument("--dry-run", action="store_true", help="list what would run; run nothing")
     ap.add_argument("--no-aggregate", action="store_true", help="skip the aggregation notebooks")
+    ap.add_argument("--force-reports", action="store_true",
+                    help="execute the aggregation notebooks even where a report's inputs (notebook, params, "
+                         "package source, runs, data) are those it was rendered from")
     ap.add_argument("--time-budget", type=float, metavar="SECONDS",
                     help="stop after about this long: running groups pause (their seeds that stopped early are "
                          "tested and written, the others checkpointed), groups not started stay to do; the same "
@@ -898,6 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            cluster=args.cluster, runs_per_gpu=args.runs_per_gpu, gpus=gpus, dry_run=args.dry_run,
                            aggregate=not args.no_aggregate, overrides=overrides, time_budget_s=args.time_budget,
                            min_start_s=args.min_start, accept_new_data=args.accept_new_data,
+                           force_reports=args.force_reports,
                            command=shlex.join(["python", "-m", "gbla.grid", *(sys.argv[1:] if argv is None else argv)]))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

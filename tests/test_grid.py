@@ -3,6 +3,7 @@ dispatch, and the smoke grid end to end through papermill (run, skip, redo, fail
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -436,6 +437,79 @@ def test_reports_remove_their_kernels_socket_folder_when_its_own_cleanup_is_skip
     render_probe_report(tmp_path, "print('ok')")
     [manager] = made
     assert manager.socket_folders and all(Path(f).parent == private_tempdir for f in manager.socket_folders)
+    assert not kernel_files(private_tempdir, "gbla-kernel-*")
+
+
+@pytest.mark.timeout(240)
+def test_reports_are_executed_again_only_when_what_they_read_changed(tmp_path, private_tempdir):
+    """A report whose notebook, params, package and runs are those it was rendered from is left as it
+    is; a changed run, a missing HTML file, `force` or an earlier failure execute it again. A paused
+    group's checkpoint is no input."""
+    executions = tmp_path / "executions"
+    nb_path = probe_notebook(tmp_path / "probe.ipynb", "runs_root = None",
+                             f"open({str(executions)!r}, 'a').write('x')\nprint('ok')")
+    runs = tmp_path / "runs"
+    (runs / "synthetic" / "sa" / "seed0").mkdir(parents=True)
+    metrics = runs / "synthetic" / "sa" / "seed0" / "metrics.json"
+    metrics.write_text('{"test": {"recall@10": 0.1}}')
+    g = G.load_grid(PARAMS, "smoke")
+    g.runtime["reports_root"] = str(tmp_path / "reports")
+    g.runtime["runs_root"] = str(runs)
+
+    def render(**kwargs):
+        [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None, **kwargs)
+        return result["status"], len(executions.read_text())
+
+    assert render() == ("ok", 1)
+    out = tmp_path / "reports" / "probe-smoke.ipynb"
+    rendered = out.read_bytes()
+    assert G.recorded_report_inputs(out) == G.report_inputs_key(g, nb_path, {"runs_root": str(runs)})
+    nb = nbformat.read(str(out), as_version=4)
+    assert "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])) == "ok\n"
+    assert render() == ("up-to-date", 1)
+    assert out.read_bytes() == rendered
+    (runs / "synthetic" / "sa" / "checkpoint-0123456789ab.pt").write_bytes(b"paused group")
+    (runs / f"summary-{g.profile}.json").write_text("{}")   # the grid's own record of its last command
+    assert render() == ("up-to-date", 1)
+    metrics.write_text('{"test": {"recall@10": 0.2}}')
+    assert render() == ("ok", 2)
+    (tmp_path / "reports" / "probe-smoke.html").unlink()
+    assert render() == ("ok", 3)
+    assert render(force=True) == ("ok", 4)
+    assert render() == ("up-to-date", 4)
+
+    failing = probe_notebook(tmp_path / "failing.ipynb", "runs_root = None",
+                             f"open({str(executions)!r}, 'a').write('x')\nraise RuntimeError('no')")
+    for expected in (5, 6):   # a failed report records no inputs: the next command tries it again
+        [result] = G.run_reports(g, [str(failing)], log=lambda *a: None)
+        assert (result["status"], len(executions.read_text())) == ("failed", expected)
+
+
+@pytest.mark.timeout(180)
+def test_a_report_killed_with_sigterm_removes_its_kernels_socket_folder(tmp_path, private_tempdir):
+    """run_reports called from Python (not through `python -m gbla.grid`) and stopped by SIGTERM while
+    its notebook runs: the kernel's socket folder is removed on the way out."""
+    started = tmp_path / "started"
+    nb_path = probe_notebook(tmp_path / "probe.ipynb", "runs_root = None",
+                             f"import time\nopen({str(started)!r}, 'w').write('x')\ntime.sleep(120)")
+    script = ("from gbla import grid as G\n"
+              f"g = G.load_grid({str(PARAMS)!r}, 'smoke')\n"
+              f"g.runtime['reports_root'] = {str(tmp_path / 'reports')!r}\n"
+              f"G.run_reports(g, [{str(nb_path)!r}])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=G.REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not started.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "no start"
+            time.sleep(0.2)
+        assert kernel_files(private_tempdir, "gbla-kernel-*")   # the kernel is running
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in output, output
     assert not kernel_files(private_tempdir, "gbla-kernel-*")
 
 
