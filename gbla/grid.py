@@ -569,7 +569,7 @@ def report_inputs_key(grid: Grid, src: Path, params: dict) -> str:
         for f in sorted(folder.rglob("*")):
             if f.is_file() and (folder.name == "params" or f.suffix == ".py"):
                 add(str(f.relative_to(REPO_ROOT)), f.read_bytes())
-    if grid.params_file.is_file():
+    if grid.params_file.is_file() and not grid.params_file.is_relative_to(REPO_ROOT / "params"):
         add("params_file", grid.params_file.read_bytes())
     for root in _runs_roots(grid):
         if not root.is_dir():
@@ -606,16 +606,10 @@ def run_reports(grid: Grid, notebooks: Iterable[str], log=print, *, force: bool 
     """Execute the aggregation notebooks into reports_root (<stem>-<profile>.ipynb) and render HTML.
     A report whose inputs (report_inputs_key) are those it was last rendered from is left as it is
     (status "up-to-date"), unless `force`."""
-    import papermill as pm
-    from gbla.report import render_html
-
-    results = []
     reports_root = grid.reports_root
     reports_root.mkdir(parents=True, exist_ok=True)
     with _sigterm_raises_interrupt():
-        for nb in notebooks:
-            results.append(_run_report(grid, nb, reports_root, log, force, pm, render_html))
-    return results
+        return [_run_report(grid, nb, reports_root, log, force) for nb in notebooks]
 
 
 @contextlib.contextmanager
@@ -635,7 +629,10 @@ def _sigterm_raises_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_report(grid: Grid, nb: str, reports_root: Path, log, force: bool, pm, render_html) -> dict:
+def _run_report(grid: Grid, nb: str, reports_root: Path, log, force: bool) -> dict:
+    import papermill as pm
+    from gbla.report import render_html
+
     src = Path(nb) if Path(nb).is_absolute() else REPO_ROOT / nb
     if not src.is_file():
         warnings.warn(f"report notebook {src} does not exist; skipped", stacklevel=2)
