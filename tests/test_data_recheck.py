@@ -8,6 +8,7 @@ import pytest
 from gbla.common import REPO_ROOT
 from gbla.data import amazon, build, recheck, text
 from gbla.data.processed import load_processed
+from test_committed_results import committed_run_dirs
 from test_data_amazon import write_raw
 from test_data_text_sids import FakeEncoder
 
@@ -148,8 +149,7 @@ COMMITTED_CODES = REPO_ROOT / "outputs" / "data" / "semantic_ids"
 
 def _runs_fingerprints(dataset: str) -> set[str]:
     """The data fingerprints the committed runs of one dataset (every profile's runs folder) trained on."""
-    return {json.loads(p.read_text())["data_fingerprint"]
-            for p in REPO_ROOT.glob(f"outputs/runs*/{dataset}/*/seed*/metrics.json")}
+    return {json.loads((d / "metrics.json").read_text())["data_fingerprint"] for d in committed_run_dirs([dataset])}
 
 
 def test_committed_code_files_are_the_committed_runs_data():

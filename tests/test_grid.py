@@ -385,6 +385,12 @@ def probe_notebook(path, parameters: str, body: str):
     return path
 
 
+def printed(path) -> str:
+    """What an executed notebook's cells printed, in order."""
+    nb = nbformat.read(str(path), as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+
+
 def kernel_files(folder: Path, pattern: str) -> set:
     """The report kernels' private socket folders ("gbla-kernel-*") or sockets ("gbla-kernel-*/k-*")."""
     return set(folder.glob(pattern))
@@ -406,8 +412,7 @@ def test_executed_notebooks_carry_no_plumbing_warnings(tmp_path, capfd, private_
     its outputs, no "Kernel is running over TCP without encryption" from its kernel."""
     result = render_probe_report(
         tmp_path, "import warnings\nwarnings.simplefilter('always')\nimport gbla.train\nprint('ok')")
-    nb = nbformat.read(result["ipynb"], as_version=4)
-    shown = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    shown = printed(result["ipynb"])
     assert "ok" in shown and "IProgress" not in shown and "Warning" not in shown, shown
     err = capfd.readouterr().err
     assert "without encryption" not in err and "already in use" not in err, err
@@ -464,8 +469,7 @@ def test_reports_are_executed_again_only_when_what_they_read_changed(tmp_path, p
     out = tmp_path / "reports" / "probe-smoke.ipynb"
     rendered = out.read_bytes()
     assert G.recorded_report_inputs(out) == G.report_inputs_key(g, nb_path, {"runs_root": str(runs)})
-    nb = nbformat.read(str(out), as_version=4)
-    assert "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])) == "ok\n"
+    assert printed(out) == "ok\n"
     assert render() == ("up-to-date", 1)
     assert out.read_bytes() == rendered
     (runs / "synthetic" / "sa" / "checkpoint-0123456789ab.pt").write_bytes(b"paused group")
@@ -526,8 +530,7 @@ def test_reports_get_the_grids_processed_root(tmp_path):
         g.runtime["processed_root"] = root
         [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
         assert result["status"] == "ok", result
-        nb = nbformat.read(result["ipynb"], as_version=4)
-        shown.append("".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])).strip())
+        shown.append(printed(result["ipynb"]).strip())
     assert shown == [f"processed_root: {tmp_path / 'processed'}", "processed_root: None"]
 
 
@@ -542,8 +545,7 @@ def test_reports_get_paths_inside_the_repository_relative(tmp_path):
     g.runtime["reports_root"] = str(tmp_path / "reports")
     [result] = G.run_reports(g, [str(nb_path)], log=lambda *a: None)
     assert result["status"] == "ok", result
-    nb = nbformat.read(result["ipynb"], as_version=4)
-    shown = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])).strip()
+    shown = printed(result["ipynb"]).strip()
     assert shown == "outputs/runs params/ablations.yaml True"
 
 
